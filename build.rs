@@ -1,0 +1,22 @@
+//! Compiles the Envoy SDS proto subset in `proto/` with protox (a pure-Rust protobuf compiler), so a fresh
+//! machine needs only cargo: no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(
+        [
+            "envoy/service/secret/v3/sds.proto",
+            "envoy/extensions/transport_sockets/tls/v3/secret.proto",
+        ],
+        ["proto"],
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        // Our own google.protobuf.Any, so that `bytes` fields below apply to it too.
+        .compile_well_known_types(true)
+        // `Bytes` for every bytes field: an encoded Secret inside an Any is shared by reference count.
+        .bytes(".")
+        .compile_fds(descriptors)?;
+    Ok(())
+}

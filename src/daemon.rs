@@ -1,0 +1,143 @@
+//! The running daemon: loads the sources, publishes them, binds the listeners and serves SDS until shut down.
+//!
+//! Start-up is all-or-nothing: a file that cannot be loaded or an address that cannot be bound fails the
+//! start with an error naming it, before anything is served. Shutdown cancels one token: listeners stop
+//! accepting, every stream ends with `UNAVAILABLE` (Envoy reconnects), watchers stop, Unix sockets are
+//! removed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::registry::Registry;
+use crate::sds::SdsService;
+use crate::server::{self, Bound};
+use crate::sources::files::{self, FileSource};
+
+/// How long shutdown waits for streams and tasks to finish before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A started daemon.
+pub struct Running {
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+    addresses: Vec<String>,
+    tcp: Vec<SocketAddr>,
+}
+
+/// Loads every source of `config`, binds its listeners and starts serving.
+pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    let registry = Registry::new();
+    let mut files = FileSource::from_config(config);
+    let loaded = files.load_all().map_err(|problems| ConfigError {
+        path: config.path.clone(),
+        problems,
+    })?;
+    for (name, content) in &loaded {
+        let v = registry.publish(name, content);
+        files::log_loaded(name, content, v.version().version(), "loaded");
+    }
+
+    let bound = server::bind_all(&config.sds.listen, config.sds.socket_mode)
+        .await
+        .context("starting the SDS listeners")?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let service = SdsService::new(registry.clone(), shutdown.clone());
+    let mut addresses = Vec::new();
+    let mut tcp = Vec::new();
+    for b in bound {
+        let addr = b.describe();
+        if let Bound::Tcp(_, a) = &b {
+            tcp.push(*a);
+            if !a.ip().is_loopback() {
+                tracing::warn!(listen = %addr, "SDS on plain TCP beyond loopback: private keys cross the network unencrypted");
+            }
+        }
+        tracing::info!(listen = %addr, "SDS listening");
+        let service = service.clone();
+        let token = shutdown.clone();
+        let what = addr.clone();
+        tasks.spawn(async move {
+            server::serve(b, service, token)
+                .await
+                .with_context(|| format!("SDS server on {what}"))
+        });
+        addresses.push(addr);
+    }
+    {
+        let registry = registry.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            files.run(registry, token).await;
+            Ok(())
+        });
+    }
+    Ok(Running {
+        registry,
+        shutdown,
+        tasks,
+        addresses,
+        tcp,
+    })
+}
+
+impl Running {
+    /// The registry this daemon serves; other sources publish into it.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Every SDS address, as clients reach it (`unix:/path`, `127.0.0.1:8234`).
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    /// The bound TCP addresses (with real ports when port 0 was configured).
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp
+    }
+
+    /// Resolves when a server task stops on its own (which is an error), returning that error.
+    pub async fn failed(&mut self) -> anyhow::Error {
+        loop {
+            match self.tasks.join_next().await {
+                Some(Ok(Err(e))) => return e,
+                Some(Err(e)) => return anyhow::Error::new(e).context("a server task panicked"),
+                Some(Ok(Ok(()))) => continue,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// Stops accepting, ends every stream, removes the Unix sockets and waits (bounded) for it all.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let drain = async {
+            let mut first_err = None;
+            while let Some(res) = self.tasks.join_next().await {
+                let err = match res {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::Error::new(e),
+                };
+                first_err.get_or_insert(err);
+            }
+            first_err
+        };
+        match tokio::time::timeout(SHUTDOWN_GRACE, drain).await {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => Err(e),
+            Err(_) => {
+                tracing::warn!("shutdown took longer than {SHUTDOWN_GRACE:?}; stopping anyway");
+                Ok(())
+            }
+        }
+    }
+}

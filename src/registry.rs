@@ -1,0 +1,390 @@
+//! The secret registry: the only thing SDS streams read.
+//!
+//! Per secret name it holds the latest published version, already encoded as the protobuf `Any` that goes on
+//! the wire, inside an `Arc`. A push to 10,000 streams therefore clones pointers (`Any.value` is a refcounted
+//! `Bytes`), never re-encodes. The version is a short hash of the encoded secret, so publishing identical
+//! material is a no-op and never wakes a stream.
+//!
+//! Subscribers wait on a `tokio::sync::watch` per name: a slow stream only ever sees the newest value, never
+//! an unbounded queue of old ones. A name nobody has published yet is just a name without a value; waiting on
+//! it is how a stream learns the moment it appears. Entries for such names are dropped again when the last
+//! subscriber goes, so clients asking for made-up names cannot grow the registry.
+//! Secrets are never removed once published: a stream that already delivered one must be able to keep
+//! sending it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+use prost::Message;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::certs::{CertifiedPem, TrustBundlePem};
+use crate::proto::envoy::config::core::v3::{DataSource, data_source};
+use crate::proto::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, Secret, TlsCertificate, secret,
+};
+use crate::proto::google::protobuf::Any;
+
+/// The type URL of an Envoy SDS secret.
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// Istio's prefix for external SDS names (`credentialName: sds://NAME`): `sds://web` and `web` are one secret.
+pub const ISTIO_PREFIX: &str = "sds://";
+
+/// The registry key of a requested name.
+pub fn canonical_name(requested: &str) -> &str {
+    requested.strip_prefix(ISTIO_PREFIX).unwrap_or(requested)
+}
+
+/// TLS material to publish under a name.
+#[derive(Debug, Clone)]
+pub enum SecretContent {
+    /// Served as `tls_certificate` with inline PEM.
+    TlsCertificate(CertifiedPem),
+    /// Served as `validation_context.trusted_ca` with inline PEM.
+    TrustBundle(TrustBundlePem),
+}
+
+impl SecretContent {
+    fn to_secret(&self, name: String) -> Secret {
+        let inline = |b: &Bytes| DataSource {
+            specifier: Some(data_source::Specifier::InlineBytes(b.clone())),
+            watched_directory: None,
+        };
+        let kind = match self {
+            SecretContent::TlsCertificate(c) => secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: Some(inline(&c.chain_pem)),
+                private_key: Some(inline(&c.key_pem)),
+                ..Default::default()
+            }),
+            SecretContent::TrustBundle(b) => {
+                secret::Type::ValidationContext(CertificateValidationContext {
+                    trusted_ca: Some(inline(&b.pem)),
+                    ..Default::default()
+                })
+            }
+        };
+        Secret {
+            name,
+            r#type: Some(kind),
+        }
+    }
+
+    fn summary(&self) -> SecretSummary {
+        match self {
+            SecretContent::TlsCertificate(c) => SecretSummary {
+                kind: SecretKind::TlsCertificate,
+                serial: Some(c.leaf.serial.clone()),
+                not_after: Some(c.leaf.not_after),
+            },
+            SecretContent::TrustBundle(b) => SecretSummary {
+                kind: SecretKind::ValidationContext,
+                serial: None,
+                not_after: b.earliest_expiry(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretKind {
+    TlsCertificate,
+    ValidationContext,
+}
+
+/// What may be said about a secret version without touching key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretSummary {
+    pub kind: SecretKind,
+    /// The leaf's serial, for certificates.
+    pub serial: Option<String>,
+    /// The leaf's expiry; for a trust bundle the earliest expiry in it.
+    pub not_after: Option<OffsetDateTime>,
+}
+
+/// One published version of a secret, encoded once for every stream.
+#[derive(Debug)]
+pub struct SecretVersion {
+    name: String,
+    version: String,
+    /// The secret named as registered (`web`).
+    plain: Any,
+    /// The same secret named with Istio's prefix (`sds://web`): Envoy checks that a secret's name is exactly
+    /// the one it asked for.
+    prefixed: Any,
+    summary: SecretSummary,
+}
+
+impl SecretVersion {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A short content hash: equal bytes, equal version.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn summary(&self) -> &SecretSummary {
+        &self.summary
+    }
+
+    /// The encoded secret, named exactly as the client asked for it.
+    pub fn resource_for(&self, requested: &str) -> Any {
+        if requested.starts_with(ISTIO_PREFIX) {
+            self.prefixed.clone()
+        } else {
+            self.plain.clone()
+        }
+    }
+}
+
+fn encode(secret: &Secret) -> Any {
+    Any {
+        type_url: SECRET_TYPE_URL.to_owned(),
+        value: Bytes::from(secret.encode_to_vec()),
+    }
+}
+
+fn content_version(encoded: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, encoded);
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+type Slot = watch::Sender<Option<Arc<SecretVersion>>>;
+
+/// The outcome of [`Registry::publish`].
+#[derive(Debug, Clone)]
+pub enum Published {
+    /// The same bytes were already published: nothing was pushed.
+    Unchanged(Arc<SecretVersion>),
+    /// A new version, now on its way to every subscriber.
+    New(Arc<SecretVersion>),
+}
+
+impl Published {
+    pub fn version(&self) -> &Arc<SecretVersion> {
+        match self {
+            Published::Unchanged(v) | Published::New(v) => v,
+        }
+    }
+}
+
+/// Secrets by name, watchable. Cheap to share: wrap in an `Arc`.
+#[derive(Default)]
+pub struct Registry {
+    slots: RwLock<HashMap<String, Slot>>,
+}
+
+impl Registry {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Registry::default())
+    }
+
+    // A poisoned lock only means another thread panicked while holding it; the map itself is always
+    // consistent (every mutation is a single insert or remove), so carry on with it.
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, Slot>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, Slot>> {
+        self.slots.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes `content` as the newest version of secret `name` and wakes every subscriber, unless the
+    /// encoded bytes equal the current version's.
+    pub fn publish(&self, name: &str, content: &SecretContent) -> Published {
+        let plain = encode(&content.to_secret(name.to_owned()));
+        let version = content_version(&plain.value);
+        if let Some(current) = self.get(name)
+            && current.version == version
+        {
+            return Published::Unchanged(current);
+        }
+        let prefixed = encode(&content.to_secret(format!("{ISTIO_PREFIX}{name}")));
+        let new = Arc::new(SecretVersion {
+            name: name.to_owned(),
+            version,
+            plain,
+            prefixed,
+            summary: content.summary(),
+        });
+        let mut slots = self.write();
+        match slots.get(name) {
+            Some(slot) => {
+                slot.send_replace(Some(new.clone()));
+            }
+            None => {
+                slots.insert(name.to_owned(), watch::Sender::new(Some(new.clone())));
+            }
+        }
+        Published::New(new)
+    }
+
+    /// The current version of a secret, by registered or requested (`sds://`) name.
+    pub fn get(&self, name: &str) -> Option<Arc<SecretVersion>> {
+        self.read()
+            .get(canonical_name(name))
+            .and_then(|slot| slot.borrow().clone())
+    }
+
+    /// Names of all published secrets, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .read()
+            .iter()
+            .filter(|(_, s)| s.borrow().is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Watches a secret by registered or requested (`sds://`) name; it need not exist yet.
+    pub fn watch(self: &Arc<Self>, requested: &str) -> Subscription {
+        let name = canonical_name(requested);
+        let rx = {
+            let slots = self.read();
+            slots.get(name).map(watch::Sender::subscribe)
+        };
+        let rx = rx.unwrap_or_else(|| {
+            self.write()
+                .entry(name.to_owned())
+                .or_insert_with(|| watch::Sender::new(None))
+                .subscribe()
+        });
+        Subscription {
+            registry: self.clone(),
+            name: name.into(),
+            rx,
+        }
+    }
+
+    /// How many names have an entry (published or awaited); for tests and status.
+    pub fn slot_count(&self) -> usize {
+        self.read().len()
+    }
+}
+
+/// A stream's interest in one secret. Dropping it forgets a never-published name nobody else waits for.
+pub struct Subscription {
+    registry: Arc<Registry>,
+    name: Box<str>,
+    rx: watch::Receiver<Option<Arc<SecretVersion>>>,
+}
+
+impl Subscription {
+    /// The current version, marking it seen.
+    pub fn current(&mut self) -> Option<Arc<SecretVersion>> {
+        self.rx.borrow_and_update().clone()
+    }
+
+    /// Resolves when a version newer than the last one seen is published. Cancel-safe.
+    pub async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            // The slot was removed, which only happens to unpublished slots with no other subscriber: nothing
+            // will ever be published through this receiver, so wait forever.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.rx.borrow().is_some() {
+            return;
+        }
+        let mut slots = self.registry.write();
+        // Only an unpublished slot whose last receiver is ours is removed.
+        let Some(slot) = slots.get(&*self.name) else {
+            return;
+        };
+        let ours = {
+            let probe = slot.subscribe();
+            probe.same_channel(&self.rx)
+        };
+        if ours && slot.borrow().is_none() && slot.receiver_count() <= 1 {
+            slots.remove(&*self.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::trust_bundle_pem;
+
+    fn bundle(n: &str) -> SecretContent {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![n.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        SecretContent::TrustBundle(trust_bundle_pem(cert.pem().as_bytes()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn identical_bytes_keep_version_and_wake_nobody() {
+        let reg = Registry::new();
+        let content = bundle("a");
+        let v1 = reg.publish("ca", &content);
+        assert!(matches!(v1, Published::New(_)));
+        let mut sub = reg.watch("ca");
+        assert_eq!(sub.current().unwrap().version(), v1.version().version());
+        assert!(matches!(
+            reg.publish("ca", &content),
+            Published::Unchanged(_)
+        ));
+        assert!(!sub.rx.has_changed().unwrap());
+        reg.publish("ca", &bundle("b"));
+        sub.changed().await;
+        assert_ne!(sub.current().unwrap().version(), v1.version().version());
+    }
+
+    #[test]
+    fn prefixed_names_share_the_secret_but_carry_their_own_name() {
+        let reg = Registry::new();
+        reg.publish("web", &bundle("a"));
+        let v = reg.get("sds://web").unwrap();
+        let plain = Secret::decode(v.resource_for("web").value).unwrap();
+        let prefixed = Secret::decode(v.resource_for("sds://web").value).unwrap();
+        assert_eq!(plain.name, "web");
+        assert_eq!(prefixed.name, "sds://web");
+        assert_eq!(plain.r#type, prefixed.r#type);
+    }
+
+    #[test]
+    fn unknown_names_leave_no_trace() {
+        let reg = Registry::new();
+        reg.publish("known", &bundle("a"));
+        let a = reg.watch("nope");
+        let b = reg.watch("sds://nope");
+        assert_eq!(reg.slot_count(), 2);
+        drop(a);
+        assert_eq!(reg.slot_count(), 2, "still awaited by b");
+        drop(b);
+        assert_eq!(reg.slot_count(), 1);
+        drop(reg.watch("known"));
+        assert_eq!(reg.names(), ["known"]);
+    }
+
+    #[tokio::test]
+    async fn a_name_that_appears_wakes_its_waiter() {
+        let reg = Registry::new();
+        let mut sub = reg.watch("late");
+        assert!(sub.current().is_none());
+        let publisher = reg.clone();
+        let task = tokio::spawn(async move {
+            sub.changed().await;
+            sub.current().map(|v| v.name().to_owned())
+        });
+        publisher.publish("late", &bundle("x"));
+        assert_eq!(task.await.unwrap().as_deref(), Some("late"));
+    }
+}

@@ -1,0 +1,165 @@
+//! Incremental SDS (`DeltaSecrets`): responses carry only the secrets whose version the client lacks.
+//!
+//! Subscribe and unsubscribe are honoured on every request, whatever its nonce. Names the client says it
+//! holds (`initial_resource_versions`, on a reconnect) are not resent when the version matches. A subscribed
+//! name that does not exist is reported once in `removed_resources` and pushed as soon as it appears; a name
+//! the client already holds is never reported removed, so a missing secret here never takes one away from
+//! Envoy.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use tonic::Status;
+
+use super::{Protocol, StreamContext, any_changed, check_type_url};
+use crate::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+use crate::registry::{Registry, SECRET_TYPE_URL, SecretVersion, Subscription};
+
+/// What the client holds for one name.
+enum Held {
+    Nothing,
+    /// A version it told us about in `initial_resource_versions`.
+    Claimed(String),
+    /// The version we last sent.
+    Sent(Arc<SecretVersion>),
+}
+
+impl Held {
+    fn version(&self) -> Option<&str> {
+        match self {
+            Held::Nothing => None,
+            Held::Claimed(v) => Some(v),
+            Held::Sent(v) => Some(v.version()),
+        }
+    }
+}
+
+struct Watched {
+    requested: String,
+    sub: Subscription,
+    held: Held,
+    /// Whether `removed_resources` already told the client this name does not exist.
+    reported_missing: bool,
+}
+
+/// One `DeltaSecrets` stream.
+pub struct Delta {
+    registry: Arc<Registry>,
+    ctx: StreamContext,
+    watched: Vec<Watched>,
+    nonce: u64,
+    first: bool,
+}
+
+impl Delta {
+    pub fn new(registry: Arc<Registry>, ctx: StreamContext) -> Self {
+        Delta {
+            registry,
+            ctx,
+            watched: Vec::new(),
+            nonce: 0,
+            first: true,
+        }
+    }
+
+    fn respond(&mut self) -> Option<DeltaDiscoveryResponse> {
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for w in &mut self.watched {
+            match w.sub.current() {
+                Some(v) => {
+                    if w.held.version() != Some(v.version()) {
+                        resources.push(Resource {
+                            version: v.version().to_owned(),
+                            resource: Some(v.resource_for(&w.requested)),
+                            name: w.requested.clone(),
+                            aliases: Vec::new(),
+                        });
+                        w.held = Held::Sent(v);
+                        w.reported_missing = false;
+                    }
+                }
+                None => {
+                    if matches!(w.held, Held::Nothing) && !w.reported_missing {
+                        removed.push(w.requested.clone());
+                        w.reported_missing = true;
+                    }
+                }
+            }
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return None;
+        }
+        self.nonce += 1;
+        tracing::debug!(
+            stream = self.ctx.id,
+            node = self.ctx.node_id(),
+            resources = resources.len(),
+            ?removed,
+            "SDS delta push"
+        );
+        Some(DeltaDiscoveryResponse {
+            system_version_info: String::new(),
+            resources,
+            type_url: SECRET_TYPE_URL.to_owned(),
+            nonce: self.nonce.to_string(),
+            removed_resources: removed,
+        })
+    }
+}
+
+impl Protocol for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        self.ctx.remember_node(req.node.as_ref());
+        check_type_url(&req.type_url)?;
+        if let Some(err) = &req.error_detail {
+            let names: Vec<&str> = self.watched.iter().map(|w| w.requested.as_str()).collect();
+            self.ctx.log_nack(&names, &req.response_nonce, err);
+        }
+        let mut initial: HashMap<String, String> = if self.first {
+            req.initial_resource_versions
+        } else {
+            HashMap::new()
+        };
+        self.first = false;
+        self.watched
+            .retain(|w| !req.resource_names_unsubscribe.contains(&w.requested));
+        for name in req.resource_names_subscribe {
+            if let Some(w) = self.watched.iter_mut().find(|w| w.requested == name) {
+                // Subscribing again asks for the resource again.
+                w.held = Held::Nothing;
+                w.reported_missing = false;
+                continue;
+            }
+            let held = match initial.remove(&name) {
+                Some(v) => Held::Claimed(v),
+                None => Held::Nothing,
+            };
+            let sub = self.registry.watch(&name);
+            self.watched.push(Watched {
+                requested: name,
+                sub,
+                held,
+                reported_missing: false,
+            });
+        }
+        Ok(self.respond())
+    }
+
+    fn changed(&mut self) -> impl Future<Output = ()> + Send + '_ {
+        any_changed(self.watched.iter_mut().map(|w| &mut w.sub))
+    }
+
+    fn on_change(&mut self) -> Option<DeltaDiscoveryResponse> {
+        self.respond()
+    }
+}

@@ -1,0 +1,345 @@
+//! Envoy's Secret Discovery Service over gRPC: `StreamSecrets` (state of the world), `DeltaSecrets`
+//! (incremental) and `FetchSecrets` (unary), all reading the [`Registry`].
+//!
+//! Each stream is a small state machine ([`sotw::Sotw`], [`delta::Delta`]) that holds only what the protocol
+//! needs: the node from the stream's first request, the subscribed names, what was last sent and the last
+//! nonce. [`drive`] runs one as the response stream itself, with no task or channel per stream: when a client
+//! stops reading, HTTP/2 flow control stops the polling, and the watch channels keep only the newest version,
+//! so a stalled client costs nothing more and never holds back anyone else.
+//!
+//! Rules kept (see `shared/reference/sds-protocol.md`): ACKs and NACKs are never answered, identical data is
+//! never resent, a stale SotW nonce is ignored, an unknown name keeps the stream open until the secret
+//! appears, an empty name list never enumerates secrets, and `sds://NAME` is the same secret as `NAME`.
+
+pub mod delta;
+pub mod sotw;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::proto::envoy::config::core::v3::Node;
+use crate::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use crate::proto::google::rpc;
+use crate::registry::{Registry, SECRET_TYPE_URL, Subscription};
+
+pub use crate::registry::ISTIO_PREFIX;
+
+/// The gRPC service. Cheap to clone.
+#[derive(Clone)]
+pub struct SdsService {
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+}
+
+impl SdsService {
+    /// A service over `registry`; cancelling `shutdown` ends every open stream with `UNAVAILABLE`, so that
+    /// clients reconnect elsewhere or later.
+    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
+        SdsService { registry, shutdown }
+    }
+
+    pub fn into_server(self) -> SecretDiscoveryServiceServer<Self> {
+        SecretDiscoveryServiceServer::new(self)
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let ctx = StreamContext::new("delta", &request);
+        let state = delta::Delta::new(self.registry.clone(), ctx);
+        let stream = drive(state, request.into_inner(), self.shutdown.clone());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let ctx = StreamContext::new("sotw", &request);
+        let state = sotw::Sotw::new(self.registry.clone(), ctx);
+        let stream = drive(state, request.into_inner(), self.shutdown.clone());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let peer = describe_peer(&request);
+        let req = request.into_inner();
+        check_type_url(&req.type_url)?;
+        if req.resource_names.is_empty() {
+            return Err(Status::invalid_argument(
+                "resource_names is empty: name the secrets to fetch (there is no wildcard)",
+            ));
+        }
+        let node = req.node.as_ref().map(|n| n.id.as_str()).unwrap_or("");
+        let mut resources = Vec::new();
+        let mut versions = Vec::new();
+        let mut missing = Vec::new();
+        for name in &req.resource_names {
+            match self.registry.get(name) {
+                Some(v) => {
+                    resources.push(v.resource_for(name));
+                    versions.push(v);
+                }
+                None => missing.push(name.as_str()),
+            }
+        }
+        tracing::debug!(%peer, node, names = ?req.resource_names, ?missing, "SDS fetch");
+        if resources.is_empty() {
+            return Err(Status::not_found(format!(
+                "no secret named {}",
+                missing.join(", ")
+            )));
+        }
+        Ok(Response::new(DiscoveryResponse {
+            version_info: combined_version(versions.iter().map(|v| v.version())),
+            resources,
+            type_url: SECRET_TYPE_URL.to_owned(),
+            nonce: String::new(),
+            control_plane: None,
+        }))
+    }
+}
+
+/// A version for a response carrying several secrets: their versions, combined.
+pub(crate) fn combined_version<'a>(mut versions: impl Iterator<Item = &'a str>) -> String {
+    let Some(first) = versions.next() else {
+        return String::new();
+    };
+    let rest: Vec<&str> = versions.collect();
+    if rest.is_empty() {
+        return first.to_owned();
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(first.as_bytes());
+    for v in rest {
+        ctx.update(b".");
+        ctx.update(v.as_bytes());
+    }
+    ctx.finish().as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Rejects requests for resource types other than secrets. An empty type URL is taken as the secret type,
+/// since this service serves nothing else.
+pub(crate) fn check_type_url(type_url: &str) -> Result<(), Status> {
+    if type_url.is_empty() || type_url == SECRET_TYPE_URL {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "type_url {type_url:?} is not served here: this SDS server serves only {SECRET_TYPE_URL}"
+        )))
+    }
+}
+
+static STREAM_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Who is on the other end of a stream, for logs.
+#[derive(Debug)]
+pub struct StreamContext {
+    pub id: u64,
+    pub rpc: &'static str,
+    pub peer: String,
+    /// Node id and cluster from the stream's first request that carried a node.
+    pub node: Option<(String, String)>,
+}
+
+impl StreamContext {
+    fn new<T>(rpc: &'static str, request: &Request<T>) -> Self {
+        let ctx = StreamContext {
+            id: STREAM_IDS.fetch_add(1, Ordering::Relaxed),
+            rpc,
+            peer: describe_peer(request),
+            node: None,
+        };
+        tracing::debug!(stream = ctx.id, rpc, peer = %ctx.peer, "SDS stream opened");
+        ctx
+    }
+
+    /// Keeps the node of the first request that has one: Envoy only guarantees it there.
+    pub(crate) fn remember_node(&mut self, node: Option<&Node>) {
+        if self.node.is_none()
+            && let Some(n) = node
+        {
+            self.node = Some((n.id.clone(), n.cluster.clone()));
+        }
+    }
+
+    pub(crate) fn node_id(&self) -> &str {
+        self.node.as_ref().map(|(id, _)| id.as_str()).unwrap_or("")
+    }
+
+    pub(crate) fn log_nack(&self, names: &[&str], version: &str, err: &rpc::Status) {
+        tracing::warn!(
+            stream = self.id,
+            rpc = self.rpc,
+            peer = %self.peer,
+            node = self.node_id(),
+            cluster = self.node.as_ref().map(|(_, c)| c.as_str()).unwrap_or(""),
+            names = ?names,
+            rejected_version = version,
+            code = err.code,
+            error = %err.message,
+            "Envoy rejected (NACKed) a secret; not resending it until a new version exists"
+        );
+    }
+}
+
+impl Drop for StreamContext {
+    fn drop(&mut self) {
+        tracing::debug!(stream = self.id, rpc = self.rpc, peer = %self.peer, node = self.node_id(), "SDS stream closed");
+    }
+}
+
+fn describe_peer<T>(request: &Request<T>) -> String {
+    if let Some(addr) = request.remote_addr() {
+        return addr.to_string();
+    }
+    match request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+    {
+        Some(cred) => match cred.pid() {
+            Some(pid) => format!("unix(uid={},pid={pid})", cred.uid()),
+            None => format!("unix(uid={})", cred.uid()),
+        },
+        None => "unix".to_owned(),
+    }
+}
+
+/// Waits until any of `subs` sees a new version. Never resolves for an empty set.
+pub(crate) async fn any_changed<'a>(subs: impl Iterator<Item = &'a mut Subscription>) {
+    let mut waits: Vec<_> = subs.map(|s| Box::pin(s.changed())).collect();
+    match waits.len() {
+        0 => std::future::pending().await,
+        1 => waits.swap_remove(0).await,
+        _ => {
+            futures_util::future::select_all(waits).await;
+        }
+    }
+}
+
+/// A per-stream protocol state machine.
+pub(crate) trait Protocol: Send + 'static {
+    type Request: prost::Message + Default + Send + 'static;
+    type Response: Send + 'static;
+
+    /// Handles one request; `Err` ends the stream with that status.
+    fn on_request(&mut self, req: Self::Request) -> Result<Option<Self::Response>, Status>;
+
+    /// Resolves when a subscribed secret has a new version.
+    fn changed(&mut self) -> impl Future<Output = ()> + Send + '_;
+
+    /// Called after [`Protocol::changed`]: the response to send, if the client lacks anything.
+    fn on_change(&mut self) -> Option<Self::Response>;
+}
+
+struct Driver<P: Protocol> {
+    proto: P,
+    inbound: Streaming<P::Request>,
+    inbound_open: bool,
+    shutdown: CancellationToken,
+}
+
+enum Event<R> {
+    Shutdown,
+    Request(Result<Option<R>, Status>),
+    Changed,
+}
+
+/// Runs a protocol state machine as a response stream.
+pub(crate) fn drive<P: Protocol>(
+    proto: P,
+    inbound: Streaming<P::Request>,
+    shutdown: CancellationToken,
+) -> impl Stream<Item = Result<P::Response, Status>> + Send + 'static {
+    let driver = Driver {
+        proto,
+        inbound,
+        inbound_open: true,
+        shutdown,
+    };
+    futures_util::stream::unfold(Some(driver), |driver| async move {
+        let mut d = driver?;
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = d.shutdown.cancelled() => Event::Shutdown,
+                msg = d.inbound.message(), if d.inbound_open => Event::Request(msg),
+                _ = d.proto.changed() => Event::Changed,
+            };
+            let out = match event {
+                Event::Shutdown => {
+                    return Some((Err(Status::unavailable("acme-sds is shutting down")), None));
+                }
+                Event::Changed => d.proto.on_change(),
+                Event::Request(Ok(Some(req))) => match d.proto.on_request(req) {
+                    Ok(resp) => resp,
+                    Err(status) => return Some((Err(status), None)),
+                },
+                // The client closed its side but may still be listening: keep pushing updates until it
+                // cancels the stream.
+                Event::Request(Ok(None)) => {
+                    d.inbound_open = false;
+                    None
+                }
+                Event::Request(Err(status)) => {
+                    tracing::debug!(error = %status, "SDS stream request error");
+                    return Some((Err(status), None));
+                }
+            };
+            if let Some(resp) = out {
+                return Some((Ok(resp), Some(d)));
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combined_version_of_one_is_that_version() {
+        assert_eq!(combined_version(["abc"].into_iter()), "abc");
+        assert_eq!(combined_version([].into_iter()), "");
+        let ab = combined_version(["a", "b"].into_iter());
+        assert_ne!(ab, combined_version(["a", "c"].into_iter()));
+        assert_eq!(ab.len(), 16);
+    }
+
+    #[test]
+    fn type_url_check() {
+        assert!(check_type_url("").is_ok());
+        assert!(check_type_url(SECRET_TYPE_URL).is_ok());
+        let err =
+            check_type_url("type.googleapis.com/envoy.config.cluster.v3.Cluster").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,128 @@
+//! State-of-the-world SDS (`StreamSecrets`): every response carries every subscribed secret that exists.
+//!
+//! A response is sent only when the client lacks something: a newly subscribed name that exists, or a newer
+//! version of one it has. ACKs and NACKs change nothing (so they are never answered), and a request whose
+//! nonce is not the latest one sent is stale and ignored. Since secrets are never unpublished, a response
+//! never drops a secret the stream already delivered.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tonic::Status;
+
+use super::{Protocol, StreamContext, any_changed, check_type_url, combined_version};
+use crate::proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use crate::registry::{Registry, SECRET_TYPE_URL, SecretVersion, Subscription};
+
+struct Watched {
+    /// The name exactly as requested (the response names the secret the same way).
+    requested: String,
+    sub: Subscription,
+    /// The version last sent for this name on this stream.
+    sent: Option<Arc<SecretVersion>>,
+}
+
+/// One `StreamSecrets` stream.
+pub struct Sotw {
+    registry: Arc<Registry>,
+    ctx: StreamContext,
+    watched: Vec<Watched>,
+    /// The last nonce sent; 0 before the first response.
+    nonce: u64,
+}
+
+impl Sotw {
+    pub fn new(registry: Arc<Registry>, ctx: StreamContext) -> Self {
+        Sotw {
+            registry,
+            ctx,
+            watched: Vec::new(),
+            nonce: 0,
+        }
+    }
+
+    fn subscribe(&mut self, names: Vec<String>) {
+        let mut old = std::mem::take(&mut self.watched);
+        for name in names {
+            if self.watched.iter().any(|w| w.requested == name) {
+                continue;
+            }
+            match old.iter().position(|w| w.requested == name) {
+                Some(i) => self.watched.push(old.swap_remove(i)),
+                None => {
+                    let sub = self.registry.watch(&name);
+                    self.watched.push(Watched {
+                        requested: name,
+                        sub,
+                        sent: None,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The response the client needs, if it lacks a secret or a version.
+    fn respond(&mut self) -> Option<DiscoveryResponse> {
+        let mut current = Vec::with_capacity(self.watched.len());
+        let mut needed = false;
+        for w in &mut self.watched {
+            let cur = w.sub.current();
+            if let Some(v) = &cur {
+                needed |= w.sent.as_ref().is_none_or(|s| s.version() != v.version());
+            }
+            current.push(cur);
+        }
+        if !needed {
+            return None;
+        }
+        let mut resources = Vec::with_capacity(current.len());
+        for (w, cur) in self.watched.iter_mut().zip(current) {
+            if let Some(v) = cur {
+                resources.push(v.resource_for(&w.requested));
+                w.sent = Some(v);
+            }
+        }
+        self.nonce += 1;
+        let version_info = combined_version(
+            self.watched
+                .iter()
+                .filter_map(|w| w.sent.as_ref().map(|v| v.version())),
+        );
+        tracing::debug!(stream = self.ctx.id, node = self.ctx.node_id(), version = %version_info, resources = resources.len(), "SDS push");
+        Some(DiscoveryResponse {
+            version_info,
+            resources,
+            type_url: SECRET_TYPE_URL.to_owned(),
+            nonce: self.nonce.to_string(),
+            control_plane: None,
+        })
+    }
+}
+
+impl Protocol for Sotw {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn on_request(&mut self, req: DiscoveryRequest) -> Result<Option<DiscoveryResponse>, Status> {
+        self.ctx.remember_node(req.node.as_ref());
+        check_type_url(&req.type_url)?;
+        if !req.response_nonce.is_empty() && req.response_nonce != self.nonce.to_string() {
+            tracing::debug!(stream = self.ctx.id, nonce = %req.response_nonce, latest = self.nonce, "ignoring stale SDS request");
+            return Ok(None);
+        }
+        if let Some(err) = &req.error_detail {
+            let names: Vec<&str> = req.resource_names.iter().map(String::as_str).collect();
+            self.ctx.log_nack(&names, &req.version_info, err);
+        }
+        self.subscribe(req.resource_names);
+        Ok(self.respond())
+    }
+
+    fn changed(&mut self) -> impl Future<Output = ()> + Send + '_ {
+        any_changed(self.watched.iter_mut().map(|w| &mut w.sub))
+    }
+
+    fn on_change(&mut self) -> Option<DiscoveryResponse> {
+        self.respond()
+    }
+}

@@ -1,0 +1,339 @@
+//! File-backed secrets: `cert_file`/`key_file` pairs and `trust_bundle` files, loaded at start and watched.
+//!
+//! Changes are seen through inotify (the `notify` crate) on the directories that hold the files, which covers
+//! rename-over, in-place rewrites and the Kubernetes Secret-volume symlink swap (`..data` renamed in the
+//! mounted directory); a periodic re-check of each file's identity (device, inode, size, mtime, ctime) is the
+//! safety net for filesystems without events. Only files whose identity changed are read again. A pair that
+//! does not parse or whose key does not match its leaf is rejected with one error log, and the last good
+//! version keeps being served.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio_util::sync::CancellationToken;
+
+use crate::certs::{self, MaterialError};
+use crate::config::{CertificateSource, Config, Problem};
+use crate::registry::{Published, Registry, SecretContent};
+
+/// How often files are re-checked when no change event arrives.
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Events come in bursts (truncate, write, close; or a pair of renames): wait this long after the first one
+/// so that a writer has usually finished both files of a pair before they are read.
+const SETTLE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone)]
+enum Files {
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        cert_line: Option<usize>,
+        key_line: Option<usize>,
+    },
+    Bundle {
+        file: PathBuf,
+        line: Option<usize>,
+    },
+}
+
+/// Identity of a file's current content, as far as metadata tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    key: String,
+    files: Files,
+    stamps: Vec<Option<Stamp>>,
+    last_error: Option<String>,
+}
+
+/// Why a file-backed secret could not be loaded.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        which: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", .path.display())]
+    Material {
+        path: PathBuf,
+        which: &'static str,
+        source: MaterialError,
+    },
+}
+
+impl Entry {
+    fn paths(&self) -> Vec<&Path> {
+        match &self.files {
+            Files::Pair { cert, key, .. } => vec![cert, key],
+            Files::Bundle { file, .. } => vec![file],
+        }
+    }
+
+    fn read(&self, path: &Path, which: &'static str) -> Result<Vec<u8>, LoadError> {
+        std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            which,
+            source,
+        })
+    }
+
+    fn load(&self) -> Result<SecretContent, LoadError> {
+        match &self.files {
+            Files::Pair { cert, key, .. } => {
+                let chain = self.read(cert, "cert_file")?;
+                let key_pem = self.read(key, "key_file")?;
+                let pair = certs::certified_pem(&chain, &key_pem).map_err(|e| {
+                    let (which, path) = if e.is_about_key() {
+                        ("key_file", key)
+                    } else {
+                        ("cert_file", cert)
+                    };
+                    LoadError::Material {
+                        path: path.to_owned(),
+                        which,
+                        source: e,
+                    }
+                })?;
+                Ok(SecretContent::TlsCertificate(pair))
+            }
+            Files::Bundle { file, .. } => {
+                let pem = self.read(file, "file")?;
+                let bundle =
+                    certs::trust_bundle_pem(&pem).map_err(|source| LoadError::Material {
+                        path: file.clone(),
+                        which: "file",
+                        source,
+                    })?;
+                Ok(SecretContent::TrustBundle(bundle))
+            }
+        }
+    }
+
+    fn problem(&self, e: &LoadError) -> Problem {
+        let which = match e {
+            LoadError::Read { which, .. } | LoadError::Material { which, .. } => *which,
+        };
+        let line = match (&self.files, which) {
+            (Files::Pair { key_line, .. }, "key_file") => *key_line,
+            (Files::Pair { cert_line, .. }, _) => *cert_line,
+            (Files::Bundle { line, .. }, _) => *line,
+        };
+        Problem::new(format!("{}.{which}", self.key), line, e.to_string())
+    }
+}
+
+/// Logs what was loaded: name, serial and expiry; never key material.
+pub fn log_loaded(name: &str, content: &SecretContent, version: &str, how: &str) {
+    match content {
+        SecretContent::TlsCertificate(c) => {
+            let expired = c.leaf.not_after < time::OffsetDateTime::now_utc();
+            let expiry = c.leaf.expiry();
+            if expired {
+                tracing::warn!(secret = name, version, serial = %c.leaf.serial, names = ?c.leaf.dns_names, "{how} certificate: {expiry}");
+            } else {
+                tracing::info!(secret = name, version, serial = %c.leaf.serial, names = ?c.leaf.dns_names, "{how} certificate: {expiry}");
+            }
+        }
+        SecretContent::TrustBundle(b) => {
+            let expiry = b
+                .earliest_expiry()
+                .map(certs::describe_expiry)
+                .unwrap_or_default();
+            tracing::info!(
+                secret = name,
+                version,
+                certificates = b.certs.len(),
+                "{how} trust bundle: earliest {expiry}"
+            );
+        }
+    }
+}
+
+/// The file-backed secrets of a configuration.
+#[derive(Debug)]
+pub struct FileSource {
+    entries: Vec<Entry>,
+}
+
+impl FileSource {
+    pub fn from_config(config: &Config) -> Self {
+        let certs = config.certificates.iter().map(|c| {
+            let CertificateSource::Files {
+                cert_file,
+                key_file,
+                cert_line,
+                key_line,
+            } = &c.source;
+            (
+                c.name.clone(),
+                c.origin.key.clone(),
+                Files::Pair {
+                    cert: cert_file.clone(),
+                    key: key_file.clone(),
+                    cert_line: *cert_line,
+                    key_line: *key_line,
+                },
+            )
+        });
+        let bundles = config.trust_bundles.iter().map(|b| {
+            (
+                b.name.clone(),
+                b.origin.key.clone(),
+                Files::Bundle {
+                    file: b.file.clone(),
+                    line: b.file_line,
+                },
+            )
+        });
+        let entries = certs
+            .chain(bundles)
+            .map(|(name, key, files)| Entry {
+                name,
+                key,
+                files,
+                stamps: Vec::new(),
+                last_error: None,
+            })
+            .collect();
+        FileSource { entries }
+    }
+
+    /// Loads every file now. Any failure is a problem naming its config key; used by `check` and at start.
+    pub fn load_all(&mut self) -> Result<Vec<(String, SecretContent)>, Vec<Problem>> {
+        let mut loaded = Vec::new();
+        let mut problems = Vec::new();
+        for entry in &mut self.entries {
+            entry.stamps = entry.paths().iter().map(|p| stamp(p)).collect();
+            match entry.load() {
+                Ok(content) => loaded.push((entry.name.clone(), content)),
+                Err(e) => problems.push(entry.problem(&e)),
+            }
+        }
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Directories to watch: each file's own directory, and the directory its symlinks resolve to.
+    fn watch_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        for entry in &self.entries {
+            for path in entry.paths() {
+                let resolved = std::fs::canonicalize(path).ok();
+                for p in std::iter::once(path.to_owned()).chain(resolved) {
+                    if let Some(dir) = p.parent()
+                        && !dirs.iter().any(|d: &PathBuf| d == dir)
+                    {
+                        dirs.push(dir.to_owned());
+                    }
+                }
+            }
+        }
+        dirs
+    }
+
+    /// Re-reads every entry whose files changed and publishes what is new.
+    pub fn reload(&mut self, registry: &Registry) {
+        for entry in &mut self.entries {
+            let stamps: Vec<_> = entry.paths().iter().map(|p| stamp(p)).collect();
+            if stamps == entry.stamps {
+                continue;
+            }
+            entry.stamps = stamps;
+            match entry.load() {
+                Ok(content) => {
+                    entry.last_error = None;
+                    if let Published::New(v) = registry.publish(&entry.name, &content) {
+                        log_loaded(&entry.name, &content, v.version(), "reloaded");
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if entry.last_error.as_deref() != Some(msg.as_str()) {
+                        let serving = registry.get(&entry.name);
+                        tracing::error!(
+                            secret = %entry.name,
+                            error = %msg,
+                            serving_version = serving.as_ref().map(|v| v.version()).unwrap_or("none"),
+                            "rejected changed files; still serving the last good version"
+                        );
+                        entry.last_error = Some(msg);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Watches the files until `shutdown`, publishing every good change.
+    pub async fn run(mut self, registry: Arc<Registry>, shutdown: CancellationToken) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let waker = wake.clone();
+        let watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
+                Ok(_) => waker.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "file watch error; relying on periodic re-checks")
+                }
+            });
+        let _watcher = match watcher {
+            Ok(mut w) => {
+                for dir in self.watch_dirs() {
+                    if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; changes there are seen by periodic re-checks");
+                    }
+                }
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "file watching unavailable; changes are seen by periodic re-checks");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(SETTLE) => {}
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            self.reload(&registry);
+        }
+    }
+}
