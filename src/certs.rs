@@ -177,10 +177,16 @@ fn parse_chain(pem_bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, Materia
     Ok(chain)
 }
 
+/// PEM with Unix line endings, as every other tool writes it.
+fn pem_block(label: &str, der: &[u8]) -> String {
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
+    ::pem::encode_config(&::pem::Pem::new(label, der), config)
+}
+
 fn encode_certs(chain: &[CertificateDer<'_>]) -> Bytes {
     let mut out = String::new();
     for c in chain {
-        out.push_str(&::pem::encode(&::pem::Pem::new("CERTIFICATE", c.as_ref())));
+        out.push_str(&pem_block("CERTIFICATE", c.as_ref()));
     }
     Bytes::from(out)
 }
@@ -215,7 +221,7 @@ pub fn certified_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedPem, M
         }
         Err(e) => return Err(MaterialError::UnsupportedKey(e.to_string())),
     }
-    let key_pem = Bytes::from(::pem::encode(&::pem::Pem::new(label, key.secret_der())));
+    let key_pem = Bytes::from(pem_block(label, key.secret_der()));
     Ok(CertifiedPem {
         chain_pem: encode_certs(&chain),
         key_pem,
