@@ -1,0 +1,233 @@
+//! The `acme-sds` binary: `check`, start-up errors, logs, signals and socket handling.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use support::*;
+
+fn check(config: &Path) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A config with one certificate and one trust bundle in `dir`.
+fn good_config(dir: &Path, pki: &Pki) -> std::path::PathBuf {
+    let leaf = pki.leaf(&["www.example.com", "example.com"]);
+    leaf.write(dir, "web");
+    std::fs::write(dir.join("ca.pem"), pki.ca_pem()).unwrap();
+    let socket = dir.join("sds.sock");
+    let path = dir.join("acme-sds.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[sds]
+listen = ["unix:{}", "127.0.0.1:0"]
+socket_mode = "0660"
+
+[[certificate]]
+name = "web"
+cert_file = "web.crt"
+key_file = "web.key"
+
+[[trust_bundle]]
+name = "client-ca"
+file = "ca.pem"
+"#,
+            socket.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn check_summarises_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config(dir.path(), &Pki::new());
+    let (ok, out, err) = check(&config);
+    assert!(ok, "stderr: {err}");
+    assert!(out.contains("sds.sock (mode 0660)"), "{out}");
+    assert!(out.contains("127.0.0.1:0"), "{out}");
+    assert!(out.contains("web: tls_certificate"), "{out}");
+    assert!(out.contains("www.example.com, example.com"), "{out}");
+    assert!(out.contains("expires"), "{out}");
+    assert!(out.contains("client-ca: validation_context"), "{out}");
+    assert!(!out.contains("PRIVATE KEY"));
+}
+
+#[test]
+fn check_names_the_key_and_line_of_each_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let config = good_config(dir.path(), &pki);
+    let text = std::fs::read_to_string(&config).unwrap();
+
+    // Unknown key.
+    std::fs::write(&config, text.replace("socket_mode", "socket_mod")).unwrap();
+    let (ok, _, err) = check(&config);
+    assert!(!ok);
+    assert!(
+        err.contains("acme-sds.toml:3") && err.contains("socket_mod"),
+        "{err}"
+    );
+
+    // Duplicate names.
+    std::fs::write(&config, text.replace("client-ca", "web")).unwrap();
+    let (ok, _, err) = check(&config);
+    assert!(!ok);
+    assert!(
+        err.contains("trust_bundle[0].name") && err.contains("duplicate"),
+        "{err}"
+    );
+
+    // Unreadable file.
+    std::fs::write(&config, text.replace("web.key", "missing.key")).unwrap();
+    let (ok, _, err) = check(&config);
+    assert!(!ok);
+    assert!(
+        err.contains("acme-sds.toml:8: certificate[0].key_file"),
+        "{err}"
+    );
+    assert!(err.contains("missing.key"), "{err}");
+
+    // A key that does not match its certificate.
+    std::fs::write(&config, &text).unwrap();
+    let other = pki.leaf(&["other.example"]);
+    std::fs::write(dir.path().join("web.key"), &other.key_pem).unwrap();
+    let (ok, _, err) = check(&config);
+    assert!(!ok);
+    assert!(
+        err.contains("certificate[0].key_file") && err.contains("does not match"),
+        "{err}"
+    );
+    assert!(!err.contains("BEGIN"), "no key material in errors: {err}");
+}
+
+#[test]
+fn run_refuses_to_start_on_a_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config(dir.path(), &Pki::new());
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+    let mut p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(p.wait_exit(), Some(1));
+    assert!(p.log().contains("trust_bundle[0].file"), "{}", p.log());
+    assert!(!dir.path().join("sds.sock").exists());
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("acme-sds "));
+    let out = Command::new(bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("run") && help.contains("check") && help.contains("--log-format"));
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_removes_the_socket_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config(dir.path(), &Pki::new());
+    let socket = dir.path().join("sds.sock");
+    // A stale socket left by a crash: bound, then abandoned.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+
+    let mut p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_line("acme-sds started");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket_mode applied");
+    let mut client = uds_client(&socket).await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["web"])).await;
+    s.recv().await;
+
+    p.signal("TERM");
+    let status = s.end().await.expect("stream ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(p.wait_exit(), Some(0), "{}", p.log());
+    assert!(!socket.exists(), "socket removed on clean shutdown");
+}
+
+#[test]
+fn sigint_exits_zero_and_json_logs_are_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config(dir.path(), &Pki::new());
+    let mut p = Process::spawn(
+        &[
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let line = p.wait_for_line("acme-sds started");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(v["level"], "INFO");
+    p.signal("INT");
+    assert_eq!(p.wait_exit(), Some(0), "{}", p.log());
+}
+
+#[test]
+fn a_second_instance_does_not_steal_a_live_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config(dir.path(), &Pki::new());
+    let first = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    first.wait_for_line("acme-sds started");
+    let mut second = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(second.wait_exit(), Some(1));
+    assert!(second.log().contains("already running"), "{}", second.log());
+    assert!(dir.path().join("sds.sock").exists());
+}
+
+#[tokio::test]
+async fn bad_files_are_rejected_with_an_error_and_the_last_good_version_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let config = good_config(dir.path(), &pki);
+    let socket = dir.path().join("sds.sock");
+    let p = Process::spawn(
+        &["run", "--config", config.to_str().unwrap()],
+        &[("RUST_LOG", "info")],
+    );
+    let loaded = p.wait_for_line("loaded certificate");
+    assert!(
+        loaded.contains("expires") && loaded.contains("serial"),
+        "{loaded}"
+    );
+    p.wait_for_line("acme-sds started");
+    let mut client = uds_client(&socket).await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["web"])).await;
+    let r1 = s.recv().await;
+    s.send(ack(&["web"], &r1)).await;
+
+    // Half-written certificate.
+    let next = pki.leaf(&["www.example.com"]);
+    let crt = dir.path().join("web.crt");
+    let key = dir.path().join("web.key");
+    rewrite_in_place(&crt, &next.chain_pem.as_bytes()[..next.chain_pem.len() / 4]);
+    let line = p.wait_for_line("rejected changed files");
+    assert!(line.contains("web.crt"), "{line}");
+    // Complete, but with the old key: mismatched.
+    rewrite_in_place(&crt, next.chain_pem.as_bytes());
+    let line = p.wait_for_line("rejected changed files");
+    assert!(line.contains("does not match"), "{line}");
+    // Fixed: the next push is the good pair; nothing bad was ever sent.
+    rewrite_in_place(&key, next.key_pem.as_bytes());
+    let r2 = s.recv().await;
+    assert_eq!(leaf_der(&decode_secret(&r2.resources[0])), next.leaf_der);
+    assert!(!p.log().contains("BEGIN"), "no PEM in logs");
+}
