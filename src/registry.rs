@@ -360,6 +360,18 @@ mod tests {
     }
 
     #[test]
+    fn every_stream_shares_one_encoding() {
+        let reg = Registry::new();
+        reg.publish("web", &bundle("a"));
+        let a = reg.get("web").unwrap().resource_for("web");
+        let b = reg.get("web").unwrap().resource_for("web");
+        assert_eq!(a.value.as_ptr(), b.value.as_ptr(), "same bytes, not a copy");
+        let p1 = reg.get("web").unwrap().resource_for("sds://web");
+        let p2 = reg.get("web").unwrap().resource_for("sds://web");
+        assert_eq!(p1.value.as_ptr(), p2.value.as_ptr());
+    }
+
+    #[test]
     fn unknown_names_leave_no_trace() {
         let reg = Registry::new();
         reg.publish("known", &bundle("a"));

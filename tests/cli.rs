@@ -134,7 +134,7 @@ fn version_and_help() {
     assert!(help.contains("run") && help.contains("check") && help.contains("--log-format"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_streams_removes_the_socket_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let config = good_config(dir.path(), &Pki::new());
@@ -192,7 +192,7 @@ fn a_second_instance_does_not_steal_a_live_socket() {
     assert!(dir.path().join("sds.sock").exists());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_files_are_rejected_with_an_error_and_the_last_good_version_is_served() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
@@ -230,4 +230,29 @@ async fn bad_files_are_rejected_with_an_error_and_the_last_good_version_is_serve
     let r2 = s.recv().await;
     assert_eq!(leaf_der(&decode_secret(&r2.resources[0])), next.leaf_der);
     assert!(!p.log().contains("BEGIN"), "no PEM in logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_is_logged_with_the_node_of_the_first_request_and_envoys_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config(dir.path(), &Pki::new());
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_line("acme-sds started");
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let mut s = SotwStream::open(&mut client).await;
+    let mut first = subscribe(&["web"]);
+    first.node = node("edge-7");
+    s.send(first).await;
+    let r = s.recv().await;
+    // Later requests carry no node: the stream keeps the first one.
+    let n = nack(&["web"], &r, "");
+    assert!(n.node.is_none());
+    s.send(n).await;
+    let line = p.wait_for_line("NACK");
+    assert!(line.contains("edge-7"), "{line}");
+    assert!(line.contains("Failed to load certificate chain"), "{line}");
+    assert!(
+        line.contains(&r.version_info),
+        "names the rejected version: {line}"
+    );
 }

@@ -123,7 +123,8 @@ impl Protocol for Delta {
         check_type_url(&req.type_url)?;
         if let Some(err) = &req.error_detail {
             let names: Vec<&str> = self.watched.iter().map(|w| w.requested.as_str()).collect();
-            self.ctx.log_nack(&names, &req.response_nonce, err);
+            self.ctx
+                .log_nack(&names, &format!("nonce {}", req.response_nonce), err);
         }
         let mut initial: HashMap<String, String> = if self.first {
             req.initial_resource_versions

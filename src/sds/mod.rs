@@ -194,7 +194,8 @@ impl StreamContext {
         self.node.as_ref().map(|(id, _)| id.as_str()).unwrap_or("")
     }
 
-    pub(crate) fn log_nack(&self, names: &[&str], version: &str, err: &rpc::Status) {
+    /// `rejected` says what was rejected: "version V" (SotW) or "nonce N" (delta).
+    pub(crate) fn log_nack(&self, names: &[&str], rejected: &str, err: &rpc::Status) {
         tracing::warn!(
             stream = self.id,
             rpc = self.rpc,
@@ -202,7 +203,7 @@ impl StreamContext {
             node = self.node_id(),
             cluster = self.node.as_ref().map(|(_, c)| c.as_str()).unwrap_or(""),
             names = ?names,
-            rejected_version = version,
+            rejected,
             code = err.code,
             error = %err.message,
             "Envoy rejected (NACKed) a secret; not resending it until a new version exists"

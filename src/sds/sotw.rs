@@ -112,7 +112,16 @@ impl Protocol for Sotw {
         }
         if let Some(err) = &req.error_detail {
             let names: Vec<&str> = req.resource_names.iter().map(String::as_str).collect();
-            self.ctx.log_nack(&names, &req.version_info, err);
+            let rejected = combined_version(
+                self.watched
+                    .iter()
+                    .filter_map(|w| w.sent.as_ref().map(|v| v.version())),
+            );
+            self.ctx.log_nack(
+                &names,
+                &format!("version {rejected} (Envoy keeps {:?})", req.version_info),
+                err,
+            );
         }
         self.subscribe(req.resource_names);
         Ok(self.respond())
