@@ -185,19 +185,25 @@ async fn unknown_name_keeps_the_stream_open_until_it_appears() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
     let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["late"])).await;
-    // A second stream proves the server handled the first request before we publish.
-    let mut probe = SotwStream::open(&mut client).await;
-    probe.send(subscribe(&["web"])).await;
-    probe.recv().await;
+    s.send(subscribe(&["late", "web"])).await;
+    // The answer (web only) proves the request naming "late" was handled before "late" exists.
+    let r1 = s.recv().await;
+    let names: Vec<_> = r1.resources.iter().map(|a| decode_secret(a).name).collect();
+    assert_eq!(names, ["web"]);
+    s.send(ack(&["late", "web"], &r1)).await;
     let leaf = f.pki.leaf(&["late.example.com"]);
     let content = SecretContent::TlsCertificate(
         certs::certified_pem(leaf.chain_pem.as_bytes(), leaf.key_pem.as_bytes()).unwrap(),
     );
     f.daemon.running().registry().publish("late", &content);
-    let r = s.recv().await;
-    assert_eq!(decode_secret(&r.resources[0]).name, "late");
-    assert_eq!(leaf_of(&r.resources[0]), leaf.leaf_der);
+    let r2 = s.recv().await;
+    let names: Vec<_> = r2.resources.iter().map(|a| decode_secret(a).name).collect();
+    assert_eq!(
+        names,
+        ["late", "web"],
+        "web is kept: a response never drops a delivered secret"
+    );
+    assert_eq!(leaf_of(&r2.resources[0]), leaf.leaf_der);
 }
 
 #[tokio::test]
@@ -255,11 +261,7 @@ async fn empty_resource_names_enumerate_nothing() {
 async fn trust_bundle_is_a_validation_context() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let r = client
-        .fetch_secrets(subscribe(&["ca"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = fetch(&mut client, &["ca"]).await;
     let secret = decode_secret(&r.resources[0]);
     let Some(secret::Type::ValidationContext(vc)) = secret.r#type else {
         panic!("expected a validation_context");
@@ -400,11 +402,7 @@ async fn delta_initial_resource_versions_skip_what_the_client_holds() {
 async fn fetch_returns_named_secrets_and_refuses_the_rest() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let r = client
-        .fetch_secrets(subscribe(&["web", "sds://api"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = fetch(&mut client, &["web", "sds://api"]).await;
     assert_eq!(r.type_url, SECRET_TYPE_URL);
     let names: Vec<_> = r.resources.iter().map(|a| decode_secret(a).name).collect();
     assert_eq!(names, ["web", "sds://api"]);
@@ -427,18 +425,10 @@ async fn tcp_and_unix_listeners_serve_together() {
     let mut tcp = acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let r = tcp
-        .fetch_secrets(subscribe(&["web"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = fetch(&mut tcp, &["web"]).await;
     assert_eq!(leaf_of(&r.resources[0]), f.web.leaf_der);
     let mut uds = f.daemon.client().await;
-    let r = uds
-        .fetch_secrets(subscribe(&["api"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = fetch(&mut uds, &["api"]).await;
     assert_eq!(leaf_of(&r.resources[0]), f.api.leaf_der);
 }
 
@@ -551,11 +541,7 @@ async fn garbage_requests_get_an_error_and_the_server_keeps_serving() {
         assert_ne!(status.code(), Code::Ok, "{status}");
     }
     let mut client = f.daemon.client().await;
-    let r = client
-        .fetch_secrets(subscribe(&["web"]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = fetch(&mut client, &["web"]).await;
     assert_eq!(leaf_of(&r.resources[0]), f.web.leaf_der);
 }
 

@@ -311,6 +311,18 @@ pub fn inline(ds: &acme_sds::proto::envoy::config::core::v3::DataSource) -> Vec<
     }
 }
 
+/// A unary FetchSecrets that must succeed.
+pub async fn fetch(
+    client: &mut SecretDiscoveryServiceClient<Channel>,
+    names: &[&str],
+) -> DiscoveryResponse {
+    tokio::time::timeout(WAIT, client.fetch_secrets(subscribe(names)))
+        .await
+        .expect("fetch timed out")
+        .expect("fetch failed")
+        .into_inner()
+}
+
 /// A bidirectional SotW stream.
 pub struct SotwStream {
     tx: mpsc::Sender<DiscoveryRequest>,
