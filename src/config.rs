@@ -20,8 +20,86 @@ pub struct Config {
     /// The file this configuration was read from.
     pub path: PathBuf,
     pub sds: SdsConfig,
+    pub storage: StorageConfig,
+    pub http01: Http01Config,
+    /// `[acme]`; `None` when the table is absent (then no certificate may have `domains`).
+    pub acme: Option<AcmeConfig>,
     pub certificates: Vec<CertificateConfig>,
     pub trust_bundles: Vec<TrustBundleConfig>,
+}
+
+impl Config {
+    /// Whether any certificate is obtained over ACME.
+    pub fn has_acme_certificates(&self) -> bool {
+        self.certificates
+            .iter()
+            .any(|c| matches!(c.source, CertificateSource::Acme { .. }))
+    }
+}
+
+/// `[storage]`: where account, keys, certificates and ACME state are kept.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+}
+
+/// `[http01]`: the HTTP-01 challenge responder.
+#[derive(Debug, Clone)]
+pub struct Http01Config {
+    pub listen: SocketAddr,
+}
+
+/// The default responder address: every interface, port 8089 (the port cert-manager's solver uses too).
+pub const DEFAULT_HTTP01_LISTEN: &str = "0.0.0.0:8089";
+
+/// `[acme]`: the ACME CA and account.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// The directory URL.
+    pub directory: String,
+    pub contact: Vec<String>,
+    pub accept_terms_of_service: bool,
+    /// A PEM root to trust for the ACME server's own HTTPS (a private CA, or Pebble).
+    pub directory_ca: Option<PathBuf>,
+    /// External Account Binding: key id and the decoded MAC key.
+    pub eab: Option<(String, Vec<u8>)>,
+    /// How many orders may run at once.
+    pub max_concurrent_orders: usize,
+    /// First retry delay after a failure; doubles (with jitter) up to `retry_max`.
+    pub retry_initial: std::time::Duration,
+    pub retry_max: std::time::Duration,
+}
+
+pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// Key algorithm of an ACME-managed certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    EcdsaP256,
+    EcdsaP384,
+    Rsa2048,
+    Rsa3072,
+    Rsa4096,
+}
+
+impl KeyType {
+    pub const ALL: [(&'static str, KeyType); 5] = [
+        ("ecdsa-p256", KeyType::EcdsaP256),
+        ("ecdsa-p384", KeyType::EcdsaP384),
+        ("rsa-2048", KeyType::Rsa2048),
+        ("rsa-3072", KeyType::Rsa3072),
+        ("rsa-4096", KeyType::Rsa4096),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        KeyType::ALL
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map(|(s, _)| *s)
+            .unwrap_or("ecdsa-p256")
+    }
 }
 
 /// `[sds]`: where the SDS gRPC server listens.
@@ -77,6 +155,11 @@ pub enum CertificateSource {
         key_file: PathBuf,
         cert_line: Option<usize>,
         key_line: Option<usize>,
+    },
+    /// Obtained and renewed over ACME for these (lower-cased, validated) domains.
+    Acme {
+        domains: Vec<String>,
+        key_type: KeyType,
     },
 }
 
@@ -145,6 +228,9 @@ impl fmt::Display for ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     sds: Option<Spanned<RawSds>>,
+    storage: Option<Spanned<RawStorage>>,
+    http01: Option<Spanned<RawHttp01>>,
+    acme: Option<Spanned<RawAcme>>,
     #[serde(default)]
     certificate: Vec<Spanned<RawCertificate>>,
     #[serde(default)]
@@ -164,6 +250,40 @@ struct RawCertificate {
     name: Option<Spanned<String>>,
     cert_file: Option<Spanned<String>>,
     key_file: Option<Spanned<String>>,
+    domains: Option<Spanned<Vec<Spanned<String>>>>,
+    key_type: Option<Spanned<String>>,
+    /// Lets this certificate name domains that another certificate names too (say, an RSA and an ECDSA
+    /// certificate for the same site).
+    #[serde(default)]
+    allow_duplicate_domains: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    path: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp01 {
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcme {
+    directory: Option<Spanned<String>>,
+    #[serde(default)]
+    contact: Vec<Spanned<String>>,
+    #[serde(default)]
+    accept_terms_of_service: Option<Spanned<bool>>,
+    directory_ca: Option<Spanned<String>>,
+    eab_kid: Option<Spanned<String>>,
+    eab_hmac_key: Option<Spanned<String>>,
+    max_concurrent_orders: Option<Spanned<i64>>,
+    retry_initial: Option<Spanned<String>>,
+    retry_max: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -208,13 +328,22 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         problems: Vec::new(),
     };
     let sds = v.sds(raw.sds);
-    let certificates = v.certificates(raw.certificate);
+    let storage = v.storage(raw.storage);
+    let http01 = v.http01(raw.http01);
+    let acme_line = raw.acme.as_ref().map(|a| v.lines.line(a.span().start));
+    let acme = raw.acme.map(|a| v.acme(a.into_inner(), acme_line));
+    let (certificates, dup_allowed) = v.certificates(raw.certificate);
     let trust_bundles = v.trust_bundles(raw.trust_bundle);
     v.unique_names(&certificates, &trust_bundles);
+    v.unique_domains(&certificates, &dup_allowed);
+    v.acme_requirements(&certificates, acme.as_ref(), acme_line);
     if v.problems.is_empty() {
         Ok(Config {
             path: path.to_owned(),
             sds,
+            storage,
+            http01,
+            acme,
             certificates,
             trust_bundles,
         })
@@ -339,43 +468,120 @@ impl Validator<'_> {
         name
     }
 
-    fn certificates(&mut self, raw: Vec<Spanned<RawCertificate>>) -> Vec<CertificateConfig> {
+    fn certificates(
+        &mut self,
+        raw: Vec<Spanned<RawCertificate>>,
+    ) -> (Vec<CertificateConfig>, Vec<bool>) {
         let mut out = Vec::new();
+        let mut dup_allowed = Vec::new();
         for (i, entry) in raw.into_iter().enumerate() {
             let key = format!("certificate[{i}]");
             let line = self.line(&entry);
             let entry = entry.into_inner();
             let name = self.name(&key, line, entry.name);
-            let source = match (entry.cert_file, entry.key_file) {
-                (Some(cert), Some(keyf)) => CertificateSource::Files {
-                    cert_line: self.line(&cert),
-                    key_line: self.line(&keyf),
-                    cert_file: self.path(cert.get_ref()),
-                    key_file: self.path(keyf.get_ref()),
-                },
-                (Some(_), None) => {
+            let files = entry.cert_file.is_some() || entry.key_file.is_some();
+            let source = match (entry.domains, files) {
+                (Some(domains), true) => {
+                    let l = self.line(&domains);
                     self.problem(
-                        format!("{key}.key_file"),
-                        line,
-                        "missing: `cert_file` needs its `key_file`",
+                        format!("{key}.domains"),
+                        l,
+                        "a certificate has either `domains` (ACME) or `cert_file`/`key_file`, never both",
                     );
                     continue;
                 }
-                (None, Some(_)) => {
-                    self.problem(
-                        format!("{key}.cert_file"),
-                        line,
-                        "missing: `key_file` needs its `cert_file`",
-                    );
-                    continue;
+                (Some(domains), false) => {
+                    let key_type = match entry.key_type {
+                        None => KeyType::EcdsaP256,
+                        Some(kt) => {
+                            let l = self.line(&kt);
+                            match KeyType::ALL.iter().find(|(s, _)| *s == kt.get_ref()) {
+                                Some((_, k)) => *k,
+                                None => {
+                                    let names: Vec<&str> =
+                                        KeyType::ALL.iter().map(|(s, _)| *s).collect();
+                                    self.problem(
+                                        format!("{key}.key_type"),
+                                        l,
+                                        format!(
+                                            "{:?} is not one of {}",
+                                            kt.get_ref(),
+                                            names.join(", ")
+                                        ),
+                                    );
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    let list_line = self.line(&domains);
+                    let domains = domains.into_inner();
+                    if domains.is_empty() {
+                        self.problem(
+                            format!("{key}.domains"),
+                            list_line,
+                            "empty: list at least one domain",
+                        );
+                    }
+                    let mut names: Vec<String> = Vec::new();
+                    for (j, d) in domains.iter().enumerate() {
+                        let l = self.line(d);
+                        match check_domain(d.get_ref()) {
+                            Ok(n) if names.contains(&n) => self.problem(
+                                format!("{key}.domains[{j}]"),
+                                l,
+                                format!("{n:?} is listed twice"),
+                            ),
+                            Ok(n) => names.push(n),
+                            Err(msg) => self.problem(format!("{key}.domains[{j}]"), l, msg),
+                        }
+                    }
+                    CertificateSource::Acme {
+                        domains: names,
+                        key_type,
+                    }
                 }
-                (None, None) => {
-                    self.problem(
-                        key.clone(),
-                        line,
-                        "no certificate source: give `cert_file` and `key_file`",
-                    );
-                    continue;
+                (None, _) => {
+                    if let Some(kt) = &entry.key_type {
+                        let l = self.line(kt);
+                        self.problem(
+                            format!("{key}.key_type"),
+                            l,
+                            "`key_type` applies to ACME certificates (with `domains`) only",
+                        );
+                    }
+                    match (entry.cert_file, entry.key_file) {
+                        (Some(cert), Some(keyf)) => CertificateSource::Files {
+                            cert_line: self.line(&cert),
+                            key_line: self.line(&keyf),
+                            cert_file: self.path(cert.get_ref()),
+                            key_file: self.path(keyf.get_ref()),
+                        },
+                        (Some(_), None) => {
+                            self.problem(
+                                format!("{key}.key_file"),
+                                line,
+                                "missing: `cert_file` needs its `key_file`",
+                            );
+                            continue;
+                        }
+                        (None, Some(_)) => {
+                            self.problem(
+                                format!("{key}.cert_file"),
+                                line,
+                                "missing: `key_file` needs its `cert_file`",
+                            );
+                            continue;
+                        }
+                        (None, None) => {
+                            self.problem(
+                                key.clone(),
+                                line,
+                                "no certificate source: give `domains` (ACME) or `cert_file` and `key_file`",
+                            );
+                            continue;
+                        }
+                    }
                 }
             };
             out.push(CertificateConfig {
@@ -383,8 +589,224 @@ impl Validator<'_> {
                 source,
                 origin: Origin { key, line },
             });
+            dup_allowed.push(entry.allow_duplicate_domains);
         }
-        out
+        (out, dup_allowed)
+    }
+
+    fn unique_domains(&mut self, certs: &[CertificateConfig], dup_allowed: &[bool]) {
+        let mut seen: HashMap<&str, (usize, &Origin)> = HashMap::new();
+        let mut problems = Vec::new();
+        for (i, c) in certs.iter().enumerate() {
+            let CertificateSource::Acme { domains, .. } = &c.source else {
+                continue;
+            };
+            for d in domains {
+                match seen.get(d.as_str()) {
+                    Some((j, first)) if !(dup_allowed[i] || dup_allowed[*j]) => {
+                        problems.push(Problem::new(
+                            format!("{}.domains", c.origin.key),
+                            c.origin.line,
+                            format!(
+                                "{d:?} is also in {}: set `allow_duplicate_domains = true` if two certificates for it are intended",
+                                first.key
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        seen.insert(d, (i, &c.origin));
+                    }
+                }
+            }
+        }
+        self.problems.extend(problems);
+    }
+
+    fn acme_requirements(
+        &mut self,
+        certs: &[CertificateConfig],
+        acme: Option<&AcmeConfig>,
+        acme_line: Option<usize>,
+    ) {
+        let Some(first) = certs
+            .iter()
+            .find(|c| matches!(c.source, CertificateSource::Acme { .. }))
+        else {
+            return;
+        };
+        match acme {
+            None => self.problem(
+                format!("{}.domains", first.origin.key),
+                first.origin.line,
+                "ACME certificates need an [acme] table (directory, contact, accept_terms_of_service)",
+            ),
+            Some(a) if !a.accept_terms_of_service => self.problem(
+                "acme.accept_terms_of_service",
+                acme_line,
+                "must be true before any certificate is ordered: read the CA's terms of service, then set it",
+            ),
+            Some(_) => {}
+        }
+    }
+
+    fn storage(&mut self, raw: Option<Spanned<RawStorage>>) -> StorageConfig {
+        let path = raw
+            .and_then(|r| r.into_inner().path)
+            .map(|p| p.into_inner())
+            .unwrap_or_else(|| "acme-sds-data".to_owned());
+        StorageConfig {
+            path: self.path(&path),
+        }
+    }
+
+    fn http01(&mut self, raw: Option<Spanned<RawHttp01>>) -> Http01Config {
+        let default = || {
+            DEFAULT_HTTP01_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8089))
+        };
+        let Some(listen) = raw.and_then(|r| r.into_inner().listen) else {
+            return Http01Config { listen: default() };
+        };
+        let line = self.line(&listen);
+        match self.listen_addr(listen.get_ref()) {
+            Ok(ListenAddr::Tcp(addr)) => Http01Config { listen: addr },
+            _ => {
+                self.problem(
+                    "http01.listen",
+                    line,
+                    format!(
+                        "{:?} is not \"IP:PORT\" (for example \"0.0.0.0:8089\")",
+                        listen.get_ref()
+                    ),
+                );
+                Http01Config { listen: default() }
+            }
+        }
+    }
+
+    fn acme(&mut self, raw: RawAcme, table_line: Option<usize>) -> AcmeConfig {
+        let directory = match raw.directory {
+            None => LETSENCRYPT_STAGING.to_owned(),
+            Some(d) => {
+                let l = self.line(&d);
+                match d.get_ref().as_str() {
+                    "letsencrypt" => LETSENCRYPT.to_owned(),
+                    "letsencrypt-staging" => LETSENCRYPT_STAGING.to_owned(),
+                    url if url.starts_with("https://") && url.len() > "https://".len() => {
+                        url.to_owned()
+                    }
+                    other => {
+                        self.problem(
+                            "acme.directory",
+                            l,
+                            format!("{other:?} is not \"letsencrypt\", \"letsencrypt-staging\" or an https:// directory URL"),
+                        );
+                        String::new()
+                    }
+                }
+            }
+        };
+        let mut contact = Vec::new();
+        for (i, c) in raw.contact.into_iter().enumerate() {
+            let l = self.line(&c);
+            let c = c.into_inner();
+            if c.starts_with("mailto:") && c.len() > "mailto:".len() && !c.contains(',') {
+                contact.push(c);
+            } else {
+                self.problem(
+                    format!("acme.contact[{i}]"),
+                    l,
+                    format!("{c:?} is not a \"mailto:ADDRESS\" URL"),
+                );
+            }
+        }
+        let directory_ca = raw.directory_ca.map(|p| self.path(p.get_ref()));
+        let eab = match (raw.eab_kid, raw.eab_hmac_key) {
+            (None, None) => None,
+            (Some(kid), Some(key)) => {
+                use base64::Engine;
+                let l = self.line(&key);
+                let trimmed = key.get_ref().trim_end_matches('=');
+                match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed) {
+                    Ok(bytes) if !bytes.is_empty() => Some((kid.into_inner(), bytes)),
+                    _ => {
+                        self.problem(
+                            "acme.eab_hmac_key",
+                            l,
+                            "not base64url (as the CA hands it out)",
+                        );
+                        None
+                    }
+                }
+            }
+            (Some(_), None) => {
+                self.problem(
+                    "acme.eab_hmac_key",
+                    table_line,
+                    "missing: `eab_kid` needs its `eab_hmac_key`",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                self.problem(
+                    "acme.eab_kid",
+                    table_line,
+                    "missing: `eab_hmac_key` needs its `eab_kid`",
+                );
+                None
+            }
+        };
+        let max_concurrent_orders = match raw.max_concurrent_orders {
+            None => 8,
+            Some(n) => {
+                let l = self.line(&n);
+                match usize::try_from(*n.get_ref()) {
+                    Ok(n) if (1..=1000).contains(&n) => n,
+                    _ => {
+                        self.problem(
+                            "acme.max_concurrent_orders",
+                            l,
+                            "must be between 1 and 1000",
+                        );
+                        8
+                    }
+                }
+            }
+        };
+        let mut duration = |key: &str, raw: Option<Spanned<String>>, default: u64| match raw {
+            None => std::time::Duration::from_secs(default),
+            Some(d) => {
+                let l = self.line(&d);
+                match parse_duration(d.get_ref()) {
+                    Some(v) if !v.is_zero() => v,
+                    _ => {
+                        self.problem(
+                            format!("acme.{key}"),
+                            l,
+                            format!(
+                                "{:?} is not a duration such as \"30s\", \"10m\", \"6h\" or \"1d\"",
+                                d.get_ref()
+                            ),
+                        );
+                        std::time::Duration::from_secs(default)
+                    }
+                }
+            }
+        };
+        let retry_initial = duration("retry_initial", raw.retry_initial, 60);
+        let retry_max = duration("retry_max", raw.retry_max, 24 * 3600);
+        AcmeConfig {
+            directory,
+            contact,
+            accept_terms_of_service: raw.accept_terms_of_service.is_some_and(|b| *b.get_ref()),
+            directory_ca,
+            eab,
+            max_concurrent_orders,
+            retry_initial,
+            retry_max: retry_max.max(retry_initial),
+        }
     }
 
     fn trust_bundles(&mut self, raw: Vec<Spanned<RawTrustBundle>>) -> Vec<TrustBundleConfig> {
@@ -458,6 +880,58 @@ pub fn check_secret_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks and lower-cases a domain name for an HTTP-01 certificate.
+pub fn check_domain(raw: &str) -> Result<String, String> {
+    let d = raw.trim_end_matches('.').to_ascii_lowercase();
+    if d.starts_with("*.") {
+        return Err(format!(
+            "{raw:?}: wildcard names need the DNS-01 challenge; acme-sds validates over HTTP-01, so list each name"
+        ));
+    }
+    if !d.is_ascii() {
+        return Err(format!(
+            "{raw:?}: write internationalised names in their ASCII (punycode, xn--) form"
+        ));
+    }
+    if d.parse::<IpAddr>().is_ok() {
+        return Err(format!(
+            "{raw:?}: IP addresses are not supported, only DNS names"
+        ));
+    }
+    let labels: Vec<&str> = d.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if d.len() > 253 || labels.len() < 2 || !labels.iter().all(label_ok) {
+        return Err(format!(
+            "{raw:?} is not a valid DNS name (letters, digits and hyphens in dot-separated labels of at most 63)"
+        ));
+    }
+    Ok(d)
+}
+
+/// Parses "90", "30s", "10m", "6h", "1d".
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(n.checked_mul(mult)?))
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
     match u32::from_str_radix(digits, 8) {
@@ -521,7 +995,9 @@ file = "/etc/acme-sds/ca.pem"
             ]
         );
         assert_eq!(cfg.sds.socket_mode, 0o660);
-        let CertificateSource::Files { key_file, .. } = &cfg.certificates[0].source;
+        let CertificateSource::Files { key_file, .. } = &cfg.certificates[0].source else {
+            panic!("expected files");
+        };
         assert_eq!(
             key_file,
             Path::new("/etc/acme-sds/web.key"),
@@ -596,6 +1072,140 @@ name = "sds://ca"
         assert_eq!(err.problems[0].key, "sds");
         let err = parse_str("[sds]\nlisten=[\"127.0.0.1:1\", \"127.0.0.1:1\"]").unwrap_err();
         assert_eq!(err.problems[0].key, "sds.listen[1]");
+    }
+
+    #[test]
+    fn acme_contract_parses() {
+        let cfg = parse_str(
+            r#"
+[sds]
+listen = ["unix:/run/acme-sds/sds.sock"]
+
+[storage]
+path = "/var/lib/acme-sds"
+
+[http01]
+listen = "0.0.0.0:8089"
+
+[acme]
+directory = "letsencrypt"
+contact = ["mailto:ops@example.com"]
+accept_terms_of_service = true
+directory_ca = "root.pem"
+eab_kid = "kid-1"
+eab_hmac_key = "c2VjcmV0LWtleQ"
+retry_initial = "2s"
+
+[[certificate]]
+name = "mydomain"
+domains = ["WWW.mydomain.com", "mobile.mydomain.com."]
+key_type = "ecdsa-p384"
+"#,
+        )
+        .unwrap();
+        let acme = cfg.acme.as_ref().unwrap();
+        assert_eq!(acme.directory, LETSENCRYPT);
+        assert_eq!(acme.eab.as_ref().unwrap().1, b"secret-key");
+        assert_eq!(
+            acme.directory_ca.as_deref(),
+            Some(Path::new("/etc/acme-sds/root.pem"))
+        );
+        assert_eq!(acme.retry_initial, std::time::Duration::from_secs(2));
+        assert_eq!(cfg.storage.path, Path::new("/var/lib/acme-sds"));
+        assert_eq!(cfg.http01.listen.port(), 8089);
+        let CertificateSource::Acme { domains, key_type } = &cfg.certificates[0].source else {
+            panic!("expected ACME");
+        };
+        assert_eq!(domains, &["www.mydomain.com", "mobile.mydomain.com"]);
+        assert_eq!(*key_type, KeyType::EcdsaP384);
+        assert!(cfg.has_acme_certificates());
+    }
+
+    #[test]
+    fn acme_mistakes_are_named() {
+        let err = parse_str(
+            r#"
+[sds]
+listen = ["127.0.0.1:1"]
+[acme]
+directory = "http://insecure.example/dir"
+contact = ["ops@example.com"]
+eab_kid = "x"
+[[certificate]]
+name = "a"
+domains = ["*.example.com", "a.example.com", "a.example.com", "bad_name.example.com"]
+key_type = "dsa"
+[[certificate]]
+name = "b"
+domains = ["x.example.com"]
+cert_file = "x.crt"
+[[certificate]]
+name = "c"
+domains = ["c.example.com"]
+[[certificate]]
+name = "d"
+domains = ["c.example.com"]
+"#,
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "acme.directory",
+                "acme.contact[0]",
+                "acme.eab_hmac_key",
+                "certificate[0].key_type",
+                "certificate[1].domains",
+                "certificate[3].domains",
+                "acme.accept_terms_of_service",
+            ],
+            "{err}"
+        );
+        let err = parse_str(
+            "[sds]\nlisten=[\"127.0.0.1:1\"]\n[acme]\naccept_terms_of_service=true\n[[certificate]]\nname=\"a\"\ndomains=[\"*.example.com\", \"a.example.com\", \"A.example.com\", \"bad_name.example.com\", \"localhost\"]\n",
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "certificate[0].domains[0]",
+                "certificate[0].domains[2]",
+                "certificate[0].domains[3]",
+                "certificate[0].domains[4]",
+            ],
+            "{err}"
+        );
+        assert!(err.problems[0].message.contains("DNS-01"));
+    }
+
+    #[test]
+    fn duplicate_domains_can_be_intended() {
+        let text = "[sds]\nlisten=[\"127.0.0.1:1\"]\n[acme]\naccept_terms_of_service=true\n[[certificate]]\nname=\"ec\"\ndomains=[\"a.example.com\"]\n[[certificate]]\nname=\"rsa\"\ndomains=[\"a.example.com\"]\nkey_type=\"rsa-2048\"\nallow_duplicate_domains=true\n";
+        parse_str(text).unwrap();
+        let err = parse_str(&text.replace("allow_duplicate_domains=true\n", "")).unwrap_err();
+        assert_eq!(err.problems[0].key, "certificate[1].domains");
+        let err = parse_str("[sds]\nlisten=[\"127.0.0.1:1\"]\n[[certificate]]\nname=\"a\"\ndomains=[\"a.example.com\"]\n").unwrap_err();
+        assert!(err.problems[0].message.contains("[acme]"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("90"),
+            Some(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_duration("10m"),
+            Some(std::time::Duration::from_secs(600))
+        );
+        assert_eq!(
+            parse_duration("1d"),
+            Some(std::time::Duration::from_secs(86400))
+        );
+        assert_eq!(parse_duration("1w"), None);
+        assert_eq!(parse_duration("m"), None);
     }
 
     #[test]

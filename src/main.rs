@@ -151,13 +151,13 @@ fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
                     .certificates
                     .iter()
                     .find(|cert| &cert.name == name)
-                    .map(|cert| {
-                        let CertificateSource::Files {
+                    .and_then(|cert| match &cert.source {
+                        CertificateSource::Files {
                             cert_file,
                             key_file,
                             ..
-                        } = &cert.source;
-                        format!("{} + {}", cert_file.display(), key_file.display())
+                        } => Some(format!("{} + {}", cert_file.display(), key_file.display())),
+                        CertificateSource::Acme { .. } => None,
                     })
                     .unwrap_or_default();
                 let _ = writeln!(
@@ -190,6 +190,30 @@ fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
                 );
             }
         }
+    }
+    for c in &config.certificates {
+        if let CertificateSource::Acme { domains, key_type } = &c.source {
+            let _ = writeln!(
+                out,
+                "  {}: tls_certificate over ACME ({}), {}\n    {}",
+                c.name,
+                config
+                    .acme
+                    .as_ref()
+                    .map(|a| a.directory.as_str())
+                    .unwrap_or(""),
+                key_type.as_str(),
+                domains.join(", ")
+            );
+        }
+    }
+    if config.has_acme_certificates() {
+        let _ = writeln!(
+            out,
+            "HTTP-01 responder: {}\nStorage: {}",
+            config.http01.listen,
+            config.storage.path.display()
+        );
     }
     out
 }

@@ -182,14 +182,17 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn from_config(config: &Config) -> Self {
-        let certs = config.certificates.iter().map(|c| {
+        let certs = config.certificates.iter().filter_map(|c| {
             let CertificateSource::Files {
                 cert_file,
                 key_file,
                 cert_line,
                 key_line,
-            } = &c.source;
-            (
+            } = &c.source
+            else {
+                return None;
+            };
+            Some((
                 c.name.clone(),
                 c.origin.key.clone(),
                 Files::Pair {
@@ -198,7 +201,7 @@ impl FileSource {
                     cert_line: *cert_line,
                     key_line: *key_line,
                 },
-            )
+            ))
         });
         let bundles = config.trust_bundles.iter().map(|b| {
             (
