@@ -13,11 +13,14 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::acme::{AcmeManager, ManagedCert};
 use crate::config::{Config, ConfigError};
+use crate::http01;
 use crate::registry::Registry;
 use crate::sds::SdsService;
 use crate::server::{self, Bound};
 use crate::sources::files::{self, FileSource};
+use crate::store::{FsStore, SharedStore};
 
 /// How long shutdown waits for streams and tasks to finish before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -29,10 +32,13 @@ pub struct Running {
     tasks: JoinSet<anyhow::Result<()>>,
     addresses: Vec<String>,
     tcp: Vec<SocketAddr>,
+    http01_addr: Option<SocketAddr>,
 }
 
 /// Loads every source of `config`, binds its listeners and starts serving.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    // One TLS crypto provider for the whole process (the ACME client's HTTPS uses it).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let registry = Registry::new();
     let mut files = FileSource::from_config(config);
     let loaded = files.load_all().map_err(|problems| ConfigError {
@@ -44,11 +50,41 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         files::log_loaded(name, content, v.version().version(), "loaded");
     }
 
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let mut http01_addr = None;
+    if config.has_acme_certificates() {
+        let acme_config = config
+            .acme
+            .clone()
+            .context("ACME certificates need an [acme] table")?;
+        let store: SharedStore = Arc::new(
+            FsStore::open(&config.storage.path)
+                .with_context(|| format!("opening storage {}", config.storage.path.display()))?,
+        );
+        let listener = http01::bind(config.http01.listen).await.with_context(|| {
+            format!("starting the HTTP-01 responder on {}", config.http01.listen)
+        })?;
+        let addr = listener.local_addr().context("HTTP-01 responder address")?;
+        tracing::info!(listen = %addr, "HTTP-01 responder listening");
+        http01_addr = Some(addr);
+        let manager = AcmeManager::new(acme_config, store.clone(), registry.clone());
+        // Stored certificates are published here, before any SDS listener opens.
+        for handle in manager
+            .start(ManagedCert::from_config(config), shutdown.clone())
+            .await
+        {
+            tasks.spawn(async move { handle.await.context("an ACME certificate task panicked") });
+        }
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            http01::serve(listener, store, token).await;
+            Ok(())
+        });
+    }
     let bound = server::bind_all(&config.sds.listen, config.sds.socket_mode)
         .await
         .context("starting the SDS listeners")?;
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
     let service = SdsService::new(registry.clone(), shutdown.clone());
     let mut addresses = Vec::new();
     let mut tcp = Vec::new();
@@ -85,6 +121,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         tasks,
         addresses,
         tcp,
+        http01_addr,
     })
 }
 
@@ -102,6 +139,11 @@ impl Running {
     /// The bound TCP addresses (with real ports when port 0 was configured).
     pub fn tcp_addrs(&self) -> &[SocketAddr] {
         &self.tcp
+    }
+
+    /// The HTTP-01 responder's bound address, when ACME certificates are configured.
+    pub fn http01_addr(&self) -> Option<SocketAddr> {
+        self.http01_addr
     }
 
     /// Resolves when a server task stops on its own (which is an error), returning that error.

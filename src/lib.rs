@@ -1,13 +1,18 @@
 //! acme-sds: automatic HTTPS for Envoy.
 //!
-//! Data flows one way: [`config`] → certificate sources ([`sources`]) → [`registry`] (watchable, versioned,
-//! encoded once) → [`sds`] streams → Envoy. [`daemon`] wires them together; [`server`] owns the listeners.
+//! Data flows one way: [`config`] → certificate sources ([`sources`] for files, [`acme`] for ACME) →
+//! [`store`] (persisted) → [`registry`] (watchable, versioned, encoded once) → [`sds`] streams → Envoy. The
+//! [`http01`] responder reads pending challenges from the store. [`daemon`] wires them together; [`server`]
+//! owns the SDS listeners.
 
+pub mod acme;
 pub mod certs;
 pub mod config;
 pub mod daemon;
+pub mod http01;
 pub mod proto;
 pub mod registry;
 pub mod sds;
 pub mod server;
 pub mod sources;
+pub mod store;

@@ -1,0 +1,154 @@
+//! The HTTP-01 challenge responder: `GET`/`HEAD /.well-known/acme-challenge/{token}` answers `200
+//! text/plain` with the key authorization of a pending challenge, and 404 for anything else.
+//!
+//! It runs on its own listener; Envoy routes `/.well-known/acme-challenge/` to it (any Host header works),
+//! and the CA may also reach it directly. It only reads pending challenges from the store under
+//! `challenges/<token>`, which the ACME manager writes before telling the CA to validate and deletes when the
+//! order ends; with a shared store every replica answers for every order.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::SharedStore;
+
+pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// The store key of a pending challenge's key authorization.
+pub fn challenge_key(token: &str) -> String {
+    format!("challenges/{token}")
+}
+
+/// ACME tokens are base64url (RFC 8555 §8.3: at least 128 bits of entropy); anything else is not looked up.
+pub fn valid_token(token: &str) -> bool {
+    (16..=256).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTIONS: usize = 1024;
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    resp
+}
+
+async fn respond(store: SharedStore, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(token) = req.uri().path().strip_prefix(CHALLENGE_PREFIX) else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        resp.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    if !valid_token(token) {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    }
+    match store.get(&challenge_key(token)).await {
+        Ok(Some(entry)) => {
+            tracing::info!(token, "HTTP-01 challenge answered");
+            let len = entry.value.len();
+            let body = if req.method() == Method::HEAD {
+                Bytes::new()
+            } else {
+                Bytes::from(entry.value)
+            };
+            let mut resp = Response::new(Full::new(body));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain"),
+            );
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+            resp
+        }
+        Ok(None) => {
+            tracing::debug!(token, "HTTP-01 request for an unknown token");
+            plain(StatusCode::NOT_FOUND, "not found\n")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "HTTP-01 responder cannot read pending challenges");
+            plain(StatusCode::SERVICE_UNAVAILABLE, "unavailable\n")
+        }
+    }
+}
+
+/// Binds the responder's listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves HTTP-01 on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, store: SharedStore, shutdown: CancellationToken) {
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP-01 accept failed");
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            drop(stream); // over the connection cap: refuse rather than queue
+            continue;
+        };
+        let store = store.clone();
+        let token = shutdown.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| {
+                let store = store.clone();
+                async move { Ok::<_, Infallible>(respond(store, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = token.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                }
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert!(valid_token("LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"));
+        assert!(!valid_token("short"));
+        assert!(!valid_token("../../etc/passwd-aaaaaaaaaaaa"));
+        assert!(!valid_token(&"a".repeat(257)));
+    }
+}

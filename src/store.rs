@@ -1,0 +1,340 @@
+//! Persistent state behind a small key-value interface: ACME accounts, issued certificates with their keys,
+//! per-certificate renewal state, and pending HTTP-01 challenges.
+//!
+//! Keys are `/`-separated paths of safe characters (`acme/<ca>/account`, `challenges/<token>`). Every write
+//! replaces a whole value; `compare_and_swap` makes a write conditional on the revision read before, so a
+//! shared backend (etcd) can later serve several replicas through the same interface. The first backend,
+//! [`FsStore`], maps keys to files under one directory: the directory is 0700, every file 0600, and every
+//! write is temp file + fsync + rename + directory fsync, so a crash leaves either the old or the new value.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A stored value and its revision (a hash of the value; 0 means absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub value: Vec<u8>,
+    pub revision: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store key {0:?}")]
+    BadKey(String),
+    #[error("storage {op} {}: {source}", .path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "storage value at {key} changed concurrently (expected revision {expected}, found {found})"
+    )]
+    Conflict {
+        key: String,
+        expected: u64,
+        found: u64,
+    },
+}
+
+/// The storage interface. Implementations must make each `put` atomic.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError>;
+    /// Writes `value` unconditionally; returns the new revision.
+    async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError>;
+    /// Writes `value` only if the current revision is `expected` (0: the key must not exist).
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<u64, StoreError>;
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Keys directly or indirectly under `prefix/`, sorted.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+}
+
+pub type SharedStore = Arc<dyn Store>;
+
+fn revision(value: &[u8]) -> u64 {
+    let d = ring::digest::digest(&ring::digest::SHA256, value);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(b).max(1)
+}
+
+fn check_key(key: &str) -> Result<(), StoreError> {
+    let ok = !key.is_empty()
+        && key.len() <= 512
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && !seg.starts_with('.')
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadKey(key.to_owned()))
+    }
+}
+
+/// Files under one directory. Single writer per directory (one acme-sds process); writes are serialised
+/// in-process so that `compare_and_swap` is exact.
+pub struct FsStore {
+    root: PathBuf,
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+impl FsStore {
+    /// Opens (creating if needed, mode 0700) the store directory.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let io = |op, source| StoreError::Io {
+            op,
+            path: root.to_owned(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(|e| io("create", e))?;
+        let meta = std::fs::metadata(root).map_err(|e| io("stat", e))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| io("chmod", e))?;
+        }
+        Ok(FsStore {
+            root: root.to_owned(),
+            write_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn read(path: &Path) -> Result<Option<Entry>, StoreError> {
+        match std::fs::read(path) {
+            Ok(value) => Ok(Some(Entry {
+                revision: revision(&value),
+                value,
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io {
+                op: "read",
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// temp file (0600) + fsync + rename + directory fsync.
+    fn write_atomic(path: &Path, value: &[u8]) -> Result<(), StoreError> {
+        let io = |op, source| StoreError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .ok_or_else(|| io("write", std::io::ErrorKind::InvalidInput.into()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io("create directory for", e))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let result = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(value)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(|e| io("write", e))
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FsStore {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let path = self.path(key)?;
+        tokio::task::spawn_blocking(move || Self::read(&path))
+            .await
+            .unwrap_or_else(|e| Err(join_error(e)))
+    }
+
+    async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
+        let path = self.path(key)?;
+        let value = value.to_vec();
+        let _guard = self.write_lock.lock().await;
+        tokio::task::spawn_blocking(move || {
+            Self::write_atomic(&path, &value)?;
+            Ok(revision(&value))
+        })
+        .await
+        .unwrap_or_else(|e| Err(join_error(e)))
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<u64, StoreError> {
+        let path = self.path(key)?;
+        let value = value.to_vec();
+        let key = key.to_owned();
+        let _guard = self.write_lock.lock().await;
+        tokio::task::spawn_blocking(move || {
+            let found = Self::read(&path)?.map(|e| e.revision).unwrap_or(0);
+            if found != expected {
+                return Err(StoreError::Conflict {
+                    key,
+                    expected,
+                    found,
+                });
+            }
+            Self::write_atomic(&path, &value)?;
+            Ok(revision(&value))
+        })
+        .await
+        .unwrap_or_else(|e| Err(join_error(e)))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        let _guard = self.write_lock.lock().await;
+        tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Io {
+                op: "delete",
+                path,
+                source,
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| Err(join_error(e)))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let dir = self.path(prefix)?;
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut stack = vec![(dir, prefix)];
+            while let Some((dir, key)) = stack.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => {
+                        return Err(StoreError::Io {
+                            op: "list",
+                            path: dir,
+                            source,
+                        });
+                    }
+                };
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with('.') {
+                        continue; // temp files
+                    }
+                    let child = format!("{key}/{name}");
+                    match entry.file_type() {
+                        Ok(t) if t.is_dir() => stack.push((entry.path(), child)),
+                        Ok(t) if t.is_file() => out.push(child),
+                        _ => {}
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+        .unwrap_or_else(|e| Err(join_error(e)))
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io {
+        op: "run",
+        path: PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn put_get_cas_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        let store = FsStore::open(&root).unwrap();
+        assert_eq!(
+            std::fs::metadata(&root).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(store.get("a/b").await.unwrap(), None);
+        let r1 = store.put("a/b", b"one").await.unwrap();
+        let mode = std::fs::metadata(root.join("a/b"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(store.get("a/b").await.unwrap().unwrap().revision, r1);
+        assert!(matches!(
+            store.compare_and_swap("a/b", 0, b"x").await,
+            Err(StoreError::Conflict { .. })
+        ));
+        let r2 = store.compare_and_swap("a/b", r1, b"two").await.unwrap();
+        assert_ne!(r1, r2);
+        store.compare_and_swap("a/c/d", 0, b"new").await.unwrap();
+        assert_eq!(store.list("a").await.unwrap(), ["a/b", "a/c/d"]);
+        store.delete("a/b").await.unwrap();
+        store.delete("a/b").await.unwrap();
+        assert_eq!(store.list("a").await.unwrap(), ["a/c/d"]);
+        assert_eq!(store.list("nothing").await.unwrap(), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn keys_cannot_escape_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        for bad in ["", "../x", "a/../b", "/abs", "a//b", ".hidden", "a b"] {
+            assert!(
+                matches!(store.get(bad).await, Err(StoreError::BadKey(_))),
+                "{bad}"
+            );
+        }
+    }
+}
