@@ -31,6 +31,16 @@ impl AccountSlot {
     }
 }
 
+impl AccountSlot {
+    /// Forgets the account (the CA no longer knows it): the next order creates a new one.
+    pub(super) async fn forget(&self, keys: &Keys, store: &SharedStore) {
+        *self.account.lock().await = None;
+        if let Err(e) = store.delete(&keys.account()).await {
+            tracing::error!(error = %e, "cannot remove the stored ACME account");
+        }
+    }
+}
+
 fn builder(config: &AcmeConfig) -> Result<instant_acme::AccountBuilder, OrderError> {
     let b = match &config.directory_ca {
         Some(path) => Account::builder_with_root(path),

@@ -345,6 +345,12 @@ impl AcmeManager {
                     self.save_state(&cert.name, &state).await;
                 }
                 Err(e) => {
+                    if e.account_gone() {
+                        tracing::warn!(
+                            "the CA no longer knows the stored ACME account; a new one will be created"
+                        );
+                        self.account.forget(&self.keys, &self.store).await;
+                    }
                     state.failures = state.failures.saturating_add(1);
                     let delay = schedule::retry_delay(
                         state.failures,

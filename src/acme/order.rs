@@ -40,6 +40,12 @@ impl OrderError {
         OrderError::Acme { stage, source }
     }
 
+    /// Whether the CA no longer knows our account (a reset test CA, a deactivated account).
+    pub fn account_gone(&self) -> bool {
+        matches!(self, OrderError::Acme { source: instant_acme::Error::Api(p), .. }
+            if p.r#type.as_deref().is_some_and(|t| t.ends_with(":accountDoesNotExist")))
+    }
+
     /// A minimum wait the CA asked for. instant-acme does not surface Retry-After headers, so a rate-limit
     /// problem gets a conservative hour.
     pub fn retry_after(&self) -> Option<Duration> {

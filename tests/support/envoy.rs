@@ -139,6 +139,9 @@ fn response_complete(resp: &[u8]) -> bool {
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         return false;
     };
+    if is_chunked(head) {
+        return body.ends_with("0\r\n\r\n");
+    }
     let len = head
         .lines()
         .find_map(|l| {
@@ -149,6 +152,11 @@ fn response_complete(resp: &[u8]) -> bool {
         })
         .unwrap_or(0);
     body.len() >= len
+}
+
+fn is_chunked(head: &str) -> bool {
+    head.to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
 }
 
 /// Decodes an HTTP/1.1 chunked body.
@@ -198,6 +206,16 @@ pub fn poll<T>(envoy: &mut Envoy, what: &str, mut f: impl FnMut(&mut Envoy) -> O
 /// Connects with TLS to `127.0.0.1:port` sending `sni`, trusting only `ca_der`; makes one HTTP request and
 /// returns (leaf certificate DER presented, HTTP response text).
 pub async fn https_get(port: u16, sni: &str, ca_der: &[u8]) -> std::io::Result<(Vec<u8>, String)> {
+    https_request(port, sni, ca_der, "/").await
+}
+
+/// Like [`https_get`], for any path; a chunked body is returned decoded.
+pub async fn https_request(
+    port: u16,
+    sni: &str,
+    ca_der: &[u8],
+    path: &str,
+) -> std::io::Result<(Vec<u8>, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -223,7 +241,7 @@ pub async fn https_get(port: u16, sni: &str, ca_der: &[u8]) -> std::io::Result<(
             .map(|c| c.to_vec())
             .unwrap_or_default();
         tls.write_all(
-            format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await?;
         // Read one response (headers plus Content-Length bytes) rather than until EOF: Envoy holds a
@@ -240,7 +258,14 @@ pub async fn https_get(port: u16, sni: &str, ca_der: &[u8]) -> std::io::Result<(
                 break;
             }
         }
-        Ok((leaf, String::from_utf8_lossy(&resp).into_owned()))
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let text = match text.split_once("\r\n\r\n") {
+            Some((head, body)) if is_chunked(head) => {
+                format!("{head}\r\n\r\n{}", dechunk(body).unwrap_or_default())
+            }
+            _ => text,
+        };
+        Ok((leaf, text))
     };
     tokio::time::timeout(Duration::from_secs(5), fut)
         .await

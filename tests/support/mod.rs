@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 pub mod envoy;
+pub mod pebble;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -303,6 +304,17 @@ pub fn leaf_der(secret: &Secret) -> Vec<u8> {
         .to_vec()
 }
 
+/// Every certificate (DER) of a tls_certificate secret's chain, leaf first.
+pub fn chain_ders(secret: &Secret) -> Vec<Vec<u8>> {
+    let Some(secret::Type::TlsCertificate(tls)) = &secret.r#type else {
+        panic!("not a tls_certificate: {secret:?}");
+    };
+    let chain = inline(tls.certificate_chain.as_ref().unwrap());
+    CertificateDer::pem_slice_iter(&chain)
+        .map(|c| c.unwrap().to_vec())
+        .collect()
+}
+
 pub fn inline(ds: &acme_sds::proto::envoy::config::core::v3::DataSource) -> Vec<u8> {
     use acme_sds::proto::envoy::config::core::v3::data_source::Specifier;
     match &ds.specifier {
@@ -346,11 +358,15 @@ impl SotwStream {
 
     /// The next response; panics on timeout or stream end.
     pub async fn recv(&mut self) -> DiscoveryResponse {
-        match tokio::time::timeout(WAIT, self.rx.message()).await {
+        self.recv_within(WAIT).await
+    }
+
+    pub async fn recv_within(&mut self, wait: Duration) -> DiscoveryResponse {
+        match tokio::time::timeout(wait, self.rx.message()).await {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => panic!("stream ended"),
             Ok(Err(s)) => panic!("stream failed: {s}"),
-            Err(_) => panic!("no response within {WAIT:?}"),
+            Err(_) => panic!("no response within {wait:?}"),
         }
     }
 
@@ -439,16 +455,31 @@ impl Process {
 
     /// Waits (bounded) for a stderr line containing `needle`; returns it.
     pub fn wait_for_line(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + WAIT;
+        self.wait_for_line_within(needle, WAIT)
+    }
+
+    pub fn wait_for_line_within(&self, needle: &str, wait: Duration) -> String {
+        let deadline = std::time::Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.line_rx.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => continue,
                 Err(_) => panic!(
-                    "no line containing {needle:?} within {WAIT:?}; stderr so far:\n{}",
+                    "no line containing {needle:?} within {wait:?}; stderr so far:\n{}",
                     self.log()
                 ),
+            }
+        }
+    }
+
+    /// Waits (bounded) until the whole stderr so far satisfies `pred`.
+    pub fn wait_for_log(&self, what: &str, wait: Duration, pred: impl Fn(&str) -> bool) {
+        let deadline = std::time::Instant::now() + wait;
+        while !pred(&self.log()) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if self.line_rx.recv_timeout(left).is_err() {
+                panic!("timed out waiting for {what}; stderr:\n{}", self.log());
             }
         }
     }

@@ -1,0 +1,361 @@
+//! ACME end to end against Pebble: issuance over HTTP-01 served by SDS, restart, renewal and faults.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use support::pebble::{Pebble, PebbleOptions, free_port, verify_chain};
+use support::*;
+
+/// Issuance with Pebble takes well under a second; generous bounds absorb a loaded CI machine.
+const ISSUE: Duration = Duration::from_secs(60);
+
+fn acme_tables(pebble: &Pebble, http_port: u16, certs: &[(&str, &[&str])]) -> String {
+    let mut t = format!(
+        "[http01]\nlisten = \"127.0.0.1:{http_port}\"\n\n{}",
+        pebble.acme_table()
+    );
+    for (name, domains) in certs {
+        let list: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+        t.push_str(&format!(
+            "[[certificate]]\nname = \"{name}\"\ndomains = [{}]\n\n",
+            list.join(", ")
+        ));
+    }
+    t
+}
+
+fn write_config(dir: &Path, tables: &str) -> std::path::PathBuf {
+    let path = dir.join("acme-sds.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n\n{tables}",
+            dir.join("sds.sock").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_domain_certificate_is_issued_over_http01_and_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    let tables = acme_tables(
+        &pebble,
+        http,
+        &[("site", &["www.example.com", "mobile.example.com"])],
+    );
+    let daemon = Daemon::start(dir, &tables).await;
+    let mut client = daemon.client().await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["site"])).await;
+    let r = s.recv_within(ISSUE).await;
+    let secret = decode_secret(&r.resources[0]);
+    assert_eq!(secret.name, "site");
+    let chain = chain_ders(&secret);
+    let root = pebble.root_der().await;
+    for name in ["www.example.com", "mobile.example.com"] {
+        verify_chain(&chain, &root, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    assert!(verify_chain(&chain, &root, "other.example.com").is_err());
+
+    // Stored safely; nothing pending left behind.
+    let storage = daemon.dir.path().join("acme-sds-data");
+    assert_eq!(
+        std::fs::metadata(&storage).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let mut files = Vec::new();
+    let mut stack = vec![storage.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().contains("/certs/site")),
+        "{files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().ends_with("/account")),
+        "{files:?}"
+    );
+    for f in &files {
+        assert_eq!(
+            std::fs::metadata(f).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{f:?}"
+        );
+        assert!(
+            !f.to_string_lossy().contains("/challenges/"),
+            "challenge left behind: {f:?}"
+        );
+    }
+}
+
+#[test]
+fn restart_serves_the_stored_certificate_and_orders_nothing_until_domains_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    let config = write_config(
+        dir.path(),
+        &acme_tables(&pebble, http, &[("site", &["a.example.com"])]),
+    );
+    let args = ["run", "--config", config.to_str().unwrap()];
+
+    let mut first = Process::spawn(&args, &[]);
+    first.wait_for_line_within("certificate issued", ISSUE);
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(), Some(0));
+
+    let mut second = Process::spawn(&args, &[]);
+    let line = second.wait_for_line("next renewal at");
+    assert!(line.contains("site"), "{line}");
+    assert!(
+        !second.log().contains("order created"),
+        "nothing is ordered for a valid stored certificate:\n{}",
+        second.log()
+    );
+    second.signal("TERM");
+    assert_eq!(second.wait_exit(), Some(0));
+
+    // A changed domains list orders a new certificate for the new names.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "[\"a.example.com\"]",
+            "[\"a.example.com\", \"b.example.com\"]",
+        ),
+    )
+    .unwrap();
+    let third = Process::spawn(&args, &[]);
+    let issued = third.wait_for_line_within("certificate issued", ISSUE);
+    assert!(issued.contains("b.example.com"), "{issued}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_certificates_are_renewed_and_pushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut opts = PebbleOptions::new(http);
+    opts.validity_seconds = Some(10);
+    let Some(_pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let tables = acme_tables(&_pebble, http, &[("short", &["short.example.com"])]);
+    let daemon = Daemon::start(dir, &tables).await;
+    let mut client = daemon.client().await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["short"])).await;
+    let r1 = s.recv_within(ISSUE).await;
+    s.send(ack(&["short"], &r1)).await;
+    // Valid 10 s: renewed with half its life left, about 5 s after issuance.
+    let r2 = s.recv_within(ISSUE).await;
+    let (a, b) = (
+        decode_secret(&r1.resources[0]),
+        decode_secret(&r2.resources[0]),
+    );
+    assert_ne!(leaf_der(&a), leaf_der(&b), "a renewed certificate");
+    assert_ne!(r1.version_info, r2.version_info);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuance_survives_pebble_rejecting_half_the_nonces() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut opts = PebbleOptions::new(http);
+    opts.nonce_reject = 50;
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let tables = acme_tables(&pebble, http, &[("n", &["nonce.example.com"])]);
+    let daemon = Daemon::start(dir, &tables).await;
+    let mut client = daemon.client().await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["n"])).await;
+    let r = s.recv_within(ISSUE).await;
+    let chain = chain_ders(&decode_secret(&r.resources[0]));
+    verify_chain(&chain, &pebble.root_der().await, "nonce.example.com").unwrap();
+}
+
+#[test]
+fn a_domain_that_cannot_validate_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    // Nothing answers HTTP-01 on 127.0.0.2.
+    pebble.resolve("bad.example.com", "127.0.0.2");
+    let config = write_config(
+        dir.path(),
+        &acme_tables(
+            &pebble,
+            http,
+            &[
+                ("bad", &["bad.example.com"]),
+                ("good", &["good.example.com"]),
+            ],
+        ),
+    );
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_log("good issued, bad failed twice", ISSUE, |log| {
+        log.lines()
+            .any(|l| l.contains("certificate issued") && l.contains("good"))
+            && log
+                .lines()
+                .any(|l| l.contains("order failed") && l.contains("attempt=2"))
+    });
+    let log = p.log();
+    let failed = log
+        .lines()
+        .find(|l| l.contains("certificate order failed"))
+        .unwrap();
+    assert!(failed.contains("secret=bad"), "{failed}");
+    assert!(failed.contains("bad.example.com"), "{failed}");
+    assert!(failed.contains("next attempt at"), "{failed}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("order failed") && l.contains("secret=good"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_outage_keeps_serving_retries_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut opts = PebbleOptions::new(http);
+    opts.validity_seconds = Some(8);
+    let Some(mut pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let config = write_config(
+        dir.path(),
+        &acme_tables(&pebble, http, &[("site", &["down.example.com"])]),
+    );
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_line_within("certificate issued", ISSUE);
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["site"])).await;
+    let r1 = s.recv().await;
+    s.send(ack(&["site"], &r1)).await;
+
+    // The CA goes away before the renewal is due.
+    pebble.stop();
+    let failed = p.wait_for_line_within("certificate order failed", ISSUE);
+    assert!(failed.contains("keeps being served"), "{failed}");
+    let r = fetch(&mut client, &["site"]).await;
+    assert_eq!(
+        leaf_der(&decode_secret(&r.resources[0])),
+        leaf_der(&decode_secret(&r1.resources[0]))
+    );
+    p.wait_for_line_within("attempt=2", ISSUE);
+
+    // The CA is back (a fresh Pebble that forgot the account): the next attempt succeeds and is pushed.
+    pebble.restart();
+    let r2 = s.recv_within(ISSUE).await;
+    assert_ne!(
+        leaf_der(&decode_secret(&r2.resources[0])),
+        leaf_der(&decode_secret(&r1.resources[0]))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_starts_and_serves_files_while_the_ca_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let pki = Pki::new();
+    let leaf = pki.leaf(&["files.example.com"]);
+    let (crt, key) = leaf.write(dir.path(), "files");
+    // A directory nobody listens on.
+    let tables = format!(
+        "{}{}",
+        cert_table("files", &crt, &key),
+        format!(
+            "[http01]\nlisten = \"127.0.0.1:{http}\"\n[acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\naccept_terms_of_service = true\nretry_initial = \"1s\"\n[[certificate]]\nname = \"acme\"\ndomains = [\"acme.example.com\"]\n",
+            free_port()
+        )
+    );
+    let daemon = Daemon::start(dir, &tables).await;
+    let mut client = daemon.client().await;
+    let r = fetch(&mut client, &["files"]).await;
+    assert_eq!(leaf_der(&decode_secret(&r.resources[0])), leaf.leaf_der);
+    let err = client
+        .fetch_secrets(subscribe(&["acme"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responder_answers_pending_tokens_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let tables = format!(
+        "[http01]\nlisten = \"127.0.0.1:{http}\"\n[acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\naccept_terms_of_service = true\n[[certificate]]\nname = \"acme\"\ndomains = [\"acme.example.com\"]\n",
+        free_port()
+    );
+    let daemon = Daemon::start(dir, &tables).await;
+    let store = acme_sds::store::FsStore::open(&daemon.dir.path().join("acme-sds-data")).unwrap();
+    use acme_sds::store::Store;
+    let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
+    store
+        .put(
+            &acme_sds::http01::challenge_key(token),
+            b"LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0.thumbprint",
+        )
+        .await
+        .unwrap();
+    let get = |method: &str, path: &str, host: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let path = format!("/.well-known/acme-challenge/{token}");
+    let ok = get("GET", &path, "www.example.com");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(
+        ok.to_ascii_lowercase().contains("content-type: text/plain"),
+        "{ok}"
+    );
+    assert!(ok.ends_with(".thumbprint"), "{ok}");
+    let head = get("HEAD", &path, "anything");
+    assert!(
+        head.starts_with("HTTP/1.1 200") && !head.contains("thumbprint"),
+        "{head}"
+    );
+    for (m, p) in [
+        ("GET", "/.well-known/acme-challenge/unknownunknownunknown"),
+        ("GET", "/.well-known/acme-challenge/../../etc/passwd"),
+        ("GET", "/"),
+    ] {
+        assert!(get(m, p, "x").starts_with("HTTP/1.1 404"), "{m} {p}");
+    }
+    assert!(get("POST", &path, "x").starts_with("HTTP/1.1 405"));
+}
