@@ -287,14 +287,11 @@ async fn the_daemon_starts_and_serves_files_while_the_ca_is_down() {
     let leaf = pki.leaf(&["files.example.com"]);
     let (crt, key) = leaf.write(dir.path(), "files");
     // A directory nobody listens on.
-    let tables = format!(
-        "{}{}",
-        cert_table("files", &crt, &key),
-        format!(
-            "[http01]\nlisten = \"127.0.0.1:{http}\"\n[acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\naccept_terms_of_service = true\nretry_initial = \"1s\"\n[[certificate]]\nname = \"acme\"\ndomains = [\"acme.example.com\"]\n",
-            free_port()
-        )
-    );
+    let mut tables = cert_table("files", &crt, &key);
+    tables.push_str(&format!(
+        "[http01]\nlisten = \"127.0.0.1:{http}\"\n[acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\naccept_terms_of_service = true\nretry_initial = \"1s\"\n[[certificate]]\nname = \"acme\"\ndomains = [\"acme.example.com\"]\n",
+        free_port()
+    ));
     let daemon = Daemon::start(dir, &tables).await;
     let mut client = daemon.client().await;
     let r = fetch(&mut client, &["files"]).await;
