@@ -147,3 +147,115 @@ async fn example_bootstrap_validates() {
     let err = acme_sds::config::load(&config).map(|_| ());
     assert!(err.is_ok(), "{err:?}");
 }
+
+const ACME_ENVOY: &str = include_str!("../examples/envoy-acme/envoy.yaml");
+const ACME_CONFIG: &str = include_str!("../examples/envoy-acme/acme-sds.toml");
+
+/// The seed topology end to end: Pebble validates through Envoy's port-80 listener (challenge route before
+/// the HTTPS redirect), Envoy's TLS listener serves the issued certificate, and renewals reach it live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_serves_an_acme_certificate_validated_through_its_own_port_80_and_renewed_live() {
+    use support::pebble::{Pebble, PebbleOptions, free_port};
+    let Some(bin) = envoy_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let envoy_http = free_port();
+    let responder = free_port();
+    let mut opts = PebbleOptions::new(envoy_http);
+    opts.validity_seconds = Some(20);
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let socket = dir.path().join("sds.sock");
+    let bootstrap = ACME_ENVOY
+        .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
+        .replace("port_value: 80 }", &format!("port_value: {envoy_http} }}"))
+        .replace("port_value: 443", "port_value: 0")
+        .replace("port_value: 9901", "port_value: 0")
+        .replace("port_value: 8089", &format!("port_value: {responder}"))
+        .replace("address: 0.0.0.0", "address: 127.0.0.1");
+    let acme_table = pebble.acme_table();
+    let config = ACME_CONFIG
+        .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
+        .replace("/var/lib/acme-sds", dir.path().join("data").to_str().unwrap())
+        .replace("127.0.0.1:8089", &format!("127.0.0.1:{responder}"))
+        .replace(
+            "[acme]\ndirectory = \"letsencrypt-staging\"\ncontact = [\"mailto:ops@example.com\"]\naccept_terms_of_service = true\n",
+            &acme_table,
+        );
+    assert!(config.contains(&pebble.directory), "{config}");
+    let config_path = dir.path().join("acme-sds.toml");
+    std::fs::write(&config_path, config).unwrap();
+
+    let sds = start_acme_sds(&config_path);
+    let mut envoy = Envoy::start(&bin, &bootstrap, dir.path());
+    envoy.wait_live();
+    let https = envoy.listener_port("https");
+    sds.wait_for_line_within("certificate issued", Duration::from_secs(60));
+    let root = pebble.root_der().await;
+
+    // A TLS client that trusts only Pebble's root accepts what Envoy presents, for both names.
+    let mut first = None;
+    for name in ["www.example.com", "mobile.example.com"] {
+        let start = Instant::now();
+        let (leaf, body) = loop {
+            match https_get(https, name, &root).await {
+                Ok(ok) => break ok,
+                Err(e) if start.elapsed() < WAIT => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{name}: {e}\n{}", envoy.log_text()),
+            }
+        };
+        assert!(body.contains("hello over HTTPS"), "{body}");
+        first.get_or_insert(leaf);
+    }
+    let first = first.unwrap();
+
+    // Port 80: everything else is redirected to HTTPS; challenge paths reach the responder.
+    let plain = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", envoy_http)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let redirect = plain("/some/page");
+    assert!(redirect.starts_with("HTTP/1.1 301"), "{redirect}");
+    assert!(
+        redirect
+            .to_ascii_lowercase()
+            .contains("location: https://www.example.com/some/page"),
+        "{redirect}"
+    );
+    let challenge =
+        plain("/.well-known/acme-challenge/LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0");
+    assert!(
+        challenge.starts_with("HTTP/1.1 404"),
+        "reaches the responder, not the redirect: {challenge}"
+    );
+
+    // The 20-second certificate is renewed and the new one reaches the running Envoy.
+    let pid = envoy.pid();
+    let start = Instant::now();
+    loop {
+        if let Ok((leaf, _)) = https_get(https, "www.example.com", &root).await
+            && leaf != first
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no renewal reached Envoy\n{}",
+            sds.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(envoy.pid(), pid);
+    assert_eq!(envoy.stat("sds.mydomain.update_rejected").unwrap_or(0), 0);
+}
