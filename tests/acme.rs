@@ -149,6 +149,45 @@ fn restart_serves_the_stored_certificate_and_orders_nothing_until_domains_change
     let third = Process::spawn(&args, &[]);
     let issued = third.wait_for_line_within("certificate issued", ISSUE);
     assert!(issued.contains("b.example.com"), "{issued}");
+    assert!(
+        first.log().contains("ACME account created")
+            && !third.log().contains("ACME account created"),
+        "the account is created once and reused:\n{}",
+        third.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_type_is_issued() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    let mut tables = acme_tables(&pebble, http, &[]);
+    for (name, kt) in [("p384", "ecdsa-p384"), ("rsa", "rsa-2048")] {
+        tables.push_str(&format!(
+            "[[certificate]]\nname = \"{name}\"\ndomains = [\"{name}.example.com\"]\nkey_type = \"{kt}\"\n\n"
+        ));
+    }
+    let daemon = Daemon::start(dir, &tables).await;
+    let mut client = daemon.client().await;
+    let root = pebble.root_der().await;
+    for (name, oid_hint) in [("p384", "EC"), ("rsa", "RSA")] {
+        let mut s = SotwStream::open(&mut client).await;
+        s.send(subscribe(&[name])).await;
+        let secret = decode_secret(&s.recv_within(ISSUE).await.resources[0]);
+        verify_chain(&chain_ders(&secret), &root, &format!("{name}.example.com")).unwrap();
+        let leaf = leaf_der(&secret);
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        let alg = cert.public_key().algorithm.algorithm.to_id_string();
+        let expected = if oid_hint == "RSA" {
+            "1.2.840.113549.1.1.1"
+        } else {
+            "1.2.840.10045.2.1"
+        };
+        assert_eq!(alg, expected, "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,11 @@ use crate::store::{SharedStore, StoreError};
 
 pub use order::OrderError;
 
+/// How long loading the account or an ARI query may take (a CA that does not answer is a failure).
+const CA_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one order may take, end to end, before it counts as failed (a hanging CA is a failure too).
+const ORDER_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// One ACME-managed certificate, as configured.
 #[derive(Debug, Clone)]
 pub struct ManagedCert {
@@ -145,6 +150,26 @@ impl Keys {
 
     pub fn state(&self, name: &str) -> String {
         format!("acme/{}/state/{}", self.ca, key_segment(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_directory_has_its_own_namespace() {
+        let le = Keys::for_directory(crate::config::LETSENCRYPT);
+        let staging = Keys::for_directory(crate::config::LETSENCRYPT_STAGING);
+        assert_ne!(le.account(), staging.account());
+        assert!(
+            le.account()
+                .starts_with("acme/acme-v02.api.letsencrypt.org-")
+        );
+        let pebble = Keys::for_directory("https://127.0.0.1:14000/dir");
+        assert!(pebble.cert("web").starts_with("acme/127.0.0.1-"));
+        assert!(pebble.cert("web").ends_with("/certs/web"));
+        assert!(pebble.cert("a/b c").ends_with("/certs/x-612f622063"));
     }
 }
 
@@ -422,11 +447,28 @@ impl AcmeManager {
             .acquire()
             .await
             .map_err(|_| OrderError::Other("order limiter closed".into()))?;
-        let account = self
-            .account
-            .get(&self.config, &self.keys, &self.store)
-            .await?;
-        let (chain_pem, key_pem) = order::run(&account, cert, current, &self.store, tokens).await?;
+        let account = tokio::time::timeout(
+            CA_TIMEOUT,
+            self.account.get(&self.config, &self.keys, &self.store),
+        )
+        .await
+        .map_err(|_| {
+            OrderError::Other(format!(
+                "the CA did not answer within {}s",
+                CA_TIMEOUT.as_secs()
+            ))
+        })??;
+        let (chain_pem, key_pem) = tokio::time::timeout(
+            ORDER_TIMEOUT,
+            order::run(&account, cert, current, &self.store, tokens),
+        )
+        .await
+        .map_err(|_| {
+            OrderError::Other(format!(
+                "the CA did not complete the order within {}s",
+                ORDER_TIMEOUT.as_secs()
+            ))
+        })??;
         let pem = certs::certified_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
         let stored = StoredCert {
             domains: cert.domains.clone(),
