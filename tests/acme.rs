@@ -395,3 +395,30 @@ async fn responder_answers_pending_tokens_only() {
     }
     assert!(get("POST", &path, "x").starts_with("HTTP/1.1 405"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_account_binding_is_used_when_the_ca_requires_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut opts = PebbleOptions::new(http);
+    let mac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    opts.eab = Some(("kid-1".into(), mac.into()));
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let tables = acme_tables(&pebble, http, &[("eab", &["eab.example.com"])]).replace(
+        "accept_terms_of_service = true\n",
+        &format!("accept_terms_of_service = true\neab_kid = \"kid-1\"\neab_hmac_key = \"{mac}\"\n"),
+    );
+    let daemon = Daemon::start(dir, &tables).await;
+    let mut client = daemon.client().await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["eab"])).await;
+    let secret = decode_secret(&s.recv_within(ISSUE).await.resources[0]);
+    verify_chain(
+        &chain_ders(&secret),
+        &pebble.root_der().await,
+        "eab.example.com",
+    )
+    .unwrap();
+}

@@ -59,6 +59,8 @@ pub struct PebbleOptions {
     pub validity_seconds: Option<u64>,
     /// `PEBBLE_WFE_NONCEREJECT`: percentage of nonces rejected.
     pub nonce_reject: u8,
+    /// Require External Account Binding with this (key id, base64url MAC key).
+    pub eab: Option<(String, String)>,
 }
 
 impl PebbleOptions {
@@ -67,6 +69,7 @@ impl PebbleOptions {
             http_port,
             validity_seconds: None,
             nonce_reject: 5,
+            eab: None,
         }
     }
 }
@@ -170,6 +173,10 @@ impl Pebble {
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
         });
+        if let Some((kid, key)) = &opts.eab {
+            pebble_cfg["externalAccountBindingRequired"] = true.into();
+            pebble_cfg["externalAccountMACKeys"] = serde_json::json!({ kid: key });
+        }
         if let Some(v) = opts.validity_seconds {
             pebble_cfg["certificateValidityPeriod"] = v.into();
         }
