@@ -293,9 +293,7 @@ async fn ca_outage_keeps_serving_retries_and_recovers() {
     let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
     p.wait_for_line_within("certificate issued", ISSUE);
     let mut client = uds_client(&dir.path().join("sds.sock")).await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["site"])).await;
-    let r1 = s.recv().await;
+    let (mut s, r1) = SotwStream::subscribed(&mut client, &["site"]).await;
     s.send(ack(&["site"], &r1)).await;
 
     // The CA goes away before the renewal is due.

@@ -209,9 +209,7 @@ async fn bad_files_are_rejected_with_an_error_and_the_last_good_version_is_serve
     );
     p.wait_for_line("acme-sds started");
     let mut client = uds_client(&socket).await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["web"])).await;
-    let r1 = s.recv().await;
+    let (mut s, r1) = SotwStream::subscribed(&mut client, &["web"]).await;
     s.send(ack(&["web"], &r1)).await;
 
     // Half-written certificate.

@@ -6,9 +6,7 @@ use support::*;
 
 async fn stream_for(daemon: &Daemon, name: &str) -> (SotwStream, Vec<u8>) {
     let mut client = daemon.client().await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&[name])).await;
-    let r = s.recv().await;
+    let (s, r) = SotwStream::subscribed(&mut client, &[name]).await;
     s.send(ack(&[name], &r)).await;
     let leaf = leaf_der(&decode_secret(&r.resources[0]));
     (s, leaf)
@@ -83,9 +81,7 @@ async fn trust_bundle_rotation_is_pushed() {
     )
     .await;
     let mut client = daemon.client().await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["ca"])).await;
-    let r1 = s.recv().await;
+    let (mut s, r1) = SotwStream::subscribed(&mut client, &["ca"]).await;
     s.send(ack(&["ca"], &r1)).await;
     let second = Pki::new();
     replace_by_rename(

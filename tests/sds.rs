@@ -66,9 +66,7 @@ fn leaf_of(resp_any: &acme_sds::proto::google::protobuf::Any) -> Vec<u8> {
 async fn sotw_first_response_serves_the_files_as_inline_pem() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["web"])).await;
-    let r = s.recv().await;
+    let (mut s, r) = SotwStream::subscribed(&mut client, &["web"]).await;
     assert_eq!(r.type_url, SECRET_TYPE_URL);
     assert!(!r.version_info.is_empty());
     assert!(!r.nonce.is_empty());
@@ -98,9 +96,7 @@ async fn sotw_first_response_serves_the_files_as_inline_pem() {
 async fn sotw_ack_is_not_answered_and_rotation_is_pushed() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["web"])).await;
-    let r1 = s.recv().await;
+    let (mut s, r1) = SotwStream::subscribed(&mut client, &["web"]).await;
     s.send(ack(&["web"], &r1)).await;
     let new = f.rotate("web", "www.example.com");
     // Had the ACK been answered, that answer (old version) would come first.
@@ -114,9 +110,7 @@ async fn sotw_ack_is_not_answered_and_rotation_is_pushed() {
 async fn nack_is_not_answered_stream_survives_and_later_rotations_arrive() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["web"])).await;
-    let r1 = s.recv().await;
+    let (mut s, r1) = SotwStream::subscribed(&mut client, &["web"]).await;
     s.send(ack(&["web"], &r1)).await;
     let new = f.rotate("web", "www.example.com");
     let r2 = s.recv().await;
@@ -137,9 +131,7 @@ async fn nack_is_not_answered_stream_survives_and_later_rotations_arrive() {
 async fn stale_nonce_is_ignored() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["web"])).await;
-    let r1 = s.recv().await;
+    let (mut s, r1) = SotwStream::subscribed(&mut client, &["web"]).await;
     let mut stale = resubscribe(&["web", "api"], &r1);
     stale.response_nonce = "not-the-latest".into();
     s.send(stale).await;
@@ -157,9 +149,7 @@ async fn stale_nonce_is_ignored() {
 async fn subscription_changes_are_honoured() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["web"])).await;
-    let r1 = s.recv().await;
+    let (mut s, r1) = SotwStream::subscribed(&mut client, &["web"]).await;
     s.send(resubscribe(&["web", "api"], &r1)).await;
     let r2 = s.recv().await;
     let names: Vec<_> = r2.resources.iter().map(|a| decode_secret(a).name).collect();
@@ -210,9 +200,7 @@ async fn unknown_name_keeps_the_stream_open_until_it_appears() {
 async fn istio_sds_prefix_names_the_same_secret() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["sds://web"])).await;
-    let r = s.recv().await;
+    let (mut s, r) = SotwStream::subscribed(&mut client, &["sds://web"]).await;
     let secret = decode_secret(&r.resources[0]);
     assert_eq!(
         secret.name, "sds://web",
@@ -457,9 +445,7 @@ async fn two_hundred_streams_all_receive_a_rotation() {
 async fn wrong_type_url_ends_only_that_stream() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let mut good = SotwStream::open(&mut client).await;
-    good.send(subscribe(&["web"])).await;
-    let r1 = good.recv().await;
+    let (mut good, r1) = SotwStream::subscribed(&mut client, &["web"]).await;
     good.send(ack(&["web"], &r1)).await;
     let mut bad = SotwStream::open(&mut client).await;
     let mut req = subscribe(&["web"]);

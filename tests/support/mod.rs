@@ -352,6 +352,17 @@ impl SotwStream {
         SotwStream { tx, rx }
     }
 
+    /// Opens a stream, subscribes to `names` and returns it with the first response.
+    pub async fn subscribed(
+        client: &mut SecretDiscoveryServiceClient<Channel>,
+        names: &[&str],
+    ) -> (Self, DiscoveryResponse) {
+        let mut s = Self::open(client).await;
+        s.send(subscribe(names)).await;
+        let r = s.recv().await;
+        (s, r)
+    }
+
     pub async fn send(&self, req: DiscoveryRequest) {
         self.tx.send(req).await.unwrap();
     }
