@@ -66,7 +66,7 @@ fn leaf_of(resp_any: &acme_sds::proto::google::protobuf::Any) -> Vec<u8> {
 async fn sotw_first_response_serves_the_files_as_inline_pem() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let (mut s, r) = SotwStream::subscribed(&mut client, &["web"]).await;
+    let (_s, r) = SotwStream::subscribed(&mut client, &["web"]).await;
     assert_eq!(r.type_url, SECRET_TYPE_URL);
     assert!(!r.version_info.is_empty());
     assert!(!r.nonce.is_empty());
@@ -200,7 +200,7 @@ async fn unknown_name_keeps_the_stream_open_until_it_appears() {
 async fn istio_sds_prefix_names_the_same_secret() {
     let f = Fixture::new().await;
     let mut client = f.daemon.client().await;
-    let (mut s, r) = SotwStream::subscribed(&mut client, &["sds://web"]).await;
+    let (_s, r) = SotwStream::subscribed(&mut client, &["sds://web"]).await;
     let secret = decode_secret(&r.resources[0]);
     assert_eq!(
         secret.name, "sds://web",
