@@ -111,6 +111,26 @@ impl CertInfo {
     }
 }
 
+/// The identities a client certificate asserts: its DNS and URI (for example SPIFFE ID) subjectAltNames.
+pub fn identities(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Human wording for an expiry instant relative to now.
 pub fn describe_expiry(not_after: OffsetDateTime) -> String {
     let now = OffsetDateTime::now_utc();

@@ -108,6 +108,31 @@ pub struct SdsConfig {
     pub listen: Vec<ListenAddr>,
     /// Permission bits given to the Unix sockets acme-sds creates.
     pub socket_mode: u32,
+    /// Group (gid) given to the Unix sockets, so that members may connect with mode 0660.
+    pub socket_group: Option<u32>,
+    /// Only peers running as these uids may use the Unix sockets (checked with SO_PEERCRED).
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Mutual TLS for every TCP listener.
+    pub tls: Option<SdsTlsConfig>,
+    /// Plain TCP beyond loopback was explicitly allowed.
+    pub allow_plaintext: bool,
+}
+
+/// `[sds.tls]`: mutual TLS on the TCP listeners; client certificates are required.
+#[derive(Debug, Clone)]
+pub struct SdsTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
+}
+
+/// Who may read one secret. `None` means no restriction of that kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Glob patterns (`*`, `?`) on Envoy's node id.
+    pub nodes: Option<Vec<String>>,
+    /// Glob patterns on the client certificate's DNS or URI (SPIFFE ID) SANs; needs `[sds.tls]`.
+    pub clients: Option<Vec<String>>,
 }
 
 /// Default permission bits of SDS Unix sockets: only the owner may connect, since the socket hands out
@@ -144,6 +169,7 @@ pub struct Origin {
 pub struct CertificateConfig {
     pub name: String,
     pub source: CertificateSource,
+    pub access: Access,
     pub origin: Origin,
 }
 
@@ -169,6 +195,7 @@ pub struct TrustBundleConfig {
     pub name: String,
     pub file: PathBuf,
     pub file_line: Option<usize>,
+    pub access: Access,
     pub origin: Origin,
 }
 
@@ -242,6 +269,18 @@ struct RawConfig {
 struct RawSds {
     listen: Option<Spanned<Vec<Spanned<String>>>>,
     socket_mode: Option<Spanned<String>>,
+    socket_group: Option<Spanned<toml::Value>>,
+    allowed_uids: Option<Spanned<Vec<Spanned<i64>>>>,
+    allow_plaintext: Option<bool>,
+    tls: Option<Spanned<RawSdsTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSdsTls {
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    client_ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +295,8 @@ struct RawCertificate {
     /// certificate for the same site).
     #[serde(default)]
     allow_duplicate_domains: bool,
+    allowed_nodes: Option<Spanned<Vec<String>>>,
+    allowed_clients: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +332,8 @@ struct RawAcme {
 struct RawTrustBundle {
     name: Option<Spanned<String>>,
     file: Option<Spanned<String>>,
+    allowed_nodes: Option<Spanned<Vec<String>>>,
+    allowed_clients: Option<Spanned<Vec<String>>>,
 }
 
 /// Reads and validates the configuration file at `path`.
@@ -337,6 +380,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     v.unique_names(&certificates, &trust_bundles);
     v.unique_domains(&certificates, &dup_allowed);
     v.acme_requirements(&certificates, acme.as_ref(), acme_line);
+    if sds.tls.is_none() {
+        let restricted = certificates
+            .iter()
+            .map(|c| (&c.access, &c.origin))
+            .chain(trust_bundles.iter().map(|b| (&b.access, &b.origin)));
+        for (access, origin) in restricted {
+            if access.clients.is_some() {
+                v.problem(
+                    format!("{}.allowed_clients", origin.key),
+                    origin.line,
+                    "needs [sds.tls]: without client certificates a caller has no identity to match",
+                );
+            }
+        }
+    }
     if v.problems.is_empty() {
         Ok(Config {
             path: path.to_owned(),
@@ -380,6 +438,10 @@ impl Validator<'_> {
         let mut out = SdsConfig {
             listen: Vec::new(),
             socket_mode: DEFAULT_SOCKET_MODE,
+            socket_group: None,
+            allowed_uids: None,
+            tls: None,
+            allow_plaintext: false,
         };
         let Some(raw) = raw else {
             self.problem(
@@ -423,7 +485,85 @@ impl Validator<'_> {
                 Err(msg) => self.problem("sds.socket_mode", line, msg),
             }
         }
+        if let Some(group) = raw.socket_group {
+            let line = self.line(&group);
+            match resolve_group(group.get_ref()) {
+                Ok(gid) => out.socket_group = Some(gid),
+                Err(msg) => self.problem("sds.socket_group", line, msg),
+            }
+        }
+        if let Some(uids) = raw.allowed_uids {
+            let mut list = Vec::new();
+            for (i, uid) in uids.into_inner().into_iter().enumerate() {
+                let line = self.line(&uid);
+                match u32::try_from(*uid.get_ref()) {
+                    Ok(u) => list.push(u),
+                    Err(_) => self.problem(format!("sds.allowed_uids[{i}]"), line, "not a user id"),
+                }
+            }
+            out.allowed_uids = Some(list);
+        }
+        out.allow_plaintext = raw.allow_plaintext.unwrap_or(false);
+        if let Some(tls) = raw.tls {
+            let line = self.line(&tls);
+            let tls = tls.into_inner();
+            let mut file = |key: &str, v: Option<Spanned<String>>| match v {
+                Some(v) => Some(self.path(v.get_ref())),
+                None => {
+                    self.problem(format!("sds.tls.{key}"), line, "missing");
+                    None
+                }
+            };
+            let cert_file = file("cert_file", tls.cert_file);
+            let key_file = file("key_file", tls.key_file);
+            let client_ca_file = file("client_ca_file", tls.client_ca_file);
+            if let (Some(cert_file), Some(key_file), Some(client_ca_file)) =
+                (cert_file, key_file, client_ca_file)
+            {
+                out.tls = Some(SdsTlsConfig {
+                    cert_file,
+                    key_file,
+                    client_ca_file,
+                });
+            }
+        }
+        if out.tls.is_none() && !out.allow_plaintext {
+            for (i, addr) in out.listen.iter().enumerate() {
+                if let ListenAddr::Tcp(a) = addr
+                    && !a.ip().is_loopback()
+                {
+                    self.problem(
+                        format!("sds.listen[{i}]"),
+                        table_line,
+                        format!(
+                            "{a}: plain TCP beyond loopback would hand out private keys unencrypted; configure [sds.tls] (mutual TLS), or set allow_plaintext = true if the network is otherwise protected"
+                        ),
+                    );
+                }
+            }
+        }
         out
+    }
+
+    fn access(
+        &mut self,
+        key: &str,
+        nodes: Option<Spanned<Vec<String>>>,
+        clients: Option<Spanned<Vec<String>>>,
+    ) -> Access {
+        let mut check = |field: &str, v: Option<Spanned<Vec<String>>>| {
+            let v = v?;
+            let line = self.line(&v);
+            let list = v.into_inner();
+            if list.iter().any(|p| p.is_empty()) {
+                self.problem(format!("{key}.{field}"), line, "empty pattern");
+            }
+            Some(list)
+        };
+        Access {
+            nodes: check("allowed_nodes", nodes),
+            clients: check("allowed_clients", clients),
+        }
     }
 
     fn listen_addr(&self, s: &str) -> Result<ListenAddr, String> {
@@ -479,6 +619,7 @@ impl Validator<'_> {
             let line = self.line(&entry);
             let entry = entry.into_inner();
             let name = self.name(&key, line, entry.name);
+            let access = self.access(&key, entry.allowed_nodes, entry.allowed_clients);
             let files = entry.cert_file.is_some() || entry.key_file.is_some();
             let source = match (entry.domains, files) {
                 (Some(domains), true) => {
@@ -587,6 +728,7 @@ impl Validator<'_> {
             out.push(CertificateConfig {
                 name,
                 source,
+                access,
                 origin: Origin { key, line },
             });
             dup_allowed.push(entry.allow_duplicate_domains);
@@ -816,6 +958,7 @@ impl Validator<'_> {
             let line = self.line(&entry);
             let entry = entry.into_inner();
             let name = self.name(&key, line, entry.name);
+            let access = self.access(&key, entry.allowed_nodes, entry.allowed_clients);
             let Some(file) = entry.file else {
                 self.problem(
                     format!("{key}.file"),
@@ -828,6 +971,7 @@ impl Validator<'_> {
                 name,
                 file_line: self.line(&file),
                 file: self.path(file.get_ref()),
+                access,
                 origin: Origin { key, line },
             });
         }
@@ -930,6 +1074,52 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
         _ => return None,
     };
     Some(std::time::Duration::from_secs(n.checked_mul(mult)?))
+}
+
+/// A group name (looked up in /etc/group) or a numeric gid.
+fn resolve_group(v: &toml::Value) -> Result<u32, String> {
+    match v {
+        toml::Value::Integer(n) => u32::try_from(*n).map_err(|_| format!("{n} is not a group id")),
+        toml::Value::String(name) => {
+            if let Ok(n) = name.parse::<u32>() {
+                return Ok(n);
+            }
+            let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+            groups
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split(':');
+                    Some((f.next()?, f.nth(1)?))
+                })
+                .find(|(n, _)| n == name)
+                .and_then(|(_, gid)| gid.parse().ok())
+                .ok_or_else(|| format!("no group named {name:?}"))
+        }
+        _ => Err("a group name or id".into()),
+    }
+}
+
+/// Matches `text` against a glob `pattern` with `*` (any run) and `?` (any one character).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -1188,6 +1378,49 @@ domains = ["c.example.com"]
         assert_eq!(err.problems[0].key, "certificate[1].domains");
         let err = parse_str("[sds]\nlisten=[\"127.0.0.1:1\"]\n[[certificate]]\nname=\"a\"\ndomains=[\"a.example.com\"]\n").unwrap_err();
         assert!(err.problems[0].message.contains("[acme]"), "{err}");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("edge-*", "edge-1"));
+        assert!(glob_match("edge-?", "edge-1"));
+        assert!(!glob_match("edge-?", "edge-12"));
+        assert!(glob_match(
+            "spiffe://example.org/ns/*/sa/gw",
+            "spiffe://example.org/ns/a/sa/gw"
+        ));
+        assert!(!glob_match("edge-*", "core-1"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+    }
+
+    #[test]
+    fn security_settings() {
+        let err = parse_str("[sds]\nlisten=[\"0.0.0.0:8234\", \"127.0.0.1:1\"]\n[[trust_bundle]]\nname=\"a\"\nfile=\"a\"\nallowed_clients=[\"x\"]\n").unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["sds.listen[0]", "trust_bundle[0].allowed_clients"],
+            "{err}"
+        );
+        assert!(err.problems[0].message.contains("allow_plaintext"));
+        let cfg = parse_str("[sds]\nlisten=[\"0.0.0.0:8234\"]\nallow_plaintext=true\nsocket_group=\"root\"\nallowed_uids=[0, 1337]\n[[certificate]]\nname=\"a\"\ncert_file=\"a\"\nkey_file=\"b\"\nallowed_nodes=[\"edge-*\"]\n").unwrap();
+        assert_eq!(cfg.sds.socket_group, Some(0));
+        assert_eq!(cfg.sds.allowed_uids.as_deref(), Some(&[0, 1337][..]));
+        assert_eq!(
+            cfg.certificates[0].access.nodes.as_deref(),
+            Some(&["edge-*".to_string()][..])
+        );
+        let cfg = parse_str("[sds]\nlisten=[\"[::]:8234\"]\n[sds.tls]\ncert_file=\"s.crt\"\nkey_file=\"s.key\"\nclient_ca_file=\"ca.pem\"\n").unwrap();
+        assert_eq!(
+            cfg.sds.tls.unwrap().client_ca_file,
+            Path::new("/etc/acme-sds/ca.pem")
+        );
+        let err =
+            parse_str("[sds]\nlisten=[\"127.0.0.1:1\"]\nsocket_group=\"no-such-group-here\"\n")
+                .unwrap_err();
+        assert_eq!(err.problems[0].key, "sds.socket_group");
     }
 
     #[test]

@@ -17,8 +17,8 @@ use crate::acme::{AcmeManager, ManagedCert};
 use crate::config::{Config, ConfigError};
 use crate::http01;
 use crate::registry::Registry;
-use crate::sds::SdsService;
-use crate::server::{self, Bound};
+use crate::sds::{Policy, SdsService};
+use crate::server::{self, Admission, Bound};
 use crate::sources::files::{self, FileSource};
 use crate::store::{FsStore, SharedStore};
 
@@ -82,26 +82,39 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             Ok(())
         });
     }
-    let bound = server::bind_all(&config.sds.listen, config.sds.socket_mode)
+    let admission = Admission {
+        allowed_uids: config.sds.allowed_uids.clone(),
+        tls: config.sds.tls.as_ref().map(server::load_tls).transpose()?,
+    };
+    if config.sds.allow_plaintext && config.sds.tls.is_none() {
+        for addr in &config.sds.listen {
+            if matches!(addr, crate::config::ListenAddr::Tcp(a) if !a.ip().is_loopback()) {
+                tracing::warn!(listen = %addr, "allow_plaintext: SDS serves private keys over unencrypted TCP beyond loopback");
+            }
+        }
+    }
+    let bound = server::bind_all(&config.sds)
         .await
         .context("starting the SDS listeners")?;
-    let service = SdsService::new(registry.clone(), shutdown.clone());
+    let service = SdsService::with_policy(
+        registry.clone(),
+        Arc::new(Policy::from_config(config)),
+        shutdown.clone(),
+    );
     let mut addresses = Vec::new();
     let mut tcp = Vec::new();
     for b in bound {
         let addr = b.describe();
         if let Bound::Tcp(_, a) = &b {
             tcp.push(*a);
-            if !a.ip().is_loopback() {
-                tracing::warn!(listen = %addr, "SDS on plain TCP beyond loopback: private keys cross the network unencrypted");
-            }
         }
         tracing::info!(listen = %addr, "SDS listening");
         let service = service.clone();
         let token = shutdown.clone();
         let what = addr.clone();
+        let admission = admission.clone();
         tasks.spawn(async move {
-            server::serve(b, service, token)
+            server::serve(b, service, admission, token)
                 .await
                 .with_context(|| format!("SDS server on {what}"))
         });

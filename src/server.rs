@@ -17,7 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
-use crate::config::ListenAddr;
+use anyhow::Context;
+use tokio_stream::StreamExt;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::certs;
+use crate::config::{ListenAddr, SdsConfig, SdsTlsConfig};
 use crate::sds::SdsService;
 
 /// Why a listener could not be set up.
@@ -73,9 +78,9 @@ impl Drop for UnixSocketGuard {
 }
 
 /// Binds every configured address; fails on the first that cannot be bound.
-pub async fn bind_all(addrs: &[ListenAddr], socket_mode: u32) -> Result<Vec<Bound>, ListenError> {
-    let mut out = Vec::with_capacity(addrs.len());
-    for addr in addrs {
+pub async fn bind_all(sds: &SdsConfig) -> Result<Vec<Bound>, ListenError> {
+    let mut out = Vec::with_capacity(sds.listen.len());
+    for addr in &sds.listen {
         out.push(match addr {
             ListenAddr::Tcp(a) => {
                 let listener = TcpListener::bind(a)
@@ -90,13 +95,13 @@ pub async fn bind_all(addrs: &[ListenAddr], socket_mode: u32) -> Result<Vec<Boun
                 })?;
                 Bound::Tcp(listener, local)
             }
-            ListenAddr::Unix(path) => bind_unix(path, socket_mode).await?,
+            ListenAddr::Unix(path) => bind_unix(path, sds.socket_mode, sds.socket_group).await?,
         });
     }
     Ok(out)
 }
 
-async fn bind_unix(path: &Path, mode: u32) -> Result<Bound, ListenError> {
+async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<Bound, ListenError> {
     let err = |source| ListenError::Bind {
         addr: format!("unix:{}", path.display()),
         source,
@@ -121,6 +126,10 @@ async fn bind_unix(path: &Path, mode: u32) -> Result<Bound, ListenError> {
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(err)?;
     let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| match group {
+            Some(gid) => std::os::unix::fs::chown(&tmp, None, Some(gid)),
+            None => Ok(()),
+        })
         .and_then(|()| std::fs::rename(&tmp, path))
         .and_then(|()| std::fs::symlink_metadata(path));
     match placed {
@@ -149,22 +158,80 @@ fn builder() -> Server {
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
 
+/// Who may connect, beyond the socket's own permission bits.
+#[derive(Clone, Default)]
+pub struct Admission {
+    /// Unix sockets: only these peer uids (SO_PEERCRED).
+    pub allowed_uids: Option<Vec<u32>>,
+    /// TCP: mutual TLS (client certificates required).
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// Loads `[sds.tls]`: our certificate and key (checked to match) and the CA that client certificates must
+/// chain to. Errors name the config key.
+pub fn load_tls(tls: &SdsTlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path)
+            .with_context(|| format!("sds.tls.{key}: cannot read {}", path.display()))
+    };
+    let cert = read("cert_file", &tls.cert_file)?;
+    let key = read("key_file", &tls.key_file)?;
+    let ca = read("client_ca_file", &tls.client_ca_file)?;
+    certs::certified_pem(&cert, &key).with_context(|| {
+        format!(
+            "sds.tls: {} + {}",
+            tls.cert_file.display(),
+            tls.key_file.display()
+        )
+    })?;
+    certs::trust_bundle_pem(&ca)
+        .with_context(|| format!("sds.tls.client_ca_file: {}", tls.client_ca_file.display()))?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .client_auth_optional(false))
+}
+
 /// Serves SDS on one bound listener until `shutdown` is cancelled and every stream has ended.
 pub async fn serve(
     bound: Bound,
     service: SdsService,
+    admission: Admission,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let signal = shutdown.clone().cancelled_owned();
-    let router = builder().add_service(service.into_server());
     match bound {
         Bound::Tcp(listener, _) => {
+            let mut b = builder();
+            if let Some(tls) = admission.tls {
+                b = b.tls_config(tls)?;
+            }
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            router.serve_with_incoming_shutdown(incoming, signal).await
+            b.add_service(service.into_server())
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await
         }
         Bound::Unix(listener, guard) => {
-            let result = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+            let allowed = admission.allowed_uids;
+            let incoming = UnixListenerStream::new(listener).filter(move |conn| {
+                let (Some(allowed), Ok(stream)) = (&allowed, conn) else {
+                    return true;
+                };
+                match stream.peer_cred() {
+                    Ok(cred) if allowed.contains(&cred.uid()) => true,
+                    Ok(cred) => {
+                        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused an SDS connection: uid not in sds.allowed_uids");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refused an SDS connection: peer credentials unavailable");
+                        false
+                    }
+                }
+            });
+            let result = builder()
+                .add_service(service.into_server())
+                .serve_with_incoming_shutdown(incoming, signal)
                 .await;
             drop(guard);
             result

@@ -134,6 +134,9 @@ impl Protocol for Delta {
         self.first = false;
         self.watched
             .retain(|w| !req.resource_names_unsubscribe.contains(&w.requested));
+        for name in &req.resource_names_subscribe {
+            self.ctx.authorize(name)?;
+        }
         for name in req.resource_names_subscribe {
             if let Some(w) = self.watched.iter_mut().find(|w| w.requested == name) {
                 // Subscribing again asks for the resource again.

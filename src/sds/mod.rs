@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::certs;
+use crate::config::{Access, Config, glob_match};
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -32,14 +34,58 @@ use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
 use crate::proto::google::rpc;
-use crate::registry::{Registry, SECRET_TYPE_URL, Subscription};
+use crate::registry::{Registry, SECRET_TYPE_URL, Subscription, canonical_name};
+use std::collections::HashMap;
 
 pub use crate::registry::ISTIO_PREFIX;
+
+/// Who may read which secret: per secret name, the `allowed_nodes` / `allowed_clients` patterns.
+/// Names without a rule may be read by anyone who can reach the listener.
+#[derive(Debug, Default)]
+pub struct Policy {
+    rules: HashMap<String, Access>,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config) -> Self {
+        let rules = config
+            .certificates
+            .iter()
+            .map(|c| (c.name.clone(), c.access.clone()))
+            .chain(
+                config
+                    .trust_bundles
+                    .iter()
+                    .map(|b| (b.name.clone(), b.access.clone())),
+            )
+            .filter(|(_, a)| a.nodes.is_some() || a.clients.is_some())
+            .collect();
+        Policy { rules }
+    }
+
+    /// Whether a caller (node id, client certificate identities) may read `requested`.
+    pub fn allows(&self, requested: &str, node: Option<&str>, clients: &[String]) -> bool {
+        let Some(rule) = self.rules.get(canonical_name(requested)) else {
+            return true;
+        };
+        let nodes_ok = rule
+            .nodes
+            .as_ref()
+            .is_none_or(|pats| node.is_some_and(|n| pats.iter().any(|p| glob_match(p, n))));
+        let clients_ok = rule.clients.as_ref().is_none_or(|pats| {
+            clients
+                .iter()
+                .any(|c| pats.iter().any(|p| glob_match(p, c)))
+        });
+        nodes_ok && clients_ok
+    }
+}
 
 /// The gRPC service. Cheap to clone.
 #[derive(Clone)]
 pub struct SdsService {
     registry: Arc<Registry>,
+    policy: Arc<Policy>,
     shutdown: CancellationToken,
 }
 
@@ -47,7 +93,19 @@ impl SdsService {
     /// A service over `registry`; cancelling `shutdown` ends every open stream with `UNAVAILABLE`, so that
     /// clients reconnect elsewhere or later.
     pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
-        SdsService { registry, shutdown }
+        Self::with_policy(registry, Arc::new(Policy::default()), shutdown)
+    }
+
+    pub fn with_policy(
+        registry: Arc<Registry>,
+        policy: Arc<Policy>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        SdsService {
+            registry,
+            policy,
+            shutdown,
+        }
     }
 
     pub fn into_server(self) -> SecretDiscoveryServiceServer<Self> {
@@ -66,7 +124,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let ctx = StreamContext::new("delta", &request);
+        let ctx = StreamContext::new("delta", &request, self.policy.clone());
         let state = delta::Delta::new(self.registry.clone(), ctx);
         let stream = drive(state, request.into_inner(), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
@@ -76,7 +134,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let ctx = StreamContext::new("sotw", &request);
+        let ctx = StreamContext::new("sotw", &request, self.policy.clone());
         let state = sotw::Sotw::new(self.registry.clone(), ctx);
         let stream = drive(state, request.into_inner(), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
@@ -86,9 +144,14 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let peer = describe_peer(&request);
+        let mut ctx = StreamContext::new("fetch", &request, self.policy.clone());
         let req = request.into_inner();
+        ctx.remember_node(req.node.as_ref());
         check_type_url(&req.type_url)?;
+        for name in &req.resource_names {
+            ctx.authorize(name)?;
+        }
+        let peer = ctx.peer.clone();
         if req.resource_names.is_empty() {
             return Err(Status::invalid_argument(
                 "resource_names is empty: name the secrets to fetch (there is no wildcard)",
@@ -159,7 +222,7 @@ pub(crate) fn check_type_url(type_url: &str) -> Result<(), Status> {
 
 static STREAM_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// Who is on the other end of a stream, for logs.
+/// Who is on the other end of a stream, for logs and authorization.
 #[derive(Debug)]
 pub struct StreamContext {
     pub id: u64,
@@ -167,15 +230,24 @@ pub struct StreamContext {
     pub peer: String,
     /// Node id and cluster from the stream's first request that carried a node.
     pub node: Option<(String, String)>,
+    /// DNS and URI (SPIFFE ID) names of the client certificate, over mTLS.
+    pub clients: Vec<String>,
+    policy: Arc<Policy>,
 }
 
 impl StreamContext {
-    fn new<T>(rpc: &'static str, request: &Request<T>) -> Self {
+    fn new<T>(rpc: &'static str, request: &Request<T>, policy: Arc<Policy>) -> Self {
+        let clients = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| certs::identities(c)))
+            .unwrap_or_default();
         let ctx = StreamContext {
             id: STREAM_IDS.fetch_add(1, Ordering::Relaxed),
             rpc,
             peer: describe_peer(request),
             node: None,
+            clients,
+            policy,
         };
         tracing::debug!(stream = ctx.id, rpc, peer = %ctx.peer, "SDS stream opened");
         ctx
@@ -188,6 +260,27 @@ impl StreamContext {
         {
             self.node = Some((n.id.clone(), n.cluster.clone()));
         }
+    }
+
+    /// Refuses, with `PERMISSION_DENIED` and a log naming the caller, a secret this caller may not read. The
+    /// answer is the same whether or not the secret exists.
+    pub(crate) fn authorize(&self, requested: &str) -> Result<(), Status> {
+        let node = self.node.as_ref().map(|(id, _)| id.as_str());
+        if self.policy.allows(requested, node, &self.clients) {
+            return Ok(());
+        }
+        tracing::warn!(
+            stream = self.id,
+            rpc = self.rpc,
+            peer = %self.peer,
+            node = node.unwrap_or(""),
+            clients = ?self.clients,
+            secret = requested,
+            "SDS request denied: caller not allowed to read this secret"
+        );
+        Err(Status::permission_denied(format!(
+            "not permitted to read secret {requested:?}"
+        )))
     }
 
     pub(crate) fn node_id(&self) -> &str {

@@ -123,6 +123,11 @@ impl Protocol for Sotw {
                 err,
             );
         }
+        for name in &req.resource_names {
+            if !self.watched.iter().any(|w| &w.requested == name) {
+                self.ctx.authorize(name)?;
+            }
+        }
         self.subscribe(req.resource_names);
         Ok(self.respond())
     }
