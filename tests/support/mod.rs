@@ -71,6 +71,10 @@ impl Pki {
         Pki { ca_key, ca, issuer }
     }
 
+    pub fn issuer(&self) -> &rcgen::Issuer<'static, rcgen::KeyPair> {
+        &self.issuer
+    }
+
     pub fn ca_pem(&self) -> String {
         self.ca.pem()
     }
@@ -226,6 +230,10 @@ pub async fn uds_client(path: &Path) -> SecretDiscoveryServiceClient<Channel> {
 }
 
 pub async fn uds_channel(path: &Path) -> Channel {
+    uds_channel_result(path).await.unwrap()
+}
+
+pub async fn uds_channel_result(path: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = path.to_owned();
     Endpoint::try_from("http://acme-sds.invalid")
         .unwrap()
@@ -236,7 +244,6 @@ pub async fn uds_channel(path: &Path) -> Channel {
             }
         }))
         .await
-        .unwrap()
 }
 
 // ---------- SDS requests and responses ----------
@@ -411,6 +418,16 @@ impl DeltaStream {
 
     pub async fn send(&self, req: DeltaDiscoveryRequest) {
         self.tx.send(req).await.unwrap();
+    }
+
+    /// The status the stream ends with.
+    pub async fn end(&mut self) -> Option<Status> {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(Ok(Some(r))) => panic!("expected the stream to end, got {r:?}"),
+            Ok(Ok(None)) => None,
+            Ok(Err(s)) => Some(s),
+            Err(_) => panic!("stream did not end within {WAIT:?}"),
+        }
     }
 
     pub async fn recv(&mut self) -> DeltaDiscoveryResponse {

@@ -1,0 +1,304 @@
+//! Who may fetch which secret: Unix socket owner, group and peer uid; mutual TLS on TCP; per-secret
+//! `allowed_nodes` and `allowed_clients`.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use acme_sds::registry::SECRET_TYPE_URL;
+use support::*;
+use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn my_uid_gid() -> (u32, u32) {
+    let m = std::fs::metadata("/proc/self").unwrap();
+    (m.uid(), m.gid())
+}
+
+/// A client certificate from `pki` with the given DNS and URI SANs.
+fn client_cert(pki: &Pki, dns: &[&str], uris: &[&str]) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    for d in dns {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::DnsName((*d).try_into().unwrap()));
+    }
+    for u in uris {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI((*u).try_into().unwrap()));
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, pki.issuer()).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+struct MtlsFixture {
+    _daemon: Daemon,
+    server_ca: Pki,
+    client_ca: Pki,
+    port: u16,
+}
+
+async fn mtls_fixture() -> MtlsFixture {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Pki::new();
+    let client_ca = Pki::new();
+    let server = server_ca.leaf(&["localhost", "127.0.0.1"]);
+    let (scrt, skey) = server.write(dir.path(), "server");
+    let ca = dir.path().join("client-ca.pem");
+    std::fs::write(&ca, client_ca.ca_pem()).unwrap();
+    let web = server_ca.leaf(&["www.example.com"]);
+    let (wc, wk) = web.write(dir.path(), "web");
+    let open = server_ca.leaf(&["open.example.com"]);
+    let (oc, ok) = open.write(dir.path(), "open");
+    let tables = format!(
+        "[sds.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n\n{}\nallowed_clients = [\"spiffe://example.org/ns/edge/*\"]\n\n{}",
+        scrt.display(),
+        skey.display(),
+        ca.display(),
+        cert_table("web", &wc, &wk).trim_end(),
+        cert_table("open", &oc, &ok),
+    );
+    // The [sds.tls] table must follow [sds]: put it first in the tables.
+    let daemon = Daemon::start_with_listen(dir, &tables, &["127.0.0.1:0"]).await;
+    let port = daemon.running().tcp_addrs()[0].port();
+    MtlsFixture {
+        _daemon: daemon,
+        server_ca,
+        client_ca,
+        port,
+    }
+}
+
+async fn tls_client(
+    f: &MtlsFixture,
+    identity: Option<(String, String)>,
+) -> Result<SecretDiscoveryServiceClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(f.server_ca.ca_pem()))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", f.port))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(SecretDiscoveryServiceClient::new(channel))
+}
+
+/// Fetching fails, at connect or at the call: either way the caller gets nothing.
+async fn assert_refused(
+    client: Result<
+        SecretDiscoveryServiceClient<tonic::transport::Channel>,
+        tonic::transport::Error,
+    >,
+) {
+    if let Ok(mut c) = client {
+        let err = c.fetch_secrets(subscribe(&["open"])).await.unwrap_err();
+        assert_ne!(err.code(), Code::Ok);
+    }
+}
+
+#[tokio::test]
+async fn mtls_refuses_callers_without_a_certificate_from_the_client_ca() {
+    let f = mtls_fixture().await;
+    assert_refused(tls_client(&f, None).await).await;
+    let stranger = Pki::new();
+    assert_refused(
+        tls_client(
+            &f,
+            Some(client_cert(
+                &stranger,
+                &[],
+                &["spiffe://example.org/ns/edge/sa/gw"],
+            )),
+        )
+        .await,
+    )
+    .await;
+    // Plain HTTP/2 to the TLS port gets nothing either.
+    let plain = SecretDiscoveryServiceClient::connect(format!("http://127.0.0.1:{}", f.port)).await;
+    if let Ok(mut c) = plain {
+        assert!(c.fetch_secrets(subscribe(&["open"])).await.is_err());
+    }
+}
+
+#[tokio::test]
+async fn allowed_clients_are_matched_against_the_certificate_identity() {
+    let f = mtls_fixture().await;
+    let gateway = client_cert(
+        &f.client_ca,
+        &[],
+        &["spiffe://example.org/ns/edge/sa/gateway"],
+    );
+    let mut c = tls_client(&f, Some(gateway)).await.unwrap();
+    let r = fetch(&mut c, &["web", "open"]).await;
+    assert_eq!(r.resources.len(), 2);
+
+    let other = client_cert(
+        &f.client_ca,
+        &["app.example.com"],
+        &["spiffe://example.org/ns/apps/sa/app"],
+    );
+    let mut c = tls_client(&f, Some(other)).await.unwrap();
+    let err = c.fetch_secrets(subscribe(&["web"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(!err.message().contains("BEGIN"), "{}", err.message());
+    assert_eq!(fetch(&mut c, &["open"]).await.resources.len(), 1);
+    let mut s = SotwStream::open(&mut c).await;
+    s.send(subscribe(&["sds://web"])).await;
+    assert_eq!(s.end().await.unwrap().code(), Code::PermissionDenied);
+}
+
+async fn node_fixture() -> (Daemon, Leaf) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let web = pki.leaf(&["www.example.com"]);
+    let (wc, wk) = web.write(dir.path(), "web");
+    let tables = format!(
+        "{}\nallowed_nodes = [\"edge-*\"]\n",
+        cert_table("web", &wc, &wk).trim_end()
+    );
+    (Daemon::start(dir, &tables).await, web)
+}
+
+#[tokio::test]
+async fn allowed_nodes_admit_matching_node_ids_only() {
+    let (daemon, web) = node_fixture().await;
+    let mut client = daemon.client().await;
+
+    let mut good = subscribe(&["web"]);
+    good.node = node("edge-7");
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(good).await;
+    assert_eq!(
+        leaf_der(&decode_secret(&s.recv().await.resources[0])),
+        web.leaf_der
+    );
+
+    let mut bad = subscribe(&["web"]);
+    bad.node = node("intruder");
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(bad.clone()).await;
+    let status = s.end().await.unwrap();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(!status.message().contains("BEGIN"));
+
+    let err = client.fetch_secrets(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let mut d = DeltaStream::open(&mut client).await;
+    d.send(DeltaDiscoveryRequest {
+        node: node("intruder"),
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: vec!["web".into()],
+        ..Default::default()
+    })
+    .await;
+    let err = tokio::time::timeout(WAIT, d_end(&mut d)).await.unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+async fn d_end(d: &mut DeltaStream) -> tonic::Status {
+    d.end().await.expect("stream ends with a status")
+}
+
+#[tokio::test]
+async fn unix_socket_peers_outside_allowed_uids_are_refused() {
+    let (uid, _) = my_uid_gid();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let web = pki.leaf(&["www.example.com"]);
+    let (wc, wk) = web.write(dir.path(), "web");
+    let socket = dir.path().join("sds.sock");
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\nallowed_uids = [{}]\n\n{}",
+            socket.display(),
+            uid + 4242,
+            cert_table("web", &wc, &wk)
+        ),
+    )
+    .unwrap();
+    let cfg = acme_sds::config::load(&config).unwrap();
+    let running = acme_sds::daemon::start(&cfg).await.unwrap();
+    // Our uid is not listed: the connection is dropped before any gRPC.
+    let channel = uds_channel_result(&socket).await;
+    if let Ok(ch) = channel {
+        let mut c = SecretDiscoveryServiceClient::new(ch);
+        assert!(c.fetch_secrets(subscribe(&["web"])).await.is_err());
+    }
+    running.shutdown().await.unwrap();
+
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(&format!("[{}]", uid + 4242), &format!("[{uid}]")),
+    )
+    .unwrap();
+    let cfg = acme_sds::config::load(&config).unwrap();
+    let running = acme_sds::daemon::start(&cfg).await.unwrap();
+    let mut c = uds_client(&socket).await;
+    assert_eq!(
+        leaf_der(&decode_secret(&fetch(&mut c, &["web"]).await.resources[0])),
+        web.leaf_der
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn socket_mode_and_group_are_applied() {
+    let (_, gid) = my_uid_gid();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sds.sock");
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\nsocket_mode = \"0660\"\nsocket_group = {gid}\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let cfg = acme_sds::config::load(&config).unwrap();
+    let running = acme_sds::daemon::start(&cfg).await.unwrap();
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+    running.shutdown().await.unwrap();
+}
+
+#[test]
+fn plain_tcp_beyond_loopback_needs_an_explicit_opt_in_and_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(&config, "[sds]\nlisten = [\"0.0.0.0:0\"]\n").unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sds.listen[0]") && err.contains("[sds.tls]"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &config,
+        "[sds]\nlisten = [\"0.0.0.0:0\"]\nallow_plaintext = true\n",
+    )
+    .unwrap();
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    let line = p.wait_for_line("allow_plaintext");
+    assert!(line.contains("WARN"), "{line}");
+}
