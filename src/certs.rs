@@ -64,6 +64,17 @@ fn pem_error(e: pem::Error) -> MaterialError {
     }
 }
 
+/// Bytes holding key material: zeroed when the last reference is dropped.
+pub fn secret_bytes(v: Vec<u8>) -> Bytes {
+    struct Wiped(zeroize::Zeroizing<Vec<u8>>);
+    impl AsRef<[u8]> for Wiped {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    Bytes::from_owner(Wiped(zeroize::Zeroizing::new(v)))
+}
+
 /// What logs, `check` and status views say about a certificate: never key material.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
@@ -241,7 +252,7 @@ pub fn certified_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedPem, M
         }
         Err(e) => return Err(MaterialError::UnsupportedKey(e.to_string())),
     }
-    let key_pem = Bytes::from(pem_block(label, key.secret_der()));
+    let key_pem = secret_bytes(pem_block(label, key.secret_der()).into_bytes());
     Ok(CertifiedPem {
         chain_pem: encode_certs(&chain),
         key_pem,

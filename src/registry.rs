@@ -145,7 +145,8 @@ impl SecretVersion {
 fn encode(secret: &Secret) -> Any {
     Any {
         type_url: SECRET_TYPE_URL.to_owned(),
-        value: Bytes::from(secret.encode_to_vec()),
+        // A TLS certificate secret carries its private key: wipe the encoding when it is dropped.
+        value: crate::certs::secret_bytes(secret.encode_to_vec()),
     }
 }
 

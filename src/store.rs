@@ -55,6 +55,9 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Keys directly or indirectly under `prefix/`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Moves an unusable value aside (to `<key>.corrupt-<unix time>`), keeping it for inspection; returns
+    /// the key it now has.
+    async fn quarantine(&self, key: &str) -> Result<String, StoreError>;
 }
 
 pub type SharedStore = Arc<dyn Store>;
@@ -242,6 +245,27 @@ impl Store for FsStore {
         .unwrap_or_else(|e| Err(join_error(e)))
     }
 
+    async fn quarantine(&self, key: &str) -> Result<String, StoreError> {
+        let path = self.path(key)?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let new_key = format!("{key}.corrupt-{stamp}");
+        let new_path = self.path(&new_key)?;
+        let _guard = self.write_lock.lock().await;
+        tokio::task::spawn_blocking(move || {
+            std::fs::rename(&path, &new_path).map_err(|source| StoreError::Io {
+                op: "move aside",
+                path,
+                source,
+            })?;
+            Ok(new_key)
+        })
+        .await
+        .unwrap_or_else(|e| Err(join_error(e)))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let dir = self.path(prefix)?;
         let prefix = prefix.to_owned();
@@ -324,6 +348,10 @@ mod tests {
         store.delete("a/b").await.unwrap();
         assert_eq!(store.list("a").await.unwrap(), ["a/c/d"]);
         assert_eq!(store.list("nothing").await.unwrap(), Vec::<String>::new());
+        let aside = store.quarantine("a/c/d").await.unwrap();
+        assert!(aside.starts_with("a/c/d.corrupt-"), "{aside}");
+        assert_eq!(store.get("a/c/d").await.unwrap(), None);
+        assert_eq!(store.get(&aside).await.unwrap().unwrap().value, b"new");
     }
 
     #[tokio::test]

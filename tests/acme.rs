@@ -420,3 +420,105 @@ async fn external_account_binding_is_used_when_the_ca_requires_it() {
     )
     .unwrap();
 }
+
+#[test]
+fn a_corrupt_stored_certificate_is_moved_aside_and_obtained_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    let config = write_config(
+        dir.path(),
+        &acme_tables(&pebble, http, &[("site", &["c.example.com"])]),
+    );
+    let args = ["run", "--config", config.to_str().unwrap()];
+    let mut first = Process::spawn(&args, &[]);
+    first.wait_for_line_within("certificate issued", ISSUE);
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(), Some(0));
+
+    // Half-written, as a crash mid-write on a filesystem without atomic rename would leave it.
+    let certs_dir = std::fs::read_dir(dir.path().join("acme-sds-data/acme"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path()
+        .join("certs");
+    let stored = certs_dir.join("site");
+    let bytes = std::fs::read(&stored).unwrap();
+    std::fs::write(&stored, &bytes[..bytes.len() / 2]).unwrap();
+
+    let second = Process::spawn(&args, &[]);
+    let aside = second.wait_for_line("moved aside");
+    assert!(
+        aside.contains("secret=site") || aside.contains("secret=\"site\""),
+        "{aside}"
+    );
+    second.wait_for_line_within("certificate issued", ISSUE);
+    let names: Vec<String> = std::fs::read_dir(&certs_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("site.corrupt-")),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n == "site"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_keys_never_reach_the_logs_even_at_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    let pki = Pki::new();
+    let file_leaf = pki.leaf(&["files.example.com"]);
+    let (crt, key) = file_leaf.write(dir.path(), "files");
+    let tables = format!(
+        "{}{}",
+        acme_tables(&pebble, http, &[("site", &["trace.example.com"])]),
+        cert_table("files", &crt, &key)
+    );
+    let config = write_config(dir.path(), &tables);
+    let p = Process::spawn(
+        &["run", "--config", config.to_str().unwrap()],
+        &[("RUST_LOG", "trace")],
+    );
+    p.wait_for_line_within("certificate issued", ISSUE);
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    fetch(&mut client, &["site", "files"]).await;
+
+    // Every private key acme-sds holds: the file key, the issued key, the account key.
+    let mut secrets: Vec<String> = vec![file_leaf.key_pem.clone()];
+    let data = dir.path().join("acme-sds-data/acme");
+    let ca_dir = std::fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ca_dir.join("certs/site")).unwrap()).unwrap();
+    secrets.push(stored["key_pem"].as_str().unwrap().to_owned());
+    let account: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ca_dir.join("account")).unwrap()).unwrap();
+    let account_key = account["key_pkcs8"].as_str().unwrap().to_owned();
+    assert!(account_key.len() > 32);
+    let log = p.log();
+    assert!(log.lines().count() > 50, "trace logging is on");
+    assert!(!log.contains("PRIVATE KEY"), "PEM key label in the logs");
+    for pem in &secrets {
+        for line in pem
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        {
+            assert!(!log.contains(line), "key material in the logs: {line}");
+        }
+    }
+    assert!(!log.contains(&account_key[..32]), "account key in the logs");
+}

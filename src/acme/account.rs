@@ -65,9 +65,14 @@ async fn load_or_create(
                 tracing::debug!(account = account.id(), "using the stored ACME account");
                 return Ok(account);
             }
-            Err(e) => {
-                tracing::error!(key, error = %e, "stored ACME account credentials are unreadable; creating a new account");
-            }
+            Err(e) => match store.quarantine(&key).await {
+                Ok(aside) => {
+                    tracing::error!(key, moved_to = aside, error = %e, "stored ACME account credentials are unreadable: moved aside; creating a new account")
+                }
+                Err(q) => {
+                    tracing::error!(key, error = %e, quarantine_error = %q, "stored ACME account credentials are unreadable; creating a new account")
+                }
+            },
         }
     }
     let contact: Vec<&str> = config.contact.iter().map(String::as_str).collect();

@@ -67,7 +67,7 @@ pub struct StoredCert {
     pub domains: Vec<String>,
     pub key_type: KeyType,
     pub chain_pem: String,
-    pub key_pem: String,
+    pub key_pem: zeroize::Zeroizing<String>,
     /// Unix time of issuance.
     pub issued_at: i64,
 }
@@ -234,21 +234,37 @@ impl AcmeManager {
         }
     }
 
-    /// Loads a certificate's stored copy; a corrupt one is logged and ignored (it will be re-obtained).
+    /// Moves an unusable stored value aside, with one error log; it will be re-created.
+    async fn set_aside(&self, key: &str, secret: &str, why: &dyn std::fmt::Display) {
+        match self.store.quarantine(key).await {
+            Ok(aside) => {
+                tracing::error!(secret, key, moved_to = aside, error = %why, "stored value is unusable: moved aside; it will be obtained again")
+            }
+            Err(e) => {
+                tracing::error!(secret, key, error = %why, quarantine_error = %e, "stored value is unusable and could not be moved aside; it will be obtained again")
+            }
+        }
+    }
+
+    /// Loads a certificate's stored copy; a corrupt one is moved aside (it will be re-obtained).
     pub async fn load_stored(&self, cert: &ManagedCert) -> Option<(StoredCert, CertifiedPem)> {
         let key = self.keys.cert(&cert.name);
         let stored: StoredCert = match self.load_json(&key).await {
             Ok(Some(s)) => s,
             Ok(None) => return None,
+            Err(LoadError::Corrupt(e)) => {
+                self.set_aside(&key, &cert.name, &e).await;
+                return None;
+            }
             Err(e) => {
-                tracing::error!(secret = %cert.name, key, error = %e, "cannot use the stored certificate; it will be obtained again");
+                tracing::error!(secret = %cert.name, key, error = %e, "cannot read the stored certificate; it will be obtained again");
                 return None;
             }
         };
         match stored.checked() {
             Ok(pem) => Some((stored, pem)),
             Err(e) => {
-                tracing::error!(secret = %cert.name, key, error = %e, "stored certificate is unusable; it will be obtained again");
+                self.set_aside(&key, &cert.name, &e).await;
                 None
             }
         }
@@ -280,12 +296,15 @@ impl AcmeManager {
                     state,
                 );
             }
-            let state: CertState = self
-                .load_json(&self.keys.state(&cert.name))
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+            let state_key = self.keys.state(&cert.name);
+            let state: CertState = match self.load_json(&state_key).await {
+                Ok(s) => s.unwrap_or_default(),
+                Err(LoadError::Corrupt(e)) => {
+                    self.set_aside(&state_key, &cert.name, &e).await;
+                    CertState::default()
+                }
+                Err(_) => CertState::default(),
+            };
             let manager = self.clone();
             let token = shutdown.clone();
             tasks.push(tokio::spawn(async move {
@@ -474,10 +493,12 @@ impl AcmeManager {
             domains: cert.domains.clone(),
             key_type: cert.key_type,
             chain_pem,
-            key_pem,
+            key_pem: zeroize::Zeroizing::new(key_pem),
             issued_at: OffsetDateTime::now_utc().unix_timestamp(),
         };
-        let value = serde_json::to_vec(&stored).map_err(|e| OrderError::Other(e.to_string()))?;
+        let value = zeroize::Zeroizing::new(
+            serde_json::to_vec(&stored).map_err(|e| OrderError::Other(e.to_string()))?,
+        );
         self.store.put(&self.keys.cert(&cert.name), &value).await?;
         Ok((stored, pem))
     }

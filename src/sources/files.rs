@@ -94,12 +94,18 @@ impl Entry {
         }
     }
 
-    fn read(&self, path: &Path, which: &'static str) -> Result<Vec<u8>, LoadError> {
-        std::fs::read(path).map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            which,
-            source,
-        })
+    fn read(
+        &self,
+        path: &Path,
+        which: &'static str,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, LoadError> {
+        std::fs::read(path)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|source| LoadError::Read {
+                path: path.to_owned(),
+                which,
+                source,
+            })
     }
 
     fn load(&self) -> Result<SecretContent, LoadError> {

@@ -274,16 +274,27 @@ impl Pebble {
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     }
 
-    /// Pebble's current issuing root, DER.
+    /// Pebble's current issuing root, DER. Its management listener starts a moment after the ACME one, so
+    /// a refused connection is retried (bounded).
     pub async fn root_der(&self) -> Vec<u8> {
-        let (_, body) = super::envoy::https_request(
-            self.management.port(),
-            "localhost",
-            &self.tls.ca_der(),
-            "/roots/0",
-        )
-        .await
-        .expect("fetch pebble root");
+        let deadline = Instant::now() + WAIT;
+        let body = loop {
+            match super::envoy::https_request(
+                self.management.port(),
+                "localhost",
+                &self.tls.ca_der(),
+                "/roots/0",
+            )
+            .await
+            {
+                Ok((_, body)) => break body,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("fetch pebble root: {e}"),
+            }
+        };
         let pem = body
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_owned())
