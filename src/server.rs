@@ -152,10 +152,15 @@ async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<Bound, 
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most concurrent streams on one HTTP/2 connection (Envoy opens one per secret on a single connection).
+const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
+
 fn builder() -> Server {
     Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(16 * 1024)
 }
 
 /// Who may connect, beyond the socket's own permission bits.

@@ -134,6 +134,8 @@ impl Protocol for Delta {
         self.first = false;
         self.watched
             .retain(|w| !req.resource_names_unsubscribe.contains(&w.requested));
+        let after = self.watched.len() + req.resource_names_subscribe.len();
+        super::check_name_count(after.saturating_sub(req.resource_names_unsubscribe.len()))?;
         for name in &req.resource_names_subscribe {
             self.ctx.authorize(name)?;
         }

@@ -109,7 +109,7 @@ impl SdsService {
     }
 
     pub fn into_server(self) -> SecretDiscoveryServiceServer<Self> {
-        SecretDiscoveryServiceServer::new(self)
+        SecretDiscoveryServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 }
 
@@ -124,7 +124,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let ctx = StreamContext::new("delta", &request, self.policy.clone());
+        let ctx = StreamContext::new("delta", &request, self.policy.clone())?;
         let state = delta::Delta::new(self.registry.clone(), ctx);
         let stream = drive(state, request.into_inner(), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
@@ -134,7 +134,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let ctx = StreamContext::new("sotw", &request, self.policy.clone());
+        let ctx = StreamContext::new("sotw", &request, self.policy.clone())?;
         let state = sotw::Sotw::new(self.registry.clone(), ctx);
         let stream = drive(state, request.into_inner(), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
@@ -144,10 +144,11 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let mut ctx = StreamContext::new("fetch", &request, self.policy.clone());
+        let mut ctx = StreamContext::new("fetch", &request, self.policy.clone())?;
         let req = request.into_inner();
         ctx.remember_node(req.node.as_ref());
         check_type_url(&req.type_url)?;
+        check_name_count(req.resource_names.len())?;
         for name in &req.resource_names {
             ctx.authorize(name)?;
         }
@@ -222,6 +223,56 @@ pub(crate) fn check_type_url(type_url: &str) -> Result<(), Status> {
 
 static STREAM_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// Most names one stream may subscribe to (Envoy asks for one per stream).
+pub const MAX_NAMES_PER_STREAM: usize = 1000;
+/// Most SDS streams open at once across all connections; more are refused with RESOURCE_EXHAUSTED.
+pub const MAX_STREAMS: usize = 100_000;
+/// Largest request message accepted (requests are a node and a few names).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+static OPEN_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a stream as open until dropped.
+#[derive(Debug)]
+struct StreamSlot;
+
+impl StreamSlot {
+    fn acquire() -> Result<Self, Status> {
+        let before = OPEN_STREAMS.fetch_add(1, Ordering::Relaxed);
+        if before >= MAX_STREAMS {
+            OPEN_STREAMS.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(
+                limit = MAX_STREAMS,
+                "SDS stream refused: too many open streams"
+            );
+            return Err(Status::resource_exhausted("too many open SDS streams"));
+        }
+        Ok(StreamSlot)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        OPEN_STREAMS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How many SDS streams are open now.
+pub fn open_streams() -> usize {
+    OPEN_STREAMS.load(Ordering::Relaxed)
+}
+
+/// Refuses requests naming more secrets than one stream may hold.
+pub(crate) fn check_name_count(n: usize) -> Result<(), Status> {
+    if n > MAX_NAMES_PER_STREAM {
+        Err(Status::invalid_argument(format!(
+            "resource_names: {n} names; at most {MAX_NAMES_PER_STREAM} per stream"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
 /// Who is on the other end of a stream, for logs and authorization.
 #[derive(Debug)]
 pub struct StreamContext {
@@ -233,10 +284,16 @@ pub struct StreamContext {
     /// DNS and URI (SPIFFE ID) names of the client certificate, over mTLS.
     pub clients: Vec<String>,
     policy: Arc<Policy>,
+    _slot: StreamSlot,
 }
 
 impl StreamContext {
-    fn new<T>(rpc: &'static str, request: &Request<T>, policy: Arc<Policy>) -> Self {
+    fn new<T>(
+        rpc: &'static str,
+        request: &Request<T>,
+        policy: Arc<Policy>,
+    ) -> Result<Self, Status> {
+        let slot = StreamSlot::acquire()?;
         let clients = request
             .peer_certs()
             .and_then(|certs| certs.first().map(|c| certs::identities(c)))
@@ -248,9 +305,10 @@ impl StreamContext {
             node: None,
             clients,
             policy,
+            _slot: slot,
         };
         tracing::debug!(stream = ctx.id, rpc, peer = %ctx.peer, "SDS stream opened");
-        ctx
+        Ok(ctx)
     }
 
     /// Keeps the node of the first request that has one: Envoy only guarantees it there.

@@ -123,6 +123,7 @@ impl Protocol for Sotw {
                 err,
             );
         }
+        super::check_name_count(req.resource_names.len())?;
         for name in &req.resource_names {
             if !self.watched.iter().any(|w| &w.requested == name) {
                 self.ctx.authorize(name)?;
