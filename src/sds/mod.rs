@@ -495,3 +495,41 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
     }
 }
+
+/// Runs raw request bytes through the SotW and delta state machines, as a stream would, against
+/// `registry`: for fuzzing the request handling without a network. Each input is decoded as a request;
+/// undecodable ones are what gRPC would refuse, and are skipped.
+#[doc(hidden)]
+pub fn fuzz_requests(registry: &Arc<Registry>, inputs: &[&[u8]]) {
+    use prost::Message;
+    let ctx = || StreamContext::new("fuzz", &Request::new(()), Arc::new(Policy::default()));
+    let (Ok(a), Ok(b)) = (ctx(), ctx()) else {
+        return;
+    };
+    let mut sotw = sotw::Sotw::new(registry.clone(), a);
+    let mut delta = delta::Delta::new(registry.clone(), b);
+    for input in inputs {
+        if let Ok(req) = DiscoveryRequest::decode(*input)
+            && sotw.on_request(req).is_err()
+        {
+            sotw = sotw::Sotw::new(
+                registry.clone(),
+                match ctx() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            );
+        }
+        if let Ok(req) = DeltaDiscoveryRequest::decode(*input)
+            && delta.on_request(req).is_err()
+        {
+            delta = delta::Delta::new(
+                registry.clone(),
+                match ctx() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            );
+        }
+    }
+}
