@@ -113,6 +113,7 @@ impl FsStore {
             std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| io("chmod", e))?;
         }
+        remove_temp_files(root);
         Ok(FsStore {
             root: root.to_owned(),
             write_lock: tokio::sync::Mutex::new(()),
@@ -302,6 +303,29 @@ impl Store for FsStore {
         })
         .await
         .unwrap_or_else(|e| Err(join_error(e)))
+    }
+}
+
+/// Removes temp files a crash left mid-write (`.<name>.tmp-<pid>`): the value they were to replace is
+/// still whole, and nothing else reads them.
+fn remove_temp_files(root: &Path) {
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() && name.starts_with('.') && name.contains(".tmp-") => {
+                    if std::fs::remove_file(entry.path()).is_ok() {
+                        tracing::info!(file = %entry.path().display(), "removed a temp file left by an interrupted write");
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
 
