@@ -68,6 +68,8 @@ pub struct AcmeConfig {
     /// First retry delay after a failure; doubles (with jitter) up to `retry_max`.
     pub retry_initial: std::time::Duration,
     pub retry_max: std::time::Duration,
+    /// How long the CA may take to answer (account lookups, ARI); a whole order may take 20 times that.
+    pub request_timeout: std::time::Duration,
 }
 
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -325,6 +327,7 @@ struct RawAcme {
     max_concurrent_orders: Option<Spanned<i64>>,
     retry_initial: Option<Spanned<String>>,
     retry_max: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -939,6 +942,7 @@ impl Validator<'_> {
         };
         let retry_initial = duration("retry_initial", raw.retry_initial, 60);
         let retry_max = duration("retry_max", raw.retry_max, 24 * 3600);
+        let request_timeout = duration("request_timeout", raw.request_timeout, 30);
         AcmeConfig {
             directory,
             contact,
@@ -948,6 +952,7 @@ impl Validator<'_> {
             max_concurrent_orders,
             retry_initial,
             retry_max: retry_max.max(retry_initial),
+            request_timeout,
         }
     }
 

@@ -568,7 +568,8 @@ async fn kill_9_at_random_moments_during_issuance_never_corrupts_state() {
     // Each round adds two certificates, so every run is in the middle of issuing something when killed.
     let mut names: Vec<String> = Vec::new();
     let write = |names: &[String]| {
-        let domains: Vec<[String; 1]> = names.iter().map(|n| [format!("{n}.example.com")]).collect();
+        let domains: Vec<[String; 1]> =
+            names.iter().map(|n| [format!("{n}.example.com")]).collect();
         let doms: Vec<[&str; 1]> = domains.iter().map(|d| [d[0].as_str()]).collect();
         let certs: Vec<(&str, &[&str])> = names
             .iter()
@@ -584,7 +585,9 @@ async fn kill_9_at_random_moments_during_issuance_never_corrupts_state() {
         names.push(format!("r{round}a"));
         names.push(format!("r{round}b"));
         write(&names);
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let delay = std::time::Duration::from_millis((seed >> 33) % 900);
         let mut p = Process::spawn(&args, &[]);
         p.wait_for_line("acme-sds started");
@@ -592,7 +595,10 @@ async fn kill_9_at_random_moments_during_issuance_never_corrupts_state() {
         p.child.kill().unwrap(); // SIGKILL
         p.child.wait().unwrap();
         let stored = check_storage(&storage);
-        eprintln!("round {round}: killed after {delay:?}; {stored} of {} certificates stored, all whole", names.len());
+        eprintln!(
+            "round {round}: killed after {delay:?}; {stored} of {} certificates stored, all whole",
+            names.len()
+        );
     }
     let domains: Vec<String> = names.iter().map(|n| format!("{n}.example.com")).collect();
 
@@ -610,4 +616,83 @@ async fn kill_9_at_random_moments_during_issuance_never_corrupts_state() {
     }
     assert_eq!(check_storage(&storage), names.len());
     assert!(!p.log().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_ca_times_out_and_is_retried_while_everything_else_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    // A "CA" that accepts connections and never answers.
+    let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tarpit.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in tarpit.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let pki = Pki::new();
+    let leaf = pki.leaf(&["files.example.com"]);
+    let (crt, key) = leaf.write(dir.path(), "files");
+    std::fs::write(dir.path().join("ca.pem"), pki.ca_pem()).unwrap();
+    let tables = format!(
+        "[http01]\nlisten = \"127.0.0.1:{}\"\n[acme]\ndirectory = \"https://127.0.0.1:{port}/dir\"\ndirectory_ca = \"{}\"\naccept_terms_of_service = true\nrequest_timeout = \"1s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"\n[[certificate]]\nname = \"acme\"\ndomains = [\"acme.example.com\"]\n\n{}",
+        free_port(),
+        dir.path().join("ca.pem").display(),
+        cert_table("files", &crt, &key)
+    );
+    let config = write_config(dir.path(), &tables);
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_line("acme-sds started");
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let r = fetch(&mut client, &["files"]).await;
+    assert_eq!(leaf_der(&decode_secret(&r.resources[0])), leaf.leaf_der);
+    p.wait_for_log("two timed-out attempts", ISSUE, |log| {
+        log.lines()
+            .filter(|l| l.contains("order failed") && l.contains("did not answer"))
+            .count()
+            >= 2
+    });
+    assert_eq!(fetch(&mut client, &["files"]).await.resources.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_storage_write_keeps_the_previous_certificate_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut opts = PebbleOptions::new(http);
+    opts.validity_seconds = Some(6);
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let config = write_config(
+        dir.path(),
+        &acme_tables(&pebble, http, &[("site", &["w.example.com"])]),
+    );
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_line_within("certificate issued", ISSUE);
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let first = leaf_der(&decode_secret(
+        &fetch(&mut client, &["site"]).await.resources[0],
+    ));
+
+    // The stored value cannot be replaced any more (a directory now stands in its place).
+    let ca_dir = std::fs::read_dir(dir.path().join("acme-sds-data/acme"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let stored = ca_dir.join("certs/site");
+    std::fs::remove_file(&stored).unwrap();
+    std::fs::create_dir(&stored).unwrap();
+    std::fs::write(stored.join("keep"), b"x").unwrap();
+
+    // The renewal (half of 6 s) is obtained but cannot be stored: it is not served, the error says why.
+    let failed = p.wait_for_line_within("certificate order failed", ISSUE);
+    assert!(failed.contains("storage"), "{failed}");
+    assert!(failed.contains("keeps being served"), "{failed}");
+    let now = leaf_der(&decode_secret(
+        &fetch(&mut client, &["site"]).await.resources[0],
+    ));
+    assert_eq!(now, first, "nothing unstored is served");
 }

@@ -31,10 +31,8 @@ use crate::store::{SharedStore, StoreError};
 
 pub use order::OrderError;
 
-/// How long loading the account or an ARI query may take (a CA that does not answer is a failure).
-const CA_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long one order may take, end to end, before it counts as failed (a hanging CA is a failure too).
-const ORDER_TIMEOUT: Duration = Duration::from_secs(600);
+/// How many `request_timeout`s one order may take, end to end, before it counts as failed.
+const ORDER_TIMEOUTS: u32 = 20;
 
 /// One ACME-managed certificate, as configured.
 #[derive(Debug, Clone)]
@@ -466,26 +464,27 @@ impl AcmeManager {
             .acquire()
             .await
             .map_err(|_| OrderError::Other("order limiter closed".into()))?;
+        let limit = self.config.request_timeout;
         let account = tokio::time::timeout(
-            CA_TIMEOUT,
+            limit,
             self.account.get(&self.config, &self.keys, &self.store),
         )
         .await
         .map_err(|_| {
             OrderError::Other(format!(
                 "the CA did not answer within {}s",
-                CA_TIMEOUT.as_secs()
+                limit.as_secs_f32()
             ))
         })??;
         let (chain_pem, key_pem) = tokio::time::timeout(
-            ORDER_TIMEOUT,
+            limit * ORDER_TIMEOUTS,
             order::run(&account, cert, current, &self.store, tokens),
         )
         .await
         .map_err(|_| {
             OrderError::Other(format!(
                 "the CA did not complete the order within {}s",
-                ORDER_TIMEOUT.as_secs()
+                (limit * ORDER_TIMEOUTS).as_secs_f32()
             ))
         })??;
         let pem = certs::certified_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
