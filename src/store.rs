@@ -318,10 +318,13 @@ fn remove_temp_files(root: &Path) {
             let name = entry.file_name().to_string_lossy().into_owned();
             match entry.file_type() {
                 Ok(t) if t.is_dir() => stack.push(entry.path()),
-                Ok(t) if t.is_file() && name.starts_with('.') && name.contains(".tmp-") => {
-                    if std::fs::remove_file(entry.path()).is_ok() {
-                        tracing::info!(file = %entry.path().display(), "removed a temp file left by an interrupted write");
-                    }
+                Ok(t)
+                    if t.is_file()
+                        && name.starts_with('.')
+                        && name.contains(".tmp-")
+                        && std::fs::remove_file(entry.path()).is_ok() =>
+                {
+                    tracing::info!(file = %entry.path().display(), "removed a temp file left by an interrupted write");
                 }
                 _ => {}
             }

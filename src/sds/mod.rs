@@ -473,29 +473,6 @@ pub(crate) fn drive<P: Protocol>(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn combined_version_of_one_is_that_version() {
-        assert_eq!(combined_version(["abc"].into_iter()), "abc");
-        assert_eq!(combined_version([].into_iter()), "");
-        let ab = combined_version(["a", "b"].into_iter());
-        assert_ne!(ab, combined_version(["a", "c"].into_iter()));
-        assert_eq!(ab.len(), 16);
-    }
-
-    #[test]
-    fn type_url_check() {
-        assert!(check_type_url("").is_ok());
-        assert!(check_type_url(SECRET_TYPE_URL).is_ok());
-        let err =
-            check_type_url("type.googleapis.com/envoy.config.cluster.v3.Cluster").unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    }
-}
-
 /// Runs raw request bytes through the SotW and delta state machines, as a stream would, against
 /// `registry`: for fuzzing the request handling without a network. Each input is decoded as a request;
 /// undecodable ones are what gRPC would refuse, and are skipped.
@@ -531,5 +508,28 @@ pub fn fuzz_requests(registry: &Arc<Registry>, inputs: &[&[u8]]) {
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combined_version_of_one_is_that_version() {
+        assert_eq!(combined_version(["abc"].into_iter()), "abc");
+        assert_eq!(combined_version([].into_iter()), "");
+        let ab = combined_version(["a", "b"].into_iter());
+        assert_ne!(ab, combined_version(["a", "c"].into_iter()));
+        assert_eq!(ab.len(), 16);
+    }
+
+    #[test]
+    fn type_url_check() {
+        assert!(check_type_url("").is_ok());
+        assert!(check_type_url(SECRET_TYPE_URL).is_ok());
+        let err =
+            check_type_url("type.googleapis.com/envoy.config.cluster.v3.Cluster").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
     }
 }
