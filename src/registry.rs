@@ -106,7 +106,6 @@ pub struct SecretSummary {
 }
 
 /// One published version of a secret, encoded once for every stream.
-#[derive(Debug)]
 pub struct SecretVersion {
     name: String,
     version: String,
@@ -116,6 +115,17 @@ pub struct SecretVersion {
     /// the one it asked for.
     prefixed: Any,
     summary: SecretSummary,
+}
+
+impl std::fmt::Debug for SecretVersion {
+    // The encoded secret carries the private key: show only what may be logged.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretVersion")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SecretVersion {
@@ -370,6 +380,28 @@ mod tests {
         let p1 = reg.get("web").unwrap().resource_for("sds://web");
         let p2 = reg.get("web").unwrap().resource_for("sds://web");
         assert_eq!(p1.value.as_ptr(), p2.value.as_ptr());
+    }
+
+    #[test]
+    fn debug_output_has_no_key_material() {
+        let reg = Registry::new();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["d.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pair =
+            crate::certs::certified_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+                .unwrap();
+        let published = reg.publish("d", &SecretContent::TlsCertificate(pair.clone()));
+        let text = format!(
+            "{published:?} {:?} {pair:?}",
+            SecretContent::TlsCertificate(pair.clone())
+        );
+        assert!(!text.contains("PRIVATE"), "{text}");
+        let body = key.serialize_pem();
+        let line = body.lines().nth(1).unwrap();
+        assert!(!text.contains(line));
     }
 
     #[test]
