@@ -118,6 +118,8 @@ pub struct SdsConfig {
     pub tls: Option<SdsTlsConfig>,
     /// Plain TCP beyond loopback was explicitly allowed.
     pub allow_plaintext: bool,
+    /// A stream whose last push has gone unacknowledged this long is ended when a newer version is due.
+    pub stall_timeout: std::time::Duration,
 }
 
 /// `[sds.tls]`: mutual TLS on the TCP listeners; client certificates are required.
@@ -274,6 +276,7 @@ struct RawSds {
     socket_group: Option<Spanned<toml::Value>>,
     allowed_uids: Option<Spanned<Vec<Spanned<i64>>>>,
     allow_plaintext: Option<bool>,
+    stall_timeout: Option<Spanned<String>>,
     tls: Option<Spanned<RawSdsTls>>,
 }
 
@@ -445,6 +448,7 @@ impl Validator<'_> {
             allowed_uids: None,
             tls: None,
             allow_plaintext: false,
+            stall_timeout: std::time::Duration::from_secs(300),
         };
         let Some(raw) = raw else {
             self.problem(
@@ -507,6 +511,20 @@ impl Validator<'_> {
             out.allowed_uids = Some(list);
         }
         out.allow_plaintext = raw.allow_plaintext.unwrap_or(false);
+        if let Some(t) = raw.stall_timeout {
+            let line = self.line(&t);
+            match parse_duration(t.get_ref()) {
+                Some(d) if !d.is_zero() => out.stall_timeout = d,
+                _ => self.problem(
+                    "sds.stall_timeout",
+                    line,
+                    format!(
+                        "{:?} is not a duration such as \"300s\" or \"5m\"",
+                        t.get_ref()
+                    ),
+                ),
+            }
+        }
         if let Some(tls) = raw.tls {
             let line = self.line(&tls);
             let tls = tls.into_inner();

@@ -100,7 +100,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         registry.clone(),
         Arc::new(Policy::from_config(config)),
         shutdown.clone(),
-    );
+    )
+    .with_stall_timeout(config.sds.stall_timeout);
     let mut addresses = Vec::new();
     let mut tcp = Vec::new();
     for b in bound {

@@ -544,3 +544,50 @@ async fn shutdown_ends_streams_with_unavailable_and_removes_the_socket() {
     assert_eq!(s.end().await.unwrap().code(), Code::Unavailable);
     assert!(!socket.exists(), "socket removed on clean shutdown");
 }
+
+#[tokio::test]
+async fn a_stream_that_never_acknowledges_is_ended_when_it_falls_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let leaf = pki.leaf(&["www.example.com"]);
+    let (crt, key) = leaf.write(dir.path(), "web");
+    // The first lines of `tables` still belong to [sds].
+    let tables = format!(
+        "stall_timeout = \"1s\"\n\n{}",
+        cert_table("web", &crt, &key)
+    );
+    let daemon = Daemon::start(dir, &tables).await;
+    let mut client = daemon.client().await;
+    let (mut silent, _) = SotwStream::subscribed(&mut client, &["web"]).await;
+    let (mut acking, r1) = SotwStream::subscribed(&mut client, &["web"]).await;
+    acking.send(ack(&["web"], &r1)).await;
+
+    // Longer than stall_timeout passes with the silent stream's push unacknowledged: that is the
+    // condition under test, not a synchronisation.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let newer = pki.leaf(&["www.example.com"]);
+    newer.write(daemon.dir.path(), "web");
+
+    assert_eq!(
+        leaf_der(&decode_secret(&acking.recv().await.resources[0])),
+        newer.leaf_der
+    );
+    let status = loop {
+        match tokio::time::timeout(WAIT, silent_next(&mut silent))
+            .await
+            .unwrap()
+        {
+            Ok(_) => continue,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status}");
+}
+
+async fn silent_next(s: &mut SotwStream) -> Result<(), tonic::Status> {
+    match s.end_or_next().await {
+        Some(Ok(_)) => Ok(()),
+        Some(Err(status)) => Err(status),
+        None => Err(tonic::Status::ok("ended")),
+    }
+}

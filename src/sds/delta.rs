@@ -94,6 +94,7 @@ impl Delta {
             return None;
         }
         self.nonce += 1;
+        self.ctx.sent();
         tracing::debug!(
             stream = self.ctx.id,
             node = self.ctx.node_id(),
@@ -121,6 +122,9 @@ impl Protocol for Delta {
     ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
         self.ctx.remember_node(req.node.as_ref());
         check_type_url(&req.type_url)?;
+        if !req.response_nonce.is_empty() && req.response_nonce == self.nonce.to_string() {
+            self.ctx.answered();
+        }
         if let Some(err) = &req.error_detail {
             let names: Vec<&str> = self.watched.iter().map(|w| w.requested.as_str()).collect();
             self.ctx
@@ -167,5 +171,9 @@ impl Protocol for Delta {
 
     fn on_change(&mut self) -> Option<DeltaDiscoveryResponse> {
         self.respond()
+    }
+
+    fn context(&self) -> &StreamContext {
+        &self.ctx
     }
 }

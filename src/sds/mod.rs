@@ -86,8 +86,12 @@ impl Policy {
 pub struct SdsService {
     registry: Arc<Registry>,
     policy: Arc<Policy>,
+    stall_timeout: std::time::Duration,
     shutdown: CancellationToken,
 }
+
+/// Default of `sds.stall_timeout`.
+pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl SdsService {
     /// A service over `registry`; cancelling `shutdown` ends every open stream with `UNAVAILABLE`, so that
@@ -104,8 +108,16 @@ impl SdsService {
         SdsService {
             registry,
             policy,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
             shutdown,
         }
+    }
+
+    /// A stream whose last push has gone unacknowledged this long is ended (with `UNAVAILABLE`) when a
+    /// newer version is due, instead of queueing behind it: the client reconnects and gets the newest.
+    pub fn with_stall_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
     }
 
     pub fn into_server(self) -> SecretDiscoveryServiceServer<Self> {
@@ -126,7 +138,12 @@ impl SecretDiscoveryService for SdsService {
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let ctx = StreamContext::new("delta", &request, self.policy.clone())?;
         let state = delta::Delta::new(self.registry.clone(), ctx);
-        let stream = drive(state, request.into_inner(), self.shutdown.clone());
+        let stream = drive(
+            state,
+            request.into_inner(),
+            self.stall_timeout,
+            self.shutdown.clone(),
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -136,7 +153,12 @@ impl SecretDiscoveryService for SdsService {
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let ctx = StreamContext::new("sotw", &request, self.policy.clone())?;
         let state = sotw::Sotw::new(self.registry.clone(), ctx);
-        let stream = drive(state, request.into_inner(), self.shutdown.clone());
+        let stream = drive(
+            state,
+            request.into_inner(),
+            self.stall_timeout,
+            self.shutdown.clone(),
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -284,6 +306,8 @@ pub struct StreamContext {
     /// DNS and URI (SPIFFE ID) names of the client certificate, over mTLS.
     pub clients: Vec<String>,
     policy: Arc<Policy>,
+    /// When the oldest response not yet acknowledged (ACK or NACK) was sent.
+    unacked_since: Option<std::time::Instant>,
     _slot: StreamSlot,
 }
 
@@ -305,6 +329,7 @@ impl StreamContext {
             node: None,
             clients,
             policy,
+            unacked_since: None,
             _slot: slot,
         };
         tracing::debug!(stream = ctx.id, rpc, peer = %ctx.peer, "SDS stream opened");
@@ -339,6 +364,22 @@ impl StreamContext {
         Err(Status::permission_denied(format!(
             "not permitted to read secret {requested:?}"
         )))
+    }
+
+    /// A response went out.
+    pub(crate) fn sent(&mut self) {
+        self.unacked_since
+            .get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// The client answered (ACK or NACK) the latest response.
+    pub(crate) fn answered(&mut self) {
+        self.unacked_since = None;
+    }
+
+    /// How long the oldest unanswered response has waited.
+    pub(crate) fn unanswered_for(&self) -> Option<std::time::Duration> {
+        self.unacked_since.map(|t| t.elapsed())
     }
 
     pub(crate) fn node_id(&self) -> &str {
@@ -410,12 +451,15 @@ pub(crate) trait Protocol: Send + 'static {
 
     /// Called after [`Protocol::changed`]: the response to send, if the client lacks anything.
     fn on_change(&mut self) -> Option<Self::Response>;
+
+    fn context(&self) -> &StreamContext;
 }
 
 struct Driver<P: Protocol> {
     proto: P,
     inbound: Streaming<P::Request>,
     inbound_open: bool,
+    stall_timeout: std::time::Duration,
     shutdown: CancellationToken,
 }
 
@@ -429,12 +473,14 @@ enum Event<R> {
 pub(crate) fn drive<P: Protocol>(
     proto: P,
     inbound: Streaming<P::Request>,
+    stall_timeout: std::time::Duration,
     shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<P::Response, Status>> + Send + 'static {
     let driver = Driver {
         proto,
         inbound,
         inbound_open: true,
+        stall_timeout,
         shutdown,
     };
     futures_util::stream::unfold(Some(driver), |driver| async move {
@@ -450,7 +496,32 @@ pub(crate) fn drive<P: Protocol>(
                 Event::Shutdown => {
                     return Some((Err(Status::unavailable("acme-sds is shutting down")), None));
                 }
-                Event::Changed => d.proto.on_change(),
+                Event::Changed => {
+                    let stalled = d
+                        .proto
+                        .context()
+                        .unanswered_for()
+                        .filter(|t| *t > d.stall_timeout);
+                    match d.proto.on_change() {
+                        Some(_) if stalled.is_some() => {
+                            let ctx = d.proto.context();
+                            tracing::warn!(
+                                stream = ctx.id,
+                                peer = %ctx.peer,
+                                node = ctx.node_id(),
+                                "ending a stalled SDS stream: its last push has not been acknowledged for {:?}; the client will reconnect and get the newest version",
+                                stalled.unwrap_or_default()
+                            );
+                            return Some((
+                                Err(Status::unavailable(
+                                    "stream stalled: the last push was never acknowledged; reconnect",
+                                )),
+                                None,
+                            ));
+                        }
+                        other => other,
+                    }
+                }
                 Event::Request(Ok(Some(req))) => match d.proto.on_request(req) {
                     Ok(resp) => resp,
                     Err(status) => return Some((Err(status), None)),

@@ -83,6 +83,7 @@ impl Sotw {
             }
         }
         self.nonce += 1;
+        self.ctx.sent();
         let version_info = combined_version(
             self.watched
                 .iter()
@@ -109,6 +110,9 @@ impl Protocol for Sotw {
         if !req.response_nonce.is_empty() && req.response_nonce != self.nonce.to_string() {
             tracing::debug!(stream = self.ctx.id, nonce = %req.response_nonce, latest = self.nonce, "ignoring stale SDS request");
             return Ok(None);
+        }
+        if !req.response_nonce.is_empty() {
+            self.ctx.answered();
         }
         if let Some(err) = &req.error_detail {
             let names: Vec<&str> = req.resource_names.iter().map(String::as_str).collect();
@@ -139,5 +143,9 @@ impl Protocol for Sotw {
 
     fn on_change(&mut self) -> Option<DiscoveryResponse> {
         self.respond()
+    }
+
+    fn context(&self) -> &StreamContext {
+        &self.ctx
     }
 }

@@ -388,6 +388,11 @@ impl SotwStream {
         }
     }
 
+    /// The next message, or the stream's end (None) or error status.
+    pub async fn end_or_next(&mut self) -> Option<Result<DiscoveryResponse, Status>> {
+        self.rx.message().await.transpose()
+    }
+
     /// The status the stream ends with.
     pub async fn end(&mut self) -> Option<Status> {
         match tokio::time::timeout(WAIT, self.rx.message()).await {
