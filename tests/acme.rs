@@ -696,3 +696,50 @@ async fn a_failed_storage_write_keeps_the_previous_certificate_serving() {
     ));
     assert_eq!(now, first, "nothing unstored is served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_storage_keeps_the_stored_certificate_serving_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut opts = PebbleOptions::new(http);
+    opts.validity_seconds = Some(6);
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let config = write_config(
+        dir.path(),
+        &acme_tables(&pebble, http, &[("site", &["ro.example.com"])]),
+    );
+    let mut first = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    first.wait_for_line_within("certificate issued", ISSUE);
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(), Some(0));
+
+    // Run again with the storage directory mounted read-only (a private mount namespace; root can write
+    // through file modes, not through a read-only mount).
+    let storage = dir.path().join("acme-sds-data");
+    let script = format!(
+        "mount --bind '{s}' '{s}' && mount -o remount,bind,ro '{s}' && exec '{bin}' run --config '{c}'",
+        s = storage.display(),
+        bin = bin(),
+        c = config.display()
+    );
+    let p = Process::spawn_program(
+        "unshare",
+        &["-m", "--propagation", "private", "sh", "-c", &script],
+        &[],
+    );
+    p.wait_for_line("acme-sds started");
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let served = leaf_der(&decode_secret(
+        &fetch(&mut client, &["site"]).await.resources[0],
+    ));
+    // The renewal (due after 3 s) cannot be stored: the error says so and the stored certificate stays.
+    let failed = p.wait_for_line_within("certificate order failed", ISSUE);
+    assert!(failed.contains("Read-only file system"), "{failed}");
+    assert!(failed.contains("keeps being served"), "{failed}");
+    let after = leaf_der(&decode_secret(
+        &fetch(&mut client, &["site"]).await.resources[0],
+    ));
+    assert_eq!(after, served);
+}

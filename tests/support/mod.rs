@@ -460,7 +460,12 @@ pub fn bin() -> &'static str {
 
 impl Process {
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Process {
-        let mut cmd = Command::new(bin());
+        Self::spawn_program(bin(), args, envs)
+    }
+
+    /// Like [`Process::spawn`], for another program (a wrapper that ends by exec-ing acme-sds).
+    pub fn spawn_program(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Process {
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
