@@ -46,6 +46,31 @@ enum Command {
         #[arg(short, long, default_value = "acme-sds.toml", env = "ACME_SDS_CONFIG")]
         config: PathBuf,
     },
+    /// Print a complete Envoy bootstrap for a configuration: the SDS cluster, a port-80 listener whose ACME
+    /// challenge route comes before the HTTPS redirect, and a TLS listener with one SNI chain per certificate.
+    EnvoyBootstrap {
+        /// Configuration file.
+        #[arg(short, long, default_value = "acme-sds.toml", env = "ACME_SDS_CONFIG")]
+        config: PathBuf,
+        /// Envoy's plain-HTTP port (ACME challenges and the HTTPS redirect).
+        #[arg(long, default_value_t = 80)]
+        http_port: u16,
+        /// Envoy's HTTPS port.
+        #[arg(long, default_value_t = 443)]
+        https_port: u16,
+        /// Envoy's admin port (on 127.0.0.1).
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
+        /// Envoy's node id (SDS needs one; allowed_nodes match it).
+        #[arg(long, default_value = "edge-1")]
+        node_id: String,
+        /// Envoy's node cluster.
+        #[arg(long, default_value = "edge")]
+        node_cluster: String,
+        /// Where HTTPS requests go (IP:PORT); without it Envoy answers with a fixed text.
+        #[arg(long)]
+        upstream: Option<std::net::SocketAddr>,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -64,6 +89,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::EnvoyBootstrap {
+            config,
+            http_port,
+            https_port,
+            admin_port,
+            node_id,
+            node_cluster,
+            upstream,
+        } => {
+            let opts = acme_sds::bootstrap::BootstrapOptions {
+                http_port,
+                https_port,
+                admin_port,
+                node_id,
+                node_cluster,
+                upstream,
+            };
+            envoy_bootstrap(&config, &opts)
+        }
         Command::Run { config } => {
             init_logging(cli.log_format);
             match run(&config) {
@@ -101,6 +145,39 @@ fn run(path: &Path) -> anyhow::Result<()> {
         tracing::info!("acme-sds stopped");
         Ok(())
     })
+}
+
+fn envoy_bootstrap(path: &Path, opts: &acme_sds::bootstrap::BootstrapOptions) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let loaded = match FileSource::from_config(&config).load_all() {
+        Ok(l) => l,
+        Err(problems) => {
+            eprintln!(
+                "{}",
+                ConfigError {
+                    path: config.path.clone(),
+                    problems
+                }
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match acme_sds::bootstrap::envoy_bootstrap(&config, &loaded, opts) {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", config.path.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn check(path: &Path) -> ExitCode {

@@ -1,0 +1,127 @@
+//! `acme-sds envoy-bootstrap`: what it prints is a valid Envoy bootstrap that serves real traffic.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::envoy::{Envoy, envoy_bin, https_get};
+use support::pebble::free_port;
+use support::*;
+
+fn bootstrap(config: &Path, extra: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(["envoy-bootstrap", "--config"])
+        .arg(config)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn validate(bin: &Path, yaml: &str, dir: &Path) {
+    let file = dir.join("generated.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = Command::new(bin)
+        .args(["--mode", "validate", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{yaml}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_acme_example_gets_a_valid_bootstrap_with_the_challenge_route_first() {
+    let Some(envoy) = envoy_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = bootstrap(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy-acme/acme-sds.toml"),
+        &[],
+    );
+    let challenge = yaml
+        .find("/.well-known/acme-challenge/")
+        .expect("challenge route");
+    let redirect = yaml.find("https_redirect: true").expect("redirect");
+    assert!(
+        challenge < redirect,
+        "the challenge route must come before the redirect"
+    );
+    assert!(yaml.contains("server_names: [\"www.example.com\", \"mobile.example.com\"]"));
+    assert!(yaml.contains("/run/acme-sds/sds.sock"));
+    validate(&envoy, &yaml, dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_bootstrap_serves_each_certificate_on_its_sni() {
+    let Some(envoy_path) = envoy_bin() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let web = pki.leaf(&["www.example.com", "example.com"]);
+    let api = pki.leaf(&["api.example.com"]);
+    let (wc, wk) = web.write(dir.path(), "web");
+    let (ac, ak) = api.write(dir.path(), "api");
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n\n{}{}",
+            dir.path().join("sds.sock").display(),
+            cert_table("web", &wc, &wk),
+            cert_table("api", &ac, &ak)
+        ),
+    )
+    .unwrap();
+    let (http, https, admin) = (free_port(), free_port(), free_port());
+    let yaml = bootstrap(
+        &config,
+        &[
+            "--http-port",
+            &http.to_string(),
+            "--https-port",
+            &https.to_string(),
+            "--admin-port",
+            &admin.to_string(),
+        ],
+    )
+    .replace("address: 0.0.0.0", "address: 127.0.0.1");
+    validate(&envoy_path, &yaml, dir.path());
+
+    let sds = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    sds.wait_for_line("acme-sds started");
+    let mut envoy = Envoy::start(&envoy_path, &yaml, dir.path());
+    envoy.wait_live();
+    let ca = pki.ca_der();
+    for (sni, want) in [
+        ("www.example.com", &web),
+        ("example.com", &web),
+        ("api.example.com", &api),
+    ] {
+        let (leaf, body) = https_get(https, sni, &ca).await.unwrap();
+        assert_eq!(leaf, want.leaf_der, "{sni}");
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    }
+    let redirect = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+        write!(
+            s,
+            "GET /x HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(redirect.starts_with("HTTP/1.1 301"), "{redirect}");
+}
