@@ -24,6 +24,8 @@ pub struct Config {
     pub http01: Http01Config,
     /// `[acme]`; `None` when the table is absent (then no certificate may have `domains`).
     pub acme: Option<AcmeConfig>,
+    /// `[admin] listen`: health, readiness and status endpoints; off when absent.
+    pub admin: Option<SocketAddr>,
     pub certificates: Vec<CertificateConfig>,
     pub trust_bundles: Vec<TrustBundleConfig>,
 }
@@ -262,6 +264,7 @@ struct RawConfig {
     storage: Option<Spanned<RawStorage>>,
     http01: Option<Spanned<RawHttp01>>,
     acme: Option<Spanned<RawAcme>>,
+    admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     certificate: Vec<Spanned<RawCertificate>>,
     #[serde(default)]
@@ -308,6 +311,12 @@ struct RawCertificate {
 #[serde(deny_unknown_fields)]
 struct RawStorage {
     path: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +388,36 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let sds = v.sds(raw.sds);
     let storage = v.storage(raw.storage);
     let http01 = v.http01(raw.http01);
+    let admin = raw.admin.and_then(|a| {
+        let line = v.line(&a);
+        match a.into_inner().listen {
+            None => {
+                v.problem(
+                    "admin.listen",
+                    line,
+                    "missing: the admin listener's \"IP:PORT\"",
+                );
+                None
+            }
+            Some(l) => {
+                let line = v.line(&l);
+                match v.listen_addr(l.get_ref()) {
+                    Ok(ListenAddr::Tcp(a)) => Some(a),
+                    _ => {
+                        v.problem(
+                            "admin.listen",
+                            line,
+                            format!(
+                                "{:?} is not \"IP:PORT\" (for example \"127.0.0.1:9901\")",
+                                l.get_ref()
+                            ),
+                        );
+                        None
+                    }
+                }
+            }
+        }
+    });
     let acme_line = raw.acme.as_ref().map(|a| v.lines.line(a.span().start));
     let acme = raw.acme.map(|a| v.acme(a.into_inner(), acme_line));
     let (certificates, dup_allowed) = v.certificates(raw.certificate);
@@ -408,6 +447,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             storage,
             http01,
             acme,
+            admin,
             certificates,
             trust_bundles,
         })

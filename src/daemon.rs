@@ -33,6 +33,7 @@ pub struct Running {
     addresses: Vec<String>,
     tcp: Vec<SocketAddr>,
     http01_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
 }
 
 /// Loads every source of `config`, binds its listeners and starts serving.
@@ -53,6 +54,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let mut http01_addr = None;
+    let mut acme_manager = None;
     if config.has_acme_certificates() {
         let acme_config = config
             .acme
@@ -69,6 +71,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         tracing::info!(listen = %addr, "HTTP-01 responder listening");
         http01_addr = Some(addr);
         let manager = AcmeManager::new(acme_config, store.clone(), registry.clone());
+        acme_manager = Some(manager.clone());
         // Stored certificates are published here, before any SDS listener opens.
         for handle in manager
             .start(ManagedCert::from_config(config), shutdown.clone())
@@ -129,6 +132,25 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             Ok(())
         });
     }
+    let mut admin_addr = None;
+    if let Some(addr) = config.admin {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
+        let local = listener.local_addr().context("admin listener address")?;
+        tracing::info!(listen = %local, "admin listening (/healthz, /readyz, /status)");
+        admin_addr = Some(local);
+        let view = crate::admin::StatusView::new(
+            Arc::new(config.clone()),
+            registry.clone(),
+            acme_manager.clone(),
+        );
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            crate::admin::serve(listener, view, token).await;
+            Ok(())
+        });
+    }
     Ok(Running {
         registry,
         shutdown,
@@ -136,6 +158,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         addresses,
         tcp,
         http01_addr,
+        admin_addr,
     })
 }
 
@@ -158,6 +181,11 @@ impl Running {
     /// The HTTP-01 responder's bound address, when ACME certificates are configured.
     pub fn http01_addr(&self) -> Option<SocketAddr> {
         self.http01_addr
+    }
+
+    /// The admin listener's bound address, when `[admin] listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Resolves when a server task stops on its own (which is an error), returning that error.

@@ -6,6 +6,7 @@
 //! owns the SDS listeners.
 
 pub mod acme;
+pub mod admin;
 pub mod bootstrap;
 pub mod certs;
 pub mod config;

@@ -78,11 +78,13 @@ impl SecretContent {
             SecretContent::TlsCertificate(c) => SecretSummary {
                 kind: SecretKind::TlsCertificate,
                 serial: Some(c.leaf.serial.clone()),
+                not_before: Some(c.leaf.not_before),
                 not_after: Some(c.leaf.not_after),
             },
             SecretContent::TrustBundle(b) => SecretSummary {
                 kind: SecretKind::ValidationContext,
                 serial: None,
+                not_before: None,
                 not_after: b.earliest_expiry(),
             },
         }
@@ -101,6 +103,7 @@ pub struct SecretSummary {
     pub kind: SecretKind,
     /// The leaf's serial, for certificates.
     pub serial: Option<String>,
+    pub not_before: Option<OffsetDateTime>,
     /// The leaf's expiry; for a trust bundle the earliest expiry in it.
     pub not_after: Option<OffsetDateTime>,
 }
@@ -275,6 +278,14 @@ impl Registry {
             name: name.into(),
             rx,
         }
+    }
+
+    /// How many SDS streams watch a secret now.
+    pub fn subscribers(&self, name: &str) -> usize {
+        self.read()
+            .get(canonical_name(name))
+            .map(|s| s.receiver_count())
+            .unwrap_or(0)
     }
 
     /// How many names have an entry (published or awaited); for tests and status.

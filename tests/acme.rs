@@ -255,7 +255,25 @@ fn a_domain_that_cannot_validate_fails_alone() {
             ],
         ),
     );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen(
+            "[http01]",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n[http01]",
+            1,
+        ),
+    )
+    .unwrap();
     let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    let admin_line = p.wait_for_line("admin listening");
+    let admin: std::net::SocketAddr = admin_line
+        .split("listen=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
     p.wait_for_log("good issued, bad failed twice", ISSUE, |log| {
         log.lines()
             .any(|l| l.contains("certificate issued") && l.contains("good"))
@@ -275,6 +293,43 @@ fn a_domain_that_cannot_validate_fails_alone() {
         !log.lines()
             .any(|l| l.contains("order failed") && l.contains("secret=good"))
     );
+
+    // The status view tells the same story.
+    let status: serde_json::Value = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        write!(
+            s,
+            "GET /status HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap()
+    };
+    let find = |n: &str| {
+        status["secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    let (good, bad) = (find("good"), find("bad"));
+    assert_eq!(good["source"], "acme");
+    assert_eq!(good["serving"], true);
+    assert!(good["next_renewal"].is_string(), "{good}");
+    assert!(good["last_error"].is_null(), "{good}");
+    assert_eq!(bad["serving"], false);
+    assert!(
+        bad["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("bad.example.com"),
+        "{bad}"
+    );
+    assert!(bad["next_retry"].is_string(), "{bad}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,8 +194,17 @@ pub enum LoadError {
     Corrupt(String),
 }
 
+/// A certificate's schedule and last failure, for status views.
+#[derive(Debug, Clone, Default)]
+pub struct AcmeStatus {
+    pub next_renewal: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+    pub next_retry: Option<OffsetDateTime>,
+}
+
 /// Runs every ACME certificate of a configuration.
 pub struct AcmeManager {
+    status: std::sync::Mutex<std::collections::HashMap<String, AcmeStatus>>,
     config: AcmeConfig,
     keys: Keys,
     store: SharedStore,
@@ -207,6 +216,7 @@ pub struct AcmeManager {
 impl AcmeManager {
     pub fn new(config: AcmeConfig, store: SharedStore, registry: Arc<Registry>) -> Arc<Self> {
         Arc::new(AcmeManager {
+            status: Default::default(),
             keys: Keys::for_directory(&config.directory),
             orders: Arc::new(Semaphore::new(config.max_concurrent_orders)),
             account: account::AccountSlot::default(),
@@ -218,6 +228,17 @@ impl AcmeManager {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Each certificate's next renewal, last error and next retry.
+    pub fn status(&self) -> std::collections::HashMap<String, AcmeStatus> {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn set_status(&self, name: &str, f: impl FnOnce(&mut AcmeStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(s.entry(name.to_owned()).or_default());
+        }
     }
 
     async fn load_json<T: for<'de> Deserialize<'de>>(
@@ -348,6 +369,13 @@ impl AcmeManager {
                 Some(r) if r > due => r,
                 _ => due,
             };
+            let retrying = state.failures > 0;
+            let error = state.last_error.clone();
+            self.set_status(&cert.name, |s| {
+                s.next_renewal = current.as_ref().map(|_| due);
+                s.last_error = error.filter(|_| retrying);
+                s.next_retry = retry_at.filter(|_| retrying);
+            });
             if at > now {
                 if current.is_some() && state.failures == 0 {
                     tracing::info!(secret = %cert.name, "next renewal at {} ({})", certs::format_time(at), schedule::describe_in(at - now));

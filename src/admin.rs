@@ -1,0 +1,176 @@
+//! The admin listener (`[admin] listen`, off by default): `/healthz` (the process is alive), `/readyz`
+//! (listeners bound, stored state loaded) and `/status` (JSON: per certificate its source, domains, serial,
+//! validity, next renewal, last error and next retry, and how many SDS streams are subscribed).
+//!
+//! It is meant for loopback or a cluster-internal port: it shows no key material, but it does show which
+//! names are served.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::acme::AcmeManager;
+use crate::certs::format_time;
+use crate::config::{CertificateSource, Config};
+use crate::registry::Registry;
+
+/// What `/status` reports about one secret.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SecretStatus {
+    pub name: String,
+    /// "acme", "files" or "trust_bundle".
+    pub source: &'static str,
+    pub domains: Vec<String>,
+    pub serving: bool,
+    pub version: Option<String>,
+    pub serial: Option<String>,
+    pub not_before: Option<String>,
+    pub not_after: Option<String>,
+    pub next_renewal: Option<String>,
+    pub last_error: Option<String>,
+    pub next_retry: Option<String>,
+    pub subscribed_streams: usize,
+}
+
+/// Everything `/status` reads; cheap to clone.
+#[derive(Clone)]
+pub struct StatusView {
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    acme: Option<Arc<AcmeManager>>,
+}
+
+impl StatusView {
+    pub fn new(
+        config: Arc<Config>,
+        registry: Arc<Registry>,
+        acme: Option<Arc<AcmeManager>>,
+    ) -> Self {
+        StatusView {
+            config,
+            registry,
+            acme,
+        }
+    }
+
+    pub fn secrets(&self) -> Vec<SecretStatus> {
+        let acme = self.acme.as_ref().map(|a| a.status()).unwrap_or_default();
+        let mut out = Vec::new();
+        let entries = self
+            .config
+            .certificates
+            .iter()
+            .map(|c| match &c.source {
+                CertificateSource::Acme { domains, .. } => {
+                    (c.name.clone(), "acme", domains.clone())
+                }
+                CertificateSource::Files { .. } => (c.name.clone(), "files", Vec::new()),
+            })
+            .chain(
+                self.config
+                    .trust_bundles
+                    .iter()
+                    .map(|b| (b.name.clone(), "trust_bundle", Vec::new())),
+            );
+        for (name, source, domains) in entries {
+            let current = self.registry.get(&name);
+            let summary = current.as_ref().map(|v| v.summary().clone());
+            let a = acme.get(&name);
+            out.push(SecretStatus {
+                source,
+                domains,
+                serving: current.is_some(),
+                version: current.as_ref().map(|v| v.version().to_owned()),
+                serial: summary.as_ref().and_then(|s| s.serial.clone()),
+                not_before: summary.as_ref().and_then(|s| s.not_before).map(format_time),
+                not_after: summary.as_ref().and_then(|s| s.not_after).map(format_time),
+                next_renewal: a.and_then(|a| a.next_renewal).map(format_time),
+                last_error: a.and_then(|a| a.last_error.clone()),
+                next_retry: a.and_then(|a| a.next_retry).map(format_time),
+                subscribed_streams: self.registry.subscribers(&name),
+                name,
+            });
+        }
+        out
+    }
+}
+
+fn respond_text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+fn route(view: &StatusView, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return respond_text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match req.uri().path() {
+        "/healthz" => respond_text(StatusCode::OK, "ok\n"),
+        // The admin listener starts after storage was loaded and every SDS listener bound.
+        "/readyz" => respond_text(StatusCode::OK, "ready\n"),
+        "/status" => {
+            let body = serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "sds_streams": crate::sds::open_streams(),
+                "secrets": view.secrets(),
+            });
+            let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        _ => respond_text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, view: StatusView, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let view = view.clone();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let resp = route(&view, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = token.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,65 @@
+//! The admin listener: health, readiness and a JSON status of every secret.
+
+mod support;
+
+use support::*;
+
+fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let web = pki.leaf(&["www.example.com"]);
+    let (crt, key) = web.write(dir.path(), "web");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let tables = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}[[trust_bundle]]\nname = \"ca\"\nfile = \"{}\"\n",
+        cert_table("web", &crt, &key),
+        ca.display()
+    );
+    let daemon = Daemon::start(dir, &tables).await;
+    let admin = daemon.running().admin_addr().unwrap();
+    assert_eq!(get(admin, "/healthz").0, 200);
+    assert_eq!(get(admin, "/readyz").0, 200);
+    assert_eq!(get(admin, "/nope").0, 404);
+
+    let mut client = daemon.client().await;
+    let (_s, _) = SotwStream::subscribed(&mut client, &["web"]).await;
+    let (status, body) = get(admin, "/status");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let secrets = v["secrets"].as_array().unwrap();
+    let web_status = secrets.iter().find(|s| s["name"] == "web").unwrap();
+    assert_eq!(web_status["source"], "files");
+    assert_eq!(web_status["serving"], true);
+    assert_eq!(web_status["subscribed_streams"], 1);
+    assert!(web_status["serial"].as_str().unwrap().contains(':'));
+    assert!(
+        web_status["not_after"]
+            .as_str()
+            .unwrap()
+            .starts_with("4096-")
+    );
+    let ca_status = secrets.iter().find(|s| s["name"] == "ca").unwrap();
+    assert_eq!(ca_status["source"], "trust_bundle");
+    assert_eq!(ca_status["subscribed_streams"], 0);
+    assert!(!body.contains("PRIVATE"));
+}
