@@ -1,4 +1,5 @@
-//! The admin listener (`[admin] listen`, off by default): `/healthz` (the process is alive), `/readyz`
+//! The admin listener (`[admin] listen`, off by default): `/metrics` (Prometheus), `/healthz` (the process
+//! is alive), `/readyz`
 //! (listeners bound, stored state loaded) and `/status` (JSON: per certificate its source, domains, serial,
 //! validity, next renewal, last error and next retry, and how many SDS streams are subscribed).
 //!
@@ -122,6 +123,18 @@ fn route(view: &StatusView, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => respond_text(StatusCode::OK, "ok\n"),
         // The admin listener starts after storage was loaded and every SDS listener bound.
         "/readyz" => respond_text(StatusCode::OK, "ready\n"),
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
+                &view.secrets(),
+            ))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
         "/status" => {
             let body = serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::count_http01;
 use crate::store::SharedStore;
 
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -50,19 +51,23 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 
 async fn respond(store: SharedStore, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let Some(token) = req.uri().path().strip_prefix(CHALLENGE_PREFIX) else {
+        count_http01("not_found");
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
+        count_http01("method_not_allowed");
         let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         resp.headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return resp;
     }
     if !valid_token(token) {
+        count_http01("invalid_token");
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
     match store.get(&challenge_key(token)).await {
         Ok(Some(entry)) => {
+            count_http01("answered");
             tracing::info!(token, "HTTP-01 challenge answered");
             let len = entry.value.len();
             let body = if req.method() == Method::HEAD {
@@ -80,10 +85,12 @@ async fn respond(store: SharedStore, req: Request<Incoming>) -> Response<Full<By
             resp
         }
         Ok(None) => {
+            count_http01("unknown_token");
             tracing::debug!(token, "HTTP-01 request for an unknown token");
             plain(StatusCode::NOT_FOUND, "not found\n")
         }
         Err(e) => {
+            count_http01("error");
             tracing::error!(error = %e, "HTTP-01 responder cannot read pending challenges");
             plain(StatusCode::SERVICE_UNAVAILABLE, "unavailable\n")
         }

@@ -12,6 +12,7 @@ pub mod certs;
 pub mod config;
 pub mod daemon;
 pub mod http01;
+pub mod metrics;
 pub mod proto;
 pub mod registry;
 pub mod sds;

@@ -330,6 +330,34 @@ fn a_domain_that_cannot_validate_fails_alone() {
         "{bad}"
     );
     assert!(bad["next_retry"].is_string(), "{bad}");
+
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    for needle in [
+        "acme_sds_acme_orders_total{name=\"good\",result=\"issued\"} 1",
+        "acme_sds_acme_orders_total{name=\"bad\",result=\"failed\"}",
+        "acme_sds_acme_request_duration_seconds_bucket{",
+        "action=\"new_order\",status=\"ok\"",
+        "acme_sds_http01_requests_total{result=\"answered\"}",
+        "acme_sds_certificate_ready{name=\"good\"} 1",
+        "acme_sds_certificate_ready{name=\"bad\"} 0",
+        "acme_sds_certificate_renewal_timestamp_seconds{name=\"good\"}",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,4 +62,26 @@ async fn health_readiness_and_status() {
     assert_eq!(ca_status["source"], "trust_bundle");
     assert_eq!(ca_status["subscribed_streams"], 0);
     assert!(!body.contains("PRIVATE"));
+
+    let (status, metrics) = get(admin, "/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "acme_sds_sds_streams{rpc=\"sotw\"} 1",
+        "acme_sds_certificate_ready{name=\"web\"} 1",
+        "# TYPE acme_sds_sds_pushes counter",
+        "# TYPE acme_sds_certificate_not_after_timestamp_seconds gauge",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+    assert!(metrics.contains("acme_sds_sds_pushes_total "), "{metrics}");
+    let not_after = metrics
+        .lines()
+        .find(|l| l.starts_with("acme_sds_certificate_not_after_timestamp_seconds{name=\"web\"}"))
+        .unwrap();
+    let value: f64 = not_after.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(value > 4e10, "{not_after}");
+    assert!(
+        !metrics.contains("name=\"ca\""),
+        "trust bundles have no certificate gauges"
+    );
 }

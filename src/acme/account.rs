@@ -80,7 +80,8 @@ async fn load_or_create(
         .eab
         .as_ref()
         .map(|(kid, mac)| ExternalAccountKey::new(kid.clone(), mac));
-    let (account, creds) = builder(config)?
+    let started = std::time::Instant::now();
+    let created = builder(config)?
         .create(
             &NewAccount {
                 contact: &contact,
@@ -90,8 +91,9 @@ async fn load_or_create(
             config.directory.clone(),
             eab.as_ref(),
         )
-        .await
-        .map_err(|e| OrderError::acme("creating the ACME account", e))?;
+        .await;
+    crate::metrics::observe_acme("account", super::order::outcome(&created), started);
+    let (account, creds) = created.map_err(|e| OrderError::acme("creating the ACME account", e))?;
     let value = serde_json::to_vec(&creds).map_err(|e| OrderError::Other(e.to_string()))?;
     store.put(&key, &value).await?;
     tracing::info!(account = account.id(), directory = %config.directory, "ACME account created and stored");

@@ -400,6 +400,7 @@ impl AcmeManager {
             let Some(result) = result else { return };
             match result {
                 Ok((stored, pem)) => {
+                    crate::metrics::count_order(&cert.name, "issued");
                     let content = SecretContent::TlsCertificate(pem.clone());
                     let v = self.registry.publish(&cert.name, &content);
                     tracing::info!(
@@ -415,6 +416,7 @@ impl AcmeManager {
                     self.save_state(&cert.name, &state).await;
                 }
                 Err(e) => {
+                    crate::metrics::count_order(&cert.name, "failed");
                     if e.account_gone() {
                         tracing::warn!(
                             "the CA no longer knows the stored ACME account; a new one will be created"

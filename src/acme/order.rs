@@ -65,6 +65,36 @@ impl OrderError {
     }
 }
 
+/// The status label of an ACME action: `ok`, the problem type (`rateLimited`, `badNonce`, ...), or `error`.
+pub(super) fn outcome<T>(r: &Result<T, instant_acme::Error>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(instant_acme::Error::Api(p)) => {
+            match p.r#type.as_deref().and_then(|t| t.rsplit(':').next()) {
+                Some("rateLimited") => "rateLimited",
+                Some("badNonce") => "badNonce",
+                Some("connection") => "connection",
+                Some("unauthorized") => "unauthorized",
+                Some("accountDoesNotExist") => "accountDoesNotExist",
+                Some("serverInternal") => "serverInternal",
+                _ => "problem",
+            }
+        }
+        Err(_) => "error",
+    }
+}
+
+/// Runs one ACME action, recording its duration and outcome.
+async fn timed<T>(
+    action: &'static str,
+    fut: impl std::future::Future<Output = Result<T, instant_acme::Error>>,
+) -> Result<T, instant_acme::Error> {
+    let started = std::time::Instant::now();
+    let r = fut.await;
+    crate::metrics::observe_acme(action, outcome(&r), started);
+    r
+}
+
 /// How long to wait for the CA to validate, and to issue.
 const POLL: RetryPolicy = RetryPolicy::new()
     .initial_delay(Duration::from_millis(250))
@@ -137,13 +167,20 @@ pub(super) async fn run(
         .as_ref()
         .and_then(|der| instant_acme::CertificateIdentifier::try_from(der).ok());
     let mut order = match replaces {
-        Some(id) => match account.new_order(&NewOrder::new(&ids).replaces(id)).await {
-            Err(instant_acme::Error::Unsupported(_)) => {
-                account.new_order(&NewOrder::new(&ids)).await
+        Some(id) => {
+            match timed(
+                "new_order",
+                account.new_order(&NewOrder::new(&ids).replaces(id)),
+            )
+            .await
+            {
+                Err(instant_acme::Error::Unsupported(_)) => {
+                    timed("new_order", account.new_order(&NewOrder::new(&ids))).await
+                }
+                other => other,
             }
-            other => other,
-        },
-        None => account.new_order(&NewOrder::new(&ids)).await,
+        }
+        None => timed("new_order", account.new_order(&NewOrder::new(&ids))).await,
     }
     .map_err(|e| OrderError::acme("creating the order", e))?;
     tracing::info!(secret = %cert.name, domains = ?cert.domains, order = order.url(), "order created");
@@ -176,14 +213,12 @@ pub(super) async fn run(
             .await?;
         tokens.push(token.clone());
         tracing::info!(secret = %cert.name, domain, token, "HTTP-01 challenge published");
-        challenge
-            .set_ready()
+        timed("challenge", challenge.set_ready())
             .await
             .map_err(|e| OrderError::acme("asking the CA to validate", e))?;
     }
 
-    let status = order
-        .poll_ready(&POLL)
+    let status = timed("validation", order.poll_ready(&POLL))
         .await
         .map_err(|e| OrderError::acme("waiting for validation", e))?;
     if status == OrderStatus::Invalid {
@@ -201,12 +236,10 @@ pub(super) async fn run(
     let csr = params
         .serialize_request(&key)
         .map_err(|e| OrderError::Other(format!("CSR: {e}")))?;
-    order
-        .finalize_csr(csr.der())
+    timed("finalize", order.finalize_csr(csr.der()))
         .await
         .map_err(|e| OrderError::acme("finalizing the order", e))?;
-    let chain = order
-        .poll_certificate(&POLL)
+    let chain = timed("certificate", order.poll_certificate(&POLL))
         .await
         .map_err(|e| OrderError::acme("downloading the certificate", e))?;
     Ok((chain, key.serialize_pem()))

@@ -95,6 +95,7 @@ impl Delta {
         }
         self.nonce += 1;
         self.ctx.sent();
+        crate::metrics::METRICS.sds_pushes.inc();
         tracing::debug!(
             stream = self.ctx.id,
             node = self.ctx.node_id(),

@@ -256,10 +256,10 @@ static OPEN_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicU
 
 /// Counts a stream as open until dropped.
 #[derive(Debug)]
-struct StreamSlot;
+struct StreamSlot(&'static str);
 
 impl StreamSlot {
-    fn acquire() -> Result<Self, Status> {
+    fn acquire(rpc: &'static str) -> Result<Self, Status> {
         let before = OPEN_STREAMS.fetch_add(1, Ordering::Relaxed);
         if before >= MAX_STREAMS {
             OPEN_STREAMS.fetch_sub(1, Ordering::Relaxed);
@@ -269,13 +269,15 @@ impl StreamSlot {
             );
             return Err(Status::resource_exhausted("too many open SDS streams"));
         }
-        Ok(StreamSlot)
+        crate::metrics::stream_opened(rpc, 1);
+        Ok(StreamSlot(rpc))
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         OPEN_STREAMS.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::stream_opened(self.0, -1);
     }
 }
 
@@ -317,7 +319,7 @@ impl StreamContext {
         request: &Request<T>,
         policy: Arc<Policy>,
     ) -> Result<Self, Status> {
-        let slot = StreamSlot::acquire()?;
+        let slot = StreamSlot::acquire(rpc)?;
         let clients = request
             .peer_certs()
             .and_then(|certs| certs.first().map(|c| certs::identities(c)))
@@ -388,6 +390,9 @@ impl StreamContext {
 
     /// `rejected` says what was rejected: "version V" (SotW) or "nonce N" (delta).
     pub(crate) fn log_nack(&self, names: &[&str], rejected: &str, err: &rpc::Status) {
+        for name in names {
+            crate::metrics::count_nack(name);
+        }
         tracing::warn!(
             stream = self.id,
             rpc = self.rpc,

@@ -84,6 +84,7 @@ impl Sotw {
         }
         self.nonce += 1;
         self.ctx.sent();
+        crate::metrics::METRICS.sds_pushes.inc();
         let version_info = combined_version(
             self.watched
                 .iter()
