@@ -25,11 +25,11 @@ use crate::config::{CertificateSource, Config};
 use crate::registry::Registry;
 
 /// What `/status` reports about one secret.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct SecretStatus {
     pub name: String,
     /// "acme", "files" or "trust_bundle".
-    pub source: &'static str,
+    pub source: String,
     pub domains: Vec<String>,
     pub serving: bool,
     pub version: Option<String>,
@@ -87,7 +87,7 @@ impl StatusView {
             let summary = current.as_ref().map(|v| v.summary().clone());
             let a = acme.get(&name);
             out.push(SecretStatus {
-                source,
+                source: source.to_owned(),
                 domains,
                 serving: current.is_some(),
                 version: current.as_ref().map(|v| v.version().to_owned()),

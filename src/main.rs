@@ -46,6 +46,14 @@ enum Command {
         #[arg(short, long, default_value = "acme-sds.toml", env = "ACME_SDS_CONFIG")]
         config: PathBuf,
     },
+    /// Show the certificates: expiry (date and days left), next renewal, last error, subscribed streams.
+    /// Asks the running daemon's admin listener when `[admin] listen` is set and it answers; otherwise reads
+    /// the files and the storage directory.
+    Status {
+        /// Configuration file.
+        #[arg(short, long, default_value = "acme-sds.toml", env = "ACME_SDS_CONFIG")]
+        config: PathBuf,
+    },
     /// Print a complete Envoy bootstrap for a configuration: the SDS cluster, a port-80 listener whose ACME
     /// challenge route comes before the HTTPS redirect, and a TLS listener with one SNI chain per certificate.
     EnvoyBootstrap {
@@ -89,6 +97,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Status { config } => status(&config),
         Command::EnvoyBootstrap {
             config,
             http_port,
@@ -178,6 +187,221 @@ fn envoy_bootstrap(path: &Path, opts: &acme_sds::bootstrap::BootstrapOptions) ->
             ExitCode::FAILURE
         }
     }
+}
+
+fn status(path: &Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (rows, origin) = match config.admin.and_then(status_from_daemon) {
+        Some(rows) => (rows, "from the running daemon"),
+        None => match status_from_disk(&config) {
+            Ok(rows) => (rows, "from files and storage: no daemon answered"),
+            Err(e) => {
+                eprintln!("acme-sds status: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    print!(
+        "{}",
+        status_table(&rows, origin, std::io::stdout().is_terminal())
+    );
+    if rows.iter().any(|r| status_problem(r).is_some()) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn status_from_daemon(admin: std::net::SocketAddr) -> Option<Vec<acme_sds::admin::SecretStatus>> {
+    use std::io::{Read, Write};
+    let mut addr = admin;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    }
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET /status HTTP/1.1\r\nHost: acme-sds\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let body = out.split_once("\r\n\r\n")?.1;
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    serde_json::from_value(v.get("secrets")?.clone()).ok()
+}
+
+fn status_from_disk(config: &Config) -> anyhow::Result<Vec<acme_sds::admin::SecretStatus>> {
+    use acme_sds::admin::SecretStatus;
+    let mut rows = Vec::new();
+    let mut files = FileSource::from_config(config);
+    let loaded = files.load_all().unwrap_or_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let store = if config.storage.path.is_dir() {
+        Some(acme_sds::store::FsStore::open(&config.storage.path)?)
+    } else {
+        None
+    };
+    let keys = config
+        .acme
+        .as_ref()
+        .map(|a| acme_sds::acme::Keys::for_directory(&a.directory));
+    let fmt = |t: time::OffsetDateTime| certs::format_time(t);
+    for c in &config.certificates {
+        let mut row = SecretStatus {
+            name: c.name.clone(),
+            source: String::new(),
+            domains: Vec::new(),
+            serving: false,
+            version: None,
+            serial: None,
+            not_before: None,
+            not_after: None,
+            next_renewal: None,
+            last_error: None,
+            next_retry: None,
+            subscribed_streams: 0,
+        };
+        match &c.source {
+            CertificateSource::Files { .. } => {
+                row.source = "files".into();
+                match loaded.iter().find(|(n, _)| n == &c.name) {
+                    Some((_, SecretContent::TlsCertificate(p))) => {
+                        row.serving = true;
+                        row.domains = p.leaf.dns_names.clone();
+                        row.serial = Some(p.leaf.serial.clone());
+                        row.not_before = Some(fmt(p.leaf.not_before));
+                        row.not_after = Some(fmt(p.leaf.not_after));
+                    }
+                    _ => {
+                        row.last_error =
+                            Some("the files cannot be loaded (run `acme-sds check`)".into())
+                    }
+                }
+            }
+            CertificateSource::Acme { domains, .. } => {
+                row.source = "acme".into();
+                row.domains = domains.clone();
+                if let (Some(store), Some(keys)) = (&store, &keys) {
+                    let (cert, state) =
+                        runtime.block_on(acme_sds::acme::stored_status(store, keys, &c.name));
+                    if let Some(p) = cert {
+                        row.serving = true;
+                        row.serial = Some(p.leaf.serial.clone());
+                        row.not_before = Some(fmt(p.leaf.not_before));
+                        row.not_after = Some(fmt(p.leaf.not_after));
+                        row.next_renewal = Some(fmt(acme_sds::acme::schedule::lifetime_renewal(
+                            p.leaf.not_before,
+                            p.leaf.not_after,
+                        )));
+                    }
+                    if state.failures > 0 {
+                        row.last_error = state.last_error;
+                        row.next_retry = state
+                            .next_attempt_at
+                            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+                            .map(fmt);
+                    }
+                }
+            }
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// What is wrong with a certificate, if anything.
+fn status_problem(r: &acme_sds::admin::SecretStatus) -> Option<String> {
+    if r.source == "trust_bundle" {
+        return None;
+    }
+    let expiry = r.not_after.as_deref().and_then(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+    });
+    let now = time::OffsetDateTime::now_utc();
+    match (r.serving, expiry) {
+        (false, _) | (_, None) => Some(
+            r.last_error
+                .clone()
+                .unwrap_or_else(|| "not issued yet".into()),
+        ),
+        (_, Some(t)) if t < now => Some("EXPIRED".into()),
+        (_, Some(t)) if t - now < time::Duration::days(7) => Some(format!(
+            "expires within a week{}",
+            r.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        )),
+        _ => r
+            .last_error
+            .clone()
+            .map(|e| format!("renewal failing: {e}")),
+    }
+}
+
+fn status_table(rows: &[acme_sds::admin::SecretStatus], origin: &str, color: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "acme-sds status, {origin}");
+    let _ = writeln!(
+        out,
+        "{:<20} {:<7} {:<36} {:<17} {:>7}",
+        "NAME", "SOURCE", "EXPIRES", "NEXT RENEWAL", "STREAMS"
+    );
+    for r in rows {
+        let expiry = r.not_after.as_deref().and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        });
+        let expires = match expiry {
+            Some(t) => {
+                let days = (t - time::OffsetDateTime::now_utc()).whole_days();
+                if days < 0 {
+                    format!("{} (expired {} days ago)", t.date(), -days)
+                } else {
+                    format!("{} (in {days} days)", t.date())
+                }
+            }
+            None => "-".into(),
+        };
+        let renewal = r
+            .next_renewal
+            .as_deref()
+            .map(|t| t.chars().take(16).collect::<String>().replace('T', " "))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<20} {:<7} {:<36} {:<17} {:>7}",
+            r.name, r.source, expires, renewal, r.subscribed_streams
+        );
+        if !r.domains.is_empty() {
+            let _ = writeln!(out, "{:<20} names: {}", "", r.domains.join(", "));
+        }
+        if let Some(p) = status_problem(r) {
+            let (on, off) = if color {
+                ("\x1b[1;31m", "\x1b[0m")
+            } else {
+                ("", "")
+            };
+            let _ = writeln!(out, "{:<20} {on}PROBLEM: {p}{off}", "");
+            if let Some(retry) = &r.next_retry {
+                let _ = writeln!(out, "{:<20} next attempt: {retry}", "");
+            }
+        }
+    }
+    out
 }
 
 fn check(path: &Path) -> ExitCode {

@@ -254,3 +254,76 @@ async fn nack_is_logged_with_the_node_of_the_first_request_and_envoys_message() 
         "names the rejected version: {line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_the_daemon_or_else_the_disk_and_highlights_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config(dir.path(), &Pki::new());
+    let text = std::fs::read_to_string(&config).unwrap();
+    // An ACME certificate that was never issued, and an admin listener.
+    std::fs::write(
+        &config,
+        text.replacen(
+            "[[certificate]]",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\naccept_terms_of_service = true\n\n[[certificate]]\nname = \"shop\"\ndomains = [\"shop.example.com\"]\n\n[[certificate]]",
+            1,
+        ),
+    )
+    .unwrap();
+    let status = |config: &Path| {
+        let out = Command::new(bin())
+            .args(["status", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+
+    // No daemon: from the files and the (empty) storage.
+    let (code, out) = status(&config);
+    assert_eq!(
+        code,
+        Some(2),
+        "a problem is reported in the exit code:\n{out}"
+    );
+    assert!(out.contains("no daemon answered"), "{out}");
+    assert!(
+        out.contains("web") && out.contains("in ") && out.contains(" days"),
+        "{out}"
+    );
+    assert!(
+        out.contains("shop") && out.contains("PROBLEM: not issued yet"),
+        "{out}"
+    );
+
+    // With the daemon (its admin port comes from its log), stream counts come along.
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    let line = p.wait_for_line("admin listening");
+    let port = line
+        .split("listen=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{port}\"")),
+    )
+    .unwrap();
+    p.wait_for_line("acme-sds started");
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let (_s, _) = SotwStream::subscribed(&mut client, &["web"]).await;
+    let (_, out) = status(&config);
+    assert!(out.contains("from the running daemon"), "{out}");
+    let web_line = out.lines().find(|l| l.starts_with("web ")).unwrap();
+    assert!(
+        web_line.trim_end().ends_with(" 1"),
+        "one subscribed stream: {web_line}"
+    );
+}

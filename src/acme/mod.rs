@@ -151,6 +151,26 @@ impl Keys {
     }
 }
 
+/// What storage holds for a certificate, read without changing anything (for `acme-sds status` when no
+/// daemon runs): the stored certificate, if usable, and the retry state.
+pub async fn stored_status(
+    store: &dyn crate::store::Store,
+    keys: &Keys,
+    name: &str,
+) -> (Option<CertifiedPem>, CertState) {
+    let cert = match store.get(&keys.cert(name)).await {
+        Ok(Some(e)) => serde_json::from_slice::<StoredCert>(&e.value)
+            .ok()
+            .and_then(|s| s.checked().ok()),
+        _ => None,
+    };
+    let state = match store.get(&keys.state(name)).await {
+        Ok(Some(e)) => serde_json::from_slice(&e.value).unwrap_or_default(),
+        _ => CertState::default(),
+    };
+    (cert, state)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
