@@ -42,12 +42,13 @@ pub struct SecretStatus {
     pub subscribed_streams: usize,
 }
 
-/// Everything `/status` reads; cheap to clone.
+type Sources = (Arc<Config>, Option<Arc<AcmeManager>>);
+
+/// Everything `/status` reads; cheap to clone. A configuration reload swaps what it looks at.
 #[derive(Clone)]
 pub struct StatusView {
-    config: Arc<Config>,
+    sources: Arc<std::sync::RwLock<Sources>>,
     registry: Arc<Registry>,
-    acme: Option<Arc<AcmeManager>>,
 }
 
 impl StatusView {
@@ -57,17 +58,25 @@ impl StatusView {
         acme: Option<Arc<AcmeManager>>,
     ) -> Self {
         StatusView {
-            config,
+            sources: Arc::new(std::sync::RwLock::new((config, acme))),
             registry,
-            acme,
         }
     }
 
+    /// Looks at a reloaded configuration from now on.
+    pub fn update(&self, config: Arc<Config>, acme: Option<Arc<AcmeManager>>) {
+        *self.sources.write().unwrap_or_else(|e| e.into_inner()) = (config, acme);
+    }
+
     pub fn secrets(&self) -> Vec<SecretStatus> {
-        let acme = self.acme.as_ref().map(|a| a.status()).unwrap_or_default();
+        let (config, acme) = self
+            .sources
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let acme = acme.as_ref().map(|a| a.status()).unwrap_or_default();
         let mut out = Vec::new();
-        let entries = self
-            .config
+        let entries = config
             .certificates
             .iter()
             .map(|c| match &c.source {
@@ -77,7 +86,7 @@ impl StatusView {
                 CertificateSource::Files { .. } => (c.name.clone(), "files", Vec::new()),
             })
             .chain(
-                self.config
+                config
                     .trust_bundles
                     .iter()
                     .map(|b| (b.name.clone(), "trust_bundle", Vec::new())),

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::{AcmeManager, ManagedCert};
 use crate::config::{Config, ConfigError};
 use crate::http01;
-use crate::registry::Registry;
+use crate::registry::{Published, Registry, SecretContent};
 use crate::sds::{Policy, SdsService};
 use crate::server::{self, Admission, Bound};
 use crate::sources::files::{self, FileSource};
@@ -25,15 +25,80 @@ use crate::store::{FsStore, SharedStore};
 /// How long shutdown waits for streams and tasks to finish before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// The running ACME side: manager, its tasks' token, the store and the responder's address.
+struct AcmeRuntime {
+    manager: Arc<AcmeManager>,
+    token: CancellationToken,
+}
+
 /// A started daemon.
 pub struct Running {
+    config: Config,
     registry: Arc<Registry>,
+    policy: Arc<Policy>,
     shutdown: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
+    files_token: CancellationToken,
+    store: Option<SharedStore>,
+    acme: Option<AcmeRuntime>,
+    status: Option<crate::admin::StatusView>,
     addresses: Vec<String>,
     tcp: Vec<SocketAddr>,
     http01_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
+}
+
+/// Identity of a file's content as far as metadata tells (follows symlinks, as a ConfigMap mount needs).
+fn file_stamp(path: &std::path::Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Wakes `changed` on any change in the directory holding `path` (and its symlink target's directory).
+fn watch_file(
+    path: &std::path::Path,
+    changed: Arc<tokio::sync::Notify>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
+            changed.notify_one();
+        }
+    })
+    .map_err(
+        |e| tracing::warn!(error = %e, "cannot watch the configuration file; use SIGHUP to reload"),
+    )
+    .ok()?;
+    let mut dirs = vec![path.parent().map(|p| p.to_path_buf())];
+    dirs.push(
+        std::fs::canonicalize(path)
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.to_path_buf())),
+    );
+    for dir in dirs.into_iter().flatten() {
+        let dir = if dir.as_os_str().is_empty() {
+            ".".into()
+        } else {
+            dir
+        };
+        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the configuration directory; use SIGHUP to reload");
+        }
+    }
+    Some(watcher)
+}
+
+/// Loads every file-backed secret of `config`; a problem fails the whole load.
+fn load_files(config: &Config) -> Result<(FileSource, Vec<(String, SecretContent)>), ConfigError> {
+    let mut files = FileSource::from_config(config);
+    let loaded = files.load_all().map_err(|problems| ConfigError {
+        path: config.path.clone(),
+        problems,
+    })?;
+    Ok((files, loaded))
 }
 
 /// Loads every source of `config`, binds its listeners and starts serving.
@@ -41,50 +106,31 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     // One TLS crypto provider for the whole process (the ACME client's HTTPS uses it).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let registry = Registry::new();
-    let mut files = FileSource::from_config(config);
-    let loaded = files.load_all().map_err(|problems| ConfigError {
-        path: config.path.clone(),
-        problems,
-    })?;
+    let (files, loaded) = load_files(config)?;
     for (name, content) in &loaded {
         let v = registry.publish(name, content);
         files::log_loaded(name, content, v.version().version(), "loaded");
     }
-
     let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    let mut http01_addr = None;
-    let mut acme_manager = None;
-    if config.has_acme_certificates() {
-        let acme_config = config
-            .acme
-            .clone()
-            .context("ACME certificates need an [acme] table")?;
-        let store: SharedStore = Arc::new(
-            FsStore::open(&config.storage.path)
-                .with_context(|| format!("opening storage {}", config.storage.path.display()))?,
-        );
-        let listener = http01::bind(config.http01.listen).await.with_context(|| {
-            format!("starting the HTTP-01 responder on {}", config.http01.listen)
-        })?;
-        let addr = listener.local_addr().context("HTTP-01 responder address")?;
-        tracing::info!(listen = %addr, "HTTP-01 responder listening");
-        http01_addr = Some(addr);
-        let manager = AcmeManager::new(acme_config, store.clone(), registry.clone());
-        acme_manager = Some(manager.clone());
-        // Stored certificates are published here, before any SDS listener opens.
-        for handle in manager
-            .start(ManagedCert::from_config(config), shutdown.clone())
-            .await
-        {
-            tasks.spawn(async move { handle.await.context("an ACME certificate task panicked") });
-        }
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            http01::serve(listener, store, token).await;
-            Ok(())
-        });
-    }
+    let policy = Arc::new(Policy::from_config(config));
+    let mut running = Running {
+        config: config.clone(),
+        registry: registry.clone(),
+        policy: policy.clone(),
+        files_token: shutdown.child_token(),
+        shutdown: shutdown.clone(),
+        tasks: JoinSet::new(),
+        store: None,
+        acme: None,
+        status: None,
+        addresses: Vec::new(),
+        tcp: Vec::new(),
+        http01_addr: None,
+        admin_addr: None,
+    };
+    // Stored ACME certificates are published here, before any SDS listener opens.
+    running.apply_acme(config).await?;
+
     let admission = Admission {
         allowed_uids: config.sds.allowed_uids.clone(),
         tls: config.sds.tls.as_ref().map(server::load_tls).transpose()?,
@@ -99,70 +145,229 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let bound = server::bind_all(&config.sds)
         .await
         .context("starting the SDS listeners")?;
-    let service = SdsService::with_policy(
-        registry.clone(),
-        Arc::new(Policy::from_config(config)),
-        shutdown.clone(),
-    )
-    .with_stall_timeout(config.sds.stall_timeout);
-    let mut addresses = Vec::new();
-    let mut tcp = Vec::new();
+    let service = SdsService::with_policy(registry.clone(), policy, shutdown.clone())
+        .with_stall_timeout(config.sds.stall_timeout);
     for b in bound {
         let addr = b.describe();
         if let Bound::Tcp(_, a) = &b {
-            tcp.push(*a);
+            running.tcp.push(*a);
         }
         tracing::info!(listen = %addr, "SDS listening");
         let service = service.clone();
         let token = shutdown.clone();
         let what = addr.clone();
         let admission = admission.clone();
-        tasks.spawn(async move {
+        running.tasks.spawn(async move {
             server::serve(b, service, admission, token)
                 .await
                 .with_context(|| format!("SDS server on {what}"))
         });
-        addresses.push(addr);
+        running.addresses.push(addr);
     }
-    {
-        let registry = registry.clone();
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            files.run(registry, token).await;
-            Ok(())
-        });
-    }
-    let mut admin_addr = None;
+    running.spawn_files(files);
     if let Some(addr) = config.admin {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
         let local = listener.local_addr().context("admin listener address")?;
-        tracing::info!(listen = %local, "admin listening (/healthz, /readyz, /status)");
-        admin_addr = Some(local);
+        tracing::info!(listen = %local, "admin listening (/metrics, /healthz, /readyz, /status)");
+        running.admin_addr = Some(local);
         let view = crate::admin::StatusView::new(
             Arc::new(config.clone()),
             registry.clone(),
-            acme_manager.clone(),
+            running.acme.as_ref().map(|a| a.manager.clone()),
         );
+        running.status = Some(view.clone());
         let token = shutdown.clone();
-        tasks.spawn(async move {
+        running.tasks.spawn(async move {
             crate::admin::serve(listener, view, token).await;
             Ok(())
         });
     }
-    Ok(Running {
-        registry,
-        shutdown,
-        tasks,
-        addresses,
-        tcp,
-        http01_addr,
-        admin_addr,
-    })
+    Ok(running)
 }
 
 impl Running {
+    fn spawn_files(&mut self, files: FileSource) {
+        self.files_token = self.shutdown.child_token();
+        let registry = self.registry.clone();
+        let token = self.files_token.clone();
+        self.tasks.spawn(async move {
+            files.run(registry, token).await;
+            Ok(())
+        });
+    }
+
+    /// Starts (or restarts) the ACME side for `config`; stops it when no certificate needs it.
+    async fn apply_acme(&mut self, config: &Config) -> anyhow::Result<()> {
+        if let Some(old) = self.acme.take() {
+            old.token.cancel();
+        }
+        if !config.has_acme_certificates() {
+            return Ok(());
+        }
+        let acme_config = config
+            .acme
+            .clone()
+            .context("ACME certificates need an [acme] table")?;
+        let store = match &self.store {
+            Some(s) => s.clone(),
+            None => {
+                let s: SharedStore =
+                    Arc::new(FsStore::open(&config.storage.path).with_context(|| {
+                        format!("opening storage {}", config.storage.path.display())
+                    })?);
+                self.store = Some(s.clone());
+                s
+            }
+        };
+        if self.http01_addr.is_none() {
+            let listener = http01::bind(config.http01.listen).await.with_context(|| {
+                format!("starting the HTTP-01 responder on {}", config.http01.listen)
+            })?;
+            let addr = listener.local_addr().context("HTTP-01 responder address")?;
+            tracing::info!(listen = %addr, "HTTP-01 responder listening");
+            self.http01_addr = Some(addr);
+            let token = self.shutdown.clone();
+            let responder_store = store.clone();
+            self.tasks.spawn(async move {
+                http01::serve(listener, responder_store, token).await;
+                Ok(())
+            });
+        }
+        let manager = AcmeManager::new(acme_config, store, self.registry.clone());
+        let token = self.shutdown.child_token();
+        for handle in manager
+            .start(ManagedCert::from_config(config), token.clone())
+            .await
+        {
+            self.tasks
+                .spawn(async move { handle.await.context("an ACME certificate task panicked") });
+        }
+        self.acme = Some(AcmeRuntime { manager, token });
+        Ok(())
+    }
+
+    /// Applies a new configuration without dropping SDS streams: added secrets are loaded (or ordered) and
+    /// pushed, removed ones stop being offered (streams that hold them keep them), changed ones are
+    /// reloaded or re-ordered, and access rules change at once. An invalid configuration is rejected as a
+    /// whole and the running one stays in force. Listener settings need a restart.
+    pub async fn reload(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        let new = crate::config::load(path)?;
+        let (files, loaded) = load_files(&new)?;
+        let old = std::mem::replace(&mut self.config, new.clone());
+        for (what, a, b) in [
+            ("[sds]", format!("{:?}", old.sds), format!("{:?}", new.sds)),
+            (
+                "[http01]",
+                format!("{:?}", old.http01),
+                format!("{:?}", new.http01),
+            ),
+            (
+                "[admin]",
+                format!("{:?}", old.admin),
+                format!("{:?}", new.admin),
+            ),
+            (
+                "[storage]",
+                format!("{:?}", old.storage),
+                format!("{:?}", new.storage),
+            ),
+        ] {
+            if a != b {
+                tracing::warn!(
+                    "{what} changed: listener and storage settings take effect at the next restart"
+                );
+            }
+        }
+        self.policy.replace(Policy::from_config(&new));
+
+        // Files: publish what is new or changed, then watch the new set.
+        self.files_token.cancel();
+        for (name, content) in &loaded {
+            if let Published::New(v) = self.registry.publish(name, content) {
+                files::log_loaded(name, content, v.version(), "loaded");
+            }
+        }
+        self.spawn_files(files);
+
+        // ACME: restart the manager when anything ACME changed (stored certificates are served again at
+        // once and nothing valid is re-ordered).
+        let acme_old = format!("{:?}{:?}", old.acme, ManagedCert::from_config(&old));
+        let acme_new = format!("{:?}{:?}", new.acme, ManagedCert::from_config(&new));
+        if acme_old != acme_new {
+            self.apply_acme(&new).await?;
+        }
+
+        // Secrets no longer configured stop being offered.
+        let names = |c: &Config| -> Vec<String> {
+            c.certificates
+                .iter()
+                .map(|x| x.name.clone())
+                .chain(c.trust_bundles.iter().map(|x| x.name.clone()))
+                .collect()
+        };
+        let (before, after) = (names(&old), names(&new));
+        let removed: Vec<&String> = before.iter().filter(|n| !after.contains(n)).collect();
+        let added: Vec<&String> = after.iter().filter(|n| !before.contains(n)).collect();
+        for name in &removed {
+            self.registry.withdraw(name);
+        }
+        if let Some(view) = &self.status {
+            view.update(
+                Arc::new(new.clone()),
+                self.acme.as_ref().map(|a| a.manager.clone()),
+            );
+        }
+        tracing::info!(
+            ?added,
+            ?removed,
+            secrets = after.len(),
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+
+    /// Serves until SIGTERM or SIGINT, reloading the configuration on SIGHUP and whenever its file changes;
+    /// then shuts down cleanly.
+    pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let path = self.config.path.clone();
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let _watcher = watch_file(&path, changed.clone());
+        let mut stamp = file_stamp(&path);
+        // Logged once signals and the config watcher are in place: from here on, edits are seen.
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "acme-sds started");
+        loop {
+            let why = tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+                e = self.failed() => return Err(e),
+                _ = hup.recv() => "SIGHUP",
+                _ = changed.notified() => {
+                    // Editors and ConfigMap updates write in bursts: let them finish.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let now = file_stamp(&path);
+                    if now == stamp {
+                        continue;
+                    }
+                    "the configuration file changed"
+                }
+            };
+            stamp = file_stamp(&path);
+            tracing::info!("{why}: reloading {}", path.display());
+            if let Err(e) = self.reload(&path).await {
+                tracing::error!(
+                    "configuration reload rejected; the running configuration stays in force: {e:#}"
+                );
+            }
+        }
+        self.shutdown().await
+    }
+
     /// The registry this daemon serves; other sources publish into it.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry

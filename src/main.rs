@@ -138,19 +138,8 @@ fn run(path: &Path) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let mut running = daemon::start(&config).await?;
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config.path.display(), "acme-sds started");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            r = tokio::signal::ctrl_c() => {
-                r.context("installing the SIGINT handler")?;
-                tracing::info!("SIGINT: shutting down");
-            }
-            e = running.failed() => return Err(e),
-        }
-        running.shutdown().await?;
+        let running = daemon::start(&config).await?;
+        running.run_until_stopped().await?;
         tracing::info!("acme-sds stopped");
         Ok(())
     })

@@ -194,6 +194,9 @@ impl Published {
 #[derive(Default)]
 pub struct Registry {
     slots: RwLock<HashMap<String, Slot>>,
+    /// Secrets no longer offered (removed by a reload): streams that hold them keep them and keep hearing
+    /// about them; new subscriptions see them as unknown until they are published again.
+    withdrawn: RwLock<std::collections::HashSet<String>>,
 }
 
 impl Registry {
@@ -216,9 +219,20 @@ impl Registry {
     pub fn publish(&self, name: &str, content: &SecretContent) -> Published {
         let plain = encode(&content.to_secret(name.to_owned()));
         let version = content_version(&plain.value);
+        let was_withdrawn = self
+            .withdrawn
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         if let Some(current) = self.get(name)
             && current.version == version
         {
+            if was_withdrawn {
+                // Offered again: wake subscriptions made while it was withdrawn (the others see no change).
+                if let Some(slot) = self.read().get(name) {
+                    slot.send_modify(|_| {});
+                }
+            }
             return Published::Unchanged(current);
         }
         let prefixed = encode(&content.to_secret(format!("{ISTIO_PREFIX}{name}")));
@@ -243,6 +257,9 @@ impl Registry {
 
     /// The current version of a secret, by registered or requested (`sds://`) name.
     pub fn get(&self, name: &str) -> Option<Arc<SecretVersion>> {
+        if self.is_withdrawn(canonical_name(name)) {
+            return None;
+        }
         self.read()
             .get(canonical_name(name))
             .and_then(|slot| slot.borrow().clone())
@@ -253,7 +270,7 @@ impl Registry {
         let mut names: Vec<String> = self
             .read()
             .iter()
-            .filter(|(_, s)| s.borrow().is_some())
+            .filter(|(n, s)| s.borrow().is_some() && !self.is_withdrawn(n))
             .map(|(n, _)| n.clone())
             .collect();
         names.sort();
@@ -274,10 +291,27 @@ impl Registry {
                 .subscribe()
         });
         Subscription {
+            hidden: self.is_withdrawn(name),
             registry: self.clone(),
             name: name.into(),
             rx,
         }
+    }
+
+    /// Stops offering a secret (its configuration was removed): new requests see it as unknown, while
+    /// streams that already hold it keep it (their receivers keep the last value; nothing is yanked).
+    pub fn withdraw(&self, name: &str) {
+        self.withdrawn
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned());
+    }
+
+    fn is_withdrawn(&self, name: &str) -> bool {
+        self.withdrawn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
     }
 
     /// How many SDS streams watch a secret now.
@@ -297,6 +331,8 @@ impl Registry {
 /// A stream's interest in one secret. Dropping it forgets a never-published name nobody else waits for.
 pub struct Subscription {
     registry: Arc<Registry>,
+    /// Made while the secret was withdrawn: it shows nothing until the secret is offered again.
+    hidden: bool,
     name: Box<str>,
     rx: watch::Receiver<Option<Arc<SecretVersion>>>,
 }
@@ -304,7 +340,14 @@ pub struct Subscription {
 impl Subscription {
     /// The current version, marking it seen.
     pub fn current(&mut self) -> Option<Arc<SecretVersion>> {
-        self.rx.borrow_and_update().clone()
+        let value = self.rx.borrow_and_update().clone();
+        if self.hidden {
+            if self.registry.is_withdrawn(&self.name) {
+                return None;
+            }
+            self.hidden = false;
+        }
+        value
     }
 
     /// Resolves when a version newer than the last one seen is published. Cancel-safe.
@@ -413,6 +456,41 @@ mod tests {
         let body = key.serialize_pem();
         let line = body.lines().nth(1).unwrap();
         assert!(!text.contains(line));
+    }
+
+    #[tokio::test]
+    async fn withdrawn_secrets_stay_with_their_streams_only() {
+        let reg = Registry::new();
+        let a = bundle("a");
+        reg.publish("gone", &a);
+        let mut held = reg.watch("gone");
+        assert!(held.current().is_some());
+        reg.withdraw("gone");
+        assert!(reg.get("gone").is_none(), "no longer offered");
+        assert!(
+            held.current().is_some(),
+            "still held by the stream that had it"
+        );
+        let mut fresh = reg.watch("gone");
+        assert!(
+            fresh.current().is_none(),
+            "a new subscription does not see it"
+        );
+        assert!(reg.names().is_empty());
+        // Re-added with the same bytes: the fresh subscription is woken and sees it; the holder is not
+        // bothered (same version).
+        let same = match reg.publish("gone", &a) {
+            Published::Unchanged(v) | Published::New(v) => v,
+        };
+        fresh.changed().await;
+        assert_eq!(fresh.current().unwrap().version(), same.version());
+        reg.publish("gone", &bundle("b"));
+        held.changed().await;
+        assert_ne!(
+            held.current().unwrap().version(),
+            same.version(),
+            "the holder hears about rotations"
+        );
     }
 
     #[test]

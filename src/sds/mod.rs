@@ -41,9 +41,10 @@ pub use crate::registry::ISTIO_PREFIX;
 
 /// Who may read which secret: per secret name, the `allowed_nodes` / `allowed_clients` patterns.
 /// Names without a rule may be read by anyone who can reach the listener.
+/// Replaced as a whole on a configuration reload; streams consult it on every subscription.
 #[derive(Debug, Default)]
 pub struct Policy {
-    rules: HashMap<String, Access>,
+    rules: std::sync::RwLock<HashMap<String, Access>>,
 }
 
 impl Policy {
@@ -60,12 +61,21 @@ impl Policy {
             )
             .filter(|(_, a)| a.nodes.is_some() || a.clients.is_some())
             .collect();
-        Policy { rules }
+        Policy {
+            rules: std::sync::RwLock::new(rules),
+        }
+    }
+
+    /// Takes the rules of `other` (a reloaded configuration).
+    pub fn replace(&self, other: Policy) {
+        let rules = other.rules.into_inner().unwrap_or_else(|e| e.into_inner());
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
     }
 
     /// Whether a caller (node id, client certificate identities) may read `requested`.
     pub fn allows(&self, requested: &str, node: Option<&str>, clients: &[String]) -> bool {
-        let Some(rule) = self.rules.get(canonical_name(requested)) else {
+        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner());
+        let Some(rule) = rules.get(canonical_name(requested)) else {
             return true;
         };
         let nodes_ok = rule

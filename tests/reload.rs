@@ -1,0 +1,129 @@
+//! Live reload: SIGHUP or an edited config file applies a new configuration without dropping streams.
+
+mod support;
+
+use support::*;
+use tonic::Code;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    pki: Pki,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    pki.leaf(&["www.example.com"]).write(dir.path(), "web");
+    pki.leaf(&["api.example.com"]).write(dir.path(), "api");
+    let config = dir.path().join("acme-sds.toml");
+    Setup { dir, config, pki }
+}
+
+impl Setup {
+    fn write(&self, names: &[&str], extra: &str) {
+        let mut text = format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n{extra}\n",
+            self.dir.path().join("sds.sock").display()
+        );
+        for n in names {
+            let d = self.dir.path();
+            text.push_str(&cert_table(
+                n,
+                &d.join(format!("{n}.crt")),
+                &d.join(format!("{n}.key")),
+            ));
+        }
+        // Write whole, as an editor's save does.
+        replace_by_rename(&self.config, text.as_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_secrets_without_dropping_streams() {
+    let s = setup();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("acme_sds=debug")
+        .with_test_writer()
+        .try_init();
+    s.write(&["web"], "");
+    let cfg = acme_sds::config::load(&s.config).unwrap();
+    let mut running = acme_sds::daemon::start(&cfg).await.unwrap();
+    let socket = s.dir.path().join("sds.sock");
+    let mut client = uds_client(&socket).await;
+    let (mut web, r1) = SotwStream::subscribed(&mut client, &["web"]).await;
+    web.send(ack(&["web"], &r1)).await;
+    let mut api = SotwStream::open(&mut client).await;
+    api.send(subscribe(&["api", "web"])).await;
+    let first = api.recv().await;
+    assert_eq!(first.resources.len(), 1, "api is not configured yet");
+    api.send(ack(&["api", "web"], &first)).await;
+
+    // Add api, remove web.
+    s.write(&["api"], "");
+    running.reload(&s.config).await.unwrap();
+    eprintln!(
+        "DEBUG api={:?} subs={}",
+        running
+            .registry()
+            .get("api")
+            .map(|v| v.version().to_owned()),
+        running.registry().subscribers("api")
+    );
+    let r = api.recv().await;
+    let names: Vec<_> = r.resources.iter().map(|a| decode_secret(a).name).collect();
+    assert_eq!(
+        names,
+        ["api", "web"],
+        "api arrives; web, already delivered, is not yanked"
+    );
+    let err = client.fetch_secrets(subscribe(&["web"])).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::NotFound,
+        "web is no longer offered to new requests"
+    );
+
+    // A broken config is rejected as a whole; the running one stays.
+    s.write(&["api"], "nonsense_key = 1");
+    let err = running.reload(&s.config).await.unwrap_err();
+    assert!(format!("{err:#}").contains("nonsense_key"), "{err:#}");
+    assert_eq!(fetch(&mut client, &["api"]).await.resources.len(), 1);
+
+    // web comes back: offered again, and its stream is still open to hear about rotations.
+    s.write(&["api", "web"], "");
+    running.reload(&s.config).await.unwrap();
+    assert_eq!(fetch(&mut client, &["web"]).await.resources.len(), 1);
+    let newer = s.pki.leaf(&["www.example.com"]);
+    newer.write(s.dir.path(), "web");
+    let r = web.recv().await;
+    assert_eq!(leaf_der(&decode_secret(&r.resources[0])), newer.leaf_der);
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_file_edits_reload_the_running_daemon() {
+    let s = setup();
+    s.write(&["web"], "");
+    let p = Process::spawn(&["run", "--config", s.config.to_str().unwrap()], &[]);
+    p.wait_for_line("acme-sds started");
+    let mut client = uds_client(&s.dir.path().join("sds.sock")).await;
+    let mut api = SotwStream::open(&mut client).await;
+    api.send(subscribe(&["api"])).await;
+
+    // An edit of the file alone is enough.
+    s.write(&["web", "api"], "");
+    let line = p.wait_for_line("configuration reloaded");
+    assert!(line.contains("api"), "{line}");
+    assert_eq!(decode_secret(&api.recv().await.resources[0]).name, "api");
+
+    // SIGHUP reloads too; a rejected config says why and changes nothing.
+    std::fs::write(&s.config, "[sds]\nlisten = [\"nowhere\"]\n").unwrap();
+    p.wait_for_line("reload rejected");
+    assert_eq!(fetch(&mut client, &["web", "api"]).await.resources.len(), 2);
+    s.write(&["web"], "");
+    p.wait_for_line("configuration reloaded");
+    p.signal("HUP");
+    p.wait_for_line("SIGHUP: reloading");
+    assert!(p.log().lines().all(|l| !l.contains("panicked")));
+}
