@@ -826,3 +826,45 @@ async fn read_only_storage_keeps_the_stored_certificate_serving_and_says_why() {
     ));
     assert_eq!(after, served);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_edit_orders_added_and_changed_certificates_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    let config = write_config(
+        dir.path(),
+        &acme_tables(&pebble, http, &[("a", &["a.example.com"])]),
+    );
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_line_within("certificate issued", ISSUE);
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let mut b = SotwStream::open(&mut client).await;
+    b.send(subscribe(&["b"])).await;
+
+    // One edit: a new certificate, and a domain added to the existing one.
+    let text = acme_tables(
+        &pebble,
+        http,
+        &[
+            ("a", &["a.example.com", "a2.example.com"]),
+            ("b", &["b.example.com"]),
+        ],
+    );
+    write_config(dir.path(), &text);
+    let secret = decode_secret(&b.recv_within(ISSUE).await.resources[0]);
+    verify_chain(
+        &chain_ders(&secret),
+        &pebble.root_der().await,
+        "b.example.com",
+    )
+    .unwrap();
+    p.wait_for_log("a re-ordered with a2", ISSUE, |log| {
+        log.lines()
+            .any(|l| l.contains("certificate issued") && l.contains("a2.example.com"))
+    });
+    let a = decode_secret(&fetch(&mut client, &["a"]).await.resources[0]);
+    verify_chain(&chain_ders(&a), &pebble.root_der().await, "a2.example.com").unwrap();
+}
