@@ -1,0 +1,205 @@
+//! The deployment kits in deploy/: manifests parse, carry the fields the README promises, and their
+//! embedded acme-sds configurations are valid.
+
+use std::path::{Path, PathBuf};
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+fn docs(file: &str) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(root().join(file)).unwrap();
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+fn of_kind<'a>(docs: &'a [Yaml], kind: &str) -> Vec<&'a Yaml> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .collect()
+}
+
+fn s(y: &Yaml) -> &str {
+    y.as_str().unwrap_or_else(|| panic!("not a string: {y:?}"))
+}
+
+/// Every embedded acme-sds.toml passes acme-sds's own validation.
+fn check_embedded_config(doc: &Yaml) {
+    let toml = s(&doc["data"]["acme-sds.toml"]);
+    acme_sds::config::parse(toml, Path::new("/etc/acme-sds/acme-sds.toml"))
+        .unwrap_or_else(|e| panic!("embedded config: {e}"));
+}
+
+#[test]
+fn kubernetes_manifests() {
+    let d = docs("kubernetes/acme-sds.yaml");
+    let cm = of_kind(&d, "ConfigMap");
+    check_embedded_config(cm[0]);
+    assert_eq!(of_kind(&d, "PersistentVolumeClaim").len(), 1);
+
+    let svc = of_kind(&d, "Service")[0];
+    let ports: Vec<&str> = svc["spec"]["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| s(&p["name"]))
+        .collect();
+    assert!(
+        ports.contains(&"grpc-sds") && ports.contains(&"http-acme"),
+        "{ports:?}"
+    );
+
+    let dep = of_kind(&d, "Deployment")[0];
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(s(&sc["capabilities"]["drop"][0]), "ALL");
+    assert_eq!(s(&c["livenessProbe"]["httpGet"]["path"]), "/healthz");
+    assert_eq!(s(&c["readinessProbe"]["httpGet"]["path"]), "/readyz");
+    let mounts: Vec<&str> = c["volumeMounts"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|m| s(&m["mountPath"]))
+        .collect();
+    assert!(mounts.contains(&"/var/lib/acme-sds"), "storage on the PVC");
+    assert_eq!(dep["spec"]["replicas"].as_i64(), Some(1));
+}
+
+#[test]
+fn istio_central_provider_gateway_routes_and_policy() {
+    let d = docs("istio/central.yaml");
+    let op = of_kind(&d, "IstioOperator")[0];
+    let p = &op["spec"]["meshConfig"]["extensionProviders"][0];
+    assert_eq!(s(&p["sds"]["name"]), "acme-sds");
+    assert_eq!(
+        s(&p["sds"]["service"]),
+        "acme-sds.acme-sds.svc.cluster.local"
+    );
+    assert_eq!(p["sds"]["port"].as_i64(), Some(8234));
+
+    let gw = of_kind(&d, "Gateway")[0];
+    let servers = gw["spec"]["servers"].as_vec().unwrap();
+    let https = servers
+        .iter()
+        .find(|x| s(&x["port"]["protocol"]) == "HTTPS")
+        .unwrap();
+    assert_eq!(s(&https["tls"]["credentialName"]), "sds://mydomain");
+    let http = servers
+        .iter()
+        .find(|x| s(&x["port"]["protocol"]) == "HTTP")
+        .unwrap();
+    assert!(
+        http["tls"]["httpsRedirect"].is_badvalue(),
+        "httpsRedirect on port 80 breaks HTTP-01"
+    );
+
+    let vs = of_kind(&d, "VirtualService")[0];
+    let routes = vs["spec"]["http"].as_vec().unwrap();
+    assert_eq!(
+        s(&routes[0]["match"][0]["uri"]["prefix"]),
+        "/.well-known/acme-challenge/",
+        "the challenge route comes first"
+    );
+    assert_eq!(
+        routes[0]["route"][0]["destination"]["port"]["number"].as_i64(),
+        Some(8089)
+    );
+    assert_eq!(s(&routes[1]["redirect"]["scheme"]), "https");
+
+    let ap = of_kind(&d, "AuthorizationPolicy")[0];
+    assert_eq!(s(&ap["spec"]["action"]), "ALLOW");
+    let principal = s(&ap["spec"]["rules"][0]["from"][0]["source"]["principals"][0]);
+    assert!(
+        principal.ends_with("/sa/istio-ingressgateway-service-account"),
+        "{principal}"
+    );
+}
+
+#[test]
+fn istio_sidecar_variant() {
+    let d = docs("istio/sidecar.yaml");
+    let dep = of_kind(&d, "Deployment")[0];
+    let tmpl = &dep["spec"]["template"];
+    let proxy_config = s(&tmpl["metadata"]["annotations"]["proxy.istio.io/config"]);
+    assert!(
+        proxy_config.contains("ISTIO_META_credential: \"true\""),
+        "{proxy_config}"
+    );
+    let sidecar = &tmpl["spec"]["initContainers"][0];
+    assert_eq!(
+        s(&sidecar["restartPolicy"]),
+        "Always",
+        "native sidecar: up before istio-proxy"
+    );
+    assert!(!sidecar["startupProbe"].is_badvalue());
+    let mounts = sidecar["volumeMounts"].as_vec().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| s(&m["mountPath"]) == "/var/run/secrets/credential-uds")
+    );
+
+    let cm = of_kind(&d, "ConfigMap")[0];
+    check_embedded_config(cm);
+    let cfg =
+        acme_sds::config::parse(s(&cm["data"]["acme-sds.toml"]), Path::new("/x.toml")).unwrap();
+    assert_eq!(
+        cfg.sds.listen,
+        [acme_sds::config::ListenAddr::Unix(
+            "/var/run/secrets/credential-uds/socket".into()
+        )]
+    );
+    assert_eq!(
+        cfg.sds.allowed_uids.as_deref(),
+        Some(&[1337][..]),
+        "istio-proxy's UID"
+    );
+    let vs = of_kind(&d, "VirtualService")[0];
+    assert_eq!(
+        s(&vs["spec"]["http"][0]["match"][0]["uri"]["prefix"]),
+        "/.well-known/acme-challenge/"
+    );
+}
+
+#[test]
+fn container_image_and_systemd_unit() {
+    let dockerfile = std::fs::read_to_string(root().join("docker/Dockerfile")).unwrap();
+    let stages = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .count();
+    assert!(stages >= 2, "multi-stage build");
+    assert!(
+        dockerfile.contains("distroless/cc-debian12:nonroot"),
+        "minimal runtime image"
+    );
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.starts_with("USER ") && !l.contains("root") && !l.contains(" 0"))
+    );
+
+    let unit = std::fs::read_to_string(root().join("systemd/acme-sds.service")).unwrap();
+    for line in [
+        "ExecStart=/usr/local/bin/acme-sds run --config /etc/acme-sds/acme-sds.toml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "User=acme-sds",
+        "StateDirectory=acme-sds",
+        "StateDirectoryMode=0700",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+    ] {
+        assert!(
+            unit.lines().any(|l| l == line),
+            "{line} missing from the unit"
+        );
+    }
+}
