@@ -124,4 +124,30 @@ async fn a_generated_bootstrap_serves_each_certificate_on_its_sni() {
         out
     };
     assert!(redirect.starts_with("HTTP/1.1 301"), "{redirect}");
+
+    // Live reload against the running Envoy: point "web" at other files; Envoy presents them, no restart.
+    let pid = envoy.pid();
+    let other = pki.leaf(&["www.example.com", "example.com"]);
+    let (oc, ok) = other.write(dir.path(), "web-v2");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(wc.to_str().unwrap(), oc.to_str().unwrap())
+        .replace(wk.to_str().unwrap(), ok.to_str().unwrap());
+    replace_by_rename(&config, text.as_bytes());
+    sds.wait_for_line("configuration reloaded");
+    let start = std::time::Instant::now();
+    loop {
+        let (leaf, _) = https_get(https, "www.example.com", &ca).await.unwrap();
+        if leaf == other.leaf_der {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the reloaded certificate never reached Envoy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(envoy.pid(), pid);
+    let (leaf, _) = https_get(https, "api.example.com", &ca).await.unwrap();
+    assert_eq!(leaf, api.leaf_der, "untouched");
 }
