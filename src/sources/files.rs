@@ -23,7 +23,7 @@ use crate::registry::{Published, Registry, SecretContent};
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Events come in bursts (truncate, write, close; or a pair of renames): wait this long after the first one
 /// so that a writer has usually finished both files of a pair before they are read.
-const SETTLE: Duration = Duration::from_millis(100);
+const SETTLE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 enum Files {

@@ -1,0 +1,408 @@
+//! acme-sds-bench: measures a separately started acme-sds process as an SDS client would.
+//!
+//!   cargo run --release --bin acme-sds-bench -- fanout   [--streams 10000] [--connections 100] [--rotations 20] [--secrets 1]
+//!   cargo run --release --bin acme-sds-bench -- memory   [--streams 10000] [--connections 100]
+//!   cargo run --release --bin acme-sds-bench -- cold-start [--certs 1000]
+//!   cargo run --release --bin acme-sds-bench -- all [--quick] [--csv FILE]
+//!
+//! It starts the `acme-sds` binary that sits next to it, with file-backed certificates in a temp directory,
+//! over loopback TCP. Figures go to stdout and, with `--csv`, to a CSV file. `--quick` shrinks every size so
+//! that CI can check that the benchmark works (its timings mean nothing there).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use acme_sds::proto::envoy::config::core::v3::Node;
+use acme_sds::proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use acme_sds::registry::SECRET_TYPE_URL;
+use anyhow::{Context, Result, bail};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Clone)]
+struct Args {
+    cmd: String,
+    streams: usize,
+    connections: usize,
+    rotations: usize,
+    secrets: usize,
+    certs: usize,
+    quick: bool,
+    csv: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let cmd = it.next().unwrap_or_else(|| "all".into());
+    let mut a = Args {
+        cmd,
+        streams: 10_000,
+        connections: 100,
+        rotations: 20,
+        secrets: 1,
+        certs: 1000,
+        quick: false,
+        csv: None,
+    };
+    while let Some(flag) = it.next() {
+        let mut num = |name: &str| -> Result<usize> {
+            it.next()
+                .with_context(|| format!("{name} needs a value"))?
+                .parse()
+                .with_context(|| format!("{name} needs a number"))
+        };
+        match flag.as_str() {
+            "--streams" => a.streams = num("--streams")?,
+            "--connections" => a.connections = num("--connections")?,
+            "--rotations" => a.rotations = num("--rotations")?,
+            "--secrets" => a.secrets = num("--secrets")?,
+            "--certs" => a.certs = num("--certs")?,
+            "--quick" => a.quick = true,
+            "--csv" => a.csv = Some(it.next().context("--csv needs a file")?.into()),
+            other => bail!("unknown argument {other:?} (see the doc comment at the top of src/bin/acme-sds-bench.rs)"),
+        }
+    }
+    if a.quick {
+        a.streams = a.streams.min(200);
+        a.connections = a.connections.min(4);
+        a.rotations = a.rotations.min(3);
+        a.certs = a.certs.min(20);
+    }
+    Ok(a)
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!("acme-sds-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A test PKI and certificate files.
+struct Certs {
+    dir: TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Certs {
+    fn new() -> Result<Self> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        Ok(Certs {
+            dir: TempDir::new()?,
+            issuer: rcgen::Issuer::new(params, ca_key),
+        })
+    }
+
+    /// Writes (rename over) a fresh certificate and key for `name`.
+    fn write(&self, name: &str) -> Result<()> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec![format!("{name}.example.com")])?
+            .signed_by(&key, &self.issuer)?;
+        for (ext, body) in [("key", key.serialize_pem()), ("crt", cert.pem())] {
+            let path = self.dir.path().join(format!("{name}.{ext}"));
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, body)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    }
+
+    fn config(&self, names: &[String], port: u16) -> Result<PathBuf> {
+        let mut text = format!("[sds]\nlisten = [\"127.0.0.1:{port}\"]\n\n");
+        for n in names {
+            let d = self.dir.path();
+            text.push_str(&format!(
+                "[[certificate]]\nname = \"{n}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n",
+                d.join(format!("{n}.crt")).display(),
+                d.join(format!("{n}.key")).display()
+            ));
+        }
+        let path = self.dir.path().join("acme-sds.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The acme-sds process under measurement.
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Result<(Daemon, Instant, Duration)> {
+        let bin = std::env::current_exe()?.with_file_name("acme-sds");
+        let started = Instant::now();
+        let mut child = Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn,acme_sds=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("acme-sds started") => break,
+                Some(_) => continue,
+                None => bail!("acme-sds exited before starting"),
+            }
+        }
+        let ready = started.elapsed();
+        std::thread::spawn(move || for _ in lines {});
+        Ok((Daemon { child }, started, ready))
+    }
+
+    fn rss_bytes(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("VmRSS")?;
+        Ok(kib * 1024)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn request(name: &str, last: Option<&DiscoveryResponse>) -> DiscoveryRequest {
+    DiscoveryRequest {
+        node: Some(Node {
+            id: "bench".into(),
+            cluster: "bench".into(),
+            ..Default::default()
+        }),
+        resource_names: vec![name.to_owned()],
+        type_url: SECRET_TYPE_URL.into(),
+        version_info: last.map(|r| r.version_info.clone()).unwrap_or_default(),
+        response_nonce: last.map(|r| r.nonce.clone()).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+async fn channels(port: u16, n: usize) -> Result<Vec<Channel>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+                .initial_stream_window_size(1 << 20)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// Opens `n` streams; each reports (stream index, arrival time) of every push after the first.
+async fn open_streams(
+    chans: &[Channel],
+    names: &[String],
+    n: usize,
+) -> Result<(mpsc::UnboundedReceiver<Instant>, Vec<tokio::task::JoinHandle<()>>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, mut ready_rx) = mpsc::channel::<()>(n.max(1));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut client = SecretDiscoveryServiceClient::new(chans[i % chans.len()].clone())
+            .max_decoding_message_size(1 << 20);
+        let name = names[i % names.len()].clone();
+        let tx = tx.clone();
+        let ready = ready_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let (req_tx, req_rx) = mpsc::channel(4);
+            let _ = req_tx.send(request(&name, None)).await;
+            let Ok(resp) = client.stream_secrets(ReceiverStream::new(req_rx)).await else {
+                return;
+            };
+            let mut inbound = resp.into_inner();
+            let mut first = true;
+            while let Ok(Some(r)) = inbound.message().await {
+                let now = Instant::now();
+                let _ = req_tx.send(request(&name, Some(&r))).await;
+                if first {
+                    first = false;
+                    let _ = ready.send(()).await;
+                } else {
+                    let _ = tx.send(now);
+                }
+            }
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..n {
+        ready_rx.recv().await.context("a stream failed to open")?;
+    }
+    Ok((rx, tasks))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+struct Csv(Vec<String>);
+
+impl Csv {
+    fn row(&mut self, bench: &str, param: &str, metric: &str, value: f64, unit: &str) {
+        println!("{bench:<11} {param:<34} {metric:<24} {value:>12.3} {unit}");
+        self.0.push(format!("{bench},{param},{metric},{value},{unit}"));
+    }
+}
+
+async fn fanout(a: &Args, csv: &mut Csv) -> Result<()> {
+    let certs = Certs::new()?;
+    let names: Vec<String> = (0..a.secrets).map(|i| format!("s{i}")).collect();
+    for n in &names {
+        certs.write(n)?;
+    }
+    let port = free_port()?;
+    let (daemon, _, _) = Daemon::start(&certs.config(&names, port)?)?;
+    let chans = channels(port, a.connections).await?;
+    let (mut rx, tasks) = open_streams(&chans, &names, a.streams).await?;
+    let mut completions = Vec::new();
+    let mut per_stream = Vec::new();
+    for _ in 0..a.rotations {
+        let t0 = Instant::now();
+        for n in &names {
+            certs.write(n)?;
+        }
+        let mut last = t0;
+        for _ in 0..a.streams {
+            let at = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .context("rotation did not reach every stream within 60 s")?
+                .context("streams closed")?;
+            per_stream.push((at - t0).as_secs_f64() * 1000.0);
+            last = last.max(at);
+        }
+        completions.push((last - t0).as_secs_f64() * 1000.0);
+    }
+    completions.sort_by(f64::total_cmp);
+    per_stream.sort_by(f64::total_cmp);
+    let param = format!("streams={} conns={} secrets={}", a.streams, a.connections, a.secrets);
+    csv.row("fanout", &param, "last_stream_median", percentile(&completions, 0.5), "ms");
+    csv.row("fanout", &param, "last_stream_p99", percentile(&completions, 0.99), "ms");
+    csv.row("fanout", &param, "last_stream_max", percentile(&completions, 1.0), "ms");
+    csv.row("fanout", &param, "per_stream_p99", percentile(&per_stream, 0.99), "ms");
+    drop(daemon);
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+async fn memory(a: &Args, csv: &mut Csv) -> Result<()> {
+    let certs = Certs::new()?;
+    let names = vec!["m".to_string()];
+    certs.write("m")?;
+    let port = free_port()?;
+    let (daemon, _, _) = Daemon::start(&certs.config(&names, port)?)?;
+    let chans = channels(port, a.connections).await?;
+    // Warm the server with one stream per connection, then measure.
+    let (_rx0, warm) = open_streams(&chans, &names, a.connections).await?;
+    let before = daemon.rss_bytes()?;
+    let (_rx, tasks) = open_streams(&chans, &names, a.streams).await?;
+    let after = daemon.rss_bytes()?;
+    let per = (after.saturating_sub(before)) as f64 / a.streams as f64;
+    let param = format!("streams={} conns={}", a.streams, a.connections);
+    csv.row("memory", &param, "rss_before", before as f64 / 1048576.0, "MiB");
+    csv.row("memory", &param, "rss_after", after as f64 / 1048576.0, "MiB");
+    csv.row("memory", &param, "per_idle_stream", per, "bytes");
+    for t in tasks.into_iter().chain(warm) {
+        t.abort();
+    }
+    Ok(())
+}
+
+async fn cold_start(a: &Args, csv: &mut Csv) -> Result<()> {
+    let certs = Certs::new()?;
+    let names: Vec<String> = (0..a.certs).map(|i| format!("c{i}")).collect();
+    for n in &names {
+        certs.write(n)?;
+    }
+    let port = free_port()?;
+    let config = certs.config(&names, port)?;
+    let (daemon, started, ready) = Daemon::start(&config)?;
+    // Everything is served once one fetch of every name succeeds.
+    let chans = channels(port, 1).await?;
+    let mut client = SecretDiscoveryServiceClient::new(chans[0].clone()).max_decoding_message_size(64 << 20);
+    let mut req = request("", None);
+    req.resource_names = names.clone();
+    let resp = client.fetch_secrets(req).await?.into_inner();
+    let all = started.elapsed();
+    if resp.resources.len() != names.len() {
+        bail!("served {} of {} certificates", resp.resources.len(), names.len());
+    }
+    let param = format!("certs={}", a.certs);
+    csv.row("cold_start", &param, "started", ready.as_secs_f64() * 1000.0, "ms");
+    csv.row("cold_start", &param, "all_served", all.as_secs_f64() * 1000.0, "ms");
+    drop(daemon);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = parse_args()?;
+    let mut csv = Csv(vec!["bench,param,metric,value,unit".into()]);
+    println!("{:<11} {:<34} {:<24} {:>12}", "BENCH", "PARAMETERS", "METRIC", "VALUE");
+    match a.cmd.as_str() {
+        "fanout" => fanout(&a, &mut csv).await?,
+        "memory" => memory(&a, &mut csv).await?,
+        "cold-start" => cold_start(&a, &mut csv).await?,
+        "all" => {
+            fanout(&a, &mut csv).await?;
+            let spread = Args {
+                secrets: if a.quick { 10 } else { 100 },
+                ..a.clone()
+            };
+            fanout(&spread, &mut csv).await?;
+            memory(&spread, &mut csv).await?;
+            cold_start(&spread, &mut csv).await?;
+        }
+        other => bail!("unknown command {other:?}: fanout, memory, cold-start or all"),
+    }
+    if let Some(path) = &a.csv {
+        std::fs::write(path, csv.0.join("\n") + "\n")?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
