@@ -64,7 +64,9 @@ fn parse_args() -> Result<Args> {
             "--certs" => a.certs = num("--certs")?,
             "--quick" => a.quick = true,
             "--csv" => a.csv = Some(it.next().context("--csv needs a file")?.into()),
-            other => bail!("unknown argument {other:?} (see the doc comment at the top of src/bin/acme-sds-bench.rs)"),
+            other => bail!(
+                "unknown argument {other:?} (see the doc comment at the top of src/bin/acme-sds-bench.rs)"
+            ),
         }
     }
     if a.quick {
@@ -84,7 +86,8 @@ impl TempDir {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos();
-        let dir = std::env::temp_dir().join(format!("acme-sds-bench-{}-{nanos}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("acme-sds-bench-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(TempDir(dir))
     }
@@ -234,7 +237,10 @@ async fn open_streams(
     chans: &[Channel],
     names: &[String],
     n: usize,
-) -> Result<(mpsc::UnboundedReceiver<Instant>, Vec<tokio::task::JoinHandle<()>>)> {
+) -> Result<(
+    mpsc::UnboundedReceiver<Instant>,
+    Vec<tokio::task::JoinHandle<()>>,
+)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(n.max(1));
     let mut tasks = Vec::with_capacity(n);
@@ -284,7 +290,8 @@ struct Csv(Vec<String>);
 impl Csv {
     fn row(&mut self, bench: &str, param: &str, metric: &str, value: f64, unit: &str) {
         println!("{bench:<11} {param:<34} {metric:<24} {value:>12.3} {unit}");
-        self.0.push(format!("{bench},{param},{metric},{value},{unit}"));
+        self.0
+            .push(format!("{bench},{param},{metric},{value},{unit}"));
     }
 }
 
@@ -318,11 +325,38 @@ async fn fanout(a: &Args, csv: &mut Csv) -> Result<()> {
     }
     completions.sort_by(f64::total_cmp);
     per_stream.sort_by(f64::total_cmp);
-    let param = format!("streams={} conns={} secrets={}", a.streams, a.connections, a.secrets);
-    csv.row("fanout", &param, "last_stream_median", percentile(&completions, 0.5), "ms");
-    csv.row("fanout", &param, "last_stream_p99", percentile(&completions, 0.99), "ms");
-    csv.row("fanout", &param, "last_stream_max", percentile(&completions, 1.0), "ms");
-    csv.row("fanout", &param, "per_stream_p99", percentile(&per_stream, 0.99), "ms");
+    let param = format!(
+        "streams={} conns={} secrets={}",
+        a.streams, a.connections, a.secrets
+    );
+    csv.row(
+        "fanout",
+        &param,
+        "last_stream_median",
+        percentile(&completions, 0.5),
+        "ms",
+    );
+    csv.row(
+        "fanout",
+        &param,
+        "last_stream_p99",
+        percentile(&completions, 0.99),
+        "ms",
+    );
+    csv.row(
+        "fanout",
+        &param,
+        "last_stream_max",
+        percentile(&completions, 1.0),
+        "ms",
+    );
+    csv.row(
+        "fanout",
+        &param,
+        "per_stream_p99",
+        percentile(&per_stream, 0.99),
+        "ms",
+    );
     drop(daemon);
     for t in tasks {
         t.abort();
@@ -344,8 +378,20 @@ async fn memory(a: &Args, csv: &mut Csv) -> Result<()> {
     let after = daemon.rss_bytes()?;
     let per = (after.saturating_sub(before)) as f64 / a.streams as f64;
     let param = format!("streams={} conns={}", a.streams, a.connections);
-    csv.row("memory", &param, "rss_before", before as f64 / 1048576.0, "MiB");
-    csv.row("memory", &param, "rss_after", after as f64 / 1048576.0, "MiB");
+    csv.row(
+        "memory",
+        &param,
+        "rss_before",
+        before as f64 / 1048576.0,
+        "MiB",
+    );
+    csv.row(
+        "memory",
+        &param,
+        "rss_after",
+        after as f64 / 1048576.0,
+        "MiB",
+    );
     csv.row("memory", &param, "per_idle_stream", per, "bytes");
     for t in tasks.into_iter().chain(warm) {
         t.abort();
@@ -364,17 +410,34 @@ async fn cold_start(a: &Args, csv: &mut Csv) -> Result<()> {
     let (daemon, started, ready) = Daemon::start(&config)?;
     // Everything is served once one fetch of every name succeeds.
     let chans = channels(port, 1).await?;
-    let mut client = SecretDiscoveryServiceClient::new(chans[0].clone()).max_decoding_message_size(64 << 20);
+    let mut client =
+        SecretDiscoveryServiceClient::new(chans[0].clone()).max_decoding_message_size(64 << 20);
     let mut req = request("", None);
     req.resource_names = names.clone();
     let resp = client.fetch_secrets(req).await?.into_inner();
     let all = started.elapsed();
     if resp.resources.len() != names.len() {
-        bail!("served {} of {} certificates", resp.resources.len(), names.len());
+        bail!(
+            "served {} of {} certificates",
+            resp.resources.len(),
+            names.len()
+        );
     }
     let param = format!("certs={}", a.certs);
-    csv.row("cold_start", &param, "started", ready.as_secs_f64() * 1000.0, "ms");
-    csv.row("cold_start", &param, "all_served", all.as_secs_f64() * 1000.0, "ms");
+    csv.row(
+        "cold_start",
+        &param,
+        "started",
+        ready.as_secs_f64() * 1000.0,
+        "ms",
+    );
+    csv.row(
+        "cold_start",
+        &param,
+        "all_served",
+        all.as_secs_f64() * 1000.0,
+        "ms",
+    );
     drop(daemon);
     Ok(())
 }
@@ -383,7 +446,10 @@ async fn cold_start(a: &Args, csv: &mut Csv) -> Result<()> {
 async fn main() -> Result<()> {
     let a = parse_args()?;
     let mut csv = Csv(vec!["bench,param,metric,value,unit".into()]);
-    println!("{:<11} {:<34} {:<24} {:>12}", "BENCH", "PARAMETERS", "METRIC", "VALUE");
+    println!(
+        "{:<11} {:<34} {:<24} {:>12}",
+        "BENCH", "PARAMETERS", "METRIC", "VALUE"
+    );
     match a.cmd.as_str() {
         "fanout" => fanout(&a, &mut csv).await?,
         "memory" => memory(&a, &mut csv).await?,
