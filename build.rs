@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_well_known_types(true)
         // `Bytes` for every bytes field: an encoded Secret inside an Any is shared by reference count.
         .bytes(".")
+        // Small per-stream buffers: see src/sds/codec.rs.
+        .codec_path("crate::sds::codec::SdsCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! never resent, a stale SotW nonce is ignored, an unknown name keeps the stream open until the secret
 //! appears, an empty name list never enumerates secrets, and `sds://NAME` is the same secret as `NAME`.
 
+pub mod codec;
 pub mod delta;
 pub mod sotw;
 
