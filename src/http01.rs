@@ -97,6 +97,36 @@ async fn respond(store: SharedStore, req: Request<Incoming>) -> Response<Full<By
     }
 }
 
+/// Serves one HTTP/1.1 connection with the limits every listener of ours keeps (header size and read
+/// timeout: slow-loris safe), until it closes or `shutdown` (then gracefully, bounded). Shared by the
+/// responder and the admin listener.
+pub(crate) async fn serve_connection<S>(
+    stream: tokio::net::TcpStream,
+    service: S,
+    shutdown: CancellationToken,
+) where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
+
 /// Binds the responder's listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
@@ -129,19 +159,7 @@ pub async fn serve(listener: TcpListener, store: SharedStore, shutdown: Cancella
                 let store = store.clone();
                 async move { Ok::<_, Infallible>(respond(store, req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = token.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
-                }
-            }
+            serve_connection(stream, service, token).await;
         });
         while conns.try_join_next().is_some() {}
     }

@@ -145,16 +145,17 @@ fn run(path: &Path) -> anyhow::Result<()> {
     })
 }
 
-fn envoy_bootstrap(path: &Path, opts: &acme_sds::bootstrap::BootstrapOptions) -> ExitCode {
+/// Loads and validates a configuration and its files, printing every problem; `None` when there are any.
+fn load_checked(path: &Path) -> Option<(Config, Vec<(String, SecretContent)>)> {
     let config = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::FAILURE;
+            return None;
         }
     };
-    let loaded = match FileSource::from_config(&config).load_all() {
-        Ok(l) => l,
+    match FileSource::from_config(&config).load_all() {
+        Ok(loaded) => Some((config, loaded)),
         Err(problems) => {
             eprintln!(
                 "{}",
@@ -163,8 +164,14 @@ fn envoy_bootstrap(path: &Path, opts: &acme_sds::bootstrap::BootstrapOptions) ->
                     problems
                 }
             );
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+fn envoy_bootstrap(path: &Path, opts: &acme_sds::bootstrap::BootstrapOptions) -> ExitCode {
+    let Some((config, loaded)) = load_checked(path) else {
+        return ExitCode::FAILURE;
     };
     match acme_sds::bootstrap::envoy_bootstrap(&config, &loaded, opts) {
         Ok(yaml) => {
@@ -394,25 +401,8 @@ fn status_table(rows: &[acme_sds::admin::SecretStatus], origin: &str, color: boo
 }
 
 fn check(path: &Path) -> ExitCode {
-    let config = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let loaded = match FileSource::from_config(&config).load_all() {
-        Ok(l) => l,
-        Err(problems) => {
-            eprintln!(
-                "{}",
-                ConfigError {
-                    path: config.path.clone(),
-                    problems
-                }
-            );
-            return ExitCode::FAILURE;
-        }
+    let Some((config, loaded)) = load_checked(path) else {
+        return ExitCode::FAILURE;
     };
     print!("{}", summary(&config, &loaded));
     ExitCode::SUCCESS
