@@ -3,6 +3,7 @@
 //!   cargo run --release --bin acme-sds-bench -- fanout   [--streams 10000] [--connections 100] [--rotations 20] [--secrets 1]
 //!   cargo run --release --bin acme-sds-bench -- memory   [--streams 10000] [--connections 100]
 //!   cargo run --release --bin acme-sds-bench -- cold-start [--certs 1000]
+//!   cargo run --release --bin acme-sds-bench -- issuance   (needs Debian's pebble: 1 and 50 certificates)
 //!   cargo run --release --bin acme-sds-bench -- all [--quick] [--csv FILE]
 //!
 //! It starts the `acme-sds` binary that sits next to it, with file-backed certificates in a temp directory,
@@ -462,6 +463,158 @@ async fn cold_start(a: &Args, csv: &mut Csv) -> Result<()> {
     Ok(())
 }
 
+/// Spawns a helper process and waits (bounded) until one of its output lines contains `needle`.
+fn spawn_until(mut cmd: Command, needle: &str) -> Result<Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out: Vec<Box<dyn std::io::Read + Send>> = vec![
+        Box::new(child.stdout.take().context("stdout")?),
+        Box::new(child.stderr.take().context("stderr")?),
+    ];
+    for pipe in out {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => break,
+            Ok(_) => {}
+            Err(_) => bail!("{cmd:?} did not say {needle:?}"),
+        }
+    }
+    std::thread::spawn(move || for _ in rx {});
+    Ok(child)
+}
+
+struct Killed(Vec<Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Issuance against Pebble (no validation delay, no nonce rejection): from process start with empty
+/// storage until every certificate is served over SDS.
+async fn issuance(a: &Args, csv: &mut Csv) -> Result<()> {
+    let dir = TempDir::new()?;
+    // Pebble's own HTTPS certificate, from a throwaway CA that acme-sds is told to trust.
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?
+        .signed_by(&key, &issuer)?;
+    let d = dir.path();
+    std::fs::write(d.join("pebble.crt"), leaf.pem())?;
+    std::fs::write(d.join("pebble.key"), key.serialize_pem())?;
+    std::fs::write(d.join("ca.pem"), ca.pem())?;
+    let (listen, mgmt, http, tls, chall) = (
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+    );
+    let dns = loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let p = udp.local_addr()?.port();
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            break p;
+        }
+    };
+    std::fs::write(
+        d.join("pebble.json"),
+        format!(
+            r#"{{"pebble": {{"listenAddress": "127.0.0.1:{listen}", "managementListenAddress": "127.0.0.1:{mgmt}",
+            "certificate": "{c}", "privateKey": "{k}", "httpPort": {http}, "tlsPort": {tls},
+            "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+            c = d.join("pebble.crt").display(),
+            k = d.join("pebble.key").display()
+        ),
+    )?;
+    let mut cmd = Command::new("pebble-challtestsrv");
+    cmd.args([
+        "-dns01",
+        &format!("127.0.0.1:{dns}"),
+        "-http01",
+        "",
+        "-https01",
+        "",
+        "-tlsalpn01",
+        "",
+    ])
+    .args([
+        "-management",
+        &format!("127.0.0.1:{chall}"),
+        "-defaultIPv4",
+        "127.0.0.1",
+        "-defaultIPv6",
+        "",
+    ]);
+    let challtest = spawn_until(cmd, "Starting management server")?;
+    let mut cmd = Command::new("pebble");
+    cmd.arg("-config")
+        .arg(d.join("pebble.json"))
+        .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0");
+    let pebble = spawn_until(cmd, "ACME directory available")?;
+    let _helpers = Killed(vec![challtest, pebble]);
+
+    let sizes: &[usize] = if a.quick { &[1, 5] } else { &[1, 50] };
+    for &n in sizes {
+        let port = free_port()?;
+        let storage = d.join(format!("storage-{n}"));
+        let mut text = format!(
+            "[sds]\nlisten = [\"127.0.0.1:{port}\"]\n[storage]\npath = \"{}\"\n[http01]\nlisten = \"127.0.0.1:{http}\"\n[acme]\ndirectory = \"https://127.0.0.1:{listen}/dir\"\ndirectory_ca = \"{}\"\naccept_terms_of_service = true\nmax_concurrent_orders = 16\n\n",
+            storage.display(),
+            d.join("ca.pem").display()
+        );
+        let names: Vec<String> = (0..n).map(|i| format!("n{n}c{i}")).collect();
+        for name in &names {
+            text.push_str(&format!(
+                "[[certificate]]\nname = \"{name}\"\ndomains = [\"{name}.example.com\"]\n\n"
+            ));
+        }
+        let config = d.join(format!("acme-sds-{n}.toml"));
+        std::fs::write(&config, text)?;
+        let (daemon, started, _) = Daemon::start(&config)?;
+        let chans = channels(port, 1).await?;
+        let (_rx, tasks) =
+            tokio::time::timeout(Duration::from_secs(120), open_streams(&chans, &names, n))
+                .await
+                .context("certificates not issued within 120 s")??;
+        let all = started.elapsed();
+        csv.row(
+            "issuance",
+            &format!("certs={n} ca=pebble"),
+            "all_served",
+            all.as_secs_f64() * 1000.0,
+            "ms",
+        );
+        drop(daemon);
+        for t in tasks {
+            t.abort();
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = parse_args()?;
@@ -474,6 +627,7 @@ async fn main() -> Result<()> {
         "fanout" => fanout(&a, &mut csv).await?,
         "memory" => memory(&a, &mut csv).await?,
         "cold-start" => cold_start(&a, &mut csv).await?,
+        "issuance" => issuance(&a, &mut csv).await?,
         "all" => {
             fanout(&a, &mut csv).await?;
             let spread = Args {
@@ -483,8 +637,9 @@ async fn main() -> Result<()> {
             fanout(&spread, &mut csv).await?;
             memory(&spread, &mut csv).await?;
             cold_start(&spread, &mut csv).await?;
+            issuance(&spread, &mut csv).await?;
         }
-        other => bail!("unknown command {other:?}: fanout, memory, cold-start or all"),
+        other => bail!("unknown command {other:?}: fanout, memory, cold-start, issuance or all"),
     }
     if let Some(path) = &a.csv {
         std::fs::write(path, csv.0.join("\n") + "\n")?;
