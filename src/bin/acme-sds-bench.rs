@@ -5,6 +5,7 @@
 //!   cargo run --release --bin acme-sds-bench -- cold-start [--certs 1000]
 //!   cargo run --release --bin acme-sds-bench -- issuance   (needs Debian's pebble: 1 and 50 certificates)
 //!   cargo run --release --bin acme-sds-bench -- rotation   (needs Envoy: $ENVOY_BIN or `envoy` on PATH)
+//!   cargo run --release --bin acme-sds-bench -- chart [--svg FILE]   (fan-out at 1k..20k streams, drawn)
 //!   cargo run --release --bin acme-sds-bench -- all [--quick] [--csv FILE]
 //!
 //! It starts the `acme-sds` binary that sits next to it, with file-backed certificates in a temp directory,
@@ -36,6 +37,7 @@ struct Args {
     certs: usize,
     quick: bool,
     csv: Option<PathBuf>,
+    svg: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -50,6 +52,7 @@ fn parse_args() -> Result<Args> {
         certs: 1000,
         quick: false,
         csv: None,
+        svg: None,
     };
     while let Some(flag) = it.next() {
         let mut num = |name: &str| -> Result<usize> {
@@ -66,6 +69,7 @@ fn parse_args() -> Result<Args> {
             "--certs" => a.certs = num("--certs")?,
             "--quick" => a.quick = true,
             "--csv" => a.csv = Some(it.next().context("--csv needs a file")?.into()),
+            "--svg" => a.svg = Some(it.next().context("--svg needs a file")?.into()),
             other => bail!(
                 "unknown argument {other:?} (see the doc comment at the top of src/bin/acme-sds-bench.rs)"
             ),
@@ -674,6 +678,74 @@ static_resources:
     Ok(())
 }
 
+/// Fan-out latency against the number of streams (1k to 20k, 100 streams per connection), as a table and an
+/// SVG line chart.
+async fn chart(a: &Args, csv: &mut Csv, svg: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let sizes: &[usize] = if a.quick {
+        &[50, 100, 200]
+    } else {
+        &[1000, 2000, 5000, 10000, 15000, 20000]
+    };
+    let mut points = Vec::new();
+    for &n in sizes {
+        let run = Args {
+            streams: n,
+            connections: (n / 100).max(1),
+            rotations: if a.quick { 2 } else { 8 },
+            secrets: 1,
+            ..a.clone()
+        };
+        let mut local = Csv(Vec::new());
+        fanout(&run, &mut local).await?;
+        let get = |metric: &str| -> f64 {
+            local
+                .0
+                .iter()
+                .find(|l| l.split(',').nth(2) == Some(metric))
+                .and_then(|l| l.split(',').nth(3)?.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        points.push((n as f64, get("last_stream_median"), get("last_stream_p99")));
+        csv.0.extend(local.0);
+    }
+    let max_x = points.last().map(|p| p.0).unwrap_or(1.0);
+    let max_y = points.iter().map(|p| p.2).fold(0.0, f64::max) * 1.15;
+    let root = SVGBackend::new(svg, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(
+            "acme-sds: rotation to every stream (2 cores, client included)",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_x * 1.05, 0.0..max_y.max(1.0))?;
+    c.configure_mesh()
+        .x_desc("SDS streams")
+        .y_desc("ms until the last stream has the new version")
+        .draw()?;
+    c.draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), &BLUE))?
+        .label("median")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    c.draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.2)), &RED))?
+        .label("p99")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    c.draw_series(
+        points
+            .iter()
+            .map(|p| Circle::new((p.0, p.2), 3, RED.filled())),
+    )?;
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    println!("chart written to {}", svg.display());
+    Ok(())
+}
+
 /// Spawns a helper process and waits (bounded) until one of its output lines contains `needle`.
 fn spawn_until(mut cmd: Command, needle: &str) -> Result<Child> {
     cmd.stdin(Stdio::null())
@@ -921,6 +993,10 @@ async fn main() -> Result<()> {
         "cold-start" => cold_start(&a, &mut csv).await?,
         "issuance" => issuance(&a, &mut csv).await?,
         "rotation" => rotation(&a, &mut csv).await?,
+        "chart" => {
+            let svg = a.svg.clone().unwrap_or_else(|| PathBuf::from("fanout.svg"));
+            chart(&a, &mut csv, &svg).await?
+        }
         "all" => {
             fanout(&a, &mut csv).await?;
             let spread = Args {
@@ -932,9 +1008,12 @@ async fn main() -> Result<()> {
             cold_start(&spread, &mut csv).await?;
             issuance(&spread, &mut csv).await?;
             rotation(&a, &mut csv).await?;
+            if let Some(svg) = &a.svg {
+                chart(&a, &mut csv, svg).await?;
+            }
         }
         other => bail!(
-            "unknown command {other:?}: fanout, memory, cold-start, issuance, rotation or all"
+            "unknown command {other:?}: fanout, memory, cold-start, issuance, rotation, chart or all"
         ),
     }
     if let Some(path) = &a.csv {
