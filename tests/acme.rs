@@ -121,10 +121,7 @@ fn restart_serves_the_stored_certificate_and_orders_nothing_until_domains_change
     );
     let args = ["run", "--config", config.to_str().unwrap()];
 
-    let mut first = Process::spawn(&args, &[]);
-    first.wait_for_line_within("certificate issued", ISSUE);
-    first.signal("TERM");
-    assert_eq!(first.wait_exit(), Some(0));
+    let first = issue_then_stop(&args);
 
     let mut second = Process::spawn(&args, &[]);
     let line = second.wait_for_line("next renewal at");
@@ -516,10 +513,7 @@ fn a_corrupt_stored_certificate_is_moved_aside_and_obtained_again() {
         &acme_tables(&pebble, http, &[("site", &["c.example.com"])]),
     );
     let args = ["run", "--config", config.to_str().unwrap()];
-    let mut first = Process::spawn(&args, &[]);
-    first.wait_for_line_within("certificate issued", ISSUE);
-    first.signal("TERM");
-    assert_eq!(first.wait_exit(), Some(0));
+    issue_then_stop(&args);
 
     // Half-written, as a crash mid-write on a filesystem without atomic rename would leave it.
     let certs_dir = std::fs::read_dir(dir.path().join("acme-sds-data/acme"))
@@ -604,6 +598,15 @@ async fn private_keys_never_reach_the_logs_even_at_trace() {
         }
     }
     assert!(!log.contains(&account_key[..32]), "account key in the logs");
+}
+
+/// Runs acme-sds until it has issued a certificate, then stops it cleanly; returns it for its log.
+fn issue_then_stop(args: &[&str]) -> Process {
+    let mut p = Process::spawn(args, &[]);
+    p.wait_for_line_within("certificate issued", ISSUE);
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(), Some(0));
+    p
 }
 
 /// Every stored certificate under the storage directory parses and matches its key; returns how many.
@@ -793,10 +796,7 @@ async fn read_only_storage_keeps_the_stored_certificate_serving_and_says_why() {
         dir.path(),
         &acme_tables(&pebble, http, &[("site", &["ro.example.com"])]),
     );
-    let mut first = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
-    first.wait_for_line_within("certificate issued", ISSUE);
-    first.signal("TERM");
-    assert_eq!(first.wait_exit(), Some(0));
+    issue_then_stop(&["run", "--config", config.to_str().unwrap()]);
 
     // Run again with the storage directory mounted read-only (a private mount namespace; root can write
     // through file modes, not through a read-only mount).
