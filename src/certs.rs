@@ -94,19 +94,7 @@ impl CertInfo {
         if !rest.is_empty() {
             return Err(bad("trailing bytes after the certificate".into()));
         }
-        let dns_names = match cert.subject_alternative_name() {
-            Ok(Some(san)) => san
-                .value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::DNSName(d) => Some(d.to_string()),
-                    _ => None,
-                })
-                .collect(),
-            Ok(None) => Vec::new(),
-            Err(e) => return Err(bad(format!("subjectAltName: {e}"))),
-        };
+        let dns_names = san_names(&cert, false).map_err(|e| bad(format!("subjectAltName: {e}")))?;
         Ok(CertInfo {
             serial: cert.raw_serial_as_string(),
             subject: cert.subject().to_string(),
@@ -127,19 +115,27 @@ pub fn identities(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
         return Vec::new();
     };
-    match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
+    san_names(&cert, true).unwrap_or_default()
+}
+
+/// The DNS names of a certificate's subjectAltName (and its URIs, when `uris`).
+fn san_names(
+    cert: &X509Certificate<'_>,
+    uris: bool,
+) -> Result<Vec<String>, x509_parser::error::X509Error> {
+    Ok(match cert.subject_alternative_name()? {
+        Some(san) => san
             .value
             .general_names
             .iter()
             .filter_map(|n| match n {
                 GeneralName::DNSName(d) => Some(d.to_string()),
-                GeneralName::URI(u) => Some(u.to_string()),
+                GeneralName::URI(u) if uris => Some(u.to_string()),
                 _ => None,
             })
             .collect(),
-        _ => Vec::new(),
-    }
+        None => Vec::new(),
+    })
 }
 
 /// Human wording for an expiry instant relative to now.
