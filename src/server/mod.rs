@@ -25,6 +25,9 @@ use crate::certs;
 use crate::config::{ListenAddr, SdsConfig, SdsTlsConfig};
 use crate::sds::SdsService;
 
+mod batching;
+use batching::BatchedWrites;
+
 /// Why a listener could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -211,14 +214,17 @@ pub async fn serve(
             if let Some(tls) = admission.tls {
                 b = b.tls_config(tls)?;
             }
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(|conn| conn.map(BatchedWrites::new));
             b.add_service(service.into_server())
                 .serve_with_incoming_shutdown(incoming, signal)
                 .await
         }
         Bound::Unix(listener, guard) => {
             let allowed = admission.allowed_uids;
-            let incoming = UnixListenerStream::new(listener).filter(move |conn| {
+            let incoming = UnixListenerStream::new(listener)
+                .filter(move |conn| {
                 let (Some(allowed), Ok(stream)) = (&allowed, conn) else {
                     return true;
                 };
@@ -233,7 +239,8 @@ pub async fn serve(
                         false
                     }
                 }
-            });
+            })
+                .map(|conn| conn.map(BatchedWrites::new));
             let result = builder()
                 .add_service(service.into_server())
                 .serve_with_incoming_shutdown(incoming, signal)
