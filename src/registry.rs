@@ -6,7 +6,9 @@
 //! material is a no-op and never wakes a stream.
 //!
 //! Subscribers wait on a `tokio::sync::watch` per name: a slow stream only ever sees the newest value, never
-//! an unbounded queue of old ones. A name nobody has published yet is just a name without a value; waiting on
+//! an unbounded queue of old ones. A [`Subscription`] keeps one wait armed for as long as it lives (a
+//! reusable boxed future), so a stream polled for other reasons (an ACK arriving) does not register and
+//! unregister itself with the channel each time. A name nobody has published yet is just a name without a value; waiting on
 //! it is how a stream learns the moment it appears. Entries for such names are dropped again when the last
 //! subscriber goes, so clients asking for made-up names cannot grow the registry.
 //! Secrets are never removed once published: a stream that already delivered one must be able to keep
@@ -14,11 +16,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use prost::Message;
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use tokio_util::sync::ReusableBoxFuture;
 
 use crate::certs::{CertifiedPem, TrustBundlePem};
 use crate::proto::envoy::config::core::v3::{DataSource, data_source};
@@ -171,7 +175,8 @@ fn content_version(encoded: &[u8]) -> String {
         .collect()
 }
 
-type Slot = watch::Sender<Option<Arc<SecretVersion>>>;
+type Value = Option<Arc<SecretVersion>>;
+type Slot = Arc<watch::Sender<Value>>;
 
 /// The outcome of [`Registry::publish`].
 #[derive(Debug, Clone)]
@@ -249,7 +254,10 @@ impl Registry {
                 slot.send_replace(Some(new.clone()));
             }
             None => {
-                slots.insert(name.to_owned(), watch::Sender::new(Some(new.clone())));
+                slots.insert(
+                    name.to_owned(),
+                    Arc::new(watch::Sender::new(Some(new.clone()))),
+                );
             }
         }
         Published::New(new)
@@ -280,21 +288,21 @@ impl Registry {
     /// Watches a secret by registered or requested (`sds://`) name; it need not exist yet.
     pub fn watch(self: &Arc<Self>, requested: &str) -> Subscription {
         let name = canonical_name(requested);
-        let rx = {
-            let slots = self.read();
-            slots.get(name).map(watch::Sender::subscribe)
-        };
-        let rx = rx.unwrap_or_else(|| {
+        let slot = self.read().get(name).cloned();
+        let slot = slot.unwrap_or_else(|| {
             self.write()
                 .entry(name.to_owned())
-                .or_insert_with(|| watch::Sender::new(None))
-                .subscribe()
+                .or_insert_with(|| Arc::new(watch::Sender::new(None)))
+                .clone()
         });
+        // Subscribing marks the current value seen: the wait is for the next one.
+        let wait = ReusableBoxFuture::new(next_change(slot.subscribe()));
         Subscription {
             hidden: self.is_withdrawn(name),
             registry: self.clone(),
             name: name.into(),
-            rx,
+            slot,
+            wait,
         }
     }
 
@@ -328,19 +336,32 @@ impl Registry {
     }
 }
 
+/// Resolves, handing the receiver back, when a version newer than the last one it saw is published.
+async fn next_change(mut rx: watch::Receiver<Value>) -> watch::Receiver<Value> {
+    if rx.changed().await.is_err() {
+        // The slot was removed, which only happens to unpublished slots with no other subscriber: nothing
+        // will ever be published through this receiver, so wait forever.
+        std::future::pending::<()>().await;
+    }
+    rx
+}
+
 /// A stream's interest in one secret. Dropping it forgets a never-published name nobody else waits for.
 pub struct Subscription {
     registry: Arc<Registry>,
     /// Made while the secret was withdrawn: it shows nothing until the secret is offered again.
     hidden: bool,
     name: Box<str>,
-    rx: watch::Receiver<Option<Arc<SecretVersion>>>,
+    /// The channel, for reading its current value.
+    slot: Slot,
+    /// The armed wait for the next version; owns this subscription's receiver.
+    wait: ReusableBoxFuture<'static, watch::Receiver<Value>>,
 }
 
 impl Subscription {
-    /// The current version, marking it seen.
+    /// The current version.
     pub fn current(&mut self) -> Option<Arc<SecretVersion>> {
-        let value = self.rx.borrow_and_update().clone();
+        let value = self.slot.borrow().clone();
         if self.hidden {
             if self.registry.is_withdrawn(&self.name) {
                 return None;
@@ -350,31 +371,41 @@ impl Subscription {
         value
     }
 
+    /// Ready once for every burst of new versions published since the last time it was ready (or since the
+    /// subscription was made); re-arms itself. Read [`Subscription::current`] after it.
+    pub fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut changed = false;
+        // Re-armed waits are polled at once, so that they are registered for the next change.
+        while let Poll::Ready(mut rx) = self.wait.poll(cx) {
+            // Seen before re-arming: whatever comes after is a new change, and `current` reads the newest.
+            rx.borrow_and_update();
+            self.wait.set(next_change(rx));
+            changed = true;
+        }
+        if changed {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     /// Resolves when a version newer than the last one seen is published. Cancel-safe.
     pub async fn changed(&mut self) {
-        if self.rx.changed().await.is_err() {
-            // The slot was removed, which only happens to unpublished slots with no other subscriber: nothing
-            // will ever be published through this receiver, so wait forever.
-            std::future::pending::<()>().await;
-        }
+        std::future::poll_fn(|cx| self.poll_changed(cx)).await
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if self.rx.borrow().is_some() {
+        if self.slot.borrow().is_some() {
             return;
         }
         let mut slots = self.registry.write();
-        // Only an unpublished slot whose last receiver is ours is removed.
-        let Some(slot) = slots.get(&*self.name) else {
-            return;
-        };
-        let ours = {
-            let probe = slot.subscribe();
-            probe.same_channel(&self.rx)
-        };
-        if ours && slot.borrow().is_none() && slot.receiver_count() <= 1 {
+        // Only an unpublished slot whose last receiver is ours (still alive in `wait`) is removed.
+        let ours = slots
+            .get(&*self.name)
+            .is_some_and(|slot| Arc::ptr_eq(slot, &self.slot));
+        if ours && self.slot.borrow().is_none() && self.slot.receiver_count() <= 1 {
             slots.remove(&*self.name);
         }
     }
@@ -406,7 +437,10 @@ mod tests {
             reg.publish("ca", &content),
             Published::Unchanged(_)
         ));
-        assert!(!sub.rx.has_changed().unwrap());
+        assert!(
+            sub.poll_changed(&mut Context::from_waker(std::task::Waker::noop()))
+                .is_pending()
+        );
         reg.publish("ca", &bundle("b"));
         sub.changed().await;
         assert_ne!(sub.current().unwrap().version(), v1.version().version());

@@ -7,12 +7,12 @@
 //! Envoy.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tonic::Status;
 
-use super::{Protocol, StreamContext, any_changed, check_type_url};
+use super::{Protocol, StreamContext, check_type_url, poll_any_changed};
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
@@ -51,6 +51,8 @@ pub struct Delta {
     ctx: StreamContext,
     watched: Vec<Watched>,
     nonce: u64,
+    /// Subscriptions were added and are not armed yet.
+    fresh: bool,
     first: bool,
 }
 
@@ -61,6 +63,7 @@ impl Delta {
             ctx,
             watched: Vec::new(),
             nonce: 0,
+            fresh: false,
             first: true,
         }
     }
@@ -156,6 +159,7 @@ impl Protocol for Delta {
                 None => Held::Nothing,
             };
             let sub = self.registry.watch(&name);
+            self.fresh = true;
             self.watched.push(Watched {
                 requested: name,
                 sub,
@@ -166,8 +170,12 @@ impl Protocol for Delta {
         Ok(self.respond())
     }
 
-    fn changed(&mut self) -> impl Future<Output = ()> + Send + '_ {
-        any_changed(self.watched.iter_mut().map(|w| &mut w.sub))
+    fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        poll_any_changed(self.watched.iter_mut().map(|w| &mut w.sub), cx)
+    }
+
+    fn take_fresh(&mut self) -> bool {
+        std::mem::take(&mut self.fresh)
     }
 
     fn on_change(&mut self) -> Option<DeltaDiscoveryResponse> {

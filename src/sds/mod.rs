@@ -18,10 +18,12 @@ pub mod sotw;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::Stream;
-use tokio_util::sync::CancellationToken;
+use futures_util::task::AtomicWaker;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -442,122 +444,194 @@ fn describe_peer<T>(request: &Request<T>) -> String {
     }
 }
 
-/// Waits until any of `subs` sees a new version. Never resolves for an empty set.
-pub(crate) async fn any_changed<'a>(subs: impl Iterator<Item = &'a mut Subscription>) {
-    let mut waits: Vec<_> = subs.map(|s| Box::pin(s.changed())).collect();
-    match waits.len() {
-        0 => std::future::pending().await,
-        1 => waits.swap_remove(0).await,
-        _ => {
-            futures_util::future::select_all(waits).await;
-        }
+/// Polls every subscription in `subs` (all of them, so each re-arms): ready if any saw a new version.
+pub(crate) fn poll_any_changed<'a>(
+    subs: impl Iterator<Item = &'a mut Subscription>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let mut any = false;
+    for sub in subs {
+        any |= sub.poll_changed(cx).is_ready();
     }
+    if any { Poll::Ready(()) } else { Poll::Pending }
 }
 
 /// A per-stream protocol state machine.
-pub(crate) trait Protocol: Send + 'static {
+pub(crate) trait Protocol: Send + Unpin + 'static {
     type Request: prost::Message + Default + Send + 'static;
     type Response: Send + 'static;
 
     /// Handles one request; `Err` ends the stream with that status.
     fn on_request(&mut self, req: Self::Request) -> Result<Option<Self::Response>, Status>;
 
-    /// Resolves when a subscribed secret has a new version.
-    fn changed(&mut self) -> impl Future<Output = ()> + Send + '_;
+    /// Polls the subscriptions: ready when one has a new version (then call [`Protocol::on_change`]).
+    fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<()>;
 
-    /// Called after [`Protocol::changed`]: the response to send, if the client lacks anything.
+    /// Whether subscriptions were added since the last call: they must be polled once to be armed.
+    fn take_fresh(&mut self) -> bool;
+
+    /// Called after [`Protocol::poll_changed`]: the response to send, if the client lacks anything.
     fn on_change(&mut self) -> Option<Self::Response>;
 
     fn context(&self) -> &StreamContext;
 }
 
-struct Driver<P: Protocol> {
+/// A waker that notes it was woken before waking the stream's task.
+///
+/// A stream's task is woken by three sources (a request arriving, a secret changing, shutdown), and polling
+/// the last two takes a lock shared with every other stream on the same secret. Giving each its own flagged
+/// waker lets a poll skip the sources that have nothing new: an ACK costs no lock beyond HTTP/2's own.
+#[derive(Default)]
+struct Flag {
+    set: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Flag {
+    fn new() -> Arc<Self> {
+        let flag = Flag::default();
+        // Everything is polled once, to arm it.
+        flag.set.store(true, Ordering::Relaxed);
+        Arc::new(flag)
+    }
+
+    fn take(&self) -> bool {
+        self.set.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.set.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Runs a protocol state machine as a response stream (see the module docs).
+pub(crate) struct Driver<P: Protocol> {
     proto: P,
     inbound: Streaming<P::Request>,
     inbound_open: bool,
     stall_timeout: std::time::Duration,
-    shutdown: CancellationToken,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown_flag: Arc<Flag>,
+    shutdown_waker: Waker,
+    changed_flag: Arc<Flag>,
+    changed_waker: Waker,
+    done: bool,
 }
 
-enum Event<R> {
-    Shutdown,
-    Request(Result<Option<R>, Status>),
-    Changed,
-}
-
-/// Runs a protocol state machine as a response stream.
 pub(crate) fn drive<P: Protocol>(
     proto: P,
     inbound: Streaming<P::Request>,
     stall_timeout: std::time::Duration,
     shutdown: CancellationToken,
-) -> impl Stream<Item = Result<P::Response, Status>> + Send + 'static {
-    let driver = Driver {
+) -> Driver<P> {
+    let shutdown_flag = Flag::new();
+    let changed_flag = Flag::new();
+    Driver {
         proto,
         inbound,
         inbound_open: true,
         stall_timeout,
-        shutdown,
-    };
-    futures_util::stream::unfold(Some(driver), |driver| async move {
-        let mut d = driver?;
-        loop {
-            let event = tokio::select! {
-                biased;
-                _ = d.shutdown.cancelled() => Event::Shutdown,
-                msg = d.inbound.message(), if d.inbound_open => Event::Request(msg),
-                _ = d.proto.changed() => Event::Changed,
-            };
-            let out = match event {
-                Event::Shutdown => {
-                    return Some((Err(Status::unavailable("acme-sds is shutting down")), None));
-                }
-                Event::Changed => {
-                    let stalled = d
-                        .proto
-                        .context()
-                        .unanswered_for()
-                        .filter(|t| *t > d.stall_timeout);
-                    match d.proto.on_change() {
-                        Some(_) if stalled.is_some() => {
-                            let ctx = d.proto.context();
-                            tracing::warn!(
-                                stream = ctx.id,
-                                peer = %ctx.peer,
-                                node = ctx.node_id(),
-                                "ending a stalled SDS stream: its last push has not been acknowledged for {:?}; the client will reconnect and get the newest version",
-                                stalled.unwrap_or_default()
-                            );
-                            return Some((
-                                Err(Status::unavailable(
-                                    "stream stalled: the last push was never acknowledged; reconnect",
-                                )),
-                                None,
-                            ));
-                        }
-                        other => other,
-                    }
-                }
-                Event::Request(Ok(Some(req))) => match d.proto.on_request(req) {
-                    Ok(resp) => resp,
-                    Err(status) => return Some((Err(status), None)),
-                },
-                // The client closed its side but may still be listening: keep pushing updates until it
-                // cancels the stream.
-                Event::Request(Ok(None)) => {
-                    d.inbound_open = false;
-                    None
-                }
-                Event::Request(Err(status)) => {
-                    tracing::debug!(error = %status, "SDS stream request error");
-                    return Some((Err(status), None));
-                }
-            };
-            if let Some(resp) = out {
-                return Some((Ok(resp), Some(d)));
+        shutdown: Box::pin(shutdown.cancelled_owned()),
+        shutdown_waker: Waker::from(shutdown_flag.clone()),
+        shutdown_flag,
+        changed_waker: Waker::from(changed_flag.clone()),
+        changed_flag,
+        done: false,
+    }
+}
+
+impl<P: Protocol> Driver<P> {
+    /// The stream ends with `status`.
+    fn end(&mut self, status: Status) -> Poll<Option<Result<P::Response, Status>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(status)))
+    }
+
+    /// A subscribed secret changed: the push it calls for, unless the client has stalled.
+    fn on_change(&mut self) -> Result<Option<P::Response>, Status> {
+        let stalled = self
+            .proto
+            .context()
+            .unanswered_for()
+            .filter(|t| *t > self.stall_timeout);
+        match self.proto.on_change() {
+            Some(_) if stalled.is_some() => {
+                let ctx = self.proto.context();
+                tracing::warn!(
+                    stream = ctx.id,
+                    peer = %ctx.peer,
+                    node = ctx.node_id(),
+                    "ending a stalled SDS stream: its last push has not been acknowledged for {:?}; the client will reconnect and get the newest version",
+                    stalled.unwrap_or_default()
+                );
+                Err(Status::unavailable(
+                    "stream stalled: the last push was never acknowledged; reconnect",
+                ))
             }
+            other => Ok(other),
         }
-    })
+    }
+}
+
+impl<P: Protocol> Stream for Driver<P> {
+    type Item = Result<P::Response, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        this.shutdown_flag.task.register(cx.waker());
+        this.changed_flag.task.register(cx.waker());
+        loop {
+            if this.shutdown_flag.take()
+                && this
+                    .shutdown
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&this.shutdown_waker))
+                    .is_ready()
+            {
+                return this.end(Status::unavailable("acme-sds is shutting down"));
+            }
+            if this.inbound_open {
+                match Pin::new(&mut this.inbound).poll_next(cx) {
+                    Poll::Ready(Some(Ok(req))) => match this.proto.on_request(req) {
+                        Ok(Some(resp)) => return Poll::Ready(Some(Ok(resp))),
+                        Ok(None) => continue,
+                        Err(status) => return this.end(status),
+                    },
+                    // The client closed its side but may still be listening: keep pushing updates until it
+                    // cancels the stream.
+                    Poll::Ready(None) => this.inbound_open = false,
+                    Poll::Ready(Some(Err(status))) => {
+                        tracing::debug!(error = %status, "SDS stream request error");
+                        return this.end(status);
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if (this.changed_flag.take() | this.proto.take_fresh())
+                && this
+                    .proto
+                    .poll_changed(&mut Context::from_waker(&this.changed_waker))
+                    .is_ready()
+            {
+                match this.on_change() {
+                    Ok(Some(resp)) => return Poll::Ready(Some(Ok(resp))),
+                    Ok(None) => continue,
+                    Err(status) => return this.end(status),
+                }
+            }
+            return Poll::Pending;
+        }
+    }
 }
 
 /// Runs raw request bytes through the SotW and delta state machines, as a stream would, against

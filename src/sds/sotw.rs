@@ -5,12 +5,12 @@
 //! nonce is not the latest one sent is stale and ignored. Since secrets are never unpublished, a response
 //! never drops a secret the stream already delivered.
 
-use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tonic::Status;
 
-use super::{Protocol, StreamContext, any_changed, check_type_url, combined_version};
+use super::{Protocol, StreamContext, check_type_url, combined_version, poll_any_changed};
 use crate::proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use crate::registry::{Registry, SECRET_TYPE_URL, SecretVersion, Subscription};
 
@@ -29,6 +29,8 @@ pub struct Sotw {
     watched: Vec<Watched>,
     /// The last nonce sent; 0 before the first response.
     nonce: u64,
+    /// Subscriptions were added and are not armed yet.
+    fresh: bool,
 }
 
 impl Sotw {
@@ -38,6 +40,7 @@ impl Sotw {
             ctx,
             watched: Vec::new(),
             nonce: 0,
+            fresh: false,
         }
     }
 
@@ -51,6 +54,7 @@ impl Sotw {
                 Some(i) => self.watched.push(old.swap_remove(i)),
                 None => {
                     let sub = self.registry.watch(&name);
+                    self.fresh = true;
                     self.watched.push(Watched {
                         requested: name,
                         sub,
@@ -138,8 +142,12 @@ impl Protocol for Sotw {
         Ok(self.respond())
     }
 
-    fn changed(&mut self) -> impl Future<Output = ()> + Send + '_ {
-        any_changed(self.watched.iter_mut().map(|w| &mut w.sub))
+    fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        poll_any_changed(self.watched.iter_mut().map(|w| &mut w.sub), cx)
+    }
+
+    fn take_fresh(&mut self) -> bool {
+        std::mem::take(&mut self.fresh)
     }
 
     fn on_change(&mut self) -> Option<DiscoveryResponse> {
