@@ -23,8 +23,9 @@ use acme_sds::proto::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use acme_sds::registry::SECRET_TYPE_URL;
 use anyhow::{Context, Result, bail};
+use bytes::{Buf, Bytes, BytesMut};
+use prost::Message;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Clone)]
@@ -150,13 +151,20 @@ impl Certs {
     /// Writes (rename over) a fresh certificate and key for `name`; returns the leaf's DER.
     fn write(&self, name: &str) -> Result<Vec<u8>> {
         let issued = self.issue(name)?;
+        self.install(name, &issued)?;
+        Ok(issued.der)
+    }
+
+    /// Writes (rename over) an issued certificate and key as `name`'s files: key first, as a renewal tool
+    /// would, so that the pair is whole the moment the certificate lands.
+    fn install(&self, name: &str, issued: &Issued) -> Result<()> {
         for (ext, body) in [("key", &issued.key_pem), ("crt", &issued.chain_pem)] {
             let path = self.dir.path().join(format!("{name}.{ext}"));
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, body)?;
             std::fs::rename(&tmp, &path)?;
         }
-        Ok(issued.der)
+        Ok(())
     }
 
     fn config(&self, names: &[String], port: u16) -> Result<PathBuf> {
@@ -213,11 +221,7 @@ impl Daemon {
 
     /// CPU time (user + system) the process has used.
     fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        let after = stat.rsplit_once(')').context("stat")?.1;
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-        Ok(ticks / 100.0)
+        cpu_seconds(&self.child.id().to_string())
     }
 
     fn rss_bytes(&self) -> Result<u64> {
@@ -229,6 +233,15 @@ impl Daemon {
             .context("VmRSS")?;
         Ok(kib * 1024)
     }
+}
+
+/// CPU time (user + system) a process (`self` for this one) has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
 }
 
 impl Drop for Daemon {
@@ -268,9 +281,82 @@ async fn channels(port: u16, n: usize) -> Result<Vec<Channel>> {
     Ok(out)
 }
 
-/// Opens `n` streams; each reports (stream index, arrival time) of every push after the first.
+/// One HTTP/2 connection for SDS streams, as one Envoy holds it.
+type H2Conn = h2::client::SendRequest<Bytes>;
+
+/// Opens `n` HTTP/2 connections with Envoy's window sizes (256 MiB per stream, 1 MiB per connection).
+async fn h2_connections(port: u16, n: usize) -> Result<Vec<H2Conn>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(256 << 20)
+            .initial_connection_window_size(1 << 20)
+            .handshake(tcp)
+            .await?;
+        tokio::spawn(conn);
+        out.push(send);
+    }
+    Ok(out)
+}
+
+/// A gRPC length-prefixed message.
+fn grpc_frame(msg: &impl prost::Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = Vec::with_capacity(5 + len);
+    buf.push(0);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    // Encoding into a Vec with room for the message cannot fail.
+    let _ = msg.encode(&mut buf);
+    Bytes::from(buf)
+}
+
+/// One SotW stream, as Envoy runs it: ask for `name`, and ACK every response (version and nonce).
+/// Calls `on_push` with the arrival time of every decoded response.
+async fn sotw_stream(conn: H2Conn, name: String, mut on_push: impl FnMut(Instant)) -> Result<()> {
+    let mut conn = conn.ready().await?;
+    let req = http::Request::post(
+        "http://127.0.0.1/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+    )
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())?;
+    let (response, mut send) = conn.send_request(req, false)?;
+    send.send_data(grpc_frame(&request(&name, None)), false)?;
+    let response = response.await?;
+    if response.status() != http::StatusCode::OK {
+        bail!("StreamSecrets answered HTTP {}", response.status());
+    }
+    let mut body = response.into_body();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        buf.extend_from_slice(&chunk);
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 5 + len {
+                break;
+            }
+            let mut msg = buf.split_to(5 + len).freeze();
+            msg.advance(5);
+            let r = DiscoveryResponse::decode(msg)?;
+            let now = Instant::now();
+            send.send_data(grpc_frame(&request(&name, Some(&r))), false)?;
+            on_push(now);
+        }
+    }
+    bail!("stream ended")
+}
+
+/// Opens `n` streams over `conns` (round robin) for `names` (round robin); waits until each has its first
+/// response, then reports the arrival time of every later push.
+///
+/// The client is plain HTTP/2 (the `h2` crate: one task per stream, no per-message channel) on the
+/// benchmark's single thread, so that as much of the machine as possible is left to acme-sds.
 async fn open_streams(
-    chans: &[Channel],
+    conns: &[H2Conn],
     names: &[String],
     n: usize,
 ) -> Result<(
@@ -278,32 +364,24 @@ async fn open_streams(
     Vec<tokio::task::JoinHandle<()>>,
 )> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let (ready_tx, mut ready_rx) = mpsc::channel::<()>(n.max(1));
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let mut client = SecretDiscoveryServiceClient::new(chans[i % chans.len()].clone())
-            .max_decoding_message_size(1 << 20);
+        let conn = conns[i % conns.len()].clone();
         let name = names[i % names.len()].clone();
         let tx = tx.clone();
         let ready = ready_tx.clone();
         tasks.push(tokio::spawn(async move {
-            let (req_tx, req_rx) = mpsc::channel(4);
-            let _ = req_tx.send(request(&name, None)).await;
-            let Ok(resp) = client.stream_secrets(ReceiverStream::new(req_rx)).await else {
-                return;
-            };
-            let mut inbound = resp.into_inner();
             let mut first = true;
-            while let Ok(Some(r)) = inbound.message().await {
-                let now = Instant::now();
-                let _ = req_tx.send(request(&name, Some(&r))).await;
+            let _ = sotw_stream(conn, name, |now| {
                 if first {
                     first = false;
-                    let _ = ready.send(()).await;
+                    let _ = ready.send(());
                 } else {
                     let _ = tx.send(now);
                 }
-            }
+            })
+            .await;
         }));
     }
     drop(ready_tx);
@@ -339,28 +417,44 @@ async fn fanout(a: &Args, csv: &mut Csv) -> Result<()> {
     }
     let port = free_port()?;
     let (daemon, _, _) = Daemon::start(&certs.config(&names, port)?)?;
-    let chans = channels(port, a.connections).await?;
-    let (mut rx, tasks) = open_streams(&chans, &names, a.streams).await?;
+    let conns = h2_connections(port, a.connections).await?;
+    let (mut rx, tasks) = open_streams(&conns, &names, a.streams).await?;
     let mut completions = Vec::new();
     let mut per_stream = Vec::new();
     let cpu_before = daemon.cpu_seconds()?;
+    let client_cpu_before = cpu_seconds("self")?;
     for _ in 0..a.rotations {
+        // Issuing (key generation, signing) is the renewal tool's work, not part of the fan-out.
+        let issued = names
+            .iter()
+            .map(|n| certs.issue(n))
+            .collect::<Result<Vec<_>>>()?;
         let t0 = Instant::now();
-        for n in &names {
-            certs.write(n)?;
+        for (n, i) in names.iter().zip(&issued) {
+            certs.install(n, i)?;
         }
+        let collect = async {
+            let mut got = Vec::with_capacity(a.streams);
+            while got.len() < a.streams {
+                let want = a.streams - got.len();
+                if rx.recv_many(&mut got, want).await == 0 {
+                    bail!("streams closed");
+                }
+            }
+            Ok(got)
+        };
+        let arrivals = tokio::time::timeout(Duration::from_secs(60), collect)
+            .await
+            .context("rotation did not reach every stream within 60 s")??;
         let mut last = t0;
-        for _ in 0..a.streams {
-            let at = tokio::time::timeout(Duration::from_secs(60), rx.recv())
-                .await
-                .context("rotation did not reach every stream within 60 s")?
-                .context("streams closed")?;
+        for at in arrivals {
             per_stream.push((at - t0).as_secs_f64() * 1000.0);
             last = last.max(at);
         }
         completions.push((last - t0).as_secs_f64() * 1000.0);
     }
     let server_cpu = daemon.cpu_seconds()? - cpu_before;
+    let client_cpu = cpu_seconds("self")? - client_cpu_before;
     completions.sort_by(f64::total_cmp);
     per_stream.sort_by(f64::total_cmp);
     let param = format!(
@@ -402,6 +496,13 @@ async fn fanout(a: &Args, csv: &mut Csv) -> Result<()> {
         server_cpu * 1e6 / (a.rotations * a.streams) as f64,
         "us",
     );
+    csv.row(
+        "fanout",
+        &param,
+        "client_cpu_per_push",
+        client_cpu * 1e6 / (a.rotations * a.streams) as f64,
+        "us",
+    );
     drop(daemon);
     for t in tasks {
         t.abort();
@@ -415,11 +516,11 @@ async fn memory(a: &Args, csv: &mut Csv) -> Result<()> {
     certs.write("m")?;
     let port = free_port()?;
     let (daemon, _, _) = Daemon::start(&certs.config(&names, port)?)?;
-    let chans = channels(port, a.connections).await?;
+    let conns = h2_connections(port, a.connections).await?;
     // Warm the server with one stream per connection, then measure.
-    let (_rx0, warm) = open_streams(&chans, &names, a.connections).await?;
+    let (_rx0, warm) = open_streams(&conns, &names, a.connections).await?;
     let before = daemon.rss_bytes()?;
-    let (_rx, tasks) = open_streams(&chans, &names, a.streams).await?;
+    let (_rx, tasks) = open_streams(&conns, &names, a.streams).await?;
     let after = daemon.rss_bytes()?;
     let per = (after.saturating_sub(before)) as f64 / a.streams as f64;
     let param = format!("streams={} conns={}", a.streams, a.connections);
@@ -521,7 +622,7 @@ fn until_presented(port: u16, want: &[u8], ca: &[u8], t0: Instant) -> Result<Dur
         if t0.elapsed() > Duration::from_secs(30) {
             bail!("Envoy did not present the new certificate within 30 s");
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_micros(500));
     }
 }
 
@@ -644,9 +745,11 @@ static_resources:
         std::thread::sleep(Duration::from_millis(20));
     }
     for _ in 0..a.rotations {
+        // Both sides are timed from the first write of material issued beforehand.
+        let issued = certs.issue("web")?;
         let t0 = Instant::now();
-        let der = certs.write("web")?;
-        through_sds.push(until_presented(via_sds, &der, &ca, t0)?.as_secs_f64() * 1000.0);
+        certs.install("web", &issued)?;
+        through_sds.push(until_presented(via_sds, &issued.der, &ca, t0)?.as_secs_f64() * 1000.0);
         let issued = certs.issue("web")?;
         let t0 = Instant::now();
         write_file_sds(&files_dir, &issued)?;
@@ -877,9 +980,9 @@ async fn issuance(a: &Args, csv: &mut Csv) -> Result<()> {
         let config = d.join(format!("acme-sds-{n}.toml"));
         std::fs::write(&config, text)?;
         let (daemon, started, _) = Daemon::start(&config)?;
-        let chans = channels(port, 1).await?;
+        let conns = h2_connections(port, 1).await?;
         let (_rx, tasks) =
-            tokio::time::timeout(Duration::from_secs(120), open_streams(&chans, &names, n))
+            tokio::time::timeout(Duration::from_secs(120), open_streams(&conns, &names, n))
                 .await
                 .context("certificates not issued within 120 s")??;
         let all = started.elapsed();
@@ -979,7 +1082,7 @@ fn caddy_issuance(d: &Path, names: &[String], acme_port: u16, http: u16) -> Resu
     Ok(Some(started.elapsed().as_secs_f64() * 1000.0))
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let a = parse_args()?;
     let mut csv = Csv(vec!["bench,param,metric,value,unit".into()]);
