@@ -68,6 +68,8 @@ struct Entry {
     key: String,
     files: Files,
     stamps: Vec<Option<Stamp>>,
+    /// The stamps of a change that did not load yet (tentatively): not read again until they change.
+    tried: Option<Vec<Option<Stamp>>>,
     last_error: Option<String>,
 }
 
@@ -228,6 +230,7 @@ impl FileSource {
                 key,
                 files,
                 stamps: Vec::new(),
+                tried: None,
                 last_error: None,
             })
             .collect();
@@ -285,11 +288,18 @@ impl FileSource {
             if stamps == entry.stamps {
                 continue;
             }
-            let loaded = entry.load();
-            if tentative && loaded.is_err() {
+            // Events for other files (a temp file being written) say nothing new about this pair.
+            if tentative && entry.tried.as_ref() == Some(&stamps) {
                 waiting = true;
                 continue;
             }
+            let loaded = entry.load();
+            if tentative && loaded.is_err() {
+                entry.tried = Some(stamps);
+                waiting = true;
+                continue;
+            }
+            entry.tried = None;
             entry.stamps = stamps;
             match loaded {
                 Ok(content) => {
