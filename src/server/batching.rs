@@ -163,3 +163,82 @@ impl<IO: Connected> Connected for BatchedWrites<IO> {
         self.io.connect_info()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// Counts wake-ups.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_goes_out_in_one_write_at_the_next_read() {
+        let (ours, mut peer) = duplex(1 << 20);
+        let mut io = BatchedWrites::new(ours);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        for frame in [&b"one"[..], b"two", b"three"] {
+            assert!(matches!(
+                Pin::new(&mut io).poll_write(&mut cx, frame),
+                Poll::Ready(Ok(_))
+            ));
+            // Flushing defers the write and asks to be polled again, once per burst.
+            assert!(matches!(
+                Pin::new(&mut io).poll_flush(&mut cx),
+                Poll::Ready(Ok(()))
+            ));
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        let mut probe = [0u8; 16];
+        let mut probe = ReadBuf::new(&mut probe);
+        assert!(
+            Pin::new(&mut peer)
+                .poll_read(&mut cx, &mut probe)
+                .is_pending(),
+            "nothing is written before the task comes back"
+        );
+        // The task comes back and reads: the whole burst is written first.
+        let mut buf = [0u8; 16];
+        let mut rb = ReadBuf::new(&mut buf);
+        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut rb).is_pending());
+        let mut got = [0u8; 11];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"onetwothree");
+        // The next burst defers again, and asks again to be polled.
+        let before = count.0.load(Ordering::SeqCst);
+        io.write_all(b"four").await.unwrap();
+        assert!(matches!(
+            Pin::new(&mut io).poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(count.0.load(Ordering::SeqCst), before + 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_and_large_bursts_write_at_once() {
+        let (ours, mut peer) = duplex(4 << 20);
+        let mut io = BatchedWrites::new(ours);
+        let big = vec![7u8; HIGH_WATER];
+        io.write_all(&big).await.unwrap();
+        io.flush().await.unwrap();
+        let mut got = vec![0u8; HIGH_WATER];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, big);
+        io.write_all(b"last words").await.unwrap();
+        io.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"last words");
+    }
+}
