@@ -47,6 +47,38 @@ async fn in_place_rewrite_is_pushed() {
 }
 
 #[tokio::test]
+async fn combined_pem_file_is_served_and_rotated() {
+    // One file holding the chain and the key (as HAProxy and many renewal hooks write it): `cert_file` and
+    // `key_file` name the same path, and one rename replaces both at once.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let combined = |leaf: &Leaf| format!("{}{}", leaf.key_pem, leaf.chain_pem);
+    let pem = dir.path().join("c.pem");
+    let first = pki.leaf(&["c.example"]);
+    replace_by_rename(&pem, combined(&first).as_bytes());
+    let daemon = Daemon::start(dir, &cert_table("c", &pem, &pem)).await;
+    let (mut s, leaf) = stream_for(&daemon, "c").await;
+    assert_eq!(leaf, first.leaf_der);
+    let second = pki.leaf(&["c.example"]);
+    replace_by_rename(&pem, combined(&second).as_bytes());
+    let r = s.recv().await;
+    let secret = decode_secret(&r.resources[0]);
+    assert_eq!(leaf_der(&secret), second.leaf_der);
+    // Envoy gets the chain and the key apart, each as it expects them.
+    use acme_sds::proto::envoy::extensions::transport_sockets::tls::v3::secret::Type;
+    let Some(Type::TlsCertificate(tls)) = secret.r#type else {
+        panic!("not a TLS certificate: {secret:?}");
+    };
+    let text = |d: Option<_>| String::from_utf8(inline(&d.unwrap())).unwrap();
+    let (chain, key) = (text(tls.certificate_chain), text(tls.private_key));
+    assert!(
+        chain.contains("CERTIFICATE") && !chain.contains("PRIVATE KEY"),
+        "{chain}"
+    );
+    assert!(key.contains("PRIVATE KEY") && !key.contains("CERTIFICATE"));
+}
+
+#[tokio::test]
 async fn kubernetes_secret_symlink_swap_is_pushed() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();

@@ -93,6 +93,7 @@ enum LoadError {
 impl Entry {
     fn paths(&self) -> Vec<&Path> {
         match &self.files {
+            Files::Pair { cert, key, .. } if cert == key => vec![cert],
             Files::Pair { cert, key, .. } => vec![cert, key],
             Files::Bundle { file, .. } => vec![file],
         }
@@ -116,7 +117,13 @@ impl Entry {
         match &self.files {
             Files::Pair { cert, key, .. } => {
                 let chain = self.read(cert, "cert_file")?;
-                let key_pem = self.read(key, "key_file")?;
+                // A combined PEM (chain and key in one file, named by both keys) is read once, so that both
+                // halves come from the same version of the file.
+                let key_pem = if key == cert {
+                    chain.clone()
+                } else {
+                    self.read(key, "key_file")?
+                };
                 let pair = certs::certified_pem(&chain, &key_pem).map_err(|e| {
                     let (which, path) = if e.is_about_key() {
                         ("key_file", key)
