@@ -55,40 +55,30 @@ fn file_stamp(path: &std::path::Path) -> Option<(u64, u64, i64, i64)> {
     Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
-/// Wakes `changed` on any change in the directory holding `path` (and its symlink target's directory).
-fn watch_file(
-    path: &std::path::Path,
-    changed: Arc<tokio::sync::Notify>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res
-            && !matches!(ev.kind, notify::EventKind::Access(_))
-        {
-            changed.notify_one();
+/// Watches the directory holding `path` (and its symlink target's directory, as a ConfigMap mount needs).
+fn watch_file(path: &std::path::Path) -> Option<crate::watch::DirWatch> {
+    let mut dirs = Vec::new();
+    crate::watch::dirs_for(path, &mut dirs);
+    match crate::watch::DirWatch::new(&dirs) {
+        Ok((watch, failed)) => {
+            for (dir, e) in failed {
+                tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the configuration directory; use SIGHUP to reload");
+            }
+            Some(watch)
         }
-    })
-    .map_err(
-        |e| tracing::warn!(error = %e, "cannot watch the configuration file; use SIGHUP to reload"),
-    )
-    .ok()?;
-    let mut dirs = vec![path.parent().map(|p| p.to_path_buf())];
-    dirs.push(
-        std::fs::canonicalize(path)
-            .ok()
-            .and_then(|p| p.parent().map(|d| d.to_path_buf())),
-    );
-    for dir in dirs.into_iter().flatten() {
-        let dir = if dir.as_os_str().is_empty() {
-            ".".into()
-        } else {
-            dir
-        };
-        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the configuration directory; use SIGHUP to reload");
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the configuration file; use SIGHUP to reload");
+            None
         }
     }
-    Some(watcher)
+}
+
+/// The next change in the configuration's directory; never, without a watch.
+async fn config_changed(watch: &mut Option<crate::watch::DirWatch>) -> std::io::Result<()> {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Loads every file-backed secret of `config`; a problem fails the whole load.
@@ -336,8 +326,7 @@ impl Running {
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let changed = Arc::new(tokio::sync::Notify::new());
-        let _watcher = watch_file(&path, changed.clone());
+        let mut watch = watch_file(&path);
         let mut stamp = file_stamp(&path);
         // Logged once signals and the config watcher are in place: from here on, edits are seen.
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "acme-sds started");
@@ -347,7 +336,12 @@ impl Running {
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
                 e = self.failed() => return Err(e),
                 _ = hup.recv() => "SIGHUP",
-                _ = changed.notified() => {
+                changed = config_changed(&mut watch) => {
+                    if let Err(e) = changed {
+                        tracing::warn!(error = %e, "watching the configuration file failed; use SIGHUP to reload");
+                        watch = None;
+                        continue;
+                    }
                     // Editors and ConfigMap updates write in bursts: let them finish.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let now = file_stamp(&path);

@@ -19,3 +19,4 @@ pub mod sds;
 pub mod server;
 pub mod sources;
 pub mod store;
+pub mod watch;

@@ -1,6 +1,6 @@
 //! File-backed secrets: `cert_file`/`key_file` pairs and `trust_bundle` files, loaded at start and watched.
 //!
-//! Changes are seen through inotify (the `notify` crate) on the directories that hold the files, which covers
+//! Changes are seen through inotify ([`crate::watch`]) on the directories that hold the files, which covers
 //! rename-over, in-place rewrites and the Kubernetes Secret-volume symlink swap (`..data` renamed in the
 //! mounted directory); a periodic re-check of each file's identity (device, inode, size, mtime, ctime) is the
 //! safety net for filesystems without events. Only files whose identity changed are read again. A pair that
@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{EventKind, RecursiveMode, Watcher};
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::{self, MaterialError};
 use crate::config::{CertificateSource, Config, Problem};
-use crate::registry::{Published, Registry, SecretContent};
+use crate::registry::{Published, Registry, SecretContent, SecretVersion};
+use crate::watch::DirWatch;
 
 /// How often files are re-checked when no change event arrives.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -267,14 +267,7 @@ impl FileSource {
         let mut dirs = Vec::new();
         for entry in &self.entries {
             for path in entry.paths() {
-                let resolved = std::fs::canonicalize(path).ok();
-                for p in std::iter::once(path.to_owned()).chain(resolved) {
-                    if let Some(dir) = p.parent()
-                        && !dirs.iter().any(|d: &PathBuf| d == dir)
-                    {
-                        dirs.push(dir.to_owned());
-                    }
-                }
+                crate::watch::dirs_for(path, &mut dirs);
             }
         }
         dirs
@@ -282,13 +275,20 @@ impl FileSource {
 
     /// Re-reads every entry whose files changed and publishes what is new.
     pub fn reload(&mut self, registry: &Registry) {
-        self.reload_with(registry, false);
+        let mut published = Vec::new();
+        self.reload_with(registry, false, &mut published);
+        log_published(&mut published);
     }
 
-    /// Like [`FileSource::reload`]; when `tentative`, a change that does not load (a pair caught between
-    /// its two writes) is neither logged nor remembered, so the next look reads it again. Returns whether
-    /// such a change is waiting.
-    fn reload_with(&mut self, registry: &Registry, tentative: bool) -> bool {
+    /// Like [`FileSource::reload`], leaving the log lines of what it published in `published`; when
+    /// `tentative`, a change that does not load (a pair caught between its two writes) is neither logged
+    /// nor remembered, so the next look reads it again. Returns whether such a change is waiting.
+    fn reload_with(
+        &mut self,
+        registry: &Registry,
+        tentative: bool,
+        published: &mut Vec<Reloaded>,
+    ) -> bool {
         let mut waiting = false;
         for entry in &mut self.entries {
             let stamps: Vec<_> = entry.paths().iter().map(|p| stamp(p)).collect();
@@ -312,7 +312,7 @@ impl FileSource {
                 Ok(content) => {
                     entry.last_error = None;
                     if let Published::New(v) = registry.publish(&entry.name, &content) {
-                        log_loaded(&entry.name, &content, v.version(), "reloaded");
+                        published.push((entry.name.clone(), content, v));
                     }
                 }
                 Err(e) => {
@@ -338,24 +338,12 @@ impl FileSource {
         if self.entries.is_empty() {
             return;
         }
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let waker = wake.clone();
-        let watcher =
-            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
-                Ok(_) => waker.notify_one(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "file watch error; relying on periodic re-checks")
+        let mut watch = match DirWatch::new(&self.watch_dirs()) {
+            Ok((watch, failed)) => {
+                for (dir, e) in failed {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; changes there are seen by periodic re-checks");
                 }
-            });
-        let _watcher = match watcher {
-            Ok(mut w) => {
-                for dir in self.watch_dirs() {
-                    if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; changes there are seen by periodic re-checks");
-                    }
-                }
-                Some(w)
+                Some(watch)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "file watching unavailable; changes are seen by periodic re-checks");
@@ -364,29 +352,71 @@ impl FileSource {
         };
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut published = Vec::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {
-                    self.reload(&registry);
+                    self.reload_with(&registry, false, &mut published);
+                    log_after_pushes(&mut published).await;
                     continue;
                 }
-                _ = wake.notified() => {}
+                changed = changed(&mut watch) => {
+                    if let Err(e) = changed {
+                        tracing::warn!(error = %e, "file watch failed; changes are seen by periodic re-checks");
+                        watch = None;
+                        continue;
+                    }
+                }
             }
             // A change: publish it at once when it loads. One that does not (the certificate written, its
             // key not yet) is looked at again on the next event, or after SETTLE, and only then reported.
             for _ in 0..MAX_TENTATIVE {
-                if !self.reload_with(&registry, true) {
+                let waiting = self.reload_with(&registry, true, &mut published);
+                log_after_pushes(&mut published).await;
+                if !waiting {
                     break;
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = wake.notified() => continue,
+                    changed = changed(&mut watch) => {
+                        if changed.is_err() {
+                            watch = None;
+                        }
+                        continue;
+                    }
                     _ = tokio::time::sleep(SETTLE) => {}
                 }
-                self.reload(&registry);
+                self.reload_with(&registry, false, &mut published);
+                log_after_pushes(&mut published).await;
                 break;
             }
         }
+    }
+}
+
+/// What a reload published, for its log line: name, content and the new version.
+type Reloaded = (String, SecretContent, Arc<SecretVersion>);
+
+fn log_published(published: &mut Vec<Reloaded>) {
+    for (name, content, v) in published.drain(..) {
+        log_loaded(&name, &content, v.version(), "reloaded");
+    }
+}
+
+/// Logs what was published once the streams it woke have had their turn: writing a log line (to a pipe
+/// whose reader wakes up) before them would hold back every push by as long.
+async fn log_after_pushes(published: &mut Vec<Reloaded>) {
+    if !published.is_empty() {
+        tokio::task::yield_now().await;
+        log_published(published);
+    }
+}
+
+/// The next change seen by `watch`; never, without one.
+async fn changed(watch: &mut Option<DirWatch>) -> std::io::Result<()> {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
     }
 }
