@@ -4,9 +4,14 @@
 //! of a few KiB. `h2` writes a frame of that size on its own (it chains the payload instead of copying it and
 //! flushes per frame), so 100 streams on a connection cost 100 `writev` calls, 100 TCP segments and 100
 //! reads at the other end. [`BatchedWrites`] sits under HTTP/2 (and under TLS, when used): writes are copied
-//! into a buffer, and the first flush of a burst is deferred by waking the connection's task, which the
-//! runtime then polls after the stream tasks already queued. Its next flush writes everything they queued in
-//! one call. Nothing waits on a timer: a lone push goes out on the connection task's next poll.
+//! into a buffer, and a flush is deferred by waking the connection's task, which the runtime then polls after
+//! the stream tasks already queued. Its next flush writes everything they queued in one call. Nothing waits
+//! on a timer.
+//!
+//! The first flush after the peer last sent something is not deferred: it is most likely an answer (a
+//! handshake message, a response) or a lone push, and deferring it would only cost a trip through the run
+//! queue (and the wake-up of an idle worker thread) before the same write. The flushes after it, in the same
+//! burst, are deferred and batched; so a rotation on a connection with 100 streams costs two writes.
 //!
 //! "Next poll" is recognised by the read side: both HTTP/2 and the TLS handshake begin every poll by reading
 //! (HTTP/2 reads until the socket has nothing more, then writes), so a deferred flush is carried out by the
@@ -33,6 +38,8 @@ pub struct BatchedWrites<IO> {
     written: usize,
     /// A flush was deferred, and the task woken to come back and read (which writes the batch out).
     deferred: bool,
+    /// The next flush writes at once: nothing was flushed since the peer last sent something.
+    armed: bool,
 }
 
 impl<IO> BatchedWrites<IO> {
@@ -42,6 +49,7 @@ impl<IO> BatchedWrites<IO> {
             buf: Vec::new(),
             written: 0,
             deferred: false,
+            armed: true,
         }
     }
 
@@ -94,7 +102,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for BatchedWrites<IO> {
                 Poll::Pending => {}
             }
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.armed = true;
+        }
+        read
     }
 }
 
@@ -139,9 +152,14 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<IO> {
             this.deferred = false;
             return Pin::new(&mut this.io).poll_flush(cx);
         }
+        if this.armed && !this.deferred {
+            this.armed = false;
+            ready!(this.poll_drain(cx))?;
+            return Pin::new(&mut this.io).poll_flush(cx);
+        }
         if !this.deferred {
-            // First flush of a burst: let the tasks already woken add their frames first. Waking ourselves
-            // puts this task behind them in the run queue; its next read writes the batch.
+            // Later in a burst: let the tasks already woken add their frames first. Waking ourselves puts
+            // this task behind them in the run queue; its next read writes the batch.
             this.deferred = true;
             cx.waker().wake_by_ref();
         }
@@ -181,31 +199,52 @@ mod tests {
         }
     }
 
+    fn flush_now(
+        io: &mut BatchedWrites<tokio::io::DuplexStream>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) {
+        assert!(matches!(
+            Pin::new(&mut *io).poll_write(cx, data),
+            Poll::Ready(Ok(_))
+        ));
+        assert!(matches!(
+            Pin::new(&mut *io).poll_flush(cx),
+            Poll::Ready(Ok(()))
+        ));
+    }
+
+    /// Whether the peer has nothing to read (asked with a waker of its own, not the counted one).
+    fn nothing_to_read(peer: &mut tokio::io::DuplexStream) -> bool {
+        let mut probe = [0u8; 16];
+        let mut probe = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(peer).poll_read(&mut cx, &mut probe).is_pending()
+    }
+
     #[tokio::test]
-    async fn a_burst_goes_out_in_one_write_at_the_next_read() {
+    async fn an_answer_goes_out_at_once_and_the_rest_of_a_burst_in_one_write_at_the_next_read() {
         let (ours, mut peer) = duplex(1 << 20);
         let mut io = BatchedWrites::new(ours);
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
+        let wakes = || count.0.load(Ordering::SeqCst);
+
+        // Nothing flushed yet on this connection: the first flush writes at once.
+        flush_now(&mut io, &mut cx, b"zero");
+        let mut got = [0u8; 4];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"zero");
+        assert_eq!(wakes(), 0);
+
+        // The rest of the burst is deferred, with one request to be polled again.
         for frame in [&b"one"[..], b"two", b"three"] {
-            assert!(matches!(
-                Pin::new(&mut io).poll_write(&mut cx, frame),
-                Poll::Ready(Ok(_))
-            ));
-            // Flushing defers the write and asks to be polled again, once per burst.
-            assert!(matches!(
-                Pin::new(&mut io).poll_flush(&mut cx),
-                Poll::Ready(Ok(()))
-            ));
+            flush_now(&mut io, &mut cx, frame);
         }
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        let mut probe = [0u8; 16];
-        let mut probe = ReadBuf::new(&mut probe);
+        assert_eq!(wakes(), 1);
         assert!(
-            Pin::new(&mut peer)
-                .poll_read(&mut cx, &mut probe)
-                .is_pending(),
+            nothing_to_read(&mut peer),
             "nothing is written before the task comes back"
         );
         // The task comes back and reads: the whole burst is written first.
@@ -215,14 +254,28 @@ mod tests {
         let mut got = [0u8; 11];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"onetwothree");
-        // The next burst defers again, and asks again to be polled.
-        let before = count.0.load(Ordering::SeqCst);
-        io.write_all(b"four").await.unwrap();
+
+        // The peer said nothing since: the next burst is deferred as well.
+        flush_now(&mut io, &mut cx, b"four");
+        assert_eq!(wakes(), 2);
+        assert!(nothing_to_read(&mut peer));
+
+        // The peer sends (an ACK): reading it writes the batch, and the next flush goes out at once.
+        peer.write_all(b"ack").await.unwrap();
+        let mut rb = ReadBuf::new(&mut buf);
         assert!(matches!(
-            Pin::new(&mut io).poll_flush(&mut cx),
+            Pin::new(&mut io).poll_read(&mut cx, &mut rb),
             Poll::Ready(Ok(()))
         ));
-        assert_eq!(count.0.load(Ordering::SeqCst), before + 1);
+        assert_eq!(rb.filled(), b"ack");
+        let mut got = [0u8; 4];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"four");
+        let before = wakes();
+        flush_now(&mut io, &mut cx, b"five");
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"five");
+        assert_eq!(wakes(), before, "a write at once asks for no second poll");
     }
 
     #[tokio::test]
