@@ -3,6 +3,7 @@
 
 mod support;
 
+use acme_sds::proto::envoy::service::discovery::v3::DiscoveryRequest;
 use support::*;
 use tonic::Code;
 
@@ -48,6 +49,22 @@ async fn ten_thousand_names_in_one_request_are_refused_and_nothing_else_is_distu
     let mut s = SotwStream::open(&mut client).await;
     s.send(subscribe(&refs)).await;
     assert_eq!(s.end().await.unwrap().code(), Code::InvalidArgument);
+
+    // A request over the 1 MiB limit ends its stream (and fails a fetch) with OUT_OF_RANGE.
+    let huge = DiscoveryRequest {
+        node: node(&"n".repeat(1_100_000)),
+        ..subscribe(&["web"])
+    };
+    let err = client.fetch_secrets(huge.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err}");
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(huge).await;
+    let err = s.end().await.unwrap();
+    assert_eq!(err.code(), Code::OutOfRange, "{err}");
+    assert!(
+        err.message().contains("the limit is: 1048576 bytes"),
+        "{err}"
+    );
 
     // Still serving, and the good stream is intact.
     assert_eq!(fetch(&mut client, &["web"]).await.resources.len(), 1);
