@@ -261,6 +261,18 @@ impl Drop for Daemon {
     }
 }
 
+/// The ACK of `last`, as Envoy with `set_node_on_first_message_only` (which README recommends) sends it:
+/// version and nonce, without the node.
+fn ack(name: &str, last: &DiscoveryResponse) -> DiscoveryRequest {
+    DiscoveryRequest {
+        resource_names: vec![name.to_owned()],
+        type_url: SECRET_TYPE_URL.into(),
+        version_info: last.version_info.clone(),
+        response_nonce: last.nonce.clone(),
+        ..Default::default()
+    }
+}
+
 fn request(name: &str, last: Option<&DiscoveryResponse>) -> DiscoveryRequest {
     DiscoveryRequest {
         node: Some(Node {
@@ -339,23 +351,28 @@ async fn sotw_stream(conn: H2Conn, name: String, mut on_push: impl FnMut(Instant
         bail!("StreamSecrets answered HTTP {}", response.status());
     }
     let mut body = response.into_body();
-    let mut buf = BytesMut::new();
+    // Bytes not yet forming a whole message; whole messages are decoded from the received chunk itself.
+    let mut partial = BytesMut::new();
     while let Some(chunk) = body.data().await {
-        let chunk = chunk?;
+        let mut chunk = chunk?;
         let _ = body.flow_control().release_capacity(chunk.len());
-        buf.extend_from_slice(&chunk);
-        while buf.len() >= 5 {
-            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if buf.len() < 5 + len {
+        if !partial.is_empty() {
+            partial.extend_from_slice(&chunk);
+            chunk = partial.split().freeze();
+        }
+        while chunk.len() >= 5 {
+            let len = u32::from_be_bytes([chunk[1], chunk[2], chunk[3], chunk[4]]) as usize;
+            if chunk.len() < 5 + len {
                 break;
             }
-            let mut msg = buf.split_to(5 + len).freeze();
+            let mut msg = chunk.split_to(5 + len);
             msg.advance(5);
             let r = DiscoveryResponse::decode(msg)?;
             let now = Instant::now();
-            send.send_data(grpc_frame(&request(&name, Some(&r))), false)?;
+            send.send_data(grpc_frame(&ack(&name, &r)), false)?;
             on_push(now);
         }
+        partial.extend_from_slice(&chunk);
     }
     bail!("stream ended")
 }
