@@ -3,7 +3,9 @@
 //! tonic's default codec gives every RPC an 8 KiB encode buffer and an 8 KiB decode buffer. SDS streams
 //! are long-lived and mostly idle (Envoy opens one per secret; a fleet means tens of thousands), and their
 //! requests are a few hundred bytes: 1 KiB buffers (grown on demand for a large push) cut the idle cost per
-//! stream by about half. Measured by `acme-sds-bench memory` (see BENCHMARKS.md).
+//! stream by about half. Measured by `acme-sds-bench memory` (see BENCHMARKS.md). `StreamSecrets`, which
+//! holds most of a fleet's streams, no longer uses it: [`super::grpc`] frames it with no buffer at all
+//! between messages. DeltaSecrets and FetchSecrets still do.
 
 use std::marker::PhantomData;
 

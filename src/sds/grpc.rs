@@ -195,6 +195,7 @@ impl<M: prost::Message + Default> Stream for Requests<M> {
                 }
                 Some(Err(e)) => {
                     this.ended = true;
+                    this.buf = BytesMut::new();
                     return Poll::Ready(Some(Err(e)));
                 }
                 None => this.ended = true,
