@@ -73,14 +73,6 @@ fn watch_file(path: &std::path::Path) -> Option<crate::watch::DirWatch> {
     }
 }
 
-/// The next change in the configuration's directory; never, without a watch.
-async fn config_changed(watch: &mut Option<crate::watch::DirWatch>) -> std::io::Result<()> {
-    match watch {
-        Some(w) => w.changed().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Loads every file-backed secret of `config`; a problem fails the whole load.
 fn load_files(config: &Config) -> Result<(FileSource, Vec<(String, SecretContent)>), ConfigError> {
     let mut files = FileSource::from_config(config);
@@ -336,7 +328,7 @@ impl Running {
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
                 e = self.failed() => return Err(e),
                 _ = hup.recv() => "SIGHUP",
-                changed = config_changed(&mut watch) => {
+                changed = crate::watch::next_change(&mut watch) => {
                     if let Err(e) = changed {
                         tracing::warn!(error = %e, "watching the configuration file failed; use SIGHUP to reload");
                         watch = None;

@@ -158,6 +158,14 @@ impl DirWatch {
     }
 }
 
+/// The next change seen by `watch`; never, when there is no watch (the caller re-checks periodically).
+pub async fn next_change(watch: &mut Option<DirWatch>) -> io::Result<()> {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

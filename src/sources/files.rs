@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::certs::{self, MaterialError};
 use crate::config::{CertificateSource, Config, Problem};
 use crate::registry::{Published, Registry, SecretContent, SecretVersion};
-use crate::watch::DirWatch;
+use crate::watch::{DirWatch, next_change};
 
 /// How often files are re-checked when no change event arrives.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -361,7 +361,7 @@ impl FileSource {
                     log_after_pushes(&mut published).await;
                     continue;
                 }
-                changed = changed(&mut watch) => {
+                changed = next_change(&mut watch) => {
                     if let Err(e) = changed {
                         tracing::warn!(error = %e, "file watch failed; changes are seen by periodic re-checks");
                         watch = None;
@@ -379,7 +379,7 @@ impl FileSource {
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    changed = changed(&mut watch) => {
+                    changed = next_change(&mut watch) => {
                         if changed.is_err() {
                             watch = None;
                         }
@@ -410,13 +410,5 @@ async fn log_after_pushes(published: &mut Vec<Reloaded>) {
     if !published.is_empty() {
         tokio::task::yield_now().await;
         log_published(published);
-    }
-}
-
-/// The next change seen by `watch`; never, without one.
-async fn changed(watch: &mut Option<DirWatch>) -> std::io::Result<()> {
-    match watch {
-        Some(w) => w.changed().await,
-        None => std::future::pending().await,
     }
 }
