@@ -8,9 +8,9 @@
 //! Subscribers wait on a `tokio::sync::watch` per name: a slow stream only ever sees the newest value, never
 //! an unbounded queue of old ones. A [`Subscription`] keeps one wait armed for as long as it lives (a
 //! reusable boxed future), so a stream polled for other reasons (an ACK arriving) does not register and
-//! unregister itself with the channel each time. A name nobody has published yet is just a name without a value; waiting on
-//! it is how a stream learns the moment it appears. Entries for such names are dropped again when the last
-//! subscriber goes, so clients asking for made-up names cannot grow the registry.
+//! unregister itself with the channel each time. A name nobody has published yet is just a name without a
+//! value; waiting on it is how a stream learns the moment it appears. Entries for such names are dropped
+//! again when the last subscriber goes, so clients asking for made-up names cannot grow the registry.
 //! Secrets are never removed once published: a stream that already delivered one must be able to keep
 //! sending it.
 

@@ -2,8 +2,8 @@
 //!
 //! On Linux this is inotify read on the tokio reactor (the `inotify` crate's stream), so a renamed
 //! certificate wakes the task that reloads it straight from epoll; there is no watcher thread to hand the
-//! event over (a thread wake-up costs more than the rest of the reload on a busy machine). Elsewhere it is the `notify` crate's watcher thread.
-//! Events carry no meaning beyond the wake-up: callers compare file identities themselves, so a burst of
+//! event over (a thread wake-up costs more than the rest of the reload on a busy machine). Elsewhere it is
+//! the `notify` crate's watcher thread. Events carry no meaning beyond the wake-up: callers compare file identities themselves, so a burst of
 //! events (a temp file written, then renamed) is drained into one wake-up and nothing is lost by merging.
 //! Reads of the watched files (open, access, close without writing) do not wake anyone.
 

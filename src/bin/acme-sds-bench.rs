@@ -22,6 +22,7 @@ use acme_sds::proto::envoy::config::core::v3::Node;
 use acme_sds::proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use acme_sds::registry::SECRET_TYPE_URL;
+use acme_sds::sds::grpc::frame;
 use anyhow::{Context, Result, bail};
 use bytes::{Buf, Bytes, BytesMut};
 use prost::Message;
@@ -323,17 +324,6 @@ async fn h2_connections(port: u16, n: usize) -> Result<Vec<H2Conn>> {
     Ok(out)
 }
 
-/// A gRPC length-prefixed message.
-fn grpc_frame(msg: &impl prost::Message) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = Vec::with_capacity(5 + len);
-    buf.push(0);
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
-    // Encoding into a Vec with room for the message cannot fail.
-    let _ = msg.encode(&mut buf);
-    Bytes::from(buf)
-}
-
 /// One SotW stream, as Envoy runs it: ask for `name`, and ACK every response (version and nonce).
 /// Calls `on_push` with the arrival time of every decoded response.
 async fn sotw_stream(conn: H2Conn, name: String, mut on_push: impl FnMut(Instant)) -> Result<()> {
@@ -345,7 +335,7 @@ async fn sotw_stream(conn: H2Conn, name: String, mut on_push: impl FnMut(Instant
     .header("te", "trailers")
     .body(())?;
     let (response, mut send) = conn.send_request(req, false)?;
-    send.send_data(grpc_frame(&request(&name, None)), false)?;
+    send.send_data(frame(&request(&name, None)), false)?;
     let response = response.await?;
     if response.status() != http::StatusCode::OK {
         bail!("StreamSecrets answered HTTP {}", response.status());
@@ -369,7 +359,7 @@ async fn sotw_stream(conn: H2Conn, name: String, mut on_push: impl FnMut(Instant
             msg.advance(5);
             let r = DiscoveryResponse::decode(msg)?;
             let now = Instant::now();
-            send.send_data(grpc_frame(&ack(&name, &r)), false)?;
+            send.send_data(frame(&ack(&name, &r)), false)?;
             on_push(now);
         }
         partial.extend_from_slice(&chunk);

@@ -219,8 +219,8 @@ impl<S> Responses<S> {
     }
 }
 
-/// `message` with its gRPC frame header, in one buffer.
-fn frame(message: &impl prost::Message) -> Bytes {
+/// `message` with its gRPC frame header (uncompressed, length), in one buffer.
+pub fn frame(message: &impl prost::Message) -> Bytes {
     let len = message.encoded_len();
     let mut buf = BytesMut::with_capacity(5 + len);
     buf.put_u8(0);
