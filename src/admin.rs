@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acme::AcmeManager;
 use crate::certs::format_time;
 use crate::config::{CertificateSource, Config};
+use crate::peer::Limits;
 use crate::registry::Registry;
 
 /// What `/status` reports about one secret.
@@ -47,6 +48,7 @@ type Sources = (Arc<Config>, Option<Arc<AcmeManager>>);
 pub struct StatusView {
     sources: Arc<std::sync::RwLock<Sources>>,
     registry: Arc<Registry>,
+    limits: Limits,
 }
 
 impl StatusView {
@@ -54,10 +56,12 @@ impl StatusView {
         config: Arc<Config>,
         registry: Arc<Registry>,
         acme: Option<Arc<AcmeManager>>,
+        limits: Limits,
     ) -> Self {
         StatusView {
             sources: Arc::new(std::sync::RwLock::new((config, acme))),
             registry,
+            limits,
         }
     }
 
@@ -145,7 +149,7 @@ fn route(view: &StatusView, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/status" => {
             let body = serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
-                "sds_streams": crate::sds::open_streams(),
+                "sds_streams": view.limits.open_streams(),
                 "secrets": view.secrets(),
             });
             let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -159,27 +163,21 @@ fn route(view: &StatusView, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown`.
+/// Serves the admin endpoints on `listener` until `shutdown`, then drains open connections.
 pub async fn serve(listener: TcpListener, view: StatusView, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
-        };
+    let make = move || {
         let view = view.clone();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let resp = route(&view, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            crate::http01::serve_connection(stream, service, token).await;
-        });
-    }
+        hyper::service::service_fn(move |req| {
+            let resp = route(&view, &req);
+            async move { Ok::<_, Infallible>(resp) }
+        })
+    };
+    crate::server::http1::serve(
+        listener,
+        "admin",
+        crate::server::http1::MAX_CONNECTIONS,
+        make,
+        shutdown,
+    )
+    .await;
 }

@@ -94,7 +94,9 @@ impl CertInfo {
         if !rest.is_empty() {
             return Err(bad("trailing bytes after the certificate".into()));
         }
-        let dns_names = san_names(&cert, false).map_err(|e| bad(format!("subjectAltName: {e}")))?;
+        let dns_names = san_names(&cert)
+            .map_err(|e| bad(format!("subjectAltName: {e}")))?
+            .dns;
         Ok(CertInfo {
             serial: cert.raw_serial_as_string(),
             subject: cert.subject().to_string(),
@@ -110,32 +112,30 @@ impl CertInfo {
     }
 }
 
-/// The identities a client certificate asserts: its DNS and URI (for example SPIFFE ID) subjectAltNames.
-pub fn identities(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = X509Certificate::from_der(der) else {
-        return Vec::new();
-    };
-    san_names(&cert, true).unwrap_or_default()
+/// The identities a client certificate asserts: its DNS and URI (for example SPIFFE ID) subjectAltNames,
+/// kept apart.
+pub fn identities(der: &[u8]) -> crate::peer::ClientIdentities {
+    X509Certificate::from_der(der)
+        .ok()
+        .and_then(|(_, cert)| san_names(&cert).ok())
+        .unwrap_or_default()
 }
 
-/// The DNS names of a certificate's subjectAltName (and its URIs, when `uris`).
+/// The DNS names and URIs of a certificate's subjectAltName.
 fn san_names(
     cert: &X509Certificate<'_>,
-    uris: bool,
-) -> Result<Vec<String>, x509_parser::error::X509Error> {
-    Ok(match cert.subject_alternative_name()? {
-        Some(san) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::DNSName(d) => Some(d.to_string()),
-                GeneralName::URI(u) if uris => Some(u.to_string()),
-                _ => None,
-            })
-            .collect(),
-        None => Vec::new(),
-    })
+) -> Result<crate::peer::ClientIdentities, x509_parser::error::X509Error> {
+    let mut ids = crate::peer::ClientIdentities::default();
+    if let Some(san) = cert.subject_alternative_name()? {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(d) => ids.dns.push(d.to_string()),
+                GeneralName::URI(u) => ids.uris.push(u.to_string()),
+                _ => {}
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// Human wording for an expiry instant relative to now.

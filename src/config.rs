@@ -31,6 +31,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// What is allowed but probably not what was meant: printed by `check` and logged by `run` and reload.
+    pub fn warnings(&self) -> Vec<Problem> {
+        let rules = self
+            .certificates
+            .iter()
+            .map(|c| (&c.access, &c.origin))
+            .chain(self.trust_bundles.iter().map(|b| (&b.access, &b.origin)));
+        rules
+            .filter(|(access, _)| access.nodes.is_some() && access.clients.is_none())
+            .map(|(_, origin)| {
+                Problem::new(
+                    format!("{}.allowed_nodes", origin.key),
+                    origin.line,
+                    "is the only rule on this secret, and a node id is whatever the client says it is: any caller that can reach a listener can claim a matching one. Add allowed_clients (mutual TLS), or admit only trusted callers to the listeners (allowed_uids, socket_mode)",
+                )
+            })
+            .collect()
+    }
+
     /// Whether any certificate is obtained over ACME.
     pub fn has_acme_certificates(&self) -> bool {
         self.certificates
@@ -122,6 +141,8 @@ pub struct SdsConfig {
     pub allow_plaintext: bool,
     /// A stream whose last push has gone unacknowledged this long is ended when a newer version is due.
     pub stall_timeout: std::time::Duration,
+    /// Stream, name and connection limits, overall and per caller.
+    pub quotas: crate::peer::Quotas,
 }
 
 /// `[sds.tls]`: mutual TLS on the TCP listeners; client certificates are required.
@@ -132,14 +153,7 @@ pub struct SdsTlsConfig {
     pub client_ca_file: PathBuf,
 }
 
-/// Who may read one secret. `None` means no restriction of that kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Access {
-    /// Glob patterns (`*`, `?`) on Envoy's node id.
-    pub nodes: Option<Vec<String>>,
-    /// Glob patterns on the client certificate's DNS or URI (SPIFFE ID) SANs; needs `[sds.tls]`.
-    pub clients: Option<Vec<String>>,
-}
+pub use crate::access::Access;
 
 /// Default permission bits of SDS Unix sockets: only the owner may connect, since the socket hands out
 /// private keys.
@@ -215,6 +229,19 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// `FILE:LINE: KEY: MESSAGE`, as every problem is printed.
+    pub fn located(&self, path: &Path) -> String {
+        let mut out = path.display().to_string();
+        if let Some(line) = self.line {
+            out.push_str(&format!(":{line}"));
+        }
+        if !self.key.is_empty() {
+            out.push_str(&format!(": {}", self.key));
+        }
+        out.push_str(&format!(": {}", self.message));
+        out
+    }
+
     pub fn new(key: impl Into<String>, line: Option<usize>, message: impl Into<String>) -> Self {
         Problem {
             key: key.into(),
@@ -241,15 +268,7 @@ impl fmt::Display for ConfigError {
             if n == 1 { "" } else { "s" }
         )?;
         for p in &self.problems {
-            write!(f, "\n  {}", self.path.display())?;
-            if let Some(line) = p.line {
-                write!(f, ":{line}")?;
-            }
-            if p.key.is_empty() {
-                write!(f, ": {}", p.message)?;
-            } else {
-                write!(f, ": {}: {}", p.key, p.message)?;
-            }
+            write!(f, "\n  {}", p.located(&self.path))?;
         }
         Ok(())
     }
@@ -280,6 +299,11 @@ struct RawSds {
     allowed_uids: Option<Spanned<Vec<Spanned<i64>>>>,
     allow_plaintext: Option<bool>,
     stall_timeout: Option<Spanned<String>>,
+    max_streams: Option<Spanned<i64>>,
+    max_streams_per_peer: Option<Spanned<i64>>,
+    max_names_per_peer: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    max_connections_per_peer: Option<Spanned<i64>>,
     tls: Option<Spanned<RawSdsTls>>,
 }
 
@@ -489,6 +513,7 @@ impl Validator<'_> {
             tls: None,
             allow_plaintext: false,
             stall_timeout: std::time::Duration::from_secs(300),
+            quotas: crate::peer::Quotas::default(),
         };
         let Some(raw) = raw else {
             self.problem(
@@ -565,6 +590,42 @@ impl Validator<'_> {
                 ),
             }
         }
+        let q = &mut out.quotas;
+        for (key, raw, slot) in [
+            ("max_streams", raw.max_streams, &mut q.max_streams),
+            (
+                "max_streams_per_peer",
+                raw.max_streams_per_peer,
+                &mut q.max_streams_per_peer,
+            ),
+            (
+                "max_names_per_peer",
+                raw.max_names_per_peer,
+                &mut q.max_names_per_peer,
+            ),
+            (
+                "max_connections",
+                raw.max_connections,
+                &mut q.max_connections,
+            ),
+            (
+                "max_connections_per_peer",
+                raw.max_connections_per_peer,
+                &mut q.max_connections_per_peer,
+            ),
+        ] {
+            if let Some(v) = raw {
+                let line = self.line(&v);
+                match usize::try_from(*v.get_ref()) {
+                    Ok(n) if n > 0 => *slot = n,
+                    _ => self.problem(
+                        format!("sds.{key}"),
+                        line,
+                        format!("{} is not a positive number", v.get_ref()),
+                    ),
+                }
+            }
+        }
         if let Some(tls) = raw.tls {
             let line = self.line(&tls);
             let tls = tls.into_inner();
@@ -612,18 +673,36 @@ impl Validator<'_> {
         nodes: Option<Spanned<Vec<String>>>,
         clients: Option<Spanned<Vec<String>>>,
     ) -> Access {
-        let mut check = |field: &str, v: Option<Spanned<Vec<String>>>| {
-            let v = v?;
-            let line = self.line(&v);
-            let list = v.into_inner();
-            if list.iter().any(|p| p.is_empty()) {
-                self.problem(format!("{key}.{field}"), line, "empty pattern");
+        fn patterns<T>(
+            v: &mut Validator<'_>,
+            key: String,
+            list: Option<Spanned<Vec<String>>>,
+            parse: impl Fn(&str) -> Result<T, String>,
+        ) -> Option<Vec<T>> {
+            let list = list?;
+            let line = v.line(&list);
+            let mut out = Vec::new();
+            for (i, p) in list.into_inner().iter().enumerate() {
+                match parse(p) {
+                    Ok(p) => out.push(p),
+                    Err(msg) => v.problem(format!("{key}[{i}]"), line, msg),
+                }
             }
-            Some(list)
-        };
+            Some(out)
+        }
         Access {
-            nodes: check("allowed_nodes", nodes),
-            clients: check("allowed_clients", clients),
+            nodes: patterns(
+                self,
+                format!("{key}.allowed_nodes"),
+                nodes,
+                crate::access::NodePattern::new,
+            ),
+            clients: patterns(
+                self,
+                format!("{key}.allowed_clients"),
+                clients,
+                crate::access::ClientPattern::new,
+            ),
         }
     }
 
@@ -1139,7 +1218,8 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_secs(n.checked_mul(mult)?))
 }
 
-/// A group name (looked up in /etc/group) or a numeric gid.
+/// A group name or a numeric gid. Names are resolved through the system's group database (NSS: files,
+/// LDAP, sssd, systemd's dynamic groups, whatever `/etc/nsswitch.conf` lists), as `chgrp` would.
 fn resolve_group(v: &toml::Value) -> Result<u32, String> {
     match v {
         toml::Value::Integer(n) => u32::try_from(*n).map_err(|_| format!("{n} is not a group id")),
@@ -1147,42 +1227,14 @@ fn resolve_group(v: &toml::Value) -> Result<u32, String> {
             if let Ok(n) = name.parse::<u32>() {
                 return Ok(n);
             }
-            let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-            groups
-                .lines()
-                .filter_map(|l| {
-                    let mut f = l.split(':');
-                    Some((f.next()?, f.nth(1)?))
-                })
-                .find(|(n, _)| n == name)
-                .and_then(|(_, gid)| gid.parse().ok())
-                .ok_or_else(|| format!("no group named {name:?}"))
+            match nix::unistd::Group::from_name(name) {
+                Ok(Some(g)) => Ok(g.gid.as_raw()),
+                Ok(None) => Err(format!("no group named {name:?}")),
+                Err(e) => Err(format!("cannot look up group {name:?}: {e}")),
+            }
         }
         _ => Err("a group name or id".into()),
     }
-}
-
-/// Matches `text` against a glob `pattern` with `*` (any run) and `?` (any one character).
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -1444,18 +1496,28 @@ domains = ["c.example.com"]
     }
 
     #[test]
-    fn globs() {
-        assert!(glob_match("edge-*", "edge-1"));
-        assert!(glob_match("edge-?", "edge-1"));
-        assert!(!glob_match("edge-?", "edge-12"));
-        assert!(glob_match(
-            "spiffe://example.org/ns/*/sa/gw",
-            "spiffe://example.org/ns/a/sa/gw"
-        ));
-        assert!(!glob_match("edge-*", "core-1"));
-        assert!(glob_match("*", ""));
-        assert!(glob_match("a*b*c", "aXXbYYc"));
-        assert!(!glob_match("a*b*c", "aXXbYY"));
+    fn bad_patterns_and_quotas_are_named() {
+        let err = parse_str("[sds]\nlisten=[\"127.0.0.1:1\"]\nmax_streams_per_peer=0\n[[certificate]]\nname=\"a\"\ncert_file=\"a\"\nkey_file=\"b\"\nallowed_nodes=[\"edge-*\", \"edge-[\"]\n").unwrap_err();
+        let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "sds.max_streams_per_peer",
+                "certificate[0].allowed_nodes[1]"
+            ],
+            "{err}"
+        );
+        assert_eq!(err.problems[1].line, Some(8));
+        let cfg = parse_str(
+            "[sds]\nlisten=[\"127.0.0.1:1\"]\nmax_streams=50\nmax_connections_per_peer=3\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.sds.quotas.max_streams, 50);
+        assert_eq!(cfg.sds.quotas.max_connections_per_peer, 3);
+        assert_eq!(
+            cfg.sds.quotas.max_streams_per_peer,
+            crate::peer::Quotas::default().max_streams_per_peer
+        );
     }
 
     #[test]
@@ -1473,7 +1535,7 @@ domains = ["c.example.com"]
         assert_eq!(cfg.sds.allowed_uids.as_deref(), Some(&[0, 1337][..]));
         assert_eq!(
             cfg.certificates[0].access.nodes.as_deref(),
-            Some(&["edge-*".to_string()][..])
+            Some(&[crate::access::NodePattern::new("edge-*").unwrap()][..])
         );
         let cfg = parse_str("[sds]\nlisten=[\"[::]:8234\"]\n[sds.tls]\ncert_file=\"s.crt\"\nkey_file=\"s.key\"\nclient_ca_file=\"ca.pem\"\n").unwrap();
         assert_eq!(

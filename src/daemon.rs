@@ -13,9 +13,11 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::Access;
 use crate::acme::{AcmeManager, ManagedCert};
 use crate::config::{Config, ConfigError};
 use crate::http01;
+use crate::peer::Limits;
 use crate::registry::{Published, Registry, SecretContent};
 use crate::sds::{Policy, SdsService};
 use crate::server::{self, Admission, Bound};
@@ -36,6 +38,7 @@ pub struct Running {
     config: Config,
     registry: Arc<Registry>,
     policy: Arc<Policy>,
+    limits: Limits,
     shutdown: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
     files_token: CancellationToken,
@@ -73,6 +76,28 @@ fn watch_file(path: &std::path::Path) -> Option<crate::watch::DirWatch> {
     }
 }
 
+/// Every configured secret with its access rule, for the SDS policy.
+fn access_rules(config: &Config) -> Vec<(String, Access)> {
+    config
+        .certificates
+        .iter()
+        .map(|c| (c.name.clone(), c.access.clone()))
+        .chain(
+            config
+                .trust_bundles
+                .iter()
+                .map(|b| (b.name.clone(), b.access.clone())),
+        )
+        .collect()
+}
+
+/// Logs what `config` allows but probably does not mean (`acme-sds check` prints the same).
+fn log_warnings(config: &Config) {
+    for w in config.warnings() {
+        tracing::warn!("{}", w.located(&config.path));
+    }
+}
+
 /// Loads every file-backed secret of `config`; a problem fails the whole load.
 fn load_files(config: &Config) -> Result<(FileSource, Vec<(String, SecretContent)>), ConfigError> {
     let mut files = FileSource::from_config(config);
@@ -94,11 +119,14 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         files::log_loaded(name, content, v.version().version(), "loaded");
     }
     let shutdown = CancellationToken::new();
-    let policy = Arc::new(Policy::from_config(config));
+    log_warnings(config);
+    let policy = Arc::new(Policy::new(access_rules(config)));
+    let limits = Limits::new(config.sds.quotas);
     let mut running = Running {
         config: config.clone(),
         registry: registry.clone(),
         policy: policy.clone(),
+        limits: limits.clone(),
         files_token: shutdown.child_token(),
         shutdown: shutdown.clone(),
         tasks: JoinSet::new(),
@@ -127,7 +155,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let bound = server::bind_all(&config.sds)
         .await
         .context("starting the SDS listeners")?;
-    let service = SdsService::with_policy(registry.clone(), policy, shutdown.clone())
+    let service = SdsService::new(registry.clone(), policy, limits.clone(), shutdown.clone())
         .with_stall_timeout(config.sds.stall_timeout);
     for b in bound {
         let addr = b.describe();
@@ -139,8 +167,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         let token = shutdown.clone();
         let what = addr.clone();
         let admission = admission.clone();
+        let limits = limits.clone();
         running.tasks.spawn(async move {
-            server::serve(b, service, admission, token)
+            server::serve(b, service, admission, limits, token)
                 .await
                 .with_context(|| format!("SDS server on {what}"))
         });
@@ -158,6 +187,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             Arc::new(config.clone()),
             registry.clone(),
             running.acme.as_ref().map(|a| a.manager.clone()),
+            limits.clone(),
         );
         running.status = Some(view.clone());
         let token = shutdown.clone();
@@ -262,7 +292,10 @@ impl Running {
                 );
             }
         }
-        self.policy.replace(Policy::from_config(&new));
+        log_warnings(&new);
+        // The new rules are in force before anything new is published, and every open stream checks its
+        // subscription against them at once.
+        self.policy.replace(access_rules(&new));
 
         // Files: publish what is new or changed, then watch the new set.
         self.files_token.cancel();
@@ -352,6 +385,11 @@ impl Running {
             }
         }
         self.shutdown().await
+    }
+
+    /// The stream, name and connection limits, and what each peer holds now.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// The registry this daemon serves; other sources publish into it.

@@ -8,13 +8,11 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -36,8 +34,7 @@ pub fn valid_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_CONNECTIONS: usize = 1024;
+use crate::server::http1::MAX_CONNECTIONS;
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -97,72 +94,21 @@ async fn respond(store: SharedStore, req: Request<Incoming>) -> Response<Full<By
     }
 }
 
-/// Serves one HTTP/1.1 connection with the limits every listener of ours keeps (header size and read
-/// timeout: slow-loris safe), until it closes or `shutdown` (then gracefully, bounded). Shared by the
-/// responder and the admin listener.
-pub(crate) async fn serve_connection<S>(
-    stream: tokio::net::TcpStream,
-    service: S,
-    shutdown: CancellationToken,
-) where
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<Full<Bytes>>,
-            Error = Infallible,
-        >,
-    S::Future: Send + 'static,
-{
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(16 * 1024)
-        .serve_connection(TokioIo::new(stream), service);
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
-        }
-    }
-}
-
 /// Binds the responder's listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves HTTP-01 on `listener` until `shutdown`.
+/// Serves HTTP-01 on `listener` until `shutdown`, then drains open connections.
 pub async fn serve(listener: TcpListener, store: SharedStore, shutdown: CancellationToken) {
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        let (stream, _peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HTTP-01 accept failed");
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            drop(stream); // over the connection cap: refuse rather than queue
-            continue;
-        };
+    let make = move || {
         let store = store.clone();
-        let token = shutdown.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                let store = store.clone();
-                async move { Ok::<_, Infallible>(respond(store, req).await) }
-            });
-            serve_connection(stream, service, token).await;
-        });
-        while conns.try_join_next().is_some() {}
-    }
+        hyper::service::service_fn(move |req| {
+            let store = store.clone();
+            async move { Ok::<_, Infallible>(respond(store, req).await) }
+        })
+    };
+    crate::server::http1::serve(listener, "HTTP-01", MAX_CONNECTIONS, make, shutdown).await;
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! [`http01`] responder reads pending challenges from the store. [`daemon`] wires them together; [`server`]
 //! owns the SDS listeners.
 
+pub mod access;
 pub mod acme;
 pub mod admin;
 pub mod bootstrap;
@@ -13,10 +14,12 @@ pub mod config;
 pub mod daemon;
 pub mod http01;
 pub mod metrics;
+pub mod peer;
 pub mod proto;
 pub mod registry;
 pub mod sds;
 pub mod server;
 pub mod sources;
 pub mod store;
+pub mod throttle;
 pub mod watch;

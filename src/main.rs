@@ -404,6 +404,9 @@ fn check(path: &Path) -> ExitCode {
     let Some((config, loaded)) = load_checked(path) else {
         return ExitCode::FAILURE;
     };
+    for w in config.warnings() {
+        eprintln!("warning: {}", w.located(&config.path));
+    }
     print!("{}", summary(&config, &loaded));
     ExitCode::SUCCESS
 }

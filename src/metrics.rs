@@ -58,7 +58,10 @@ pub struct Metrics {
     pub acme_request_duration: Timings,
     pub sds_streams: Family<RpcLabel, Gauge>,
     pub sds_pushes: Counter,
+    /// Per configured secret only: a caller can name anything, and must not be able to create series.
     pub sds_nacks: Family<NameLabel, Counter>,
+    /// Everything about names that are not configured, in one series.
+    pub sds_unconfigured_names: Counter,
     pub http01_requests: Family<ResultLabel, Counter>,
 }
 
@@ -68,6 +71,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     sds_streams: Family::default(),
     sds_pushes: Counter::default(),
     sds_nacks: Family::default(),
+    sds_unconfigured_names: Counter::default(),
     http01_requests: Family::default(),
 });
 
@@ -101,6 +105,7 @@ pub fn count_http01(result: &str) {
         .inc();
 }
 
+/// Counts a NACK of a configured secret (callers check; see [`Metrics::sds_nacks`]).
 pub fn count_nack(name: &str) {
     METRICS
         .sds_nacks
@@ -108,6 +113,11 @@ pub fn count_nack(name: &str) {
             name: crate::registry::canonical_name(name).to_owned(),
         })
         .inc();
+}
+
+/// Counts names that are not configured, subscribed to, fetched or NACKed.
+pub fn count_unconfigured(n: u64) {
+    METRICS.sds_unconfigured_names.inc_by(n);
 }
 
 pub fn stream_opened(rpc: &str, delta: i64) {
@@ -145,8 +155,13 @@ pub fn render(secrets: &[SecretStatus]) -> String {
     );
     registry.register(
         "acme_sds_sds_nacks",
-        "Secrets Envoy rejected (NACKed), by secret",
+        "Secrets Envoy rejected (NACKed), by configured secret",
         m.sds_nacks.clone(),
+    );
+    registry.register(
+        "acme_sds_sds_unconfigured_names",
+        "Names that are not configured, in SDS subscriptions, fetches and NACKs (all in one series)",
+        m.sds_unconfigured_names.clone(),
     );
     registry.register(
         "acme_sds_http01_requests",

@@ -55,7 +55,7 @@ async fn mtls_fixture() -> MtlsFixture {
     let open = server_ca.leaf(&["open.example.com"]);
     let (oc, ok) = open.write(dir.path(), "open");
     let tables = format!(
-        "[sds.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n\n{}\nallowed_clients = [\"spiffe://example.org/ns/edge/*\"]\n\n{}",
+        "[sds.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n\n{}\nallowed_clients = [\"spiffe://example.org/ns/edge/sa/*\"]\n\n{}",
         scrt.display(),
         skey.display(),
         ca.display(),

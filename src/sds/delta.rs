@@ -4,15 +4,16 @@
 //! holds (`initial_resource_versions`, on a reconnect) are not resent when the version matches. A subscribed
 //! name that does not exist is reported once in `removed_resources` and pushed as soon as it appears; a name
 //! the client already holds is never reported removed, so a missing secret here never takes one away from
-//! Envoy.
+//! Envoy. Subscription changes cost O(n) in the names they carry (sets, not list scans), and every push is
+//! authorised against the access rules in force at that moment.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::Status;
 
-use super::{Protocol, StreamContext, check_type_url, poll_any_changed};
+use super::{Protocol, StreamContext, check_type_url, checked_names, poll_any_changed};
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
@@ -68,7 +69,9 @@ impl Delta {
         }
     }
 
-    fn respond(&mut self) -> Option<DeltaDiscoveryResponse> {
+    fn respond(&mut self) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        self.ctx
+            .reauthorize(self.watched.iter().map(|w| w.requested.as_str()))?;
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         for w in &mut self.watched {
@@ -94,7 +97,7 @@ impl Delta {
             }
         }
         if resources.is_empty() && removed.is_empty() {
-            return None;
+            return Ok(None);
         }
         self.nonce += 1;
         self.ctx.sent();
@@ -106,13 +109,13 @@ impl Delta {
             ?removed,
             "SDS delta push"
         );
-        Some(DeltaDiscoveryResponse {
+        Ok(Some(DeltaDiscoveryResponse {
             system_version_info: String::new(),
             resources,
             type_url: SECRET_TYPE_URL.to_owned(),
             nonce: self.nonce.to_string(),
             removed_resources: removed,
-        })
+        }))
     }
 }
 
@@ -129,10 +132,22 @@ impl Protocol for Delta {
         if !req.response_nonce.is_empty() && req.response_nonce == self.nonce.to_string() {
             self.ctx.answered();
         }
+        let subscribe = checked_names("resource_names_subscribe", req.resource_names_subscribe)?;
+        let unsubscribe =
+            checked_names("resource_names_unsubscribe", req.resource_names_unsubscribe)?;
         if let Some(err) = &req.error_detail {
-            let names: Vec<&str> = self.watched.iter().map(|w| w.requested.as_str()).collect();
-            self.ctx
-                .log_nack(&names, &format!("nonce {}", req.response_nonce), err);
+            // What was rejected: what the stream sent.
+            let names: Vec<&str> = self
+                .watched
+                .iter()
+                .filter(|w| matches!(w.held, Held::Sent(_)))
+                .map(|w| w.requested.as_str())
+                .collect();
+            self.ctx.log_nack(
+                &names,
+                &format!("nonce {}", super::context::clip(&req.response_nonce, 64)),
+                err,
+            );
         }
         let mut initial: HashMap<String, String> = if self.first {
             req.initial_resource_versions
@@ -140,18 +155,52 @@ impl Protocol for Delta {
             HashMap::new()
         };
         self.first = false;
-        self.watched
-            .retain(|w| !req.resource_names_unsubscribe.contains(&w.requested));
-        let after = self.watched.len() + req.resource_names_subscribe.len();
-        super::check_name_count(after.saturating_sub(req.resource_names_unsubscribe.len()))?;
-        for name in &req.resource_names_subscribe {
-            self.ctx.authorize(name)?;
+        if !unsubscribe.is_empty() {
+            let gone: HashSet<&str> = unsubscribe.iter().map(String::as_str).collect();
+            self.watched
+                .retain(|w| !gone.contains(w.requested.as_str()));
         }
-        for name in req.resource_names_subscribe {
-            if let Some(w) = self.watched.iter_mut().find(|w| w.requested == name) {
-                // Subscribing again asks for the resource again.
-                w.held = Held::Nothing;
-                w.reported_missing = false;
+        let index: HashMap<&str, usize> = self
+            .watched
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.requested.as_str(), i))
+            .collect();
+        let is_new: Vec<bool> = subscribe
+            .iter()
+            .map(|n| !index.contains_key(n.as_str()))
+            .collect();
+        let again: Vec<usize> = subscribe
+            .iter()
+            .filter_map(|n| index.get(n.as_str()).copied())
+            .collect();
+        drop(index);
+        let adding = || {
+            subscribe
+                .iter()
+                .zip(&is_new)
+                .filter(|(_, new)| **new)
+                .map(|(n, _)| n.as_str())
+        };
+        let total = self.watched.len() + adding().count();
+        if total > super::MAX_NAMES_PER_STREAM {
+            return Err(super::context::too_many("resource_names_subscribe"));
+        }
+        self.ctx
+            .authorize(adding(), self.watched.iter().map(|w| w.requested.as_str()))?;
+        let unconfigured = adding().filter(|n| !self.ctx.is_configured(n)).count();
+        if unconfigured > 0 {
+            crate::metrics::count_unconfigured(unconfigured as u64);
+        }
+        self.ctx.set_name_count(total)?;
+        for i in again {
+            // Subscribing again asks for the resource again.
+            let w = &mut self.watched[i];
+            w.held = Held::Nothing;
+            w.reported_missing = false;
+        }
+        for (name, new) in subscribe.into_iter().zip(is_new) {
+            if !new {
                 continue;
             }
             let held = match initial.remove(&name) {
@@ -167,7 +216,7 @@ impl Protocol for Delta {
                 reported_missing: false,
             });
         }
-        Ok(self.respond())
+        self.respond()
     }
 
     fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -178,8 +227,13 @@ impl Protocol for Delta {
         std::mem::take(&mut self.fresh)
     }
 
-    fn on_change(&mut self) -> Option<DeltaDiscoveryResponse> {
+    fn on_change(&mut self) -> Result<Option<DeltaDiscoveryResponse>, Status> {
         self.respond()
+    }
+
+    fn reauthorize(&mut self) -> Result<(), Status> {
+        self.ctx
+            .reauthorize(self.watched.iter().map(|w| w.requested.as_str()))
     }
 
     fn context(&self) -> &StreamContext {

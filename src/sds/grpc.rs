@@ -24,7 +24,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
-use super::{MAX_REQUEST_BYTES, SdsService, StreamContext, drive, sotw};
+use super::{MAX_REQUEST_BYTES, SdsService, sotw};
 use crate::proto::envoy::service::discovery::v3::DiscoveryRequest;
 use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 
@@ -88,18 +88,13 @@ fn plain_grpc(headers: &http::HeaderMap) -> bool {
 
 fn stream_secrets(service: &SdsService, req: http::Request<Body>) -> http::Response<Body> {
     let request = tonic::Request::from_http(req);
-    let ctx = match StreamContext::new("sotw", &request, service.policy.clone()) {
+    let ctx = match service.context("sotw", &request) {
         Ok(ctx) => ctx,
         Err(status) => return status.into_http(),
     };
     let state = sotw::Sotw::new(service.registry.clone(), ctx);
     let inbound = Requests::<DiscoveryRequest>::new(request.into_inner(), MAX_REQUEST_BYTES);
-    let driver = drive(
-        state,
-        inbound,
-        service.stall_timeout,
-        service.shutdown.clone(),
-    );
+    let driver = service.drive(state, inbound);
     let mut response = http::Response::new(Body::new(Responses::new(driver)));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -2,20 +2,26 @@
 //! (incremental) and `FetchSecrets` (unary), all reading the [`Registry`].
 //!
 //! Each stream is a small state machine ([`sotw::Sotw`], [`delta::Delta`]) that holds only what the protocol
-//! needs: the node from the stream's first request, the subscribed names, what was last sent and the last
-//! nonce. [`drive`] runs one as the response stream itself, with no task or channel per stream: when a client
-//! stops reading, HTTP/2 flow control stops the polling, and the watch channels keep only the newest version,
-//! so a stalled client costs nothing more and never holds back anyone else. `StreamSecrets`, the RPC that
-//! carries a fleet's rotations, is framed by [`grpc`] rather than tonic's generic codec (less CPU per push,
-//! a third less memory per idle stream); the other two go through tonic.
+//! needs: its [`StreamContext`] (caller, node, quota slot), the subscribed names, what was last sent and the
+//! last nonce. [`drive`] runs one as the response stream itself, with no task or channel per stream: when a
+//! client stops reading, HTTP/2 flow control stops the polling, and the watch channels keep only the newest
+//! version, so a stalled client costs nothing more and never holds back anyone else. `StreamSecrets`, the RPC
+//! that carries a fleet's rotations, is framed by [`grpc`] rather than tonic's generic codec (less CPU per
+//! push, a third less memory per idle stream); the other two go through tonic.
+//!
+//! Access is decided by the [`Policy`] in force at the moment of each decision: when a name is subscribed,
+//! before every push, and at once when a reload changes the rules (a stream that may no longer read a secret
+//! is ended with `PERMISSION_DENIED`). Every caller is counted against its peer's quotas ([`crate::peer`]).
 //!
 //! Rules kept (see `shared/reference/sds-protocol.md`): ACKs and NACKs are never answered, identical data is
 //! never resent, a stale SotW nonce is ignored, an unknown name keeps the stream open until the secret
 //! appears, an empty name list never enumerates secrets, and `sds://NAME` is the same secret as `NAME`.
 
 pub mod codec;
+mod context;
 pub mod delta;
 pub mod grpc;
+pub mod policy;
 pub mod sotw;
 
 use std::future::Future;
@@ -26,104 +32,59 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::Stream;
 use futures_util::task::AtomicWaker;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tonic::transport::server::UdsConnectInfo;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, ReusableBoxFuture, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::certs;
-use crate::config::{Access, Config, glob_match};
-use crate::proto::envoy::config::core::v3::Node;
+use crate::peer::Limits;
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
-use crate::proto::google::rpc;
-use crate::registry::{Registry, SECRET_TYPE_URL, Subscription, canonical_name};
-use std::collections::HashMap;
+use crate::registry::{Registry, SECRET_TYPE_URL, Subscription};
 
 pub use crate::registry::ISTIO_PREFIX;
-
-/// Who may read which secret: per secret name, the `allowed_nodes` / `allowed_clients` patterns.
-/// Names without a rule may be read by anyone who can reach the listener.
-/// Replaced as a whole on a configuration reload; streams consult it on every subscription.
-#[derive(Debug, Default)]
-pub struct Policy {
-    rules: std::sync::RwLock<HashMap<String, Access>>,
-}
-
-impl Policy {
-    pub fn from_config(config: &Config) -> Self {
-        let rules = config
-            .certificates
-            .iter()
-            .map(|c| (c.name.clone(), c.access.clone()))
-            .chain(
-                config
-                    .trust_bundles
-                    .iter()
-                    .map(|b| (b.name.clone(), b.access.clone())),
-            )
-            .filter(|(_, a)| a.nodes.is_some() || a.clients.is_some())
-            .collect();
-        Policy {
-            rules: std::sync::RwLock::new(rules),
-        }
-    }
-
-    /// Takes the rules of `other` (a reloaded configuration).
-    pub fn replace(&self, other: Policy) {
-        let rules = other.rules.into_inner().unwrap_or_else(|e| e.into_inner());
-        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
-    }
-
-    /// Whether a caller (node id, client certificate identities) may read `requested`.
-    pub fn allows(&self, requested: &str, node: Option<&str>, clients: &[String]) -> bool {
-        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner());
-        let Some(rule) = rules.get(canonical_name(requested)) else {
-            return true;
-        };
-        let nodes_ok = rule
-            .nodes
-            .as_ref()
-            .is_none_or(|pats| node.is_some_and(|n| pats.iter().any(|p| glob_match(p, n))));
-        let clients_ok = rule.clients.as_ref().is_none_or(|pats| {
-            clients
-                .iter()
-                .any(|c| pats.iter().any(|p| glob_match(p, c)))
-        });
-        nodes_ok && clients_ok
-    }
-}
+pub use context::{
+    MAX_NAME_BYTES, MAX_NAMES_PER_STREAM, MAX_NODE_FIELD_BYTES, NodeInfo, StreamContext,
+};
+pub(crate) use context::{Throttles, checked_names};
+pub use policy::Policy;
 
 /// The gRPC service. Cheap to clone.
 #[derive(Clone)]
 pub struct SdsService {
     registry: Arc<Registry>,
     policy: Arc<Policy>,
+    limits: Limits,
     stall_timeout: std::time::Duration,
     shutdown: CancellationToken,
+    stream_ids: Arc<AtomicU64>,
+    throttles: Arc<Throttles>,
 }
 
 /// Default of `sds.stall_timeout`.
 pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// Largest request message accepted (requests are a node and a few names).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 impl SdsService {
-    /// A service over `registry`; cancelling `shutdown` ends every open stream with `UNAVAILABLE`, so that
-    /// clients reconnect elsewhere or later.
-    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
-        Self::with_policy(registry, Arc::new(Policy::default()), shutdown)
-    }
-
-    pub fn with_policy(
+    /// A service over `registry`, deciding access by `policy` and counting callers against `limits`;
+    /// cancelling `shutdown` ends every open stream with `UNAVAILABLE`, so that clients reconnect elsewhere
+    /// or later.
+    pub fn new(
         registry: Arc<Registry>,
         policy: Arc<Policy>,
+        limits: Limits,
         shutdown: CancellationToken,
     ) -> Self {
         SdsService {
             registry,
             policy,
+            limits,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             shutdown,
+            stream_ids: Arc::new(AtomicU64::new(1)),
+            throttles: Arc::new(Throttles::default()),
         }
     }
 
@@ -138,6 +99,29 @@ impl SdsService {
     pub fn into_server(self) -> grpc::SdsServer {
         grpc::SdsServer::new(self)
     }
+
+    /// The context of a new stream (or fetch) from `request`'s caller, counted against its quotas.
+    fn context<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<StreamContext, Status> {
+        StreamContext::new(
+            rpc,
+            self.stream_ids.fetch_add(1, Ordering::Relaxed),
+            request,
+            self.policy.clone(),
+            &self.limits,
+            self.throttles.clone(),
+        )
+    }
+
+    /// Runs `state` as a response stream reading `inbound`.
+    fn drive<P: Protocol, In>(&self, state: P, inbound: In) -> Driver<P, In> {
+        drive(
+            state,
+            inbound,
+            self.stall_timeout,
+            self.shutdown.clone(),
+            &self.policy,
+        )
+    }
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -151,55 +135,47 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let ctx = StreamContext::new("delta", &request, self.policy.clone())?;
+        let ctx = self.context("delta", &request)?;
         let state = delta::Delta::new(self.registry.clone(), ctx);
-        let stream = drive(
-            state,
-            request.into_inner(),
-            self.stall_timeout,
-            self.shutdown.clone(),
-        );
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(
+            self.drive(state, request.into_inner()),
+        )))
     }
 
     async fn stream_secrets(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let ctx = StreamContext::new("sotw", &request, self.policy.clone())?;
+        let ctx = self.context("sotw", &request)?;
         let state = sotw::Sotw::new(self.registry.clone(), ctx);
-        let stream = drive(
-            state,
-            request.into_inner(),
-            self.stall_timeout,
-            self.shutdown.clone(),
-        );
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(
+            self.drive(state, request.into_inner()),
+        )))
     }
 
     async fn fetch_secrets(
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let mut ctx = StreamContext::new("fetch", &request, self.policy.clone())?;
+        let mut ctx = self.context("fetch", &request)?;
         let req = request.into_inner();
         ctx.remember_node(req.node.as_ref());
         check_type_url(&req.type_url)?;
-        check_name_count(req.resource_names.len())?;
-        for name in &req.resource_names {
-            ctx.authorize(name)?;
-        }
-        let peer = ctx.peer.clone();
-        if req.resource_names.is_empty() {
+        let names = checked_names("resource_names", req.resource_names)?;
+        if names.is_empty() {
             return Err(Status::invalid_argument(
                 "resource_names is empty: name the secrets to fetch (there is no wildcard)",
             ));
         }
-        let node = req.node.as_ref().map(|n| n.id.as_str()).unwrap_or("");
+        ctx.authorize(names.iter().map(String::as_str), [])?;
+        let unconfigured = names.iter().filter(|n| !ctx.is_configured(n)).count();
+        if unconfigured > 0 {
+            crate::metrics::count_unconfigured(unconfigured as u64);
+        }
         let mut resources = Vec::new();
         let mut versions = Vec::new();
         let mut missing = Vec::new();
-        for name in &req.resource_names {
+        for name in &names {
             match self.registry.get(name) {
                 Some(v) => {
                     resources.push(v.resource_for(name));
@@ -208,7 +184,7 @@ impl SecretDiscoveryService for SdsService {
                 None => missing.push(name.as_str()),
             }
         }
-        tracing::debug!(%peer, node, names = ?req.resource_names, ?missing, "SDS fetch");
+        tracing::debug!(stream = ctx.id, peer = %ctx.peer, node = ctx.node_id(), names = ?names, ?missing, "SDS fetch");
         if resources.is_empty() {
             return Err(Status::not_found(format!(
                 "no secret named {}",
@@ -253,196 +229,9 @@ pub(crate) fn check_type_url(type_url: &str) -> Result<(), Status> {
         Ok(())
     } else {
         Err(Status::invalid_argument(format!(
-            "type_url {type_url:?} is not served here: this SDS server serves only {SECRET_TYPE_URL}"
+            "type_url {:?} is not served here: this SDS server serves only {SECRET_TYPE_URL}",
+            context::clip(type_url, 256)
         )))
-    }
-}
-
-static STREAM_IDS: AtomicU64 = AtomicU64::new(1);
-
-/// Most names one stream may subscribe to (Envoy asks for one per stream).
-pub const MAX_NAMES_PER_STREAM: usize = 1000;
-/// Most SDS streams open at once across all connections; more are refused with RESOURCE_EXHAUSTED.
-pub const MAX_STREAMS: usize = 100_000;
-/// Largest request message accepted (requests are a node and a few names).
-pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
-static OPEN_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Counts a stream as open until dropped.
-#[derive(Debug)]
-struct StreamSlot(&'static str);
-
-impl StreamSlot {
-    fn acquire(rpc: &'static str) -> Result<Self, Status> {
-        let before = OPEN_STREAMS.fetch_add(1, Ordering::Relaxed);
-        if before >= MAX_STREAMS {
-            OPEN_STREAMS.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(
-                limit = MAX_STREAMS,
-                "SDS stream refused: too many open streams"
-            );
-            return Err(Status::resource_exhausted("too many open SDS streams"));
-        }
-        crate::metrics::stream_opened(rpc, 1);
-        Ok(StreamSlot(rpc))
-    }
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        OPEN_STREAMS.fetch_sub(1, Ordering::Relaxed);
-        crate::metrics::stream_opened(self.0, -1);
-    }
-}
-
-/// How many SDS streams are open now.
-pub fn open_streams() -> usize {
-    OPEN_STREAMS.load(Ordering::Relaxed)
-}
-
-/// Refuses requests naming more secrets than one stream may hold.
-pub(crate) fn check_name_count(n: usize) -> Result<(), Status> {
-    if n > MAX_NAMES_PER_STREAM {
-        Err(Status::invalid_argument(format!(
-            "resource_names: {n} names; at most {MAX_NAMES_PER_STREAM} per stream"
-        )))
-    } else {
-        Ok(())
-    }
-}
-
-/// Who is on the other end of a stream, for logs and authorization.
-#[derive(Debug)]
-pub struct StreamContext {
-    pub id: u64,
-    pub rpc: &'static str,
-    pub peer: String,
-    /// Node id and cluster from the stream's first request that carried a node.
-    pub node: Option<(String, String)>,
-    /// DNS and URI (SPIFFE ID) names of the client certificate, over mTLS.
-    pub clients: Vec<String>,
-    policy: Arc<Policy>,
-    /// When the oldest response not yet acknowledged (ACK or NACK) was sent.
-    unacked_since: Option<std::time::Instant>,
-    _slot: StreamSlot,
-}
-
-impl StreamContext {
-    fn new<T>(
-        rpc: &'static str,
-        request: &Request<T>,
-        policy: Arc<Policy>,
-    ) -> Result<Self, Status> {
-        let slot = StreamSlot::acquire(rpc)?;
-        let clients = request
-            .peer_certs()
-            .and_then(|certs| certs.first().map(|c| certs::identities(c)))
-            .unwrap_or_default();
-        let ctx = StreamContext {
-            id: STREAM_IDS.fetch_add(1, Ordering::Relaxed),
-            rpc,
-            peer: describe_peer(request),
-            node: None,
-            clients,
-            policy,
-            unacked_since: None,
-            _slot: slot,
-        };
-        tracing::debug!(stream = ctx.id, rpc, peer = %ctx.peer, "SDS stream opened");
-        Ok(ctx)
-    }
-
-    /// Keeps the node of the first request that has one: Envoy only guarantees it there.
-    pub(crate) fn remember_node(&mut self, node: Option<&Node>) {
-        if self.node.is_none()
-            && let Some(n) = node
-        {
-            self.node = Some((n.id.clone(), n.cluster.clone()));
-        }
-    }
-
-    /// Refuses, with `PERMISSION_DENIED` and a log naming the caller, a secret this caller may not read. The
-    /// answer is the same whether or not the secret exists.
-    pub(crate) fn authorize(&self, requested: &str) -> Result<(), Status> {
-        let node = self.node.as_ref().map(|(id, _)| id.as_str());
-        if self.policy.allows(requested, node, &self.clients) {
-            return Ok(());
-        }
-        tracing::warn!(
-            stream = self.id,
-            rpc = self.rpc,
-            peer = %self.peer,
-            node = node.unwrap_or(""),
-            clients = ?self.clients,
-            secret = requested,
-            "SDS request denied: caller not allowed to read this secret"
-        );
-        Err(Status::permission_denied(format!(
-            "not permitted to read secret {requested:?}"
-        )))
-    }
-
-    /// A response went out.
-    pub(crate) fn sent(&mut self) {
-        self.unacked_since
-            .get_or_insert_with(std::time::Instant::now);
-    }
-
-    /// The client answered (ACK or NACK) the latest response.
-    pub(crate) fn answered(&mut self) {
-        self.unacked_since = None;
-    }
-
-    /// How long the oldest unanswered response has waited.
-    pub(crate) fn unanswered_for(&self) -> Option<std::time::Duration> {
-        self.unacked_since.map(|t| t.elapsed())
-    }
-
-    pub(crate) fn node_id(&self) -> &str {
-        self.node.as_ref().map(|(id, _)| id.as_str()).unwrap_or("")
-    }
-
-    /// `rejected` says what was rejected: "version V" (SotW) or "nonce N" (delta).
-    pub(crate) fn log_nack(&self, names: &[&str], rejected: &str, err: &rpc::Status) {
-        for name in names {
-            crate::metrics::count_nack(name);
-        }
-        tracing::warn!(
-            stream = self.id,
-            rpc = self.rpc,
-            peer = %self.peer,
-            node = self.node_id(),
-            cluster = self.node.as_ref().map(|(_, c)| c.as_str()).unwrap_or(""),
-            names = ?names,
-            rejected,
-            code = err.code,
-            error = %err.message,
-            "Envoy rejected (NACKed) a secret; not resending it until a new version exists"
-        );
-    }
-}
-
-impl Drop for StreamContext {
-    fn drop(&mut self) {
-        tracing::debug!(stream = self.id, rpc = self.rpc, peer = %self.peer, node = self.node_id(), "SDS stream closed");
-    }
-}
-
-fn describe_peer<T>(request: &Request<T>) -> String {
-    if let Some(addr) = request.remote_addr() {
-        return addr.to_string();
-    }
-    match request
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-    {
-        Some(cred) => match cred.pid() {
-            Some(pid) => format!("unix(uid={},pid={pid})", cred.uid()),
-            None => format!("unix(uid={})", cred.uid()),
-        },
-        None => "unix".to_owned(),
     }
 }
 
@@ -472,8 +261,12 @@ pub(crate) trait Protocol: Send + Unpin + 'static {
     /// Whether subscriptions were added since the last call: they must be polled once to be armed.
     fn take_fresh(&mut self) -> bool;
 
-    /// Called after [`Protocol::poll_changed`]: the response to send, if the client lacks anything.
-    fn on_change(&mut self) -> Option<Self::Response>;
+    /// Called after [`Protocol::poll_changed`]: the response to send, if the client lacks anything; `Err`
+    /// ends the stream (the caller may no longer read what it subscribed to).
+    fn on_change(&mut self) -> Result<Option<Self::Response>, Status>;
+
+    /// The access rules changed: checks the subscription against them; `Err` ends the stream.
+    fn reauthorize(&mut self) -> Result<(), Status>;
 
     fn context(&self) -> &StreamContext;
 }
@@ -513,6 +306,15 @@ impl Wake for Flag {
     }
 }
 
+/// Resolves, handing the receiver back, when the access rules change.
+async fn next_policy(mut rx: watch::Receiver<u64>) -> watch::Receiver<u64> {
+    if rx.changed().await.is_err() {
+        // The policy is gone with the service: no rule will change again.
+        std::future::pending::<()>().await;
+    }
+    rx
+}
+
 /// Runs a protocol state machine as a response stream (see the module docs), reading its requests from
 /// `inbound` (tonic's decoder, or [`grpc::Requests`]).
 pub(crate) struct Driver<P: Protocol, In = Streaming<<P as Protocol>::Request>> {
@@ -525,6 +327,10 @@ pub(crate) struct Driver<P: Protocol, In = Streaming<<P as Protocol>::Request>> 
     shutdown_waker: Waker,
     changed_flag: Arc<Flag>,
     changed_waker: Waker,
+    /// The armed wait for the next change of access rules.
+    policy: ReusableBoxFuture<'static, watch::Receiver<u64>>,
+    policy_flag: Arc<Flag>,
+    policy_waker: Waker,
     done: bool,
 }
 
@@ -533,9 +339,11 @@ pub(crate) fn drive<P: Protocol, In>(
     inbound: In,
     stall_timeout: std::time::Duration,
     shutdown: CancellationToken,
+    policy: &Policy,
 ) -> Driver<P, In> {
     let shutdown_flag = Flag::new();
     let changed_flag = Flag::new();
+    let policy_flag = Flag::new();
     Driver {
         proto,
         inbound,
@@ -546,6 +354,9 @@ pub(crate) fn drive<P: Protocol, In>(
         shutdown_flag,
         changed_waker: Waker::from(changed_flag.clone()),
         changed_flag,
+        policy: ReusableBoxFuture::new(next_policy(policy.subscribe())),
+        policy_waker: Waker::from(policy_flag.clone()),
+        policy_flag,
         done: false,
     }
 }
@@ -564,7 +375,7 @@ impl<P: Protocol, In> Driver<P, In> {
             .context()
             .unanswered_for()
             .filter(|t| *t > self.stall_timeout);
-        match self.proto.on_change() {
+        match self.proto.on_change()? {
             Some(_) if stalled.is_some() => {
                 let ctx = self.proto.context();
                 tracing::warn!(
@@ -596,6 +407,7 @@ where
         }
         this.shutdown_flag.task.register(cx.waker());
         this.changed_flag.task.register(cx.waker());
+        this.policy_flag.task.register(cx.waker());
         loop {
             if this.shutdown_flag.take()
                 && this
@@ -605,6 +417,19 @@ where
                     .is_ready()
             {
                 return this.end(Status::unavailable("acme-sds is shutting down"));
+            }
+            if this.policy_flag.take() {
+                let mut cx = Context::from_waker(&this.policy_waker);
+                let mut changed = false;
+                // Re-armed waits are polled at once, so that they are registered for the next change.
+                while let Poll::Ready(mut rx) = this.policy.poll(&mut cx) {
+                    rx.borrow_and_update();
+                    this.policy.set(next_policy(rx));
+                    changed = true;
+                }
+                if changed && let Err(status) = this.proto.reauthorize() {
+                    return this.end(status);
+                }
             }
             if this.inbound_open {
                 match Pin::new(&mut this.inbound).poll_next(cx) {
@@ -646,7 +471,13 @@ where
 #[doc(hidden)]
 pub fn fuzz_requests(registry: &Arc<Registry>, inputs: &[&[u8]]) {
     use prost::Message;
-    let ctx = || StreamContext::new("fuzz", &Request::new(()), Arc::new(Policy::default()));
+    let service = SdsService::new(
+        registry.clone(),
+        Arc::new(Policy::default()),
+        Limits::default(),
+        CancellationToken::new(),
+    );
+    let ctx = || service.context("fuzz", &Request::new(()));
     let (Ok(a), Ok(b)) = (ctx(), ctx()) else {
         return;
     };

@@ -3,14 +3,18 @@
 //! A response is sent only when the client lacks something: a newly subscribed name that exists, or a newer
 //! version of one it has. ACKs and NACKs change nothing (so they are never answered), and a request whose
 //! nonce is not the latest one sent is stale and ignored. Since secrets are never unpublished, a response
-//! never drops a secret the stream already delivered.
+//! never drops a secret the stream already delivered. Every push is authorised against the access rules in
+//! force at that moment.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::Status;
 
-use super::{Protocol, StreamContext, check_type_url, combined_version, poll_any_changed};
+use super::{
+    Protocol, StreamContext, check_type_url, checked_names, combined_version, poll_any_changed,
+};
 use crate::proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use crate::registry::{Registry, SECRET_TYPE_URL, SecretVersion, Subscription};
 
@@ -44,14 +48,24 @@ impl Sotw {
         }
     }
 
+    fn subscribed(&self) -> impl Iterator<Item = &str> {
+        self.watched.iter().map(|w| w.requested.as_str())
+    }
+
+    /// Makes `names` (checked, distinct) the subscription, keeping what the stream already knows of names it
+    /// keeps. O(n): Envoy repeats its one name in every ACK, and a hostile client may send a thousand.
     fn subscribe(&mut self, names: Vec<String>) {
-        let mut old = std::mem::take(&mut self.watched);
+        if self.subscribed().eq(names.iter().map(String::as_str)) {
+            return;
+        }
+        let mut old: HashMap<String, Watched> = self
+            .watched
+            .drain(..)
+            .map(|w| (w.requested.clone(), w))
+            .collect();
         for name in names {
-            if self.watched.iter().any(|w| w.requested == name) {
-                continue;
-            }
-            match old.iter().position(|w| w.requested == name) {
-                Some(i) => self.watched.push(old.swap_remove(i)),
+            match old.remove(&name) {
+                Some(w) => self.watched.push(w),
                 None => {
                     let sub = self.registry.watch(&name);
                     self.fresh = true;
@@ -65,8 +79,11 @@ impl Sotw {
         }
     }
 
-    /// The response the client needs, if it lacks a secret or a version.
-    fn respond(&mut self) -> Option<DiscoveryResponse> {
+    /// The response the client needs, if it lacks a secret or a version; `Err` when the caller may no longer
+    /// read what it is subscribed to.
+    fn respond(&mut self) -> Result<Option<DiscoveryResponse>, Status> {
+        self.ctx
+            .reauthorize(self.watched.iter().map(|w| w.requested.as_str()))?;
         let mut current = Vec::with_capacity(self.watched.len());
         let mut needed = false;
         for w in &mut self.watched {
@@ -77,7 +94,7 @@ impl Sotw {
             current.push(cur);
         }
         if !needed {
-            return None;
+            return Ok(None);
         }
         let mut resources = Vec::with_capacity(current.len());
         for (w, cur) in self.watched.iter_mut().zip(current) {
@@ -95,13 +112,13 @@ impl Sotw {
                 .filter_map(|w| w.sent.as_ref().map(|v| v.version())),
         );
         tracing::debug!(stream = self.ctx.id, node = self.ctx.node_id(), version = %version_info, resources = resources.len(), "SDS push");
-        Some(DiscoveryResponse {
+        Ok(Some(DiscoveryResponse {
             version_info,
             resources,
             type_url: SECRET_TYPE_URL.to_owned(),
             nonce: self.nonce.to_string(),
             control_plane: None,
-        })
+        }))
     }
 }
 
@@ -119,27 +136,47 @@ impl Protocol for Sotw {
         if !req.response_nonce.is_empty() {
             self.ctx.answered();
         }
+        let names = checked_names("resource_names", req.resource_names)?;
         if let Some(err) = &req.error_detail {
-            let names: Vec<&str> = req.resource_names.iter().map(String::as_str).collect();
+            // What was rejected: the secrets the last response carried.
+            let sent: Vec<&str> = self
+                .watched
+                .iter()
+                .filter(|w| w.sent.is_some())
+                .map(|w| w.requested.as_str())
+                .collect();
             let rejected = combined_version(
                 self.watched
                     .iter()
                     .filter_map(|w| w.sent.as_ref().map(|v| v.version())),
             );
             self.ctx.log_nack(
-                &names,
-                &format!("version {rejected} (Envoy keeps {:?})", req.version_info),
+                &sent,
+                &format!(
+                    "version {rejected} (Envoy keeps {:?})",
+                    super::context::clip(&req.version_info, 64)
+                ),
                 err,
             );
         }
-        super::check_name_count(req.resource_names.len())?;
-        for name in &req.resource_names {
-            if !self.watched.iter().any(|w| &w.requested == name) {
-                self.ctx.authorize(name)?;
+        if !self.subscribed().eq(names.iter().map(String::as_str)) {
+            let held: std::collections::HashSet<&str> =
+                self.watched.iter().map(|w| w.requested.as_str()).collect();
+            let adding: Vec<&str> = names
+                .iter()
+                .map(String::as_str)
+                .filter(|n| !held.contains(n))
+                .collect();
+            self.ctx
+                .authorize(adding.iter().copied(), held.iter().copied())?;
+            let unconfigured = adding.iter().filter(|n| !self.ctx.is_configured(n)).count();
+            if unconfigured > 0 {
+                crate::metrics::count_unconfigured(unconfigured as u64);
             }
+            self.ctx.set_name_count(names.len())?;
+            self.subscribe(names);
         }
-        self.subscribe(req.resource_names);
-        Ok(self.respond())
+        self.respond()
     }
 
     fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -150,8 +187,13 @@ impl Protocol for Sotw {
         std::mem::take(&mut self.fresh)
     }
 
-    fn on_change(&mut self) -> Option<DiscoveryResponse> {
+    fn on_change(&mut self) -> Result<Option<DiscoveryResponse>, Status> {
         self.respond()
+    }
+
+    fn reauthorize(&mut self) -> Result<(), Status> {
+        self.ctx
+            .reauthorize(self.watched.iter().map(|w| w.requested.as_str()))
     }
 
     fn context(&self) -> &StreamContext {

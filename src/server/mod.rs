@@ -4,6 +4,13 @@
 //! never reachable with the wrong mode and a stale socket left by a crash is replaced atomically. A live
 //! socket (another acme-sds still serving it) or a path that is not a socket is never removed. On shutdown
 //! the socket file is removed, if it is still the one this process created.
+//!
+//! Connections are accepted here and served by hyper's HTTP/2 server directly, so that everything a
+//! connection can hold is bounded before it reaches gRPC: a cap per listener and per source (uid or IP
+//! address, [`crate::peer::Limits`]), a deadline for the TLS handshake and the HTTP/2 preface (a client
+//! that connects and says nothing is dropped), `allowed_uids` checked at accept, accept errors that back
+//! off ([`accept`]), and on Unix sockets the `:authority` fix for gRPC-core clients ([`authority`]). Each
+//! request carries its [`Peer`] to the SDS service, which counts streams and names against it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,21 +18,30 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::UnixListenerStream;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+use std::sync::Arc;
 
 use anyhow::Context;
-use tokio_stream::StreamExt;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::Service;
 
 use crate::certs;
 use crate::config::{ListenAddr, SdsConfig, SdsTlsConfig};
+use crate::peer::{Limits, Peer, PeerKey};
 use crate::sds::SdsService;
+use crate::sds::grpc::SdsServer;
+use crate::throttle::Throttle;
 
+pub mod accept;
+pub mod authority;
 mod batching;
+pub mod http1;
+pub mod preface;
+
+use accept::AcceptBackoff;
+use authority::AuthorityFix;
 use batching::BatchedWrites;
 
 /// Why a listener could not be set up.
@@ -158,13 +174,11 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most concurrent streams on one HTTP/2 connection (Envoy opens one per secret on a single connection).
 const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
 
-fn builder() -> Server {
-    Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_max_header_list_size(16 * 1024)
-}
+/// Most bytes of request headers (HTTP/2 header list) per request.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// A new connection must complete its TLS handshake (if any) and send the HTTP/2 preface within this.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Who may connect, beyond the socket's own permission bits.
 #[derive(Clone, Default)]
@@ -172,12 +186,14 @@ pub struct Admission {
     /// Unix sockets: only these peer uids (SO_PEERCRED).
     pub allowed_uids: Option<Vec<u32>>,
     /// TCP: mutual TLS (client certificates required).
-    pub tls: Option<ServerTlsConfig>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Loads `[sds.tls]`: our certificate and key (checked to match) and the CA that client certificates must
-/// chain to. Errors name the config key.
-pub fn load_tls(tls: &SdsTlsConfig) -> anyhow::Result<ServerTlsConfig> {
+/// chain to; client certificates are required. Errors name the config key.
+pub fn load_tls(tls: &SdsTlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let read = |key: &str, path: &Path| {
         std::fs::read(path)
             .with_context(|| format!("sds.tls.{key}: cannot read {}", path.display()))
@@ -194,59 +210,242 @@ pub fn load_tls(tls: &SdsTlsConfig) -> anyhow::Result<ServerTlsConfig> {
     })?;
     certs::trust_bundle_pem(&ca)
         .with_context(|| format!("sds.tls.client_ca_file: {}", tls.client_ca_file.display()))?;
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca))
-        .client_auth_optional(false))
+    let chain = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("sds.tls.cert_file: {}", tls.cert_file.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key)
+        .with_context(|| format!("sds.tls.key_file: {}", tls.key_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&ca) {
+        let ca = ca
+            .with_context(|| format!("sds.tls.client_ca_file: {}", tls.client_ca_file.display()))?;
+        roots
+            .add(ca)
+            .with_context(|| format!("sds.tls.client_ca_file: {}", tls.client_ca_file.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .context("sds.tls.client_ca_file")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("sds.tls")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .context("sds.tls")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
-/// Serves SDS on one bound listener until `shutdown` is cancelled and every stream has ended.
+/// Everything a connection task needs; shared by all of one listener's connections.
+struct Shared {
+    server: SdsServer,
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+    refused: Throttle,
+}
+
+fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES);
+    b
+}
+
+/// A connection accepted by either kind of listener.
+enum Accepted {
+    Tcp(tokio::net::TcpStream, SocketAddr),
+    Unix(tokio::net::UnixStream, Peer),
+}
+
+/// Serves SDS on one bound listener until `shutdown` is cancelled and every connection has ended.
 pub async fn serve(
     bound: Bound,
     service: SdsService,
     admission: Admission,
+    limits: Limits,
     shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
-    let signal = shutdown.clone().cancelled_owned();
-    match bound {
-        Bound::Tcp(listener, _) => {
-            let mut b = builder();
-            if let Some(tls) = admission.tls {
-                b = b.tls_config(tls)?;
-            }
-            let incoming = TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .map(|conn| conn.map(BatchedWrites::new));
-            b.add_service(service.into_server())
-                .serve_with_incoming_shutdown(incoming, signal)
-                .await
-        }
-        Bound::Unix(listener, guard) => {
-            let allowed = admission.allowed_uids;
-            let incoming = UnixListenerStream::new(listener)
-                .filter(move |conn| {
-                let (Some(allowed), Ok(stream)) = (&allowed, conn) else {
-                    return true;
-                };
-                match stream.peer_cred() {
-                    Ok(cred) if allowed.contains(&cred.uid()) => true,
-                    Ok(cred) => {
-                        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused an SDS connection: uid not in sds.allowed_uids");
-                        false
+) -> io::Result<()> {
+    let shared = Arc::new(Shared {
+        server: service.into_server(),
+        builder: http2(),
+        tls: admission.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+        shutdown: shutdown.clone(),
+        refused: Throttle::default(),
+    });
+    let quotas = limits.quotas();
+    let cap = Arc::new(tokio::sync::Semaphore::new(quotas.max_connections));
+    let mut conns = tokio::task::JoinSet::new();
+    let mut backoff = AcceptBackoff::new("SDS");
+    let (tcp, unix, guard) = match bound {
+        Bound::Tcp(l, _) => (Some(l), None, None),
+        Bound::Unix(l, g) => (None, Some(l), Some(g)),
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = async {
+                match (&tcp, &unix) {
+                    (Some(l), _) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+                    (_, Some(l)) => {
+                        let (s, _) = l.accept().await?;
+                        let cred = s.peer_cred()?;
+                        Ok(Accepted::Unix(s, Peer::unix(cred.uid(), cred.pid())))
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "refused an SDS connection: peer credentials unavailable");
-                        false
-                    }
+                    (None, None) => std::future::pending().await,
                 }
-            })
-                .map(|conn| conn.map(BatchedWrites::new));
-            let result = builder()
-                .add_service(service.into_server())
-                .serve_with_incoming_shutdown(incoming, signal)
-                .await;
-            drop(guard);
-            result
+            } => a,
+        };
+        let conn = match accepted {
+            Ok(c) => {
+                backoff.accepted();
+                c
+            }
+            Err(e) => {
+                backoff.failed(&e, &shutdown).await;
+                continue;
+            }
+        };
+        let source = match &conn {
+            Accepted::Tcp(_, addr) => PeerKey::for_ip(addr.ip()),
+            Accepted::Unix(_, peer) => peer.key().clone(),
+        };
+        if let (Accepted::Unix(_, peer), Some(allowed)) = (&conn, &admission.allowed_uids)
+            && !matches!(peer.key(), PeerKey::Uid(uid) if allowed.contains(uid))
+        {
+            if let Some(held_back) = shared.refused.allow() {
+                tracing::warn!(peer = %peer, held_back, "refused an SDS connection: uid not in sds.allowed_uids");
+            }
+            continue;
+        }
+        let Ok(permit) = cap.clone().try_acquire_owned() else {
+            if let Some(held_back) = shared.refused.allow() {
+                tracing::warn!(source = %source, limit = quotas.max_connections, held_back, "refused an SDS connection: the listener's connection limit (sds.max_connections) is reached");
+            }
+            continue;
+        };
+        let counted = match limits.admit_connection(source.clone()) {
+            Ok(c) => c,
+            Err(refused) => {
+                if let Some(held_back) = shared.refused.allow() {
+                    tracing::warn!(source = %source, held_back, "refused an SDS connection: {refused} (sds.max_connections_per_peer)");
+                }
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        conns.spawn(async move {
+            let _held = (permit, counted);
+            connection(conn, &shared).await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    drop((tcp, unix));
+    while conns.join_next().await.is_some() {}
+    drop(guard);
+    Ok(())
+}
+
+/// Runs one step of a connection's set-up (`what`: the TLS handshake, the preface) within the connection's
+/// deadline; `None` (the connection is dropped) on failure, timeout or shutdown.
+async fn set_up<T>(
+    what: &'static str,
+    peer: &(dyn std::fmt::Display + Sync),
+    deadline: tokio::time::Instant,
+    shutdown: &CancellationToken,
+    step: impl std::future::Future<Output = io::Result<T>>,
+) -> Option<T> {
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, step) => match r {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %peer, error = %e, "SDS connection dropped during the {what}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer, "SDS connection dropped: no {what} within {CONNECT_DEADLINE:?}");
+                None
+            }
+        },
+        _ = shutdown.cancelled() => None,
+    }
+}
+
+/// Takes one connection through its TLS handshake and preface (within [`CONNECT_DEADLINE`]) and serves it.
+async fn connection(conn: Accepted, shared: &Shared) {
+    let deadline = tokio::time::Instant::now() + CONNECT_DEADLINE;
+    let stop = &shared.shutdown;
+    const PREFACE: &str = "HTTP/2 preface";
+    match conn {
+        Accepted::Unix(stream, peer) => {
+            let io = BatchedWrites::new(stream);
+            let Some(io) = set_up(PREFACE, &peer, deadline, stop, preface::read_preface(io)).await
+            else {
+                return;
+            };
+            serve_http2(AuthorityFix::new(io), peer, shared).await;
+        }
+        Accepted::Tcp(stream, addr) => {
+            let _ = stream.set_nodelay(true);
+            let io = BatchedWrites::new(stream);
+            let Some(acceptor) = &shared.tls else {
+                let Some(io) =
+                    set_up(PREFACE, &addr, deadline, stop, preface::read_preface(io)).await
+                else {
+                    return;
+                };
+                serve_http2(io, Peer::tcp(addr, None), shared).await;
+                return;
+            };
+            let Some(tls) =
+                set_up("TLS handshake", &addr, deadline, stop, acceptor.accept(io)).await
+            else {
+                return;
+            };
+            let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                Some(der) => Peer::tcp(addr, Some((certs::identities(der), der))),
+                None => Peer::tcp(addr, None),
+            };
+            let Some(io) = set_up(PREFACE, &addr, deadline, stop, preface::read_preface(tls)).await
+            else {
+                return;
+            };
+            serve_http2(io, peer, shared).await;
+        }
+    }
+}
+
+/// Serves HTTP/2 on `io` for `peer` until the connection closes, or gracefully after shutdown.
+async fn serve_http2<IO>(io: IO, peer: Peer, shared: &Shared)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let server = shared.server.clone();
+    let service =
+        hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            let mut server = server.clone();
+            server.call(req.map(tonic::body::Body::new))
+        });
+    let conn = shared.builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "SDS connection ended with an error");
+            }
+        }
+        _ = shared.shutdown.cancelled() => {
+            // Streams end themselves with UNAVAILABLE on the same signal; GOAWAY, then wait for them.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
     }
 }

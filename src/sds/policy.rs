@@ -1,0 +1,159 @@
+//! Who may read which secret, as of now.
+//!
+//! The policy holds the access rule of every configured secret (`(name, rule)` pairs built by the daemon)
+//! and is replaced as a whole when the configuration is reloaded. Each replacement has a new *generation*
+//! and wakes every open stream: a stream's earlier decisions hold only for the generation they were made in,
+//! so it checks its whole subscription again before its next push (and at once when woken), and a caller
+//! that may no longer read a secret is cut off the moment the new rules are in force, not at its next
+//! request. Names that are not configured have no rule (anyone who can reach a listener may wait for them),
+//! but they are counted apart: per-name metrics exist only for configured secrets.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use crate::access::Access;
+use crate::peer::ClientIdentities;
+use crate::registry::canonical_name;
+
+/// One generation of rules.
+#[derive(Debug, Default)]
+pub struct Rules {
+    generation: u64,
+    /// Every configured secret, restricted or not.
+    secrets: HashMap<String, Access>,
+}
+
+impl Rules {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether a caller (node id when usable, client certificate identities) may read `requested`.
+    pub fn allows(&self, requested: &str, node_id: Option<&str>, ids: &ClientIdentities) -> bool {
+        self.secrets
+            .get(canonical_name(requested))
+            .is_none_or(|rule| rule.allows(node_id, ids))
+    }
+
+    /// Whether `requested` names a configured secret.
+    pub fn is_configured(&self, requested: &str) -> bool {
+        self.secrets.contains_key(canonical_name(requested))
+    }
+}
+
+/// The rules in force; see the module docs. Shared by the service and every stream.
+#[derive(Debug)]
+pub struct Policy {
+    current: RwLock<Arc<Rules>>,
+    generation: AtomicU64,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::new(std::iter::empty())
+    }
+}
+
+impl Policy {
+    /// A policy over `(secret name, access rule)` pairs: every configured secret, restricted or not.
+    pub fn new(secrets: impl IntoIterator<Item = (String, Access)>) -> Self {
+        Policy {
+            current: RwLock::new(Arc::new(Rules {
+                generation: 0,
+                secrets: secrets.into_iter().collect(),
+            })),
+            generation: AtomicU64::new(0),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    /// Puts new rules in force and wakes every stream to check its subscription against them.
+    pub fn replace(&self, secrets: impl IntoIterator<Item = (String, Access)>) {
+        let secrets = secrets.into_iter().collect();
+        let generation = {
+            let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+            let generation = current.generation + 1;
+            *current = Arc::new(Rules {
+                generation,
+                secrets,
+            });
+            self.generation.store(generation, Ordering::Release);
+            generation
+        };
+        self.changed.send_replace(generation);
+    }
+
+    /// The rules in force now.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The generation in force now: cheaper than [`Policy::rules`] for a stream that only needs to know
+    /// whether its decisions are still current.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Changes from now on.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Whether `requested` names a configured secret.
+    pub fn is_configured(&self, requested: &str) -> bool {
+        self.rules().is_configured(requested)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::NodePattern;
+
+    fn edge_only() -> Access {
+        Access {
+            nodes: Some(vec![NodePattern::new("edge-*").unwrap()]),
+            clients: None,
+        }
+    }
+
+    #[test]
+    fn rules_apply_by_canonical_name_and_unconfigured_names_are_open() {
+        let p = Policy::new([
+            ("web".to_owned(), edge_only()),
+            ("open".to_owned(), Access::default()),
+        ]);
+        let none = ClientIdentities::default();
+        let rules = p.rules();
+        assert!(rules.allows("web", Some("edge-1"), &none));
+        assert!(!rules.allows("sds://web", Some("intruder"), &none));
+        assert!(!rules.allows("web", None, &none));
+        assert!(rules.allows("open", None, &none));
+        assert!(rules.allows("not-configured", None, &none));
+        assert!(rules.is_configured("sds://open"));
+        assert!(!rules.is_configured("not-configured"));
+    }
+
+    #[tokio::test]
+    async fn a_replacement_has_a_new_generation_and_wakes_subscribers() {
+        let p = Policy::new([("web".to_owned(), Access::default())]);
+        let mut rx = p.subscribe();
+        assert_eq!(p.generation(), 0);
+        p.replace([("web".to_owned(), edge_only())]);
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow_and_update(), 1);
+        assert_eq!(p.generation(), 1);
+        assert_eq!(p.rules().generation(), 1);
+        assert!(
+            !p.rules()
+                .allows("web", Some("core"), &ClientIdentities::default())
+        );
+    }
+}
