@@ -175,7 +175,7 @@ pub async fn serve(listener: TcpListener, view: StatusView, shutdown: Cancellati
     crate::server::http1::serve(
         listener,
         "admin",
-        crate::server::http1::MAX_CONNECTIONS,
+        crate::server::http1::ADMIN_CAPS,
         make,
         shutdown,
     )

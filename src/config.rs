@@ -143,6 +143,8 @@ pub struct SdsConfig {
     pub stall_timeout: std::time::Duration,
     /// Stream, name and connection limits, overall and per caller.
     pub quotas: crate::peer::Quotas,
+    /// A new connection must finish its TLS handshake and send the HTTP/2 preface within this.
+    pub handshake_timeout: std::time::Duration,
 }
 
 /// `[sds.tls]`: mutual TLS on the TCP listeners; client certificates are required.
@@ -299,6 +301,7 @@ struct RawSds {
     allowed_uids: Option<Spanned<Vec<Spanned<i64>>>>,
     allow_plaintext: Option<bool>,
     stall_timeout: Option<Spanned<String>>,
+    handshake_timeout: Option<Spanned<String>>,
     max_streams: Option<Spanned<i64>>,
     max_streams_per_peer: Option<Spanned<i64>>,
     max_names_per_peer: Option<Spanned<i64>>,
@@ -514,6 +517,7 @@ impl Validator<'_> {
             allow_plaintext: false,
             stall_timeout: std::time::Duration::from_secs(300),
             quotas: crate::peer::Quotas::default(),
+            handshake_timeout: std::time::Duration::from_secs(10),
         };
         let Some(raw) = raw else {
             self.problem(
@@ -576,15 +580,23 @@ impl Validator<'_> {
             out.allowed_uids = Some(list);
         }
         out.allow_plaintext = raw.allow_plaintext.unwrap_or(false);
-        if let Some(t) = raw.stall_timeout {
+        for (key, raw, slot) in [
+            ("stall_timeout", raw.stall_timeout, &mut out.stall_timeout),
+            (
+                "handshake_timeout",
+                raw.handshake_timeout,
+                &mut out.handshake_timeout,
+            ),
+        ] {
+            let Some(t) = raw else { continue };
             let line = self.line(&t);
             match parse_duration(t.get_ref()) {
-                Some(d) if !d.is_zero() => out.stall_timeout = d,
+                Some(d) if !d.is_zero() => *slot = d,
                 _ => self.problem(
-                    "sds.stall_timeout",
+                    format!("sds.{key}"),
                     line,
                     format!(
-                        "{:?} is not a duration such as \"300s\" or \"5m\"",
+                        "{:?} is not a duration such as \"10s\" or \"5m\"",
                         t.get_ref()
                     ),
                 ),

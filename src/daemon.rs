@@ -98,6 +98,26 @@ fn log_warnings(config: &Config) {
     }
 }
 
+/// Warns when the process may run out of file descriptors before its connection limits are reached: then
+/// accepting fails (and backs off) instead of the limits refusing the excess cleanly.
+pub fn check_open_files_limit(config: &Config, limit: u64) {
+    let q = config.sds.quotas;
+    let http = crate::server::http1::MAX_CONNECTIONS;
+    let needed = config.sds.listen.len() * q.max_connections
+        + usize::from(config.admin.is_some()) * http
+        + usize::from(config.has_acme_certificates()) * http
+        + 256;
+    if (limit as usize) < needed {
+        tracing::warn!(
+            open_files_limit = limit,
+            needed,
+            "the open-files limit is below what the connection limits allow (sds.max_connections per SDS listener, {http} each for the admin and HTTP-01 listeners); raise it (systemd: LimitNOFILE) or lower sds.max_connections"
+        );
+    } else {
+        tracing::debug!(open_files_limit = limit, needed, "open-files limit");
+    }
+}
+
 /// Loads every file-backed secret of `config`; a problem fails the whole load.
 fn load_files(config: &Config) -> Result<(FileSource, Vec<(String, SecretContent)>), ConfigError> {
     let mut files = FileSource::from_config(config);
@@ -144,6 +164,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let admission = Admission {
         allowed_uids: config.sds.allowed_uids.clone(),
         tls: config.sds.tls.as_ref().map(server::load_tls).transpose()?,
+        handshake_timeout: config.sds.handshake_timeout,
     };
     if config.sds.allow_plaintext && config.sds.tls.is_none() {
         for addr in &config.sds.listen {

@@ -34,8 +34,6 @@ pub fn valid_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-use crate::server::http1::MAX_CONNECTIONS;
-
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
@@ -108,7 +106,14 @@ pub async fn serve(listener: TcpListener, store: SharedStore, shutdown: Cancella
             async move { Ok::<_, Infallible>(respond(store, req).await) }
         })
     };
-    crate::server::http1::serve(listener, "HTTP-01", MAX_CONNECTIONS, make, shutdown).await;
+    crate::server::http1::serve(
+        listener,
+        "HTTP-01",
+        crate::server::http1::HTTP01_CAPS,
+        make,
+        shutdown,
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -131,13 +131,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft open-files limit to the hard one, as Go programs and most servers do at start: every SDS
+/// connection, stream-bearing or idle, is a descriptor, and the usual soft default (1,024) is far below what
+/// one Envoy fleet needs. Returns the limit in force.
+fn raise_open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
+}
+
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
+    let open_files = raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        if let Some(limit) = open_files {
+            daemon::check_open_files_limit(&config, limit);
+        }
         let running = daemon::start(&config).await?;
         running.run_until_stopped().await?;
         tracing::info!("acme-sds stopped");

@@ -196,10 +196,24 @@ fn container_image_and_systemd_unit() {
         "ProtectSystem=strict",
         "CapabilityBoundingSet=",
         "SystemCallFilter=@system-service",
+        "SystemCallErrorNumber=EPERM",
     ] {
         assert!(
             unit.lines().any(|l| l == line),
             "{line} missing from the unit"
         );
     }
+    // Enough descriptors for the default connection limits (an SDS listener's 4,096 and the admin and
+    // HTTP-01 listeners' 1,024 each): the sandbox forbids raising the limit at run time.
+    let nofile: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .expect("LimitNOFILE in the unit")
+        .parse()
+        .unwrap();
+    let defaults = acme_sds::peer::Quotas::default();
+    assert!(
+        nofile as usize >= 2 * defaults.max_connections + 2 * 1024,
+        "{nofile}"
+    );
 }

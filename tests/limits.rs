@@ -118,3 +118,530 @@ async fn a_thousand_streams_opened_and_dropped_leave_memory_where_it_was() {
         "memory grew from {after_first} KiB to {after_more} KiB over rounds of opened and dropped streams"
     );
 }
+
+/// A spawned acme-sds serving `web` on a Unix socket and loopback TCP, with `sds_extra` in `[sds]` and
+/// an admin listener; returns the process, its TCP SDS and admin addresses, and the socket path.
+fn spawn_with(
+    dir: &std::path::Path,
+    sds_extra: &str,
+    nofile: Option<u64>,
+) -> (
+    Process,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+    std::path::PathBuf,
+) {
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["www.example.com"]).write(dir, "web");
+    let socket = dir.join("sds.sock");
+    let config = dir.join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\", \"127.0.0.1:0\"]\n{sds_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+            socket.display(),
+            cert_table("web", &crt, &key)
+        ),
+    )
+    .unwrap();
+    let args = ["run", "--config", config.to_str().unwrap()];
+    let p = match nofile {
+        Some(n) => Process::spawn_with_nofile(&args, &[], n),
+        None => Process::spawn(&args, &[]),
+    };
+    p.wait_for_line("acme-sds started");
+    let sds = p.listen_addr("SDS");
+    let admin = p.listen_addr("admin");
+    (p, sds, admin, socket)
+}
+
+fn nack_with(names: Vec<String>, message: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        resource_names: names,
+        type_url: acme_sds::registry::SECRET_TYPE_URL.into(),
+        version_info: "".into(),
+        response_nonce: "1".into(),
+        error_detail: Some(acme_sds::proto::google::rpc::Status {
+            code: 13,
+            message: message.into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_are_not_configured_create_no_metric_series() {
+    use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _, admin, socket) = spawn_with(dir.path(), "", None);
+    let mut client = uds_client(&socket).await;
+    // Every kind of stream once, so that the series that exist once anything happened exist.
+    let (s, r) = SotwStream::subscribed(&mut client, &["web"]).await;
+    s.send(ack(&["web"], &r)).await;
+    let mut d = DeltaStream::open(&mut client).await;
+    d.send(DeltaDiscoveryRequest {
+        node: node("n"),
+        resource_names_subscribe: vec!["web".into()],
+        ..Default::default()
+    })
+    .await;
+    d.recv().await;
+    fetch(&mut client, &["web"]).await;
+    let before = http_get(admin, "/metrics");
+
+    // One NACK naming 200,000 names nobody configured (three characters each: the request fits the 1 MiB
+    // limit): refused, and counted nowhere by name.
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let unknown: Vec<String> = (0..200_000)
+        .map(|i| {
+            let c = |n: usize| ALPHABET[n % 62] as char;
+            [c(i), c(i / 62), c(i / 3844)].iter().collect()
+        })
+        .collect();
+    let (mut s2, r) = SotwStream::subscribed(&mut client, &["web"]).await;
+    s2.send(DiscoveryRequest {
+        response_nonce: r.nonce.clone(),
+        ..nack_with(unknown.clone(), "rejected")
+    })
+    .await;
+    assert_eq!(s2.end().await.unwrap().code(), Code::InvalidArgument);
+    // Within the limits: a stream on 1,000 unknown names that NACKs, a delta stream likewise, a fetch.
+    let some: Vec<&str> = unknown[..1000].iter().map(String::as_str).collect();
+    let s3 = SotwStream::open(&mut client).await;
+    s3.send(subscribe(&some)).await;
+    s3.send(nack_with(unknown[..1000].to_vec(), "rejected"))
+        .await;
+    d.send(DeltaDiscoveryRequest {
+        resource_names_subscribe: unknown[1000..1900].to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let removed = d.recv().await;
+    assert_eq!(removed.removed_resources.len(), 900);
+    d.send(DeltaDiscoveryRequest {
+        response_nonce: removed.nonce.clone(),
+        error_detail: Some(acme_sds::proto::google::rpc::Status {
+            code: 13,
+            message: "rejected".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await;
+    let err = client.fetch_secrets(subscribe(&some)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    fetch(&mut client, &["web"]).await; // every request above was handled before this one's answer
+
+    let after = http_get(admin, "/metrics");
+    assert_eq!(
+        metric_series(&before),
+        metric_series(&after),
+        "no new series"
+    );
+    assert!(
+        after.len() <= before.len() + 64,
+        "/metrics grew from {} to {} bytes",
+        before.len(),
+        after.len()
+    );
+    let unconfigured = after
+        .lines()
+        .find(|l| l.starts_with("acme_sds_sds_unconfigured_names_total "))
+        .unwrap_or_else(|| panic!("no aggregate counter:\n{after}"));
+    assert_ne!(
+        unconfigured, "acme_sds_sds_unconfigured_names_total 0",
+        "counted, in one series"
+    );
+    drop(p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_names_in_one_delta_request_cost_milliseconds_and_stall_nobody() {
+    use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_line("acme-sds started");
+    let socket = dir.path().join("sds.sock");
+
+    // Others, on their own connection, keep being answered while the big requests are handled.
+    let others = {
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            let mut c = uds_client(&socket).await;
+            let mut slowest = Duration::ZERO;
+            for _ in 0..50 {
+                let t = Instant::now();
+                fetch(&mut c, &["web"]).await;
+                slowest = slowest.max(t.elapsed());
+            }
+            slowest
+        })
+    };
+
+    let mut client = uds_client(&socket).await;
+    async fn timed(d: &mut DeltaStream, req: DeltaDiscoveryRequest) -> Instant {
+        let t = Instant::now();
+        d.send(req).await;
+        t
+    }
+    // 100,000 names, 1,000 distinct (each a hundred times): within the cap once de-duplicated.
+    let repeated: Vec<String> = (0..100_000).map(|i| format!("name-{}", i % 1000)).collect();
+    let mut d = DeltaStream::open(&mut client).await;
+    let t = timed(
+        &mut d,
+        DeltaDiscoveryRequest {
+            node: node("n"),
+            resource_names_subscribe: repeated.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = d.recv().await;
+    let took = t.elapsed();
+    assert_eq!(
+        r.removed_resources.len(),
+        1000,
+        "each unknown name reported once"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "subscribe answered in {took:?}"
+    );
+
+    // The same as an unsubscribe: accepted, O(n) against the 1,000 subscribed names.
+    let t = timed(
+        &mut d,
+        DeltaDiscoveryRequest {
+            resource_names_unsubscribe: repeated,
+            resource_names_subscribe: vec!["web".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = d.recv().await;
+    let took = t.elapsed();
+    assert_eq!(r.resources.len(), 1);
+    assert!(
+        took < Duration::from_secs(1),
+        "unsubscribe answered in {took:?}"
+    );
+
+    // 100,000 distinct names: over the cap, in either list, refused at once.
+    let distinct: Vec<String> = (0..100_000).map(|i| format!("n-{i}")).collect();
+    for (sub, unsub) in [(distinct.clone(), vec![]), (vec![], distinct)] {
+        let mut d = DeltaStream::open(&mut client).await;
+        let t = timed(
+            &mut d,
+            DeltaDiscoveryRequest {
+                node: node("n"),
+                resource_names_subscribe: sub,
+                resource_names_unsubscribe: unsub,
+                ..Default::default()
+            },
+        )
+        .await;
+        let status = d.end().await.unwrap();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "refused in {:?}",
+            t.elapsed()
+        );
+    }
+    let slowest = others.await.unwrap();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "another client waited {slowest:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_names_huge_nodes_and_forged_nack_messages_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}allowed_nodes = [\"*\"]\n")).unwrap();
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_line("acme-sds started");
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+
+    let long = "a".repeat(254);
+    let err = client.fetch_secrets(subscribe(&[&long])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("253"), "{err}");
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["web", &long])).await;
+    assert_eq!(s.end().await.unwrap().code(), Code::InvalidArgument);
+
+    // A node id of 512 KiB: not kept (so it matches no allowed_nodes rule, even "*"), and 100 streams
+    // carrying one cost far less than 100 copies of it.
+    let pid = p.child.id();
+    let before = rss_kib(pid);
+    let mut held = Vec::new();
+    for i in 0..100 {
+        let s = SotwStream::open(&mut client).await;
+        s.send(DiscoveryRequest {
+            node: node(&format!("{i}{}", "n".repeat(512 * 1024))),
+            ..subscribe(&["unrestricted-but-unknown"])
+        })
+        .await;
+        held.push(s);
+    }
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(DiscoveryRequest {
+        node: node(&"n".repeat(512 * 1024)),
+        ..subscribe(&["web"])
+    })
+    .await;
+    assert_eq!(s.end().await.unwrap().code(), Code::PermissionDenied);
+    fetch(&mut client, &["web"]).await;
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < 25 * 1024,
+        "100 streams with 512 KiB node ids grew RSS by {grown} KiB"
+    );
+
+    // Envoy's NACK message is written clipped and quoted: it cannot forge log lines.
+    let (s, r) = SotwStream::subscribed(&mut client, &["web"]).await;
+    let forged = format!(
+        "bad\n2026-11-30T00:00:00.000000Z  INFO acme_sds::daemon: FORGED line\n{}",
+        "x".repeat(100_000)
+    );
+    s.send(DiscoveryRequest {
+        response_nonce: r.nonce.clone(),
+        ..nack_with(vec!["web".into()], &forged)
+    })
+    .await;
+    let line = p.wait_for_line("NACKed");
+    assert!(line.len() < 4096, "a {}-byte log line", line.len());
+    assert!(line.contains("\\n2026-11-30T00:00:00"), "{line}");
+    assert!(
+        !p.log()
+            .lines()
+            .any(|l| l.contains("FORGED") && !l.contains("NACKed"))
+    );
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (p, sds, _, socket) = spawn_with(dir.path(), "handshake_timeout = \"1s\"", None);
+    let pid = p.child.id();
+    let baseline = open_fds(pid);
+    let mut tcp = tokio::net::TcpStream::connect(sds).await.unwrap();
+    let mut unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut buf = [0u8; 16];
+    let t = std::time::Instant::now();
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let n = tokio::time::timeout(WAIT, unix.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(900),
+        "not before the timeout"
+    );
+    drop((tcp, unix));
+    assert!(open_fds(pid) <= baseline, "descriptors released");
+    // A real client is still served.
+    fetch(&mut uds_client(&socket).await, &["web"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepting_backs_off_when_descriptors_run_out_and_recovers() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (p, sds, _, socket) = spawn_with(dir.path(), "", Some(64));
+    let pid = p.child.id();
+    // More connections than the process has descriptors: accept fails with EMFILE.
+    let mut conns = Vec::new();
+    for _ in 0..100 {
+        conns.push(tokio::net::TcpStream::connect(sds).await.unwrap());
+    }
+    p.wait_for_line("backing off");
+    let cpu = cpu_seconds(pid);
+    let window = Duration::from_secs(1);
+    tokio::time::sleep(window).await; // the measurement window itself, not a synchronisation
+    let used = cpu_seconds(pid) - cpu;
+    assert!(
+        used < 0.25,
+        "{used:.2} s of CPU in {window:?} while out of descriptors: spinning"
+    );
+    // The connections go: the backlog drains and clients are served again.
+    drop(conns);
+    let mut client = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(ch) = uds_channel_result(&socket).await {
+                let mut c = acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient::new(ch);
+                if c.fetch_secrets(subscribe(&["web"])).await.is_ok() {
+                    return c;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("served again after the descriptors came back");
+    fetch(&mut client, &["web"]).await;
+}
+
+/// Connections from `from` to `to` that send nothing.
+async fn idle_connections(
+    from: &str,
+    to: std::net::SocketAddr,
+    n: usize,
+) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        // A refused or reset connection still counts as an attempt.
+        if let Ok(Ok(s)) = tokio::time::timeout(WAIT, socket.connect(to)).await {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// The bootstrap of an Envoy whose TLS listener gets `web` from acme-sds over TCP, with Envoy's default
+/// SDS settings.
+fn envoy_over_tcp(sds: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+node: {{ id: edge-1, cluster: edge }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+static_resources:
+  listeners:
+  - name: https
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificate_sds_secret_configs:
+            - name: web
+              sds_config:
+                resource_api_version: V3
+                api_config_source:
+                  api_type: GRPC
+                  transport_api_version: V3
+                  grpc_services: [{{ envoy_grpc: {{ cluster_name: acme_sds }} }}]
+      filters:
+      - name: envoy.filters.network.echo
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo
+  clusters:
+  - name: acme_sds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: acme_sds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
+"#,
+        ip = sds.ip(),
+        port = sds.port()
+    )
+}
+
+/// Idle connections by the thousand (to the SDS and the admin port) and a peer at its stream quota do not
+/// keep a real Envoy from connecting and being served; when they go, their descriptors go too. acme-sds
+/// runs with 4,000 descriptors, as a service manager might give it: the 4,000 idle connections alone would
+/// use them all up if nothing bounded them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_and_a_peer_at_its_quota_do_not_stop_a_real_envoy() {
+    use support::envoy::{Envoy, envoy_bin};
+    let Some(bin) = envoy_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (p, sds, admin, _) = spawn_with(
+        dir.path(),
+        "max_streams = 100\nmax_streams_per_peer = 40",
+        Some(4000),
+    );
+    let pid = p.child.id();
+    let baseline = open_fds(pid);
+
+    let idle_sds = idle_connections("127.0.0.2", sds, 2000).await;
+    let idle_admin = idle_connections("127.0.0.2", admin, 2000).await;
+    // A peer (another address) opening streams as fast as it can: it gets its quota, no more.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{sds}"))
+        .unwrap()
+        .local_address(Some("127.0.0.3".parse().unwrap()))
+        .connect()
+        .await
+        .unwrap();
+    let mut greedy = acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient::new(channel);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..150 {
+        let opened = match SotwStream::try_open(&mut greedy).await {
+            Ok(mut s) => {
+                s.send(subscribe(&["web", &format!("x{i}")])).await;
+                match s.end_or_next().await {
+                    Some(Ok(_)) => Ok(s),
+                    Some(Err(status)) => Err(status),
+                    None => panic!("stream ended without a status"),
+                }
+            }
+            Err(status) => Err(status),
+        };
+        match opened {
+            Ok(s) => held.push(s),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((held.len(), refused), (40, 110), "the quota, then refusals");
+    let during = open_fds(pid);
+    eprintln!(
+        "acme-sds descriptors: {baseline} before, {during} with {} + {} idle connections and the greedy peer",
+        idle_sds.len(),
+        idle_admin.len()
+    );
+
+    // A real Envoy, from 127.0.0.1, is served all the same.
+    let pki_dir = tempfile::tempdir().unwrap();
+    let mut envoy = Envoy::start(&bin, &envoy_over_tcp(sds), pki_dir.path());
+    envoy.wait_live();
+    assert_eq!(
+        envoy.stat("sds.web.update_success"),
+        Some(1),
+        "{}",
+        envoy.log_text()
+    );
+    assert!(
+        http_get(admin, "/healthz").contains("200 OK"),
+        "other sources still reach the admin port"
+    );
+
+    // They go: so do their descriptors.
+    drop((idle_sds, idle_admin, held, greedy));
+    let deadline = std::time::Instant::now() + WAIT;
+    while open_fds(pid) > baseline + 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "descriptors still held: {} (baseline {baseline})",
+            open_fds(pid)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(http_get(admin, "/healthz").contains("200 OK"));
+}

@@ -302,3 +302,196 @@ fn plain_tcp_beyond_loopback_needs_an_explicit_opt_in_and_warns() {
     let line = p.wait_for_line("allow_plaintext");
     assert!(line.contains("WARN"), "{line}");
 }
+
+/// A spawned acme-sds whose config can be rewritten and reloaded (SIGHUP).
+struct Reloadable {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    process: Process,
+}
+
+impl Reloadable {
+    fn start(tables: &str) -> Reloadable {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("acme-sds.toml");
+        let r = Reloadable {
+            config: config.clone(),
+            process: {
+                write_config(dir.path(), &config, tables);
+                Process::spawn(&["run", "--config", config.to_str().unwrap()], &[])
+            },
+            dir,
+        };
+        r.process.wait_for_line("acme-sds started");
+        r
+    }
+
+    fn reload(&self, tables: &str) {
+        write_config(self.dir.path(), &self.config, tables);
+        self.process.signal("HUP");
+        self.process.wait_for_line("configuration reloaded");
+    }
+
+    async fn client(&self) -> SecretDiscoveryServiceClient<tonic::transport::Channel> {
+        uds_client(&self.dir.path().join("sds.sock")).await
+    }
+}
+
+fn write_config(dir: &std::path::Path, config: &std::path::Path, tables: &str) {
+    let text = format!(
+        "[sds]\nlisten = [\"unix:{}\"]\n\n{tables}",
+        dir.join("sds.sock").display()
+    );
+    replace_by_rename(config, text.as_bytes());
+}
+
+fn sotw_as(
+    names: &[&str],
+    node_id: &str,
+) -> acme_sds::proto::envoy::service::discovery::v3::DiscoveryRequest {
+    let mut r = subscribe(names);
+    r.node = node(node_id);
+    r
+}
+
+fn delta_as(names: &[&str], node_id: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: node(node_id),
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_added_by_reload_applies_to_streams_already_waiting_for_the_secret() {
+    let pki = Pki::new();
+    let keys = tempfile::tempdir().unwrap();
+    let (wc, wk) = pki.leaf(&["www.example.com"]).write(keys.path(), "web");
+    let late = pki.leaf(&["late.example.com"]);
+    let (lc, lk) = late.write(keys.path(), "late");
+    let d = Reloadable::start(&cert_table("web", &wc, &wk));
+    let mut client = d.client().await;
+
+    // Three streams wait for a secret that is not configured yet.
+    let mut intruder = SotwStream::open(&mut client).await;
+    intruder.send(sotw_as(&["late"], "intruder")).await;
+    let mut edge = SotwStream::open(&mut client).await;
+    edge.send(sotw_as(&["late"], "edge-1")).await;
+    let mut intruder_delta = DeltaStream::open(&mut client).await;
+    intruder_delta
+        .send(delta_as(&["sds://late"], "intruder"))
+        .await;
+    assert_eq!(
+        intruder_delta.recv().await.removed_resources,
+        ["sds://late"]
+    );
+
+    // The reload adds it, readable by edge nodes only: the publish wakes all three, and only edge gets it.
+    d.reload(&format!(
+        "{}{}allowed_nodes = [\"edge-*\"]\n",
+        cert_table("web", &wc, &wk),
+        cert_table("late", &lc, &lk).trim_end().to_owned() + "\n"
+    ));
+    let got = edge.recv().await;
+    assert_eq!(leaf_der(&decode_secret(&got.resources[0])), late.leaf_der);
+    assert_eq!(intruder.end().await.unwrap().code(), Code::PermissionDenied);
+    assert_eq!(
+        d_end(&mut intruder_delta).await.code(),
+        Code::PermissionDenied
+    );
+    let log = d.process.log();
+    assert!(
+        log.lines().any(|l| l.contains("SDS access denied")
+            && l.contains("intruder")
+            && l.contains("late")),
+        "the refusal is logged with the caller:\n{log}"
+    );
+    assert!(!log.contains("BEGIN"), "no key material in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_tightened_by_reload_ends_open_streams_that_may_no_longer_read() {
+    let pki = Pki::new();
+    let keys = tempfile::tempdir().unwrap();
+    let web = pki.leaf(&["www.example.com"]);
+    let (wc, wk) = web.write(keys.path(), "web");
+    let open = cert_table("web", &wc, &wk);
+    let d = Reloadable::start(&open);
+    let mut client = d.client().await;
+
+    let (mut intruder, r) = {
+        let mut s = SotwStream::open(&mut client).await;
+        s.send(sotw_as(&["web"], "intruder")).await;
+        let r = s.recv().await;
+        (s, r)
+    };
+    intruder.send(ack(&["web"], &r)).await;
+    let mut edge = SotwStream::open(&mut client).await;
+    edge.send(sotw_as(&["web"], "edge-1")).await;
+    let r = edge.recv().await;
+    edge.send(ack(&["web"], &r)).await;
+    let mut intruder_delta = DeltaStream::open(&mut client).await;
+    intruder_delta.send(delta_as(&["web"], "intruder")).await;
+    assert_eq!(intruder_delta.recv().await.resources.len(), 1);
+
+    // Only the rule changes, not the secret: nothing is published, and still the intruder is cut off.
+    d.reload(&format!(
+        "{}\nallowed_nodes = [\"edge-*\"]\n",
+        open.trim_end()
+    ));
+    assert_eq!(intruder.end().await.unwrap().code(), Code::PermissionDenied);
+    assert_eq!(
+        d_end(&mut intruder_delta).await.code(),
+        Code::PermissionDenied
+    );
+    let err = client
+        .fetch_secrets(sotw_as(&["web"], "intruder"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // The edge stream stays open and keeps receiving rotations.
+    let web2 = pki.leaf(&["www.example.com"]);
+    web2.write(keys.path(), "web");
+    let got = edge.recv().await;
+    assert_eq!(leaf_der(&decode_secret(&got.resources[0])), web2.leaf_der);
+    let log = d.process.log();
+    let denial = log
+        .lines()
+        .find(|l| l.contains("SDS access denied") && l.contains("rules changed"))
+        .unwrap_or_else(|| panic!("no denial logged:\n{log}"));
+    assert!(
+        denial.contains("intruder") && denial.contains("unix(uid="),
+        "{denial}"
+    );
+}
+
+#[test]
+fn check_warns_when_a_node_id_rule_stands_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let (wc, wk) = pki.leaf(&["www.example.com"]).write(dir.path(), "web");
+    let config = dir.path().join("acme-sds.toml");
+    write_config(
+        dir.path(),
+        &config,
+        &format!(
+            "{}allowed_nodes = [\"edge-*\"]\n",
+            cert_table("web", &wc, &wk).trim_end().to_owned() + "\n"
+        ),
+    );
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a warning, not an error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning:")
+            && err.contains("certificate[0].allowed_nodes")
+            && err.contains("allowed_clients"),
+        "{err}"
+    );
+}

@@ -52,6 +52,8 @@ pub struct Delta {
     ctx: StreamContext,
     watched: Vec<Watched>,
     nonce: u64,
+    /// The names of the secrets the latest response carried: what a NACK of it rejects.
+    last_sent: Vec<String>,
     /// Subscriptions were added and are not armed yet.
     fresh: bool,
     first: bool,
@@ -64,6 +66,7 @@ impl Delta {
             ctx,
             watched: Vec::new(),
             nonce: 0,
+            last_sent: Vec::new(),
             fresh: false,
             first: true,
         }
@@ -100,6 +103,7 @@ impl Delta {
             return Ok(None);
         }
         self.nonce += 1;
+        self.last_sent = resources.iter().map(|r| r.name.clone()).collect();
         self.ctx.sent();
         crate::metrics::METRICS.sds_pushes.inc();
         tracing::debug!(
@@ -136,13 +140,12 @@ impl Protocol for Delta {
         let unsubscribe =
             checked_names("resource_names_unsubscribe", req.resource_names_unsubscribe)?;
         if let Some(err) = &req.error_detail {
-            // What was rejected: what the stream sent.
-            let names: Vec<&str> = self
-                .watched
-                .iter()
-                .filter(|w| matches!(w.held, Held::Sent(_)))
-                .map(|w| w.requested.as_str())
-                .collect();
+            // What was rejected: the secrets of the response it names, if that is the latest one.
+            let names: Vec<&str> = if req.response_nonce == self.nonce.to_string() {
+                self.last_sent.iter().map(String::as_str).collect()
+            } else {
+                Vec::new()
+            };
             self.ctx.log_nack(
                 &names,
                 &format!("nonce {}", super::context::clip(&req.response_nonce, 64)),

@@ -1,7 +1,9 @@
 //! One hardened HTTP/1.1 server, shared by the HTTP-01 responder (which faces the internet) and the admin
-//! listener: a cap on open connections (over it, a new connection is closed at once rather than queued),
-//! request headers limited in size and in the time to send them (slow-loris safe), accept errors that back
-//! off instead of spinning, and on shutdown a graceful drain of every open connection, bounded in time.
+//! listener: caps on open connections, in all and per source address (over either, a new connection is
+//! closed at once rather than queued, so one client flooding the port leaves room for the CA, Prometheus
+//! and the kubelet's probes), request headers limited in size and in the time to send them (slow-loris
+//! safe), accept errors that back off instead of spinning, and on shutdown a graceful drain of every open
+//! connection, bounded in time.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::accept::AcceptBackoff;
+use crate::peer::{Limits, PeerKey, Quotas};
 use crate::throttle::Throttle;
 
 /// A client must send its whole request head within this.
@@ -24,8 +27,29 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// How long a connection may take to finish its request once shutdown began.
 const DRAIN: Duration = Duration::from_secs(2);
-/// Default cap on open connections per listener.
+/// Cap on open connections per listener.
 pub const MAX_CONNECTIONS: usize = 1024;
+
+/// How many connections one listener holds at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub total: usize,
+    /// From one source address (IPv6: one /64).
+    pub per_source: usize,
+}
+
+/// The HTTP-01 responder's caps: the CA validates from a few addresses per vantage point, and Envoy, in
+/// front of it, pools its connections.
+pub const HTTP01_CAPS: Caps = Caps {
+    total: MAX_CONNECTIONS,
+    per_source: 256,
+};
+
+/// The admin listener's caps: a scraper and a kubelet need a handful each.
+pub const ADMIN_CAPS: Caps = Caps {
+    total: MAX_CONNECTIONS,
+    per_source: 64,
+};
 
 /// Serves one HTTP/1.1 connection with the limits above until it closes, or until `shutdown` (then
 /// gracefully, bounded).
@@ -54,11 +78,11 @@ where
 }
 
 /// Serves `listener` (named `what` in logs) until `shutdown`, with a service made per connection by
-/// `make`, at most `max_connections` at once; returns when every connection has been drained.
+/// `make`, within `caps`; returns when every connection has been drained.
 pub async fn serve<S, F>(
     listener: TcpListener,
     what: &'static str,
-    max_connections: usize,
+    caps: Caps,
     make: F,
     shutdown: CancellationToken,
 ) where
@@ -71,17 +95,21 @@ pub async fn serve<S, F>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let limit = Arc::new(tokio::sync::Semaphore::new(caps.total));
+    let sources = Limits::new(Quotas {
+        max_connections_per_peer: caps.per_source,
+        ..Quotas::default()
+    });
     let mut conns = tokio::task::JoinSet::new();
     let mut backoff = AcceptBackoff::new(what);
     let over_cap = Throttle::default();
     loop {
-        let stream = tokio::select! {
+        let (stream, addr) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((s, _)) => {
+                Ok(a) => {
                     backoff.accepted();
-                    s
+                    a
                 }
                 Err(e) => {
                     backoff.failed(&e, &shutdown).await;
@@ -89,22 +117,32 @@ pub async fn serve<S, F>(
                 }
             },
         };
+        // Over a cap: refuse (close at once) rather than queue.
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             if let Some(held_back) = over_cap.allow() {
                 tracing::warn!(
                     listener = what,
-                    limit = max_connections,
+                    limit = caps.total,
                     held_back,
                     "connection refused: the listener's connection limit is reached"
                 );
             }
-            drop(stream); // over the cap: refuse rather than queue
             continue;
+        };
+        let source = PeerKey::for_ip(addr.ip());
+        let counted = match sources.admit_connection(source.clone()) {
+            Ok(c) => c,
+            Err(refused) => {
+                if let Some(held_back) = over_cap.allow() {
+                    tracing::warn!(listener = what, source = %source, held_back, "connection refused: {refused}");
+                }
+                continue;
+            }
         };
         let service = make();
         let token = shutdown.clone();
         conns.spawn(async move {
-            let _permit = permit;
+            let _held = (permit, counted);
             serve_connection(stream, service, token).await;
         });
         while conns.try_join_next().is_some() {}

@@ -177,16 +177,16 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
 /// Most bytes of request headers (HTTP/2 header list) per request.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
-/// A new connection must complete its TLS handshake (if any) and send the HTTP/2 preface within this.
-pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
-
-/// Who may connect, beyond the socket's own permission bits.
-#[derive(Clone, Default)]
+/// Who may connect, beyond the socket's own permission bits, and how quickly they must get going.
+#[derive(Clone)]
 pub struct Admission {
     /// Unix sockets: only these peer uids (SO_PEERCRED).
     pub allowed_uids: Option<Vec<u32>>,
     /// TCP: mutual TLS (client certificates required).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// A new connection must complete its TLS handshake (if any) and send the HTTP/2 preface within this
+    /// (`sds.handshake_timeout`).
+    pub handshake_timeout: Duration,
 }
 
 /// Loads `[sds.tls]`: our certificate and key (checked to match) and the CA that client certificates must
@@ -247,6 +247,7 @@ struct Shared {
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
     refused: Throttle,
+    handshake_timeout: Duration,
 }
 
 fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
@@ -279,6 +280,7 @@ pub async fn serve(
         tls: admission.tls.clone().map(tokio_rustls::TlsAcceptor::from),
         shutdown: shutdown.clone(),
         refused: Throttle::default(),
+        handshake_timeout: admission.handshake_timeout,
     });
     let quotas = limits.quotas();
     let cap = Arc::new(tokio::sync::Semaphore::new(quotas.max_connections));
@@ -358,8 +360,8 @@ pub async fn serve(
 async fn set_up<T>(
     what: &'static str,
     peer: &(dyn std::fmt::Display + Sync),
+    shared: &Shared,
     deadline: tokio::time::Instant,
-    shutdown: &CancellationToken,
     step: impl std::future::Future<Output = io::Result<T>>,
 ) -> Option<T> {
     tokio::select! {
@@ -370,23 +372,24 @@ async fn set_up<T>(
                 None
             }
             Err(_) => {
-                tracing::debug!(peer = %peer, "SDS connection dropped: no {what} within {CONNECT_DEADLINE:?}");
+                tracing::debug!(peer = %peer, "SDS connection dropped: no {what} within sds.handshake_timeout ({:?})", shared.handshake_timeout);
                 None
             }
         },
-        _ = shutdown.cancelled() => None,
+        _ = shared.shutdown.cancelled() => None,
     }
 }
 
-/// Takes one connection through its TLS handshake and preface (within [`CONNECT_DEADLINE`]) and serves it.
+/// Takes one connection through its TLS handshake and preface (within `sds.handshake_timeout`) and serves
+/// it.
 async fn connection(conn: Accepted, shared: &Shared) {
-    let deadline = tokio::time::Instant::now() + CONNECT_DEADLINE;
-    let stop = &shared.shutdown;
+    let deadline = tokio::time::Instant::now() + shared.handshake_timeout;
     const PREFACE: &str = "HTTP/2 preface";
     match conn {
         Accepted::Unix(stream, peer) => {
             let io = BatchedWrites::new(stream);
-            let Some(io) = set_up(PREFACE, &peer, deadline, stop, preface::read_preface(io)).await
+            let Some(io) =
+                set_up(PREFACE, &peer, shared, deadline, preface::read_preface(io)).await
             else {
                 return;
             };
@@ -397,15 +400,21 @@ async fn connection(conn: Accepted, shared: &Shared) {
             let io = BatchedWrites::new(stream);
             let Some(acceptor) = &shared.tls else {
                 let Some(io) =
-                    set_up(PREFACE, &addr, deadline, stop, preface::read_preface(io)).await
+                    set_up(PREFACE, &addr, shared, deadline, preface::read_preface(io)).await
                 else {
                     return;
                 };
                 serve_http2(io, Peer::tcp(addr, None), shared).await;
                 return;
             };
-            let Some(tls) =
-                set_up("TLS handshake", &addr, deadline, stop, acceptor.accept(io)).await
+            let Some(tls) = set_up(
+                "TLS handshake",
+                &addr,
+                shared,
+                deadline,
+                acceptor.accept(io),
+            )
+            .await
             else {
                 return;
             };
@@ -413,7 +422,8 @@ async fn connection(conn: Accepted, shared: &Shared) {
                 Some(der) => Peer::tcp(addr, Some((certs::identities(der), der))),
                 None => Peer::tcp(addr, None),
             };
-            let Some(io) = set_up(PREFACE, &addr, deadline, stop, preface::read_preface(tls)).await
+            let Some(io) =
+                set_up(PREFACE, &addr, shared, deadline, preface::read_preface(tls)).await
             else {
                 return;
             };

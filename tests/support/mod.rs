@@ -350,13 +350,19 @@ pub struct SotwStream {
 
 impl SotwStream {
     pub async fn open(client: &mut SecretDiscoveryServiceClient<Channel>) -> Self {
+        Self::try_open(client).await.expect("stream open failed")
+    }
+
+    /// Opens a stream, or the status it was refused with.
+    pub async fn try_open(
+        client: &mut SecretDiscoveryServiceClient<Channel>,
+    ) -> Result<Self, Status> {
         let (tx, rx) = mpsc::channel(16);
         let rx = tokio::time::timeout(WAIT, client.stream_secrets(ReceiverStream::new(rx)))
             .await
-            .expect("stream open timed out")
-            .expect("stream open failed")
+            .expect("stream open timed out")?
             .into_inner();
-        SotwStream { tx, rx }
+        Ok(SotwStream { tx, rx })
     }
 
     /// Opens a stream, subscribes to `names` and returns it with the first response.
@@ -445,6 +451,51 @@ impl DeltaStream {
     }
 }
 
+// ---------- a process seen from outside ----------
+
+/// File descriptors `pid` holds now.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// CPU time (user + system) `pid` has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// `GET path` over HTTP/1.1 (a fresh connection); the whole response.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The series of a Prometheus exposition (metric name and labels, without values).
+pub fn metric_series(exposition: &str) -> std::collections::BTreeSet<String> {
+    let body = exposition
+        .split_once("\r\n\r\n")
+        .map_or(exposition, |(_, body)| body);
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
+        .collect()
+}
+
 // ---------- the acme-sds binary ----------
 
 /// A spawned `acme-sds` process whose stderr is collected line by line.
@@ -465,7 +516,10 @@ impl Process {
 
     /// Like [`Process::spawn`], for another program (a wrapper that ends by exec-ing acme-sds).
     pub fn spawn_program(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Process {
-        let mut cmd = Command::new(program);
+        Self::spawn_command(Command::new(program), args, envs)
+    }
+
+    fn spawn_command(mut cmd: Command, args: &[&str], envs: &[(&str, &str)]) -> Process {
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -489,6 +543,46 @@ impl Process {
             lines,
             line_rx,
         }
+    }
+
+    /// Like [`Process::spawn`] with the open-files limit (soft and hard) set to `nofile`, as a service
+    /// manager or container runtime would set it.
+    pub fn spawn_with_nofile(args: &[&str], envs: &[(&str, &str)], nofile: u64) -> Process {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(bin());
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    nofile,
+                    nofile,
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
+        Self::spawn_command(cmd, args, envs)
+    }
+
+    /// The TCP address of the listener the daemon logged as `WHAT listening listen=ADDR` (waits for it).
+    pub fn listen_addr(&self, what: &str) -> std::net::SocketAddr {
+        let needle = format!("{what} listening");
+        self.wait_for_log(&needle, WAIT, |log| {
+            log.lines()
+                .any(|l| l.contains(&needle) && !l.contains("listen=unix:"))
+        });
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .find_map(|l| {
+                l.split("listen=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap()
     }
 
     /// Waits (bounded) for a stderr line containing `needle`; returns it.
