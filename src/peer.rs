@@ -34,7 +34,7 @@ impl Default for Quotas {
     fn default() -> Self {
         Quotas {
             max_streams: 100_000,
-            max_streams_per_peer: 10_000,
+            max_streams_per_peer: 25_000,
             max_names_per_peer: 100_000,
             max_connections: 4_096,
             max_connections_per_peer: 512,

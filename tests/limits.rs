@@ -234,10 +234,13 @@ async fn names_that_are_not_configured_create_no_metric_series() {
     fetch(&mut client, &["web"]).await; // every request above was handled before this one's answer
 
     let after = http_get(admin, "/metrics");
-    assert_eq!(
-        metric_series(&before),
-        metric_series(&after),
-        "no new series"
+    let (old, new) = (metric_series(&before), metric_series(&after));
+    let added: Vec<&String> = new.difference(&old).collect();
+    assert!(
+        added.is_empty() && old.len() == new.len(),
+        "{} new series, for example {:?}",
+        added.len(),
+        &added[..added.len().min(5)]
     );
     assert!(
         after.len() <= before.len() + 64,
@@ -450,7 +453,14 @@ async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
         "not before the timeout"
     );
     drop((tcp, unix));
-    assert!(open_fds(pid) <= baseline, "descriptors released");
+    let deadline = std::time::Instant::now() + WAIT;
+    while open_fds(pid) > baseline {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "descriptors not released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // A real client is still served.
     fetch(&mut uds_client(&socket).await, &["web"]).await;
 }
@@ -466,14 +476,27 @@ async fn accepting_backs_off_when_descriptors_run_out_and_recovers() {
     for _ in 0..100 {
         conns.push(tokio::net::TcpStream::connect(sds).await.unwrap());
     }
-    p.wait_for_line("backing off");
+    let deadline = std::time::Instant::now() + WAIT;
+    while open_fds(pid) < 64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "acme-sds never ran out of descriptors"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let cpu = cpu_seconds(pid);
     let window = Duration::from_secs(1);
     tokio::time::sleep(window).await; // the measurement window itself, not a synchronisation
     let used = cpu_seconds(pid) - cpu;
     assert!(
         used < 0.25,
-        "{used:.2} s of CPU in {window:?} while out of descriptors: spinning"
+        "{used:.2} s of CPU in {window:?} while out of descriptors: spinning\n{}",
+        p.log()
+    );
+    assert!(
+        p.log().contains("backing off"),
+        "and it says why:\n{}",
+        p.log()
     );
     // The connections go: the backlog drains and clients are served again.
     drop(conns);
@@ -611,6 +634,10 @@ async fn idle_connections_and_a_peer_at_its_quota_do_not_stop_a_real_envoy() {
     }
     assert_eq!((held.len(), refused), (40, 110), "the quota, then refusals");
     let during = open_fds(pid);
+    assert!(
+        during < baseline + 512 + 1024 + 64,
+        "{during} descriptors: the SDS per-source cap (512) and the admin cap (1,024) bound them"
+    );
     eprintln!(
         "acme-sds descriptors: {baseline} before, {during} with {} + {} idle connections and the greedy peer",
         idle_sds.len(),

