@@ -58,19 +58,19 @@ pub enum PeerKey {
 impl PeerKey {
     /// The key for a TCP source address.
     pub fn for_ip(ip: IpAddr) -> PeerKey {
-        match ip {
-            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => PeerKey::Ip(IpAddr::V4(
-                v6.to_ipv4_mapped()
-                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
-            )),
-            IpAddr::V6(v6) if !v6.is_loopback() => {
-                let s = v6.segments();
-                PeerKey::Ip(IpAddr::V6(Ipv6Addr::new(
-                    s[0], s[1], s[2], s[3], 0, 0, 0, 0,
-                )))
-            }
-            ip => PeerKey::Ip(ip),
+        let IpAddr::V6(v6) = ip else {
+            return PeerKey::Ip(ip);
+        };
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            return PeerKey::Ip(IpAddr::V4(v4));
         }
+        if v6.is_loopback() {
+            return PeerKey::Ip(ip);
+        }
+        let s = v6.segments();
+        PeerKey::Ip(IpAddr::V6(Ipv6Addr::new(
+            s[0], s[1], s[2], s[3], 0, 0, 0, 0,
+        )))
     }
 }
 
@@ -267,7 +267,7 @@ impl StreamSlot {
         let max = self.limits.shared.quotas.max_names_per_peer;
         let mut peers = self.limits.peers();
         let usage = peers.entry(self.key.clone()).or_default();
-        let total = usage.names - self.names + names;
+        let total = usage.names.saturating_sub(self.names) + names;
         if names > self.names && total > max {
             return Err(Refused::PeerNames(max));
         }

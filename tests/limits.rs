@@ -534,62 +534,13 @@ async fn idle_connections(
     out
 }
 
-/// The bootstrap of an Envoy whose TLS listener gets `web` from acme-sds over TCP, with Envoy's default
-/// SDS settings.
-fn envoy_over_tcp(sds: std::net::SocketAddr) -> String {
-    format!(
-        r#"
-node: {{ id: edge-1, cluster: edge }}
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-static_resources:
-  listeners:
-  - name: https
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          common_tls_context:
-            tls_certificate_sds_secret_configs:
-            - name: web
-              sds_config:
-                resource_api_version: V3
-                api_config_source:
-                  api_type: GRPC
-                  transport_api_version: V3
-                  grpc_services: [{{ envoy_grpc: {{ cluster_name: acme_sds }} }}]
-      filters:
-      - name: envoy.filters.network.echo
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo
-  clusters:
-  - name: acme_sds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: acme_sds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
-"#,
-        ip = sds.ip(),
-        port = sds.port()
-    )
-}
-
 /// Idle connections by the thousand (to the SDS and the admin port) and a peer at its stream quota do not
 /// keep a real Envoy from connecting and being served; when they go, their descriptors go too. acme-sds
 /// runs with 4,000 descriptors, as a service manager might give it: the 4,000 idle connections alone would
 /// use them all up if nothing bounded them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_and_a_peer_at_its_quota_do_not_stop_a_real_envoy() {
-    use support::envoy::{Envoy, envoy_bin};
+    use support::envoy::{Envoy, SdsClient, envoy_bin, one_secret_bootstrap};
     let Some(bin) = envoy_bin() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (p, sds, admin, _) = spawn_with(
@@ -646,7 +597,13 @@ async fn idle_connections_and_a_peer_at_its_quota_do_not_stop_a_real_envoy() {
 
     // A real Envoy, from 127.0.0.1, is served all the same.
     let pki_dir = tempfile::tempdir().unwrap();
-    let mut envoy = Envoy::start(&bin, &envoy_over_tcp(sds), pki_dir.path());
+    let address = format!(
+        "{{ socket_address: {{ address: {}, port_value: {} }} }}",
+        sds.ip(),
+        sds.port()
+    );
+    let bootstrap = one_secret_bootstrap(SdsClient::EnvoyGrpc(&address), "GRPC");
+    let mut envoy = Envoy::start(&bin, &bootstrap, pki_dir.path());
     envoy.wait_live();
     assert_eq!(
         envoy.stat("sds.web.update_success"),

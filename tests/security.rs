@@ -43,6 +43,11 @@ struct MtlsFixture {
 }
 
 async fn mtls_fixture() -> MtlsFixture {
+    mtls_fixture_with("").await
+}
+
+/// The mTLS fixture with `sds_extra` (keys of `[sds]`) added.
+async fn mtls_fixture_with(sds_extra: &str) -> MtlsFixture {
     let dir = tempfile::tempdir().unwrap();
     let server_ca = Pki::new();
     let client_ca = Pki::new();
@@ -55,7 +60,7 @@ async fn mtls_fixture() -> MtlsFixture {
     let open = server_ca.leaf(&["open.example.com"]);
     let (oc, ok) = open.write(dir.path(), "open");
     let tables = format!(
-        "[sds.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n\n{}\nallowed_clients = [\"spiffe://example.org/ns/edge/sa/*\"]\n\n{}",
+        "{sds_extra}\n[sds.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n\n{}\nallowed_clients = [\"spiffe://example.org/ns/edge/sa/*\"]\n\n{}",
         scrt.display(),
         skey.display(),
         ca.display(),
@@ -494,4 +499,84 @@ fn check_warns_when_a_node_id_rule_stands_alone() {
             && err.contains("allowed_clients"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = mtls_fixture_with("handshake_timeout = \"1s\"").await;
+    let started = std::time::Instant::now();
+    // Connected, and silent; then connected with half a ClientHello.
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
+        .await
+        .unwrap();
+    let mut half = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
+        .await
+        .unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    for conn in [&mut silent, &mut half] {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(WAIT, conn.read(&mut buf))
+            .await
+            .expect("the server closes the connection");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    // A real client still gets through.
+    let gateway = client_cert(
+        &f.client_ca,
+        &[],
+        &["spiffe://example.org/ns/edge/sa/gateway"],
+    );
+    let mut c = tls_client(&f, Some(gateway)).await.unwrap();
+    assert_eq!(fetch(&mut c, &["open"]).await.resources.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mtls_each_client_identity_has_its_own_stream_quota() {
+    let f = mtls_fixture_with("max_streams_per_peer = 3").await;
+    let greedy = client_cert(
+        &f.client_ca,
+        &[],
+        &["spiffe://example.org/ns/edge/sa/greedy"],
+    );
+    let mut c = tls_client(&f, Some(greedy)).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(SotwStream::subscribed(&mut c, &["open"]).await.0);
+    }
+    let refused = SotwStream::try_open(&mut c)
+        .await
+        .err()
+        .expect("over the quota");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("quota of 3"), "{refused}");
+    // Another identity, from the same address, is served.
+    let other = client_cert(
+        &f.client_ca,
+        &[],
+        &["spiffe://example.org/ns/edge/sa/gateway"],
+    );
+    let mut c2 = tls_client(&f, Some(other)).await.unwrap();
+    let (_s, r) = SotwStream::subscribed(&mut c2, &["web"]).await;
+    assert_eq!(r.resources.len(), 1);
+    // The greedy one gets its room back as its streams go.
+    drop(held);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match SotwStream::try_open(&mut c).await {
+            Ok(mut s) => {
+                s.send(subscribe(&["open"])).await;
+                assert_eq!(s.recv().await.resources.len(), 1);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted);
+                assert!(std::time::Instant::now() < deadline, "quota never freed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
 }

@@ -133,6 +133,72 @@ impl Envoy {
     }
 }
 
+/// How the bootstrap of [`one_secret_bootstrap`] reaches acme-sds.
+pub enum SdsClient<'a> {
+    /// Envoy's own gRPC client over a STATIC cluster at this address (YAML of an `address`).
+    EnvoyGrpc(&'a str),
+    /// gRPC-core inside Envoy, with this target URI.
+    GoogleGrpc(&'a str),
+}
+
+/// A bootstrap whose one TLS listener, `https` (an echo filter behind it), gets its certificate, secret
+/// `web`, from acme-sds with Envoy's default SDS settings (no initial_fetch_timeout, no retry policy, the
+/// node in every request) and `api_type`.
+pub fn one_secret_bootstrap(client: SdsClient<'_>, api_type: &str) -> String {
+    let (service, cluster) = match client {
+        SdsClient::GoogleGrpc(target) => (
+            format!("google_grpc: {{ target_uri: \"{target}\", stat_prefix: acme_sds }}"),
+            String::new(),
+        ),
+        SdsClient::EnvoyGrpc(address) => (
+            "envoy_grpc: { cluster_name: acme_sds }".to_owned(),
+            format!(
+                r#"  clusters:
+  - name: acme_sds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: acme_sds
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {address} }} }}] }}]
+"#
+            ),
+        ),
+    };
+    format!(
+        r#"
+node: {{ id: edge-1, cluster: edge }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+static_resources:
+  listeners:
+  - name: https
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificate_sds_secret_configs:
+            - name: web
+              sds_config:
+                resource_api_version: V3
+                api_config_source:
+                  api_type: {api_type}
+                  transport_api_version: V3
+                  grpc_services: [{{ {service} }}]
+      filters:
+      - name: envoy.filters.network.echo
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo
+{cluster}"#
+    )
+}
+
 /// Whether `resp` holds a whole HTTP/1.1 response with a Content-Length body.
 fn response_complete(resp: &[u8]) -> bool {
     let text = String::from_utf8_lossy(resp);
