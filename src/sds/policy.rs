@@ -71,11 +71,15 @@ impl Policy {
         }
     }
 
-    /// Puts new rules in force and wakes every stream to check its subscription against them.
+    /// Puts new rules in force and wakes every stream to check its subscription against them. Rules equal
+    /// to those in force change nothing (a reload that touched no access rule wakes no stream).
     pub fn replace(&self, secrets: impl IntoIterator<Item = (String, Access)>) {
-        let secrets = secrets.into_iter().collect();
+        let secrets: HashMap<String, Access> = secrets.into_iter().collect();
         let generation = {
             let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+            if current.secrets == secrets {
+                return;
+            }
             let generation = current.generation + 1;
             *current = Arc::new(Rules {
                 generation,
@@ -155,5 +159,8 @@ mod tests {
             !p.rules()
                 .allows("web", Some("core"), &ClientIdentities::default())
         );
+        p.replace([("web".to_owned(), edge_only())]);
+        assert_eq!(p.generation(), 1, "the same rules again change nothing");
+        assert!(!rx.has_changed().unwrap());
     }
 }
