@@ -163,6 +163,11 @@ impl Protocol for Delta {
             self.watched
                 .retain(|w| !gone.contains(w.requested.as_str()));
         }
+        if subscribe.is_empty() {
+            // An ACK, a NACK or an unsubscribe: nothing to look up (the count can only go down).
+            self.ctx.set_name_count(self.watched.len())?;
+            return self.respond();
+        }
         let index: HashMap<&str, usize> = self
             .watched
             .iter()

@@ -460,6 +460,15 @@ pub fn open_fds(pid: u32) -> usize {
         .count()
 }
 
+/// Sockets `pid` holds now (connections and listeners; other descriptors come and go with its own work).
+pub fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
 /// CPU time (user + system) `pid` has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
