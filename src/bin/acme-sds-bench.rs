@@ -283,7 +283,6 @@ fn request(name: &str, last: Option<&DiscoveryResponse>) -> DiscoveryRequest {
         node: Some(Node {
             id: "bench".into(),
             cluster: "bench".into(),
-            ..Default::default()
         }),
         resource_names: vec![name.to_owned()],
         type_url: SECRET_TYPE_URL.into(),

@@ -252,7 +252,6 @@ pub fn node(id: &str) -> Option<Node> {
     Some(Node {
         id: id.to_owned(),
         cluster: "test-cluster".to_owned(),
-        ..Default::default()
     })
 }
 
