@@ -580,3 +580,58 @@ async fn over_mtls_each_client_identity_has_its_own_stream_quota() {
         }
     }
 }
+
+/// The central-service setup of the README: a real Envoy reaches acme-sds over TCP with mutual TLS, is
+/// admitted by `allowed_clients` on its certificate's SPIFFE ID, and serves the secret; an Envoy with a
+/// certificate that the rule does not admit never gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_over_mutual_tls_is_admitted_by_its_spiffe_id() {
+    use support::envoy::{Envoy, SdsClient, envoy_bin, https_get, one_secret_bootstrap};
+    let Some(bin) = envoy_bin() else { return };
+    let f = mtls_fixture().await;
+    let files = tempfile::tempdir().unwrap();
+    let ca = files.path().join("server-ca.pem");
+    std::fs::write(&ca, f.server_ca.ca_pem()).unwrap();
+    let address = format!(
+        "{{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }}",
+        f.port
+    );
+    let mut envoys = Vec::new();
+    for (who, uri) in [
+        ("gateway", "spiffe://example.org/ns/edge/sa/gateway"),
+        ("app", "spiffe://example.org/ns/apps/sa/app"),
+    ] {
+        let (cert, key) = client_cert(&f.client_ca, &[], &[uri]);
+        let (cert_path, key_path) = (
+            files.path().join(format!("{who}.crt")),
+            files.path().join(format!("{who}.key")),
+        );
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        let bootstrap = one_secret_bootstrap(
+            SdsClient::EnvoyGrpcTls(&address, &cert_path, &key_path, &ca),
+            "GRPC",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        envoys.push((Envoy::start(&bin, &bootstrap, dir.path()), dir));
+    }
+    let (gateway, _) = &mut envoys[0];
+    gateway.wait_live();
+    let port = gateway.listener_port("https");
+    let (leaf, _) = https_get(port, "www.example.com", &f.server_ca.ca_der())
+        .await
+        .unwrap();
+    assert_eq!(
+        gateway.stat("sds.web.update_success"),
+        Some(1),
+        "{}",
+        gateway.log_text()
+    );
+    assert!(!leaf.is_empty());
+    // The other Envoy's SDS stream is refused: its listener never gets a certificate.
+    let (app, _) = &mut envoys[1];
+    support::envoy::poll(app, "the SDS stream to be refused", |e| {
+        e.stat("sds.web.update_failure").filter(|n| *n > 0)
+    });
+    assert_eq!(app.stat("sds.web.update_success").unwrap_or(0), 0);
+}

@@ -137,6 +137,9 @@ impl Envoy {
 pub enum SdsClient<'a> {
     /// Envoy's own gRPC client over a STATIC cluster at this address (YAML of an `address`).
     EnvoyGrpc(&'a str),
+    /// The same over mutual TLS: the address, then the client certificate chain, its key and the CA that
+    /// the server's certificate chains to (files).
+    EnvoyGrpcTls(&'a str, &'a Path, &'a Path, &'a Path),
     /// gRPC-core inside Envoy, with this target URI.
     GoogleGrpc(&'a str),
 }
@@ -152,19 +155,28 @@ pub fn one_secret_bootstrap(client: SdsClient<'_>, api_type: &str) -> String {
         ),
         SdsClient::EnvoyGrpc(address) => (
             "envoy_grpc: { cluster_name: acme_sds }".to_owned(),
-            format!(
-                r#"  clusters:
-  - name: acme_sds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: acme_sds
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {address} }} }}] }}]
-"#
+            envoy_cluster(address, ""),
+        ),
+        SdsClient::EnvoyGrpcTls(address, cert, key, ca) => (
+            "envoy_grpc: { cluster_name: acme_sds }".to_owned(),
+            envoy_cluster(
+                address,
+                &format!(
+                    r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          tls_certificates:
+          - certificate_chain: {{ filename: "{}" }}
+            private_key: {{ filename: "{}" }}
+          validation_context: {{ trusted_ca: {{ filename: "{}" }} }}
+"#,
+                    cert.display(),
+                    key.display(),
+                    ca.display()
+                ),
             ),
         ),
     };
@@ -196,6 +208,24 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo
 {cluster}"#
+    )
+}
+
+/// The STATIC cluster `acme_sds` (HTTP/2) at `address`, with `transport_socket` (YAML, or empty).
+fn envoy_cluster(address: &str, transport_socket: &str) -> String {
+    format!(
+        r#"  clusters:
+  - name: acme_sds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+{transport_socket}    load_assignment:
+      cluster_name: acme_sds
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {address} }} }}] }}]
+"#
     )
 }
 
