@@ -484,13 +484,19 @@ async fn accepting_backs_off_when_descriptors_run_out_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu = cpu_seconds(pid);
-    let window = Duration::from_secs(1);
-    tokio::time::sleep(window).await; // the measurement window itself, not a synchronisation
-    let used = cpu_seconds(pid) - cpu;
+    // Three windows of 400 ms: a spinning accept loop burns a core in every one of them; other work (a
+    // periodic file re-check, the runtime's own) comes and goes, so the quietest window is what counts.
+    let window = Duration::from_millis(400);
+    let mut used = Vec::new();
+    for _ in 0..3 {
+        let cpu = cpu_seconds(pid);
+        tokio::time::sleep(window).await; // the measurement window itself, not a synchronisation
+        used.push(cpu_seconds(pid) - cpu);
+    }
+    let quietest = used.iter().copied().fold(f64::MAX, f64::min);
     assert!(
-        used < 0.25,
-        "{used:.2} s of CPU in {window:?} while out of descriptors: spinning\n{}",
+        quietest < 0.1,
+        "CPU seconds per {window:?} window while out of descriptors: {used:.2?}: spinning\n{}",
         p.log()
     );
     assert!(
