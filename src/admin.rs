@@ -31,6 +31,9 @@ pub struct SecretStatus {
     pub source: String,
     pub domains: Vec<String>,
     pub serving: bool,
+    /// What is served is a temporary self-signed stand-in: the certificate has not been issued yet.
+    #[serde(default)]
+    pub temporary: bool,
     pub version: Option<String>,
     pub serial: Option<String>,
     pub not_before: Option<String>,
@@ -101,6 +104,7 @@ impl StatusView {
                 source: source.to_owned(),
                 domains,
                 serving: current.is_some(),
+                temporary: summary.as_ref().is_some_and(|s| s.temporary),
                 version: current.as_ref().map(|v| v.version().to_owned()),
                 serial: summary.as_ref().and_then(|s| s.serial.clone()),
                 not_before: summary.as_ref().and_then(|s| s.not_before).map(format_time),
@@ -132,8 +136,25 @@ fn route(view: &StatusView, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => respond_text(StatusCode::OK, "ok\n"),
-        // The admin listener starts after storage was loaded and every SDS listener bound.
-        "/readyz" => respond_text(StatusCode::OK, "ready\n"),
+        // The admin listener starts after storage was loaded and every SDS listener bound. Readiness does
+        // not wait for certificates to be issued: the CA validates through Envoy, which needs acme-sds
+        // reachable (a central acme-sds behind a Service must be ready for its own HTTP-01 to pass). The
+        // body says how many certificates are issued and how many are temporary stand-ins.
+        "/readyz" => {
+            let secrets = view.secrets();
+            let temporary = secrets.iter().filter(|s| s.temporary).count();
+            let waiting = secrets.iter().filter(|s| !s.serving).count();
+            let body = format!(
+                "ready\ncertificates: {} serving, {temporary} of them temporary (not issued yet), {waiting} not available yet\n",
+                secrets.iter().filter(|s| s.serving).count()
+            );
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain"),
+            );
+            r
+        }
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
                 &view.secrets(),

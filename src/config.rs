@@ -91,6 +91,9 @@ pub struct AcmeConfig {
     pub retry_max: std::time::Duration,
     /// How long the CA may take to answer (account lookups, ARI); a whole order may take 20 times that.
     pub request_timeout: std::time::Duration,
+    /// Serve a temporary self-signed certificate for each ACME certificate until its first issuance
+    /// (default true; `temporary_certificate` on a certificate overrides it).
+    pub temporary_certificates: bool,
 }
 
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -208,6 +211,9 @@ pub enum CertificateSource {
     Acme {
         domains: Vec<String>,
         key_type: KeyType,
+        /// `temporary_certificate`: serve a temporary self-signed certificate until the first one is
+        /// issued; `None` follows `[acme] temporary_certificates`.
+        temporary_certificate: Option<bool>,
     },
 }
 
@@ -332,6 +338,7 @@ struct RawCertificate {
     allow_duplicate_domains: bool,
     allowed_nodes: Option<Spanned<Vec<String>>>,
     allowed_clients: Option<Spanned<Vec<String>>>,
+    temporary_certificate: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -367,6 +374,7 @@ struct RawAcme {
     retry_initial: Option<Spanned<String>>,
     retry_max: Option<Spanned<String>>,
     request_timeout: Option<Spanned<String>>,
+    temporary_certificates: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -591,15 +599,9 @@ impl Validator<'_> {
             let Some(t) = raw else { continue };
             let line = self.line(&t);
             match parse_duration(t.get_ref()) {
-                Some(d) if !d.is_zero() => *slot = d,
-                _ => self.problem(
-                    format!("sds.{key}"),
-                    line,
-                    format!(
-                        "{:?} is not a duration such as \"10s\" or \"5m\"",
-                        t.get_ref()
-                    ),
-                ),
+                Ok(d) if !d.is_zero() => *slot = d,
+                Ok(_) => self.problem(format!("sds.{key}"), line, "must be longer than zero"),
+                Err(msg) => self.problem(format!("sds.{key}"), line, msg),
             }
         }
         let q = &mut out.quotas;
@@ -784,6 +786,10 @@ impl Validator<'_> {
                     continue;
                 }
                 (Some(domains), false) => {
+                    // The name becomes a file name in the storage directory.
+                    if let Err(msg) = crate::store::name_segment(&name) {
+                        self.problem(format!("{key}.name"), line, msg);
+                    }
                     let key_type = match entry.key_type {
                         None => KeyType::EcdsaP256,
                         Some(kt) => {
@@ -832,9 +838,18 @@ impl Validator<'_> {
                     CertificateSource::Acme {
                         domains: names,
                         key_type,
+                        temporary_certificate: entry.temporary_certificate.map(|t| *t.get_ref()),
                     }
                 }
                 (None, _) => {
+                    if let Some(t) = &entry.temporary_certificate {
+                        let l = self.line(t);
+                        self.problem(
+                            format!("{key}.temporary_certificate"),
+                            l,
+                            "`temporary_certificate` applies to ACME certificates (with `domains`) only",
+                        );
+                    }
                     if let Some(kt) = &entry.key_type {
                         let l = self.line(kt);
                         self.problem(
@@ -1074,16 +1089,13 @@ impl Validator<'_> {
             Some(d) => {
                 let l = self.line(&d);
                 match parse_duration(d.get_ref()) {
-                    Some(v) if !v.is_zero() => v,
-                    _ => {
-                        self.problem(
-                            format!("acme.{key}"),
-                            l,
-                            format!(
-                                "{:?} is not a duration such as \"30s\", \"10m\", \"6h\" or \"1d\"",
-                                d.get_ref()
-                            ),
-                        );
+                    Ok(v) if !v.is_zero() => v,
+                    Ok(_) => {
+                        self.problem(format!("acme.{key}"), l, "must be longer than zero");
+                        std::time::Duration::from_secs(default)
+                    }
+                    Err(msg) => {
+                        self.problem(format!("acme.{key}"), l, msg);
                         std::time::Duration::from_secs(default)
                     }
                 }
@@ -1102,6 +1114,7 @@ impl Validator<'_> {
             retry_initial,
             retry_max: retry_max.max(retry_initial),
             request_timeout,
+            temporary_certificates: raw.temporary_certificates.unwrap_or(true),
         }
     }
 
@@ -1212,22 +1225,32 @@ pub fn check_domain(raw: &str) -> Result<String, String> {
     Ok(d)
 }
 
-/// Parses "90", "30s", "10m", "6h", "1d".
-pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
+/// The longest duration any setting accepts: far beyond any sensible timeout or retry delay, and far from
+/// what would overflow the date arithmetic it feeds.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86400);
+
+/// Parses "90", "30s", "10m", "6h", "1d" (at most [`MAX_DURATION`]); the error says what is wrong.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration such as \"30s\", \"10m\", \"6h\" or \"1d\"");
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
     };
-    let n: u64 = num.parse().ok()?;
-    let mult = match unit {
+    let mult: u64 = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
-        _ => return None,
+        _ => return Err(bad()),
     };
-    Some(std::time::Duration::from_secs(n.checked_mul(mult)?))
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(mult)
+        .map(std::time::Duration::from_secs)
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| {
+            format!("{s:?} is longer than 10 years, the most any duration setting accepts")
+        })
 }
 
 /// A group name or a numeric gid. Names are resolved through the system's group database (NSS: files,
@@ -1430,7 +1453,10 @@ key_type = "ecdsa-p384"
         assert_eq!(acme.retry_initial, std::time::Duration::from_secs(2));
         assert_eq!(cfg.storage.path, Path::new("/var/lib/acme-sds"));
         assert_eq!(cfg.http01.listen.port(), 8089);
-        let CertificateSource::Acme { domains, key_type } = &cfg.certificates[0].source else {
+        let CertificateSource::Acme {
+            domains, key_type, ..
+        } = &cfg.certificates[0].source
+        else {
             panic!("expected ACME");
         };
         assert_eq!(domains, &["www.mydomain.com", "mobile.mydomain.com"]);
@@ -1562,20 +1588,28 @@ domains = ["c.example.com"]
 
     #[test]
     fn durations() {
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(parse_duration("90"), Ok(secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(secs(600)));
+        assert_eq!(parse_duration("1d"), Ok(secs(86400)));
+        assert_eq!(parse_duration("3650d"), Ok(MAX_DURATION));
+        assert!(parse_duration("1w").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("3651d").unwrap_err().contains("10 years"));
+        assert!(parse_duration("3650000d").unwrap_err().contains("10 years"));
+        assert!(parse_duration("99999999999999999999d").is_err());
+        // In a file: the key and the line, never a panic later.
+        let err = parse_str("[sds]\nlisten=[\"127.0.0.1:1\"]\nstall_timeout=\"3650000d\"\n[acme]\nretry_max = \"3650000d\"\n").unwrap_err();
+        let found: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
         assert_eq!(
-            parse_duration("90"),
-            Some(std::time::Duration::from_secs(90))
+            found,
+            [("sds.stall_timeout", Some(3)), ("acme.retry_max", Some(5))],
+            "{err}"
         );
-        assert_eq!(
-            parse_duration("10m"),
-            Some(std::time::Duration::from_secs(600))
-        );
-        assert_eq!(
-            parse_duration("1d"),
-            Some(std::time::Duration::from_secs(86400))
-        );
-        assert_eq!(parse_duration("1w"), None);
-        assert_eq!(parse_duration("m"), None);
     }
 
     #[test]

@@ -235,6 +235,14 @@ impl Running {
     async fn apply_acme(&mut self, config: &Config) -> anyhow::Result<()> {
         if let Some(old) = self.acme.take() {
             old.token.cancel();
+            // Its tasks withdraw their challenges as they end: wait (bounded), so that they cannot withdraw
+            // one that the new manager, resuming the same order, has just published again.
+            if tokio::time::timeout(SHUTDOWN_GRACE, old.manager.stopped())
+                .await
+                .is_err()
+            {
+                tracing::warn!("the previous ACME tasks did not stop within {SHUTDOWN_GRACE:?}");
+            }
         }
         if !config.has_acme_certificates() {
             return Ok(());
@@ -406,6 +414,11 @@ impl Running {
             }
         }
         self.shutdown().await
+    }
+
+    /// The store of the ACME side, when certificates are obtained over ACME.
+    pub fn store(&self) -> Option<&SharedStore> {
+        self.store.as_ref()
     }
 
     /// The stream, name and connection limits, and what each peer holds now.

@@ -262,7 +262,10 @@ fn status_from_disk(config: &Config) -> anyhow::Result<Vec<acme_sds::admin::Secr
         .build()
         .context("starting the async runtime")?;
     let store = if config.storage.path.is_dir() {
-        Some(acme_sds::store::FsStore::open(&config.storage.path)?)
+        // Read-only and unlocked: a running daemon holds the store, and this must not disturb it.
+        Some(acme_sds::store::FsStore::open_read_only(
+            &config.storage.path,
+        )?)
     } else {
         None
     };
@@ -277,6 +280,7 @@ fn status_from_disk(config: &Config) -> anyhow::Result<Vec<acme_sds::admin::Secr
             source: String::new(),
             domains: Vec::new(),
             serving: false,
+            temporary: false,
             version: None,
             serial: None,
             not_before: None,
@@ -343,6 +347,15 @@ fn status_problem(r: &acme_sds::admin::SecretStatus) -> Option<String> {
         time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
     });
     let now = time::OffsetDateTime::now_utc();
+    if r.temporary {
+        return Some(format!(
+            "not issued yet (a temporary self-signed certificate is served meanwhile){}",
+            r.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        ));
+    }
     match (r.serving, expiry) {
         (false, _) | (_, None) => Some(
             r.last_error
@@ -491,7 +504,10 @@ fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
         }
     }
     for c in &config.certificates {
-        if let CertificateSource::Acme { domains, key_type } = &c.source {
+        if let CertificateSource::Acme {
+            domains, key_type, ..
+        } = &c.source
+        {
             let _ = writeln!(
                 out,
                 "  {}: tls_certificate over ACME ({}), {}\n    {}",

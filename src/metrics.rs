@@ -184,14 +184,15 @@ pub fn render(secrets: &[SecretStatus]) -> String {
         let label = NameLabel {
             name: s.name.clone(),
         };
-        let expiry = ts(&s.not_after);
+        // A temporary stand-in is not the certificate: neither its expiry nor readiness is reported.
+        let expiry = ts(&s.not_after).filter(|_| !s.temporary);
         if let Some(t) = expiry {
             not_after.get_or_create(&label).set(t);
         }
         if let Some(t) = ts(&s.next_renewal) {
             renewal.get_or_create(&label).set(t);
         }
-        let valid = s.serving && expiry.is_some_and(|t| t > now);
+        let valid = s.serving && !s.temporary && expiry.is_some_and(|t| t > now);
         ready.get_or_create(&label).set(i64::from(valid));
     }
     registry.register(

@@ -77,19 +77,21 @@ impl SecretContent {
         }
     }
 
-    fn summary(&self) -> SecretSummary {
+    fn summary(&self, temporary: bool) -> SecretSummary {
         match self {
             SecretContent::TlsCertificate(c) => SecretSummary {
                 kind: SecretKind::TlsCertificate,
                 serial: Some(c.leaf.serial.clone()),
                 not_before: Some(c.leaf.not_before),
                 not_after: Some(c.leaf.not_after),
+                temporary,
             },
             SecretContent::TrustBundle(b) => SecretSummary {
                 kind: SecretKind::ValidationContext,
                 serial: None,
                 not_before: None,
                 not_after: b.earliest_expiry(),
+                temporary,
             },
         }
     }
@@ -110,6 +112,9 @@ pub struct SecretSummary {
     pub not_before: Option<OffsetDateTime>,
     /// The leaf's expiry; for a trust bundle the earliest expiry in it.
     pub not_after: Option<OffsetDateTime>,
+    /// A stand-in served until the real certificate is issued (see [`Registry::publish_temporary`]): never
+    /// counted as ready.
+    pub temporary: bool,
 }
 
 /// One published version of a secret, encoded once for every stream.
@@ -222,6 +227,17 @@ impl Registry {
     /// Publishes `content` as the newest version of secret `name` and wakes every subscriber, unless the
     /// encoded bytes equal the current version's.
     pub fn publish(&self, name: &str, content: &SecretContent) -> Published {
+        self.publish_as(name, content, false)
+    }
+
+    /// Publishes a temporary stand-in for a certificate that has not been issued yet (a self-signed one, so
+    /// that Envoy's listeners can start): served like any version, but its summary says it is temporary,
+    /// so status views and metrics never count it as ready.
+    pub fn publish_temporary(&self, name: &str, content: &SecretContent) -> Published {
+        self.publish_as(name, content, true)
+    }
+
+    fn publish_as(&self, name: &str, content: &SecretContent, temporary: bool) -> Published {
         let plain = encode(&content.to_secret(name.to_owned()));
         let version = content_version(&plain.value);
         let was_withdrawn = self
@@ -246,7 +262,7 @@ impl Registry {
             version,
             plain,
             prefixed,
-            summary: content.summary(),
+            summary: content.summary(temporary),
         });
         let mut slots = self.write();
         match slots.get(name) {

@@ -6,6 +6,13 @@
 //! shared backend (etcd) can later serve several replicas through the same interface. The first backend,
 //! [`FsStore`], maps keys to files under one directory: the directory is 0700, every file 0600, and every
 //! write is temp file + fsync + rename + directory fsync, so a crash leaves either the old or the new value.
+//!
+//! One daemon per directory: [`FsStore::open`] takes an exclusive lock (`flock` on `.lock`, released by the
+//! kernel when the process ends, however it ends) and a second daemon on the same directory refuses to start,
+//! naming the holder; two daemons ordering and overwriting each other's state would hammer the CA and lose
+//! certificates. [`FsStore::open_read_only`] (for `acme-sds status`) takes no lock and writes nothing, not
+//! even temp-file clean-up. Temp files have unpredictable names and are created exclusively (`O_EXCL`), so
+//! nothing else on the host can pre-create or race them.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -23,6 +30,13 @@ pub struct Entry {
 pub enum StoreError {
     #[error("invalid store key {0:?}")]
     BadKey(String),
+    #[error(
+        "storage {} is in use by another acme-sds ({holder}); one daemon per storage directory (several replicas need a shared store such as etcd)",
+        .path.display()
+    )]
+    Locked { path: PathBuf, holder: String },
+    #[error("storage {} is open read-only", .0.display())]
+    ReadOnly(PathBuf),
     #[error("storage {op} {}: {source}", .path.display())]
     Io {
         op: &'static str,
@@ -37,6 +51,32 @@ pub enum StoreError {
         expected: u64,
         found: u64,
     },
+}
+
+/// Longest key segment: a file name in [`FsStore`], with room left for its temp-file (`.NAME.tmp-…`, 22
+/// bytes more) and quarantine (`NAME.corrupt-…`) names under the usual 255-byte limit.
+pub const MAX_SEGMENT_BYTES: usize = 200;
+
+/// A name (a secret's) as one store key segment: kept as it is when made of letters, digits, `-`, `_` and
+/// `.`, hex-encoded (`x-…`) otherwise. `Err` says why when the segment would be too long for a file name.
+pub fn name_segment(name: &str) -> Result<String, String> {
+    let safe = !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    let segment = if safe {
+        name.to_owned()
+    } else {
+        let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("x-{hex}")
+    };
+    if segment.len() > MAX_SEGMENT_BYTES {
+        return Err(format!(
+            "{name:?} would be stored under a file name of {} bytes, over the {MAX_SEGMENT_BYTES} the storage allows; use a shorter name (names of letters, digits, '-', '_' and '.' are stored as they are; others take two bytes per byte)",
+            segment.len()
+        ));
+    }
+    Ok(segment)
 }
 
 /// The storage interface. Implementations must make each `put` atomic.
@@ -88,15 +128,21 @@ fn check_key(key: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Files under one directory. Single writer per directory (one acme-sds process); writes are serialised
-/// in-process so that `compare_and_swap` is exact.
+/// Files under one directory. Single writer per directory (one acme-sds process, enforced by a lock); writes
+/// are serialised in-process so that `compare_and_swap` is exact.
 pub struct FsStore {
     root: PathBuf,
     write_lock: tokio::sync::Mutex<()>,
+    /// The directory lock, held for as long as the store is open; `None` when opened read-only.
+    lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
+/// The lock file, in the store directory.
+const LOCK_FILE: &str = ".lock";
+
 impl FsStore {
-    /// Opens (creating if needed, mode 0700) the store directory.
+    /// Opens (creating if needed, mode 0700) the store directory for this process alone: fails with
+    /// [`StoreError::Locked`] when another process holds it.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let io = |op, source| StoreError::Io {
             op,
@@ -113,11 +159,35 @@ impl FsStore {
             std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| io("chmod", e))?;
         }
+        let lock = lock_dir(root)?;
         remove_temp_files(root);
         Ok(FsStore {
             root: root.to_owned(),
             write_lock: tokio::sync::Mutex::new(()),
+            lock: Some(lock),
         })
+    }
+
+    /// Opens an existing store directory to read it, alongside a daemon that may be running: no lock, no
+    /// clean-up, and every write refused.
+    pub fn open_read_only(root: &Path) -> Result<Self, StoreError> {
+        std::fs::metadata(root).map_err(|source| StoreError::Io {
+            op: "open",
+            path: root.to_owned(),
+            source,
+        })?;
+        Ok(FsStore {
+            root: root.to_owned(),
+            write_lock: tokio::sync::Mutex::new(()),
+            lock: None,
+        })
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        match self.lock {
+            Some(_) => Ok(()),
+            None => Err(StoreError::ReadOnly(self.root.clone())),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -163,12 +233,12 @@ impl FsStore {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        // Unpredictable, and created exclusively: nobody can have prepared it (a symlink, a FIFO).
+        let tmp = dir.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
         let result = (|| {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
             f.write_all(value)?;
@@ -193,6 +263,7 @@ impl Store for FsStore {
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
+        self.writable()?;
         let path = self.path(key)?;
         let value = value.to_vec();
         let _guard = self.write_lock.lock().await;
@@ -210,6 +281,7 @@ impl Store for FsStore {
         expected: u64,
         value: &[u8],
     ) -> Result<u64, StoreError> {
+        self.writable()?;
         let path = self.path(key)?;
         let value = value.to_vec();
         let key = key.to_owned();
@@ -231,6 +303,7 @@ impl Store for FsStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.writable()?;
         let path = self.path(key)?;
         let _guard = self.write_lock.lock().await;
         tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
@@ -247,6 +320,7 @@ impl Store for FsStore {
     }
 
     async fn quarantine(&self, key: &str) -> Result<String, StoreError> {
+        self.writable()?;
         let path = self.path(key)?;
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -306,6 +380,68 @@ impl Store for FsStore {
     }
 }
 
+/// Takes the directory's lock, or says who holds it. The lock file records the holder (pid, host, start
+/// time) for that message; the lock itself is the kernel's, gone with the process.
+fn lock_dir(root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    use std::io::{Read, Seek};
+    let path = root.join(LOCK_FILE);
+    let io = |op, source| StoreError::Io {
+        op,
+        path: path.clone(),
+        source,
+    };
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path);
+    // On a read-only file system the lock file can still be locked if it exists (nothing will be written
+    // there anyway, so the holder is not recorded).
+    let (file, writable) = match opened {
+        Ok(f) => (f, true),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EROFS) => match std::fs::File::open(&path) {
+            Ok(f) => (f, false),
+            Err(_) => return Err(io("open", e)),
+        },
+        Err(e) => return Err(io("open", e)),
+    };
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(lock) => lock,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(StoreError::Locked {
+                path: root.to_owned(),
+                holder: if holder.is_empty() {
+                    "holder unknown".into()
+                } else {
+                    holder.chars().take(200).collect()
+                },
+            });
+        }
+        Err((_, errno)) => return Err(io("lock", errno.into())),
+    };
+    if !writable {
+        return Ok(lock);
+    }
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let since = crate::certs::format_time(time::OffsetDateTime::now_utc());
+    let holder = format!("pid {} on {host}, since {since}\n", std::process::id());
+    let written = lock
+        .set_len(0)
+        .and_then(|()| lock.rewind())
+        .and_then(|()| lock.write_all(holder.as_bytes()))
+        .and_then(|()| lock.sync_all());
+    written.map_err(|e| io("write", e))?;
+    Ok(lock)
+}
+
 /// Removes temp files a crash left mid-write (`.<name>.tmp-<pid>`): the value they were to replace is
 /// still whole, and nothing else reads them.
 fn remove_temp_files(root: &Path) {
@@ -322,6 +458,7 @@ fn remove_temp_files(root: &Path) {
                     if t.is_file()
                         && name.starts_with('.')
                         && name.contains(".tmp-")
+                        && name != LOCK_FILE
                         && std::fs::remove_file(entry.path()).is_ok() =>
                 {
                     tracing::info!(file = %entry.path().display(), "removed a temp file left by an interrupted write");
@@ -379,6 +516,60 @@ mod tests {
         assert!(aside.starts_with("a/c/d.corrupt-"), "{aside}");
         assert_eq!(store.get("a/c/d").await.unwrap(), None);
         assert_eq!(store.get(&aside).await.unwrap().unwrap().value, b"new");
+    }
+
+    #[tokio::test]
+    async fn one_process_per_directory_and_readers_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        store.put("k", b"v").await.unwrap();
+        // A second open in this process is refused as a second daemon would be (flock is per open file).
+        let err = FsStore::open(dir.path()).err().expect("locked");
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Locked { .. }), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        // A reader sees the data and cannot write.
+        let reader = FsStore::open_read_only(dir.path()).unwrap();
+        assert_eq!(reader.get("k").await.unwrap().unwrap().value, b"v");
+        assert!(matches!(
+            reader.put("k", b"x").await,
+            Err(StoreError::ReadOnly(_))
+        ));
+        assert!(matches!(
+            reader.delete("k").await,
+            Err(StoreError::ReadOnly(_))
+        ));
+        drop(store);
+        FsStore::open(dir.path()).expect("free again once the holder is gone");
+    }
+
+    #[tokio::test]
+    async fn temp_files_are_unpredictable_and_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        // Something planted where a predictable temp name would be is left alone.
+        let planted = dir.path().join(format!(".k.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink("/etc/passwd", &planted).unwrap();
+        store.put("k", b"v").await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("k")).unwrap(), b"v");
+        assert!(std::fs::symlink_metadata(&planted).is_ok());
+    }
+
+    #[test]
+    fn names_become_segments_that_fit_a_file_name() {
+        assert_eq!(name_segment("web-1.example").unwrap(), "web-1.example");
+        assert_eq!(name_segment("a/b c").unwrap(), "x-612f622063");
+        assert_eq!(name_segment(".hidden").unwrap(), "x-2e68696464656e");
+        assert!(name_segment(&"a".repeat(200)).is_ok());
+        assert!(
+            name_segment(&"a".repeat(201))
+                .unwrap_err()
+                .contains("201 bytes")
+        );
+        assert!(name_segment(&":".repeat(100)).is_err(), "hex doubles it");
     }
 
     #[tokio::test]

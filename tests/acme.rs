@@ -56,7 +56,7 @@ async fn two_domain_certificate_is_issued_over_http01_and_served() {
     let mut client = daemon.client().await;
     let mut s = SotwStream::open(&mut client).await;
     s.send(subscribe(&["site"])).await;
-    let r = s.recv_within(ISSUE).await;
+    let r = s.recv_issued(ISSUE).await;
     let secret = decode_secret(&r.resources[0]);
     assert_eq!(secret.name, "site");
     let chain = chain_ders(&secret);
@@ -173,7 +173,7 @@ async fn every_key_type_is_issued() {
     for (name, oid_hint) in [("p384", "EC"), ("rsa", "RSA")] {
         let mut s = SotwStream::open(&mut client).await;
         s.send(subscribe(&[name])).await;
-        let secret = decode_secret(&s.recv_within(ISSUE).await.resources[0]);
+        let secret = decode_secret(&s.recv_issued(ISSUE).await.resources[0]);
         verify_chain(&chain_ders(&secret), &root, &format!("{name}.example.com")).unwrap();
         let leaf = leaf_der(&secret);
         let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
@@ -201,10 +201,10 @@ async fn short_lived_certificates_are_renewed_and_pushed() {
     let mut client = daemon.client().await;
     let mut s = SotwStream::open(&mut client).await;
     s.send(subscribe(&["short"])).await;
-    let r1 = s.recv_within(ISSUE).await;
+    let r1 = s.recv_issued(ISSUE).await;
     s.send(ack(&["short"], &r1)).await;
     // Valid 10 s: renewed with half its life left, about 5 s after issuance.
-    let r2 = s.recv_within(ISSUE).await;
+    let r2 = s.recv_issued(ISSUE).await;
     let (a, b) = (
         decode_secret(&r1.resources[0]),
         decode_secret(&r2.resources[0]),
@@ -227,7 +227,7 @@ async fn issuance_survives_pebble_rejecting_half_the_nonces() {
     let mut client = daemon.client().await;
     let mut s = SotwStream::open(&mut client).await;
     s.send(subscribe(&["n"])).await;
-    let r = s.recv_within(ISSUE).await;
+    let r = s.recv_issued(ISSUE).await;
     let chain = chain_ders(&decode_secret(&r.resources[0]));
     verify_chain(&chain, &pebble.root_der().await, "nonce.example.com").unwrap();
 }
@@ -316,9 +316,13 @@ fn a_domain_that_cannot_validate_fails_alone() {
     let (good, bad) = (find("good"), find("bad"));
     assert_eq!(good["source"], "acme");
     assert_eq!(good["serving"], true);
+    assert_eq!(good["temporary"], false);
     assert!(good["next_renewal"].is_string(), "{good}");
     assert!(good["last_error"].is_null(), "{good}");
-    assert_eq!(bad["serving"], false);
+    // Never issued: a temporary certificate is served, and said to be one.
+    assert_eq!(bad["serving"], true);
+    assert_eq!(bad["temporary"], true);
+    assert!(bad["serial"].is_string());
     assert!(
         bad["last_error"]
             .as_str()
@@ -389,7 +393,7 @@ async fn ca_outage_keeps_serving_retries_and_recovers() {
 
     // The CA is back (a fresh Pebble that forgot the account): the next attempt succeeds and is pushed.
     pebble.restart();
-    let r2 = s.recv_within(ISSUE).await;
+    let r2 = s.recv_issued(ISSUE).await;
     assert_ne!(
         leaf_der(&decode_secret(&r2.resources[0])),
         leaf_der(&decode_secret(&r1.resources[0]))
@@ -413,11 +417,19 @@ async fn the_daemon_starts_and_serves_files_while_the_ca_is_down() {
     let mut client = daemon.client().await;
     let r = fetch(&mut client, &["files"]).await;
     assert_eq!(leaf_der(&decode_secret(&r.resources[0])), leaf.leaf_der);
-    let err = client
-        .fetch_secrets(subscribe(&["acme"]))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::NotFound);
+    // The ACME certificate was never issued: its temporary stand-in is served, for its domain.
+    let r = fetch(&mut client, &["acme"]).await;
+    let secret = decode_secret(&r.resources[0]);
+    assert!(is_temporary(&secret));
+    let der = leaf_der(&secret);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let sans = &cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names;
+    assert_eq!(format!("{sans:?}"), r#"[DNSName("acme.example.com")]"#);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,8 +441,8 @@ async fn responder_answers_pending_tokens_only() {
         free_port()
     );
     let daemon = Daemon::start(dir, &tables).await;
-    let store = acme_sds::store::FsStore::open(&daemon.dir.path().join("acme-sds-data")).unwrap();
-    use acme_sds::store::Store;
+    // The daemon holds its store (one daemon per directory): write through its own handle.
+    let store = daemon.running().store().expect("an ACME store").clone();
     let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
     store
         .put(
@@ -492,7 +504,7 @@ async fn external_account_binding_is_used_when_the_ca_requires_it() {
     let mut client = daemon.client().await;
     let mut s = SotwStream::open(&mut client).await;
     s.send(subscribe(&["eab"])).await;
-    let secret = decode_secret(&s.recv_within(ISSUE).await.resources[0]);
+    let secret = decode_secret(&s.recv_issued(ISSUE).await.resources[0]);
     verify_chain(
         &chain_ders(&secret),
         &pebble.root_der().await,
@@ -696,7 +708,7 @@ async fn kill_9_at_random_moments_during_issuance_never_corrupts_state() {
     for (name, domain) in names.iter().zip(&domains) {
         let mut s = SotwStream::open(&mut client).await;
         s.send(subscribe(&[name])).await;
-        let secret = decode_secret(&s.recv_within(ISSUE).await.resources[0]);
+        let secret = decode_secret(&s.recv_issued(ISSUE).await.resources[0]);
         // Certificates from before a Pebble restart would not verify; this Pebble ran throughout.
         verify_chain(&chain_ders(&secret), &root, domain).unwrap();
     }
@@ -741,8 +753,90 @@ async fn a_hanging_ca_times_out_and_is_retried_while_everything_else_is_served()
     assert_eq!(fetch(&mut client, &["files"]).await.resources.len(), 1);
 }
 
+/// The stored certificate of `name` under `storage`, as its leaf DER (None when there is none).
+fn stored_leaf(storage: &Path, name: &str) -> Option<Vec<u8>> {
+    let ca = std::fs::read_dir(storage.join("acme"))
+        .ok()?
+        .flatten()
+        .next()?
+        .path();
+    let bytes = std::fs::read(ca.join("certs").join(name)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let chain = v["chain_pem"].as_str()?;
+    use rustls_pki_types::pem::PemObject;
+    Some(
+        rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+            .next()?
+            .ok()?
+            .to_vec(),
+    )
+}
+
+/// A certificate the CA issued is never lost: when the store refuses it, it is served from memory and the
+/// write retried until it lands; and an acme-sds killed meanwhile downloads it again at its next start
+/// (the order was kept) rather than ordering a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_storage_write_keeps_the_previous_certificate_serving() {
+async fn an_issued_certificate_the_store_refused_is_served_stored_later_and_never_ordered_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    let config = write_config(
+        dir.path(),
+        &acme_tables(&pebble, http, &[("site", &["w.example.com"])]),
+    );
+    let storage = dir.path().join("acme-sds-data");
+    // The certificate's value cannot be written: a non-empty directory stands where its file goes.
+    let blocked = storage.join(acme_sds::acme::Keys::for_directory(&pebble.directory).cert("site"));
+    std::fs::create_dir_all(blocked.join("in-the-way")).unwrap();
+    let args = ["run", "--config", config.to_str().unwrap()];
+    let mut p = Process::spawn(&args, &[]);
+    let issued = p.wait_for_line_within("certificate issued", ISSUE);
+    assert!(issued.contains("NOT STORED"), "{issued}");
+    assert!(p.log().contains("served from memory"), "{}", p.log());
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let served = leaf_der(&decode_secret(
+        &fetch(&mut client, &["site"]).await.resources[0],
+    ));
+    let secret = decode_secret(&fetch(&mut client, &["site"]).await.resources[0]);
+    assert!(!is_temporary(&secret), "the issued certificate is served");
+    verify_chain(
+        &chain_ders(&secret),
+        &pebble.root_der().await,
+        "w.example.com",
+    )
+    .unwrap();
+
+    // Killed before the write could land: the next start resumes the kept order and downloads the same
+    // certificate.
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    std::fs::remove_dir_all(&blocked).unwrap();
+    let p = Process::spawn(&args, &[]);
+    p.wait_for_line_within("certificate issued", ISSUE);
+    assert!(
+        p.log().contains("resuming the order in progress"),
+        "{}",
+        p.log()
+    );
+    assert!(
+        !p.log().contains("order created"),
+        "no new order:\n{}",
+        p.log()
+    );
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let again = leaf_der(&decode_secret(
+        &fetch(&mut client, &["site"]).await.resources[0],
+    ));
+    assert_eq!(again, served, "the same certificate, downloaded again");
+    assert_eq!(stored_leaf(&storage, "site").as_deref(), Some(&served[..]));
+}
+
+/// The store refuses a renewal for a while: the renewal is served from memory, and stored once the store
+/// takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_the_store_refused_is_stored_once_it_can_be() {
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
     let mut opts = PebbleOptions::new(http);
@@ -760,9 +854,10 @@ async fn a_failed_storage_write_keeps_the_previous_certificate_serving() {
     let first = leaf_der(&decode_secret(
         &fetch(&mut client, &["site"]).await.resources[0],
     ));
+    let storage = dir.path().join("acme-sds-data");
 
     // The stored value cannot be replaced any more (a directory now stands in its place).
-    let ca_dir = std::fs::read_dir(dir.path().join("acme-sds-data/acme"))
+    let ca_dir = std::fs::read_dir(storage.join("acme"))
         .unwrap()
         .flatten()
         .next()
@@ -773,18 +868,29 @@ async fn a_failed_storage_write_keeps_the_previous_certificate_serving() {
     std::fs::create_dir(&stored).unwrap();
     std::fs::write(stored.join("keep"), b"x").unwrap();
 
-    // The renewal (half of 6 s) is obtained but cannot be stored: it is not served, the error says why.
-    let failed = p.wait_for_line_within("certificate order failed", ISSUE);
-    assert!(failed.contains("storage"), "{failed}");
-    assert!(failed.contains("keeps being served"), "{failed}");
-    let now = leaf_der(&decode_secret(
+    // The renewal (half of 6 s) is obtained but cannot be stored: it is served all the same.
+    let line = p.wait_for_line_within("NOT STORED", ISSUE);
+    assert!(line.contains("certificate issued"), "{line}");
+    let renewed = leaf_der(&decode_secret(
         &fetch(&mut client, &["site"]).await.resources[0],
     ));
-    assert_eq!(now, first, "nothing unstored is served");
+    assert_ne!(renewed, first, "the renewal is served from memory");
+
+    // The store takes writes again: the served certificate lands there.
+    std::fs::remove_dir_all(&stored).unwrap();
+    p.wait_for_line_within("is stored now", ISSUE);
+    let on_disk = stored_leaf(&storage, "site").unwrap();
+    let served = leaf_der(&decode_secret(
+        &fetch(&mut client, &["site"]).await.resources[0],
+    ));
+    assert!(
+        on_disk == served || on_disk == renewed,
+        "what is stored is what was served"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_only_storage_keeps_the_stored_certificate_serving_and_says_why() {
+async fn read_only_storage_serves_the_stored_certificate_then_its_renewal_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
     let mut opts = PebbleOptions::new(http);
@@ -817,14 +923,16 @@ async fn read_only_storage_keeps_the_stored_certificate_serving_and_says_why() {
     let served = leaf_der(&decode_secret(
         &fetch(&mut client, &["site"]).await.resources[0],
     ));
-    // The renewal (due after 3 s) cannot be stored: the error says so and the stored certificate stays.
-    let failed = p.wait_for_line_within("certificate order failed", ISSUE);
-    assert!(failed.contains("Read-only file system"), "{failed}");
-    assert!(failed.contains("keeps being served"), "{failed}");
+    // The renewal (due after 3 s) cannot be stored: the error says why, and the renewal is served from
+    // memory (an issued certificate is never thrown away).
+    let issued = p.wait_for_line_within("certificate issued", ISSUE);
+    assert!(issued.contains("NOT STORED"), "{issued}");
+    let why = p.wait_for_line("cannot store the issued certificate");
+    assert!(why.contains("Read-only file system"), "{why}");
     let after = leaf_der(&decode_secret(
         &fetch(&mut client, &["site"]).await.resources[0],
     ));
-    assert_eq!(after, served);
+    assert_ne!(after, served, "the renewal is served");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -854,7 +962,7 @@ async fn a_config_edit_orders_added_and_changed_certificates_live() {
         ],
     );
     write_config(dir.path(), &text);
-    let secret = decode_secret(&b.recv_within(ISSUE).await.resources[0]);
+    let secret = decode_secret(&b.recv_issued(ISSUE).await.resources[0]);
     verify_chain(
         &chain_ders(&secret),
         &pebble.root_der().await,

@@ -1,19 +1,34 @@
 //! The ACME account: created once per CA (with External Account Binding when configured), its credentials
 //! stored (0600, never logged), and reused on every later start. It is obtained lazily, on the first order,
-//! so the daemon starts and serves stored certificates even while the CA is unreachable.
+//! so the daemon starts and serves stored certificates even while the CA is unreachable; every request it
+//! makes has a deadline ([`super::http`]).
 
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use instant_acme::{Account, AccountCredentials, ExternalAccountKey, NewAccount};
 
 use super::{Keys, OrderError};
 use crate::config::AcmeConfig;
 use crate::store::SharedStore;
 
+type Loading = Shared<BoxFuture<'static, Result<Account, Arc<OrderError>>>>;
+
+/// The account, loaded (or created) once and shared by every certificate's task. Callers that arrive while
+/// it loads wait for that one load rather than queueing on a lock held across the CA's I/O: every caller
+/// awaits the same shared future, each within its own deadline, and a failed load is forgotten so that
+/// the next caller tries again.
 #[derive(Default)]
 pub(super) struct AccountSlot {
-    account: tokio::sync::Mutex<Option<Account>>,
+    slot: std::sync::Mutex<Option<Loading>>,
 }
 
 impl AccountSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Loading>> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The account, loading or creating it on first use.
     pub(super) async fn get(
         &self,
@@ -21,20 +36,39 @@ impl AccountSlot {
         keys: &Keys,
         store: &SharedStore,
     ) -> Result<Account, OrderError> {
-        let mut slot = self.account.lock().await;
-        if let Some(a) = slot.as_ref() {
-            return Ok(a.clone());
+        let loading = {
+            let mut slot = self.lock();
+            match slot.as_ref() {
+                Some(f) => f.clone(),
+                None => {
+                    let (config, keys, store) = (config.clone(), keys.clone(), store.clone());
+                    let f = async move {
+                        load_or_create(&config, &keys, &store)
+                            .await
+                            .map_err(Arc::new)
+                    }
+                    .boxed()
+                    .shared();
+                    *slot = Some(f.clone());
+                    f
+                }
+            }
+        };
+        match loading.clone().await {
+            Ok(account) => Ok(account),
+            Err(e) => {
+                let mut slot = self.lock();
+                if slot.as_ref().is_some_and(|f| f.ptr_eq(&loading)) {
+                    *slot = None;
+                }
+                Err(OrderError::Account(e))
+            }
         }
-        let account = load_or_create(config, keys, store).await?;
-        *slot = Some(account.clone());
-        Ok(account)
     }
-}
 
-impl AccountSlot {
     /// Forgets the account (the CA no longer knows it): the next order creates a new one.
     pub(super) async fn forget(&self, keys: &Keys, store: &SharedStore) {
-        *self.account.lock().await = None;
+        *self.lock() = None;
         if let Err(e) = store.delete(&keys.account()).await {
             tracing::error!(error = %e, "cannot remove the stored ACME account");
         }
@@ -42,11 +76,9 @@ impl AccountSlot {
 }
 
 fn builder(config: &AcmeConfig) -> Result<instant_acme::AccountBuilder, OrderError> {
-    let b = match &config.directory_ca {
-        Some(path) => Account::builder_with_root(path),
-        None => Account::builder(),
-    };
-    b.map_err(|e| OrderError::acme("setting up the ACME HTTP client", e))
+    let client = super::http::CaClient::new(config)
+        .map_err(|e| OrderError::acme("setting up the ACME HTTP client", e))?;
+    Ok(Account::builder_with_http(Box::new(client)))
 }
 
 async fn load_or_create(

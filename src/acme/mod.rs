@@ -1,20 +1,28 @@
 //! The ACME manager: obtains and renews certificates over HTTP-01 and publishes them to the registry.
 //!
 //! Each ACME certificate is one task driven by its schedule ([`schedule`]): at start the stored certificate
-//! is served at once if it still matches its configuration, and nothing is ordered until it is due. An
+//! is served at once if it still matches its configuration, and nothing is ordered until it is due; a
+//! certificate never issued gets a temporary self-signed stand-in ([`temporary`]) so that Envoy starts. An
 //! order ([`order`]) publishes each challenge's key authorization to the store (where the HTTP-01 responder
-//! reads it) before telling the CA to validate, and withdraws it when the order ends. The issued chain and
-//! its key are checked, stored atomically as one value, then published. Failures are retried with growing,
-//! jittered, capped delays; the last good certificate keeps being served meanwhile. A semaphore bounds
-//! concurrent orders, and one certificate's failure never delays another's.
+//! reads it) before telling the CA to validate, and withdraws it when the order ends; it is resumed, not
+//! placed again, after a crash or a failure. Every request to the CA has a deadline, and transient failures
+//! are retried in seconds ([`http`], [`order`]). The issued chain and its key are checked, published, and
+//! stored atomically as one value; if storing fails, the certificate is served from memory and the write
+//! retried, so an issued certificate is never lost. Failed orders are retried with growing, jittered,
+//! capped delays, and the time of the next attempt is stored before each order starts, so that no crash
+//! loop can place orders faster than that. A semaphore bounds concurrent orders, and one certificate's
+//! failure never delays another's.
 //!
 //! Store layout, per CA (so that state never mixes CAs): `acme/<ca>/account` (credentials),
-//! `acme/<ca>/certs/<name>` (chain, key, domains, key type), `acme/<ca>/state/<name>` (last error, next
-//! attempt). Pending challenges live under `challenges/<token>` for every CA.
+//! `acme/<ca>/certs/<name>` (chain, key, domains, key type), `acme/<ca>/state/<name>` (failures, next
+//! attempt), `acme/<ca>/orders/<name>` (the order in progress: URL, and key once made). Pending challenges
+//! live under `challenges/<token>` for every CA.
 
 mod account;
+mod http;
 mod order;
 pub mod schedule;
+pub mod temporary;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,23 +43,34 @@ pub use order::OrderError;
 const ORDER_TIMEOUTS: u32 = 20;
 
 /// One ACME-managed certificate, as configured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagedCert {
     pub name: String,
     pub domains: Vec<String>,
     pub key_type: KeyType,
+    /// Serve a temporary self-signed certificate until the first issuance.
+    pub temporary: bool,
 }
 
 impl ManagedCert {
     pub fn from_config(config: &Config) -> Vec<ManagedCert> {
+        let default_temporary = config
+            .acme
+            .as_ref()
+            .is_none_or(|a| a.temporary_certificates);
         config
             .certificates
             .iter()
             .filter_map(|c| match &c.source {
-                CertificateSource::Acme { domains, key_type } => Some(ManagedCert {
+                CertificateSource::Acme {
+                    domains,
+                    key_type,
+                    temporary_certificate,
+                } => Some(ManagedCert {
                     name: c.name.clone(),
                     domains: domains.clone(),
                     key_type: *key_type,
+                    temporary: temporary_certificate.unwrap_or(default_temporary),
                 }),
                 CertificateSource::Files { .. } => None,
             })
@@ -97,12 +116,18 @@ impl StoredCert {
 /// What a certificate's task remembers between attempts; stored so that a restart keeps backing off.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CertState {
+    /// Failed orders since the last issuance.
     pub failures: u32,
     pub last_error: Option<String>,
     /// Unix time.
     pub last_error_at: Option<i64>,
-    /// Unix time of the next attempt after a failure.
+    /// Unix time before which no new order is placed: written *before* each order (the delay it would get
+    /// if it failed), after a failure (its backoff) and after an issuance (a minimum interval).
     pub next_attempt_at: Option<i64>,
+    /// Issuances in a row whose certificate was due for renewal at once (a clock or CA dates gone wrong):
+    /// each makes the interval before the next order grow, as failures do.
+    #[serde(default)]
+    pub premature: u32,
 }
 
 /// Store keys of one CA.
@@ -149,6 +174,11 @@ impl Keys {
     pub fn state(&self, name: &str) -> String {
         format!("acme/{}/state/{}", self.ca, key_segment(name))
     }
+
+    /// The order in progress (its URL, and the certificate key once made), for resuming it.
+    pub fn order(&self, name: &str) -> String {
+        format!("acme/{}/orders/{}", self.ca, key_segment(name))
+    }
 }
 
 /// What storage holds for a certificate, read without changing anything (for `acme-sds status` when no
@@ -191,18 +221,17 @@ mod tests {
     }
 }
 
-/// A secret name as one store key segment: kept as is when safe, hex-encoded otherwise.
+/// A secret name as one store key segment. Names too long for one were refused by the configuration; should
+/// one get here anyway, it is stored under its hash rather than failing.
 fn key_segment(name: &str) -> String {
-    let safe = !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if safe {
-        name.to_owned()
-    } else {
-        let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
-        format!("x-{hex}")
-    }
+    crate::store::name_segment(name).unwrap_or_else(|_| {
+        let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+        let hex: String = digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("h-{hex}")
+    })
 }
 
 /// Why a stored value could not be used.
@@ -231,6 +260,13 @@ pub struct AcmeManager {
     registry: Arc<Registry>,
     orders: Arc<Semaphore>,
     account: account::AccountSlot,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+/// An issued certificate, and whether the store has it yet.
+struct Current {
+    stored: StoredCert,
+    saved: bool,
 }
 
 impl AcmeManager {
@@ -243,6 +279,7 @@ impl AcmeManager {
             config,
             store,
             registry,
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -309,13 +346,25 @@ impl AcmeManager {
         }
     }
 
-    /// Publishes every stored certificate at once (before the SDS listeners open), then starts one task per
-    /// certificate.
+    /// Removes challenges a previous process left in the store: one daemon per store, so none of them is
+    /// being validated now (an order that is resumed publishes its own again).
+    async fn clear_stale_challenges(&self) {
+        let Ok(keys) = self.store.list("challenges").await else {
+            return;
+        };
+        for key in keys {
+            let _ = self.store.delete(&key).await;
+        }
+    }
+
+    /// Publishes every stored certificate at once (before the SDS listeners open), and a temporary one for
+    /// each certificate never issued (unless turned off), then starts one task per certificate.
     pub async fn start(
         self: &Arc<Self>,
         certs: Vec<ManagedCert>,
         shutdown: CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
+        self.clear_stale_challenges().await;
         let mut tasks = Vec::new();
         for cert in certs {
             let stored = self.load_stored(&cert).await;
@@ -334,6 +383,8 @@ impl AcmeManager {
                     v.version().version(),
                     state,
                 );
+            } else {
+                self.serve_temporary(&cert);
             }
             let state_key = self.keys.state(&cert.name);
             let state: CertState = match self.load_json(&state_key).await {
@@ -346,13 +397,53 @@ impl AcmeManager {
             };
             let manager = self.clone();
             let token = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                manager
-                    .run_cert(cert, stored.map(|(s, _)| s), state, token)
-                    .await;
-            }));
+            let current = stored.map(|(stored, _)| Current {
+                stored,
+                saved: true,
+            });
+            tasks.push(self.tasks.spawn(http::with_retry_after(async move {
+                manager.run_cert(cert, current, state, token).await;
+            })));
         }
         tasks
+    }
+
+    /// Waits until every certificate task has ended (after `shutdown` was cancelled): a new manager on the
+    /// same store must not start while an old task still withdraws its challenges.
+    pub async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Serves (or renews) the temporary stand-in for a certificate never issued, if it has one.
+    fn serve_temporary(&self, cert: &ManagedCert) {
+        if !cert.temporary {
+            return;
+        }
+        let fresh = self
+            .registry
+            .get(&cert.name)
+            .filter(|v| v.summary().temporary)
+            .and_then(|v| v.summary().not_after)
+            .is_some_and(|t| t - OffsetDateTime::now_utc() > temporary::LIFETIME / 3);
+        if fresh {
+            return;
+        }
+        match temporary::make(&cert.name, &cert.domains) {
+            Ok(pem) => {
+                self.registry
+                    .publish_temporary(&cert.name, &SecretContent::TlsCertificate(pem.clone()));
+                tracing::info!(
+                    secret = %cert.name,
+                    domains = ?cert.domains,
+                    not_after = %certs::format_time(pem.leaf.not_after),
+                    "serving a TEMPORARY self-signed certificate until the CA issues one (so that Envoy's listeners, port 80 included, start now); turn off with temporary_certificate = false"
+                );
+            }
+            Err(e) => {
+                tracing::error!(secret = %cert.name, error = %e, "cannot make a temporary certificate");
+            }
+        }
     }
 
     async fn save_state(&self, name: &str, state: &CertState) {
@@ -367,26 +458,54 @@ impl AcmeManager {
         }
     }
 
-    /// One certificate's life: wait until due, order, store, publish; retry failures with backoff.
+    /// Stores an issued certificate (chain and key as one value) and forgets its order; `false` when the
+    /// store refused (the certificate is then served from memory and the write retried).
+    async fn save_cert(&self, name: &str, stored: &StoredCert) -> bool {
+        let value = match serde_json::to_vec(stored) {
+            Ok(v) => zeroize::Zeroizing::new(v),
+            Err(e) => {
+                tracing::error!(secret = name, error = %e, "cannot encode the certificate");
+                return false;
+            }
+        };
+        match self.store.put(&self.keys.cert(name), &value).await {
+            Ok(_) => {
+                order::drop_record(&self.store, &self.keys, name).await;
+                true
+            }
+            Err(e) => {
+                tracing::error!(secret = name, error = %e, "cannot store the issued certificate: it is served from memory, and storing it is retried (its order is kept, so a restart downloads it again rather than ordering)");
+                false
+            }
+        }
+    }
+
+    /// One certificate's life: wait until due, order, publish, store; retry failures with backoff.
     async fn run_cert(
         self: Arc<Self>,
         cert: ManagedCert,
-        mut current: Option<StoredCert>,
+        mut current: Option<Current>,
         mut state: CertState,
         shutdown: CancellationToken,
     ) {
+        // An order left in progress (by a crash, or a certificate that could not be stored) is resumed at
+        // once: resuming places no new order.
+        let mut resume = order::load_record(&self.store, &self.keys, &cert)
+            .await
+            .is_some();
+        let mut save_retry = self.config.retry_initial;
         loop {
             let now = OffsetDateTime::now_utc();
-            let due = match current.as_ref() {
-                Some(c) if c.matches(&cert) => self.renewal_time(&cert, c).await,
-                _ => now,
+            let issued = current.as_ref().filter(|c| c.stored.matches(&cert));
+            let due = match issued {
+                Some(c) => self.renewal_time(&cert, &c.stored).await,
+                None => now,
             };
-            let retry_at = state
+            let not_before = state
                 .next_attempt_at
-                .filter(|_| state.failures > 0)
                 .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
-            let at = match retry_at {
-                Some(r) if r > due => r,
+            let at = match not_before {
+                Some(r) if r > due && !resume => r,
                 _ => due,
             };
             let retrying = state.failures > 0;
@@ -394,33 +513,68 @@ impl AcmeManager {
             self.set_status(&cert.name, |s| {
                 s.next_renewal = current.as_ref().map(|_| due);
                 s.last_error = error.filter(|_| retrying);
-                s.next_retry = retry_at.filter(|_| retrying);
+                s.next_retry = not_before.filter(|_| retrying);
             });
+            if current.is_none() {
+                self.serve_temporary(&cert);
+            }
             if at > now {
                 if current.is_some() && state.failures == 0 {
                     tracing::info!(secret = %cert.name, "next renewal at {} ({})", certs::format_time(at), schedule::describe_in(at - now));
                 }
-                let wait = (at - now).try_into().unwrap_or(Duration::ZERO);
-                // Re-evaluate at least every 12 hours (ARI windows move; clocks jump).
-                let wait = wait.min(Duration::from_secs(12 * 3600));
+                let mut wait: Duration = (at - now).try_into().unwrap_or(Duration::ZERO);
+                // Re-evaluate at least every 12 hours (ARI windows move; clocks jump; a temporary
+                // certificate needs renewing), and retry a store write that failed.
+                wait = wait.min(Duration::from_secs(12 * 3600));
+                if current.as_ref().is_some_and(|c| !c.saved) {
+                    wait = wait.min(save_retry);
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
+                }
+                if let Some(c) = current.as_mut().filter(|c| !c.saved) {
+                    c.saved = self.save_cert(&cert.name, &c.stored).await;
+                    if c.saved {
+                        tracing::info!(secret = %cert.name, "the issued certificate is stored now");
+                    } else {
+                        save_retry = (save_retry * 2).min(self.config.retry_max);
+                    }
                 }
                 if OffsetDateTime::now_utc() < at {
                     continue;
                 }
             }
+            if !resume {
+                // Before the order: the time it would be retried at if it failed. A crash during the order
+                // then leaves a restart waiting for it, rather than ordering again at once.
+                let delay = schedule::retry_delay(
+                    state.failures.saturating_add(1),
+                    self.config.retry_initial,
+                    self.config.retry_max,
+                    None,
+                );
+                state.next_attempt_at = Some((OffsetDateTime::now_utc() + delay).unix_timestamp());
+                self.save_state(&cert.name, &state).await;
+            }
+            resume = false;
             let mut tokens = Vec::new();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => None,
-                r = self.obtain(&cert, current.as_ref(), &mut tokens) => Some(r),
+                r = self.obtain(&cert, issued_ref(&current, &cert), &mut tokens) => Some(r),
             };
             order::withdraw_challenges(&self.store, &tokens).await;
             let Some(result) = result else { return };
             match result {
                 Ok((stored, pem)) => {
                     crate::metrics::count_order(&cert.name, "issued");
+                    // Stored first (a crash after this serves it at the next start); published whatever
+                    // the store said (an issued certificate is never thrown away).
+                    let saved = self.save_cert(&cert.name, &stored).await;
+                    let was_temporary = self
+                        .registry
+                        .get(&cert.name)
+                        .is_some_and(|v| v.summary().temporary);
                     let content = SecretContent::TlsCertificate(pem.clone());
                     let v = self.registry.publish(&cert.name, &content);
                     tracing::info!(
@@ -429,11 +583,14 @@ impl AcmeManager {
                         serial = %pem.leaf.serial,
                         not_after = %certs::format_time(pem.leaf.not_after),
                         names = ?pem.leaf.dns_names,
-                        "certificate issued and pushed to subscribers"
+                        "certificate issued and pushed to subscribers{}{}",
+                        if was_temporary { "; it replaces the temporary certificate" } else { "" },
+                        if saved { "" } else { " (NOT STORED yet: served from memory; the write is retried)" }
                     );
-                    current = Some(stored);
-                    state = CertState::default();
+                    save_retry = self.config.retry_initial;
+                    state = self.after_issuance(&cert, &pem, &state);
                     self.save_state(&cert.name, &state).await;
+                    current = Some(Current { stored, saved });
                 }
                 Err(e) => {
                     crate::metrics::count_order(&cert.name, "failed");
@@ -444,11 +601,14 @@ impl AcmeManager {
                         self.account.forget(&self.keys, &self.store).await;
                     }
                     state.failures = state.failures.saturating_add(1);
+                    // The CA's own Retry-After when it gave one; at least an hour for a rate limit.
+                    let asked = http::take_retry_after()
+                        .or(e.rate_limited().then_some(Duration::from_secs(3600)));
                     let delay = schedule::retry_delay(
                         state.failures,
                         self.config.retry_initial,
                         self.config.retry_max,
-                        e.retry_after(),
+                        asked,
                     );
                     let now = OffsetDateTime::now_utc();
                     let next = now + delay;
@@ -458,7 +618,11 @@ impl AcmeManager {
                         "certificate order failed: {e}; next attempt at {} ({}){}",
                         certs::format_time(next),
                         schedule::describe_in(next - now),
-                        if current.is_some() { "; the current certificate keeps being served" } else { "" }
+                        match &current {
+                            Some(_) => "; the current certificate keeps being served",
+                            None if cert.temporary => "; the temporary certificate keeps being served",
+                            None => "",
+                        }
                     );
                     state.last_error = Some(e.to_string());
                     state.last_error_at = Some(now.unix_timestamp());
@@ -466,6 +630,41 @@ impl AcmeManager {
                     self.save_state(&cert.name, &state).await;
                 }
             }
+        }
+    }
+
+    /// The state after an issuance: no failures, and a minimum interval before the next order (at least
+    /// `retry_initial`, growing like a backoff when the new certificate is already due, which only a clock
+    /// or CA dates gone wrong can cause: never an order loop, whatever they say).
+    fn after_issuance(&self, cert: &ManagedCert, pem: &CertifiedPem, old: &CertState) -> CertState {
+        let now = OffsetDateTime::now_utc();
+        if now < pem.leaf.not_before {
+            tracing::warn!(secret = %cert.name, not_before = %certs::format_time(pem.leaf.not_before), "the certificate the CA issued is not valid yet by this machine's clock: is the clock right?");
+        }
+        let renewal = schedule::lifetime_renewal(pem.leaf.not_before, pem.leaf.not_after);
+        let floor = self.config.retry_initial;
+        let premature = if renewal < now + floor {
+            old.premature.saturating_add(1)
+        } else {
+            0
+        };
+        let wait = if premature > 0 {
+            let wait = schedule::retry_delay(premature, floor, self.config.retry_max, None);
+            tracing::warn!(
+                secret = %cert.name,
+                not_before = %certs::format_time(pem.leaf.not_before),
+                not_after = %certs::format_time(pem.leaf.not_after),
+                "the certificate just issued is already due for renewal (check this machine's clock, and the CA's certificate lifetimes); the next order waits {}",
+                schedule::describe_in(time::Duration::try_from(wait).unwrap_or_default())
+            );
+            wait
+        } else {
+            floor
+        };
+        CertState {
+            premature,
+            next_attempt_at: Some((now + wait).unix_timestamp()),
+            ..CertState::default()
         }
     }
 
@@ -480,6 +679,8 @@ impl AcmeManager {
         schedule::lifetime_renewal(pem.leaf.not_before, pem.leaf.not_after)
     }
 
+    /// The CA's ARI window, when it offers one; every request it takes has a deadline, so a CA that hangs
+    /// delays the schedule by at most that.
     async fn ari_time(&self, cert: &ManagedCert, stored: &StoredCert) -> Option<OffsetDateTime> {
         let account = self
             .account
@@ -503,6 +704,7 @@ impl AcmeManager {
         }
     }
 
+    /// Runs (or resumes) an order for `cert` and checks what it brings.
     async fn obtain(
         &self,
         cert: &ManagedCert,
@@ -514,27 +716,20 @@ impl AcmeManager {
             .acquire()
             .await
             .map_err(|_| OrderError::Other("order limiter closed".into()))?;
-        let limit = self.config.request_timeout;
-        let account = tokio::time::timeout(
-            limit,
-            self.account.get(&self.config, &self.keys, &self.store),
-        )
-        .await
-        .map_err(|_| {
-            OrderError::Other(format!(
-                "the CA did not answer within {}s",
-                limit.as_secs_f32()
-            ))
-        })??;
+        let account = self
+            .account
+            .get(&self.config, &self.keys, &self.store)
+            .await?;
+        let limit = self.config.request_timeout * ORDER_TIMEOUTS;
         let (chain_pem, key_pem) = tokio::time::timeout(
-            limit * ORDER_TIMEOUTS,
-            order::run(&account, cert, current, &self.store, tokens),
+            limit,
+            order::run(&account, cert, current, &self.store, &self.keys, tokens),
         )
         .await
         .map_err(|_| {
             OrderError::Other(format!(
                 "the CA did not complete the order within {}s",
-                (limit * ORDER_TIMEOUTS).as_secs_f32()
+                limit.as_secs_f32()
             ))
         })??;
         let pem = certs::certified_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
@@ -545,10 +740,14 @@ impl AcmeManager {
             key_pem: zeroize::Zeroizing::new(key_pem),
             issued_at: OffsetDateTime::now_utc().unix_timestamp(),
         };
-        let value = zeroize::Zeroizing::new(
-            serde_json::to_vec(&stored).map_err(|e| OrderError::Other(e.to_string()))?,
-        );
-        self.store.put(&self.keys.cert(&cert.name), &value).await?;
         Ok((stored, pem))
     }
+}
+
+/// The issued certificate that an order for `cert` replaces (ARI), if it is still `cert`'s.
+fn issued_ref<'a>(current: &'a Option<Current>, cert: &ManagedCert) -> Option<&'a StoredCert> {
+    current
+        .as_ref()
+        .map(|c| &c.stored)
+        .filter(|s| s.matches(cert))
 }

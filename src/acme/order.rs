@@ -1,18 +1,36 @@
-//! One certificate's issuance: new order, HTTP-01 challenges, finalize with our own key, download.
+//! One certificate's issuance: new order (or the stored one, resumed), HTTP-01 challenges, finalize with our
+//! own key, download.
+//!
+//! Each request to the CA is retried on its own when the failure is transient (badNonce past instant-acme's
+//! own three tries, a 5xx, a reset connection, a timeout): a few attempts, 0.25 s doubling to 8 s with
+//! jitter, or exactly the CA's `Retry-After` when it asks for 30 s or less. Only what is left after that
+//! fails the order into the long backoff ([`super::schedule`]).
+//!
+//! The order's URL is stored the moment the CA creates it, and the certificate key before finalization
+//! ([`OrderRecord`]), so an order survives a crash or a failed store write: the next attempt resumes it
+//! where it stopped (a ready certificate is downloaded, not ordered again).
 
 use std::time::Duration;
 
 use instant_acme::{
-    Account, AuthorizationStatus, ChallengeType, Identifier, NewOrder, OrderStatus, RetryPolicy,
+    Account, AuthorizationStatus, ChallengeStatus, ChallengeType, Identifier, NewOrder,
+    OrderStatus, RetryPolicy,
 };
+use rand::Rng;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
 
-use super::{ManagedCert, StoredCert};
+use super::{Keys, ManagedCert, StoredCert};
 use crate::certs::MaterialError;
 use crate::config::KeyType;
 use crate::http01::challenge_key;
 use crate::store::{SharedStore, StoreError};
+
+/// Attempts per request to the CA.
+const ATTEMPTS: u32 = 6;
+/// Longest `Retry-After` waited for inside an order; a longer one fails the order into its backoff.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Why an order failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +51,9 @@ pub enum OrderError {
     Material(#[from] MaterialError),
     #[error("{0}")]
     Other(String),
+    /// Loading or creating the account failed (shared by every task that was waiting for it).
+    #[error("{0}")]
+    Account(std::sync::Arc<OrderError>),
 }
 
 impl OrderError {
@@ -40,28 +61,152 @@ impl OrderError {
         OrderError::Acme { stage, source }
     }
 
-    /// Whether the CA no longer knows our account (a reset test CA, a deactivated account).
-    pub fn account_gone(&self) -> bool {
-        matches!(self, OrderError::Acme { source: instant_acme::Error::Api(p), .. }
-            if p.r#type.as_deref().is_some_and(|t| t.ends_with(":accountDoesNotExist")))
+    /// The error itself, through a shared account failure.
+    fn root(&self) -> &OrderError {
+        match self {
+            OrderError::Account(inner) => inner.root(),
+            other => other,
+        }
     }
 
-    /// A minimum wait the CA asked for. instant-acme does not surface Retry-After headers, so a rate-limit
-    /// problem gets a conservative hour.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
+    /// The CA's problem type, without the `urn:ietf:params:acme:error:` prefix.
+    fn problem(&self) -> Option<&str> {
+        match self.root() {
             OrderError::Acme {
                 source: instant_acme::Error::Api(p),
                 ..
-            } if p
-                .r#type
-                .as_deref()
-                .is_some_and(|t| t.ends_with(":rateLimited")) =>
-            {
-                Some(Duration::from_secs(3600))
-            }
+            } => p.r#type.as_deref().and_then(|t| t.rsplit(':').next()),
             _ => None,
         }
+    }
+
+    /// Whether the CA no longer knows our account (a reset test CA, a deactivated account).
+    pub fn account_gone(&self) -> bool {
+        self.problem() == Some("accountDoesNotExist")
+    }
+
+    /// Whether the CA refused a rate limit: the order waits at least an hour, or what the CA asked.
+    pub fn rate_limited(&self) -> bool {
+        self.problem() == Some("rateLimited")
+    }
+}
+
+/// Whether a failed request to the CA is worth repeating at once: the CA or the path to it had a hiccup.
+pub(super) fn transient(e: &instant_acme::Error) -> bool {
+    use instant_acme::Error;
+    match e {
+        Error::Api(p) => {
+            matches!(
+                p.r#type.as_deref().and_then(|t| t.rsplit(':').next()),
+                Some("badNonce" | "serverInternal")
+            ) || p.status.is_some_and(|s| s >= 500)
+        }
+        // Connections refused or reset, timeouts (ours: `http::CaTimeout`), a proxy's HTML error page,
+        // a response missing a nonce.
+        Error::Hyper(_) | Error::Http(_) | Error::Other(_) | Error::Json(_) | Error::Str(_) => true,
+        _ => false,
+    }
+}
+
+/// The delay before attempt `attempt + 1`: 0.25 s doubling to 8 s, between 50% and 100% of it.
+fn backoff(attempt: u32) -> Duration {
+    let ms = (250u64 << attempt.saturating_sub(1).min(5)).min(8_000);
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+}
+
+/// Runs one request to the CA (an expression, evaluated again for every attempt), retrying transient
+/// failures as the module docs say; records every attempt's duration and outcome.
+macro_rules! retrying {
+    ($action:literal, $call:expr) => {{
+        let mut attempt = 1u32;
+        loop {
+            let _ = super::http::take_retry_after();
+            match timed($action, $call).await {
+                Err(e) if attempt < ATTEMPTS && transient(&e) => {
+                    let wait = match super::http::take_retry_after() {
+                        Some(w) if w > MAX_RETRY_AFTER => break Err(e),
+                        Some(w) => w,
+                        None => backoff(attempt),
+                    };
+                    tracing::info!(
+                        action = $action,
+                        attempt,
+                        error = %e,
+                        "a request to the CA failed; retrying in {:.2} s",
+                        wait.as_secs_f32()
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+/// What is stored about an order in progress (`acme/<ca>/orders/<name>`), so that it can be resumed.
+#[derive(Clone, Serialize, Deserialize)]
+pub(super) struct OrderRecord {
+    pub url: String,
+    pub domains: Vec<String>,
+    pub key_type: KeyType,
+    /// The certificate key, PKCS#8 PEM, once made (before finalization: the certificate will be for it).
+    #[serde(default)]
+    pub key_pem: Option<zeroize::Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for OrderRecord {
+    // The key never appears in a debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrderRecord")
+            .field("url", &self.url)
+            .field("domains", &self.domains)
+            .field("key_type", &self.key_type)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OrderRecord {
+    fn matches(&self, cert: &ManagedCert) -> bool {
+        let (mut a, mut b) = (self.domains.clone(), cert.domains.clone());
+        a.sort();
+        b.sort();
+        a == b && self.key_type == cert.key_type
+    }
+}
+
+/// Stores the order record; a failure is logged and the order goes on (it just cannot be resumed).
+async fn save_record(store: &SharedStore, keys: &Keys, name: &str, record: &OrderRecord) {
+    let written = match serde_json::to_vec(record) {
+        Ok(v) => store
+            .put(&keys.order(name), &zeroize::Zeroizing::new(v))
+            .await
+            .map(|_| ()),
+        Err(e) => {
+            tracing::error!(secret = name, error = %e, "cannot encode the order record");
+            return;
+        }
+    };
+    if let Err(e) = written {
+        tracing::warn!(secret = name, error = %e, "cannot store the order in progress; it cannot be resumed after a restart");
+    }
+}
+
+/// The stored order record for `cert`, if there is one for its current domains and key type.
+pub(super) async fn load_record(
+    store: &SharedStore,
+    keys: &Keys,
+    cert: &ManagedCert,
+) -> Option<OrderRecord> {
+    let entry = store.get(&keys.order(&cert.name)).await.ok()??;
+    let record: OrderRecord = serde_json::from_slice(&entry.value).ok()?;
+    record.matches(cert).then_some(record)
+}
+
+/// Forgets the order record (the order ended, or cannot be resumed).
+pub(super) async fn drop_record(store: &SharedStore, keys: &Keys, name: &str) {
+    if let Err(e) = store.delete(&keys.order(name)).await {
+        tracing::warn!(secret = name, error = %e, "cannot remove the finished order's record");
     }
 }
 
@@ -146,52 +291,183 @@ fn generate_key(key_type: KeyType) -> Result<rcgen::KeyPair, OrderError> {
     }
 }
 
-/// Runs one order to completion. Every token published is pushed onto `tokens` so the caller can withdraw
-/// them whatever happens (also when this future is dropped). Returns (chain PEM, key PEM).
+/// Runs one order to completion: the stored one for `cert` when there is one (resumed where it stopped),
+/// else a new one. Every token published is pushed onto `tokens` so the caller can withdraw them whatever
+/// happens (also when this future is dropped). Returns (chain PEM, key PEM).
 pub(super) async fn run(
     account: &Account,
     cert: &ManagedCert,
     current: Option<&StoredCert>,
     store: &SharedStore,
+    keys: &Keys,
     tokens: &mut Vec<String>,
 ) -> Result<(String, String), OrderError> {
+    let mut record = load_record(store, keys, cert).await;
+    let mut order = None;
+    if let Some(r) = &record {
+        match retrying!("order", account.order(r.url.clone())) {
+            Ok(o) => {
+                tracing::info!(secret = %cert.name, order = r.url, "resuming the order in progress");
+                order = Some(o);
+            }
+            Err(e) => {
+                tracing::info!(secret = %cert.name, order = r.url, error = %e, "the stored order cannot be resumed; placing a new one");
+                drop_record(store, keys, &cert.name).await;
+                record = None;
+            }
+        }
+    }
+    let mut order = match order {
+        Some(o) => o,
+        None => {
+            let o = new_order(account, cert, current).await?;
+            let r = OrderRecord {
+                url: o.url().to_owned(),
+                domains: cert.domains.clone(),
+                key_type: cert.key_type,
+                key_pem: None,
+            };
+            save_record(store, keys, &cert.name, &r).await;
+            record = Some(r);
+            tracing::info!(secret = %cert.name, domains = ?cert.domains, order = o.url(), "order created");
+            o
+        }
+    };
+    let mut record = record.ok_or_else(|| OrderError::Other("order record missing".into()))?;
+
+    let mut status = order.state().status;
+    if status == OrderStatus::Pending {
+        authorize(&mut order, cert, store, tokens).await?;
+        status = retrying!("validation", order.poll_ready(&POLL))
+            .map_err(|e| OrderError::acme("waiting for validation", e))?;
+        if status == OrderStatus::Ready {
+            tracing::info!(secret = %cert.name, domains = ?cert.domains, "domains validated");
+        }
+    }
+    match status {
+        OrderStatus::Invalid => {
+            drop_record(store, keys, &cert.name).await;
+            return Err(invalid_detail(&mut order).await);
+        }
+        OrderStatus::Ready => {
+            let key_type = cert.key_type;
+            let key = tokio::task::spawn_blocking(move || generate_key(key_type))
+                .await
+                .map_err(|e| OrderError::Other(e.to_string()))??;
+            let mut params = rcgen::CertificateParams::new(cert.domains.clone())
+                .map_err(|e| OrderError::Other(format!("CSR: {e}")))?;
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            let csr = params
+                .serialize_request(&key)
+                .map_err(|e| OrderError::Other(format!("CSR: {e}")))?;
+            // The certificate will be for this key: it is stored before the CA is asked for it.
+            record.key_pem = Some(zeroize::Zeroizing::new(key.serialize_pem()));
+            save_record(store, keys, &cert.name, &record).await;
+            if let Err(e) = retrying!("finalize", order.finalize_csr(csr.der())) {
+                // An earlier attempt may have reached the CA with its answer lost on the way back.
+                let state = retrying!("order", order.refresh())
+                    .map_err(|_| OrderError::acme("finalizing the order", e))?;
+                if !matches!(state.status, OrderStatus::Processing | OrderStatus::Valid) {
+                    return Err(OrderError::Other(format!(
+                        "finalizing the order: the order is {:?}",
+                        state.status
+                    )));
+                }
+            }
+        }
+        _ => {} // processing or valid: finalized before; the certificate is on its way.
+    }
+    let key_pem = record.key_pem.clone().ok_or_else(|| {
+        OrderError::Other(
+            "the stored order was finalized with a key that was not stored; ordering again".into(),
+        )
+    })?;
+    let chain = retrying!("certificate", order.poll_certificate(&POLL))
+        .map_err(|e| OrderError::acme("downloading the certificate", e))?;
+    Ok((chain, key_pem.to_string()))
+}
+
+/// Places a new order, naming the certificate it replaces when the CA supports ARI (exempt from Let's
+/// Encrypt's rate limits). A CA that refuses `replaces` (already replaced, unknown to it) gets the order
+/// without it rather than failing every renewal until expiry.
+async fn new_order(
+    account: &Account,
+    cert: &ManagedCert,
+    current: Option<&StoredCert>,
+) -> Result<instant_acme::Order, OrderError> {
     let ids: Vec<Identifier> = cert
         .domains
         .iter()
         .map(|d| Identifier::Dns(d.clone()))
         .collect();
-    // ARI: name the certificate this order replaces, when the CA supports it (exempt from rate limits).
     let replaced = current
         .filter(|c| c.matches(cert))
         .and_then(|c| leaf_der(&c.chain_pem));
     let replaces = replaced
         .as_ref()
         .and_then(|der| instant_acme::CertificateIdentifier::try_from(der).ok());
-    let mut order = match replaces {
-        Some(id) => {
-            match timed(
-                "new_order",
-                account.new_order(&NewOrder::new(&ids).replaces(id)),
-            )
-            .await
-            {
-                Err(instant_acme::Error::Unsupported(_)) => {
-                    timed("new_order", account.new_order(&NewOrder::new(&ids))).await
-                }
-                other => other,
+    if let Some(id) = replaces {
+        let with = NewOrder::new(&ids).replaces(id);
+        match retrying!("new_order", account.new_order(&with)) {
+            Ok(order) => return Ok(order),
+            Err(instant_acme::Error::Unsupported(_)) => {}
+            Err(e @ instant_acme::Error::Api(_)) if !transient(&e) && !is_rate_limit(&e) => {
+                tracing::warn!(secret = %cert.name, error = %e, "the CA refused the order as a replacement (ARI); ordering without `replaces`");
             }
+            Err(e) => return Err(OrderError::acme("creating the order", e)),
         }
-        None => timed("new_order", account.new_order(&NewOrder::new(&ids))).await,
     }
-    .map_err(|e| OrderError::acme("creating the order", e))?;
-    tracing::info!(secret = %cert.name, domains = ?cert.domains, order = order.url(), "order created");
+    retrying!("new_order", account.new_order(&NewOrder::new(&ids)))
+        .map_err(|e| OrderError::acme("creating the order", e))
+}
 
+fn is_rate_limit(e: &instant_acme::Error) -> bool {
+    matches!(e, instant_acme::Error::Api(p) if p.r#type.as_deref().is_some_and(|t| t.ends_with(":rateLimited")))
+}
+
+/// Publishes every pending authorization's HTTP-01 key authorization and asks the CA to validate it. A
+/// transient failure starts the pass over (authorizations already fetched are not fetched again, and those
+/// already answered are skipped).
+async fn authorize(
+    order: &mut instant_acme::Order,
+    cert: &ManagedCert,
+    store: &SharedStore,
+    tokens: &mut Vec<String>,
+) -> Result<(), OrderError> {
+    let mut done = std::collections::HashSet::new();
+    let mut attempt = 1u32;
+    loop {
+        match authorize_pass(order, cert, store, tokens, &mut done).await {
+            Err(OrderError::Acme { stage, source }) if attempt < ATTEMPTS && transient(&source) => {
+                let wait = backoff(attempt);
+                tracing::info!(attempt, error = %source, "{stage} failed; retrying in {:.2} s", wait.as_secs_f32());
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn authorize_pass(
+    order: &mut instant_acme::Order,
+    cert: &ManagedCert,
+    store: &SharedStore,
+    tokens: &mut Vec<String>,
+    done: &mut std::collections::HashSet<String>,
+) -> Result<(), OrderError> {
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
         let mut authz = authz.map_err(|e| OrderError::acme("fetching an authorization", e))?;
         let domain = authz.identifier().to_string();
+        if done.contains(&domain) {
+            continue;
+        }
         match authz.status {
-            AuthorizationStatus::Valid => continue,
+            AuthorizationStatus::Valid => {
+                done.insert(domain);
+                continue;
+            }
             AuthorizationStatus::Pending => {}
             other => {
                 return Err(OrderError::Invalid {
@@ -212,38 +488,18 @@ pub(super) async fn run(
         store
             .put(&challenge_key(&token), key_auth.as_str().as_bytes())
             .await?;
-        tokens.push(token.clone());
+        if !tokens.contains(&token) {
+            tokens.push(token.clone());
+        }
         tracing::info!(secret = %cert.name, domain, token, "HTTP-01 challenge published");
-        timed("challenge", challenge.set_ready())
-            .await
-            .map_err(|e| OrderError::acme("asking the CA to validate", e))?;
+        // A resumed order's challenge may already be on its way: asking again is not needed.
+        if challenge.status == ChallengeStatus::Pending {
+            retrying!("challenge", challenge.set_ready())
+                .map_err(|e| OrderError::acme("asking the CA to validate", e))?;
+        }
+        done.insert(domain);
     }
-
-    let status = timed("validation", order.poll_ready(&POLL))
-        .await
-        .map_err(|e| OrderError::acme("waiting for validation", e))?;
-    if status == OrderStatus::Invalid {
-        return Err(invalid_detail(&mut order).await);
-    }
-    tracing::info!(secret = %cert.name, domains = ?cert.domains, "domains validated");
-
-    let key_type = cert.key_type;
-    let key = tokio::task::spawn_blocking(move || generate_key(key_type))
-        .await
-        .map_err(|e| OrderError::Other(e.to_string()))??;
-    let mut params = rcgen::CertificateParams::new(cert.domains.clone())
-        .map_err(|e| OrderError::Other(format!("CSR: {e}")))?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    let csr = params
-        .serialize_request(&key)
-        .map_err(|e| OrderError::Other(format!("CSR: {e}")))?;
-    timed("finalize", order.finalize_csr(csr.der()))
-        .await
-        .map_err(|e| OrderError::acme("finalizing the order", e))?;
-    let chain = timed("certificate", order.poll_certificate(&POLL))
-        .await
-        .map_err(|e| OrderError::acme("downloading the certificate", e))?;
-    Ok((chain, key.serialize_pem()))
+    Ok(())
 }
 
 /// The most useful reason an invalid order gives: the first failed challenge's error.

@@ -310,6 +310,20 @@ pub fn leaf_der(secret: &Secret) -> Vec<u8> {
         .to_vec()
 }
 
+/// Whether a secret is acme-sds's temporary stand-in for a certificate not issued yet (its subject says so).
+pub fn is_temporary(secret: &Secret) -> bool {
+    if !matches!(secret.r#type, Some(secret::Type::TlsCertificate(_))) {
+        return false;
+    }
+    x509_parser::parse_x509_certificate(&leaf_der(secret))
+        .map(|(_, c)| {
+            c.subject()
+                .to_string()
+                .contains(acme_sds::acme::temporary::MARKER)
+        })
+        .unwrap_or(false)
+}
+
 /// Every certificate (DER) of a tls_certificate secret's chain, leaf first.
 pub fn chain_ders(secret: &Secret) -> Vec<Vec<u8>> {
     let Some(secret::Type::TlsCertificate(tls)) = &secret.r#type else {
@@ -390,6 +404,23 @@ impl SotwStream {
             Ok(Ok(None)) => panic!("stream ended"),
             Ok(Err(s)) => panic!("stream failed: {s}"),
             Err(_) => panic!("no response within {wait:?}"),
+        }
+    }
+
+    /// The next response that carries no temporary certificate (one served until the first issuance):
+    /// temporary ones are acknowledged and skipped.
+    pub async fn recv_issued(&mut self, wait: Duration) -> DiscoveryResponse {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let r = self
+                .recv_within(deadline.saturating_duration_since(std::time::Instant::now()))
+                .await;
+            let secrets: Vec<Secret> = r.resources.iter().map(decode_secret).collect();
+            if !secrets.iter().any(is_temporary) {
+                return r;
+            }
+            let names: Vec<&str> = secrets.iter().map(|s| s.name.as_str()).collect();
+            self.send(ack(&names, &r)).await;
         }
     }
 
