@@ -255,9 +255,7 @@ impl Running {
             Some(s) => s.clone(),
             None => {
                 let s: SharedStore =
-                    Arc::new(FsStore::open(&config.storage.path).with_context(|| {
-                        format!("opening storage {}", config.storage.path.display())
-                    })?);
+                    Arc::new(FsStore::open(&config.storage.path).context("storage.path")?);
                 self.store = Some(s.clone());
                 s
             }

@@ -122,8 +122,8 @@ fn main() -> ExitCode {
             match run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    // Once: the log goes to stderr too.
                     tracing::error!("{e:#}");
-                    eprintln!("acme-sds: {e:#}");
                     ExitCode::FAILURE
                 }
             }

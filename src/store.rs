@@ -31,7 +31,7 @@ pub enum StoreError {
     #[error("invalid store key {0:?}")]
     BadKey(String),
     #[error(
-        "storage {} is in use by another acme-sds ({holder}); one daemon per storage directory (several replicas need a shared store such as etcd)",
+        "{} is in use by another acme-sds ({holder}); one daemon per storage directory (several replicas need a shared store such as etcd)",
         .path.display()
     )]
     Locked { path: PathBuf, holder: String },

@@ -232,6 +232,100 @@ async fn issuance_survives_pebble_rejecting_half_the_nonces() {
     verify_chain(&chain, &pebble.root_der().await, "nonce.example.com").unwrap();
 }
 
+/// `[acme]` for this Pebble with acme-sds's default retry settings (60 s, doubling, up to a day): what a
+/// user runs, and what makes a failed order expensive.
+fn default_retry_table(pebble: &Pebble) -> String {
+    pebble
+        .acme_table()
+        .replace("retry_initial = \"1s\"\n", "")
+        .replace("retry_max = \"4s\"\n", "")
+}
+
+/// Half of all nonces rejected (`PEBBLE_WFE_NONCEREJECT=50`): every badNonce that outlives instant-acme's
+/// own three tries is retried on its own, in a fraction of a second, so both certificates of a two-
+/// certificate setup are issued well within a minute with the default (60 s) retry settings, each from
+/// one order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_the_nonces_rejected_both_certificates_within_a_minute_one_order_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let mut opts = PebbleOptions::new(http);
+    opts.nonce_reject = 50;
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let tables = format!(
+        "[http01]\nlisten = \"127.0.0.1:{http}\"\n\n{}[[certificate]]\nname = \"web\"\ndomains = [\"www.example.com\", \"example.com\"]\n\n[[certificate]]\nname = \"api\"\ndomains = [\"api.example.com\"]\n",
+        default_retry_table(&pebble)
+    );
+    let config = write_config(dir.path(), &tables);
+    let started = std::time::Instant::now();
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    p.wait_for_line("acme-sds started");
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let root = pebble.root_der().await;
+    for (name, domain) in [("web", "www.example.com"), ("api", "api.example.com")] {
+        let mut s = SotwStream::open(&mut client).await;
+        s.send(subscribe(&[name])).await;
+        let r = s
+            .recv_issued(Duration::from_secs(60).saturating_sub(started.elapsed()))
+            .await;
+        verify_chain(&chain_ders(&decode_secret(&r.resources[0])), &root, domain).unwrap();
+    }
+    let took = started.elapsed();
+    eprintln!("both certificates issued {took:?} after start, with half the nonces rejected");
+    let log = p.log();
+    assert_eq!(
+        log.matches("order created").count(),
+        2,
+        "one order each:\n{log}"
+    );
+    assert!(
+        !log.contains("certificate order failed"),
+        "no order failed:\n{log}"
+    );
+}
+
+/// A crash loop (kill -9 at short intervals) around a certificate whose validation keeps failing: the next
+/// attempt is stored before each order, and an order in progress is resumed rather than placed again, so
+/// the CA sees a handful of orders, not one per restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_places_at_most_one_order_per_backoff_step() {
+    let dir = tempfile::tempdir().unwrap();
+    // Pebble validates on a port where nothing listens: every order fails.
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(free_port()))
+    else {
+        return;
+    };
+    let tables = format!(
+        "[http01]\nlisten = \"127.0.0.1:{}\"\n\n{}[[certificate]]\nname = \"down\"\ndomains = [\"down.example.com\"]\n",
+        free_port(),
+        default_retry_table(&pebble)
+    );
+    let config = write_config(dir.path(), &tables);
+    let args = ["run", "--config", config.to_str().unwrap()];
+    let rounds = 8;
+    for round in 0..rounds {
+        let mut p = Process::spawn(&args, &[]);
+        p.wait_for_line("acme-sds started");
+        // Until it orders (or would have), then the crash.
+        let _ = p.line_within("order created", Duration::from_millis(1500));
+        p.child.kill().unwrap(); // SIGKILL
+        p.child.wait().unwrap();
+        eprintln!("round {round}: killed");
+    }
+    let orders = pebble.log().matches("Added order").count();
+    eprintln!("{rounds} kill -9 restarts: {orders} orders at Pebble");
+    assert!(orders >= 1, "it did order");
+    // The first order, and the quick second try a first validation that could not connect gets; then
+    // the 60 s backoff holds, however often the process restarts.
+    assert!(
+        orders <= 3,
+        "{orders} orders in {rounds} restarts:\n{}",
+        pebble.log()
+    );
+}
+
 #[test]
 fn a_domain_that_cannot_validate_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -733,7 +827,7 @@ async fn a_hanging_ca_times_out_and_is_retried_while_everything_else_is_served()
     let (crt, key) = leaf.write(dir.path(), "files");
     std::fs::write(dir.path().join("ca.pem"), pki.ca_pem()).unwrap();
     let tables = format!(
-        "[http01]\nlisten = \"127.0.0.1:{}\"\n[acme]\ndirectory = \"https://127.0.0.1:{port}/dir\"\ndirectory_ca = \"{}\"\naccept_terms_of_service = true\nrequest_timeout = \"1s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"\n[[certificate]]\nname = \"acme\"\ndomains = [\"acme.example.com\"]\n\n{}",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[http01]\nlisten = \"127.0.0.1:{}\"\n[acme]\ndirectory = \"https://127.0.0.1:{port}/dir\"\ndirectory_ca = \"{}\"\naccept_terms_of_service = true\nrequest_timeout = \"1s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"\n[[certificate]]\nname = \"acme\"\ndomains = [\"acme.example.com\"]\n\n{}",
         free_port(),
         dir.path().join("ca.pem").display(),
         cert_table("files", &crt, &key)
@@ -751,6 +845,33 @@ async fn a_hanging_ca_times_out_and_is_retried_while_everything_else_is_served()
             >= 2
     });
     assert_eq!(fetch(&mut client, &["files"]).await.resources.len(), 1);
+    // The schedule is not frozen: the status shows the failure and the next attempt, at once.
+    let admin = p.listen_addr("admin");
+    let t = std::time::Instant::now();
+    let status = http_get(admin, "/status");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "/status took {:?}",
+        t.elapsed()
+    );
+    let body: serde_json::Value =
+        serde_json::from_str(status.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let acme = body["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "acme")
+        .unwrap()
+        .clone();
+    assert!(
+        acme["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{acme}"
+    );
+    assert!(acme["next_retry"].is_string(), "{acme}");
+    assert_eq!(acme["temporary"], true, "{acme}");
 }
 
 /// The stored certificate of `name` under `storage`, as its leaf DER (None when there is none).
@@ -975,4 +1096,73 @@ async fn a_config_edit_orders_added_and_changed_certificates_live() {
     });
     let a = decode_secret(&fetch(&mut client, &["a"]).await.resources[0]);
     verify_chain(&chain_ders(&a), &pebble.root_der().await, "a2.example.com").unwrap();
+}
+
+/// One daemon per storage directory: a second acme-sds on the same storage refuses to start and names the
+/// first; `acme-sds status` reads the storage alongside it without locking or writing anything.
+#[test]
+fn a_second_daemon_on_the_same_storage_is_refused_and_status_reads_alongside() {
+    let dir = tempfile::tempdir().unwrap();
+    let acme = |socket: &str, http: u16| {
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n\n[http01]\nlisten = \"127.0.0.1:{http}\"\n[acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\naccept_terms_of_service = true\n[[certificate]]\nname = \"site\"\ndomains = [\"site.example.com\"]\n",
+            dir.path().join(socket).display(),
+            free_port()
+        )
+    };
+    let first_config = dir.path().join("first.toml");
+    std::fs::write(&first_config, acme("first.sock", free_port())).unwrap();
+    let second_config = dir.path().join("second.toml");
+    std::fs::write(&second_config, acme("second.sock", free_port())).unwrap();
+    let mut first = Process::spawn(&["run", "--config", first_config.to_str().unwrap()], &[]);
+    first.wait_for_line("acme-sds started");
+
+    let mut second = Process::spawn(&["run", "--config", second_config.to_str().unwrap()], &[]);
+    assert_eq!(second.wait_exit(), Some(1));
+    let err = second.log();
+    assert!(
+        err.contains("in use by another acme-sds")
+            && err.contains(&format!("pid {}", first.child.id())),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("in use by another acme-sds").count(),
+        1,
+        "said once:\n{err}"
+    );
+
+    let storage = dir.path().join("acme-sds-data");
+    let files = |d: &Path| -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![d.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push(e.path().display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    let before = files(&storage);
+    let out = std::process::Command::new(bin())
+        .args(["status", "--config"])
+        .arg(&second_config)
+        .output()
+        .unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 2)), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("site"),
+        "{out:?}"
+    );
+    assert_eq!(files(&storage), before, "status wrote nothing");
+
+    // The first goes: the storage is free again.
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(), Some(0));
+    let second = Process::spawn(&["run", "--config", second_config.to_str().unwrap()], &[]);
+    second.wait_for_line("acme-sds started");
 }

@@ -151,45 +151,133 @@ async fn example_bootstrap_validates() {
 const ACME_ENVOY: &str = include_str!("../examples/envoy-acme/envoy.yaml");
 const ACME_CONFIG: &str = include_str!("../examples/envoy-acme/acme-sds.toml");
 
+/// The examples in `examples/envoy-acme/` on local ports, started as a service manager would start them:
+/// Pebble (validating through Envoy's port 80, certificates valid `validity` seconds), acme-sds, then Envoy
+/// with its bootstrap passed through `bootstrap` first. Returns them with Envoy's port-80 port.
+fn acme_topology(
+    bin: &Path,
+    dir: &Path,
+    validity: Option<u64>,
+    bootstrap: impl Fn(String) -> String,
+) -> (Process, Envoy, support::pebble::Pebble, u16) {
+    use support::pebble::{Pebble, PebbleOptions, free_port};
+    let responder = free_port();
+    let envoy_http = free_port();
+    let socket = dir.join("sds.sock");
+    let mut opts = PebbleOptions::new(envoy_http);
+    opts.validity_seconds = validity;
+    let pebble =
+        Pebble::start(&dir.join("pebble"), opts).expect("pebble (scripts/test installs it)");
+    let config = ACME_CONFIG
+        .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
+        .replace("/var/lib/acme-sds", dir.join("data").to_str().unwrap())
+        .replace("127.0.0.1:8089", &format!("127.0.0.1:{responder}"))
+        .replace(
+            "[acme]\ndirectory = \"letsencrypt-staging\"\ncontact = [\"mailto:ops@example.com\"]\naccept_terms_of_service = true\n",
+            &pebble.acme_table(),
+        );
+    assert!(config.contains(&pebble.directory), "{config}");
+    let config_path = dir.join("acme-sds.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let sds = start_acme_sds(&config_path);
+    let yaml = bootstrap(
+        ACME_ENVOY
+            .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
+            .replace("port_value: 80 }", &format!("port_value: {envoy_http} }}"))
+            .replace("port_value: 443", "port_value: 0")
+            .replace("port_value: 9901", "port_value: 0")
+            .replace("port_value: 8089", &format!("port_value: {responder}"))
+            .replace("address: 0.0.0.0", "address: 127.0.0.1"),
+    );
+    let envoy_dir = dir.join("envoy");
+    std::fs::create_dir_all(&envoy_dir).unwrap();
+    let envoy = Envoy::start(bin, &yaml, &envoy_dir);
+    (sds, envoy, pebble, envoy_http)
+}
+
+/// Envoy with its default SDS settings (SotW, no `initial_fetch_timeout`, no retry policy, the node in every
+/// request) and acme-sds started together against Pebble: Envoy's listeners start at once on the temporary
+/// certificate, so the CA's validation reaches the responder through Envoy's port 80, and the issued
+/// certificate replaces the temporary one within seconds. (Without the temporary certificate Envoy keeps
+/// every listener warming for its 15 s `initial_fetch_timeout`, port 80 included.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_with_default_sds_settings_serves_the_first_acme_certificate_in_seconds() {
+    let Some(bin) = envoy_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let defaults = |yaml: String| {
+        let y: String = yaml
+            .lines()
+            .filter(|l| {
+                !l.contains("set_node_on_first_message_only")
+                    && !l.contains("retry_policy")
+                    && !l.contains("retry_back_off")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let settings = |key: &str| y.lines().any(|l| l.trim_start().starts_with(key));
+        assert!(
+            !settings("initial_fetch_timeout") && settings("api_type: GRPC"),
+            "{y}"
+        );
+        y
+    };
+    let (sds, mut envoy, pebble, _) = acme_topology(&bin, dir.path(), None, defaults);
+
+    // Before any issuance acme-sds serves a temporary certificate, marked as such, for the domains.
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let first = decode_secret(&fetch(&mut client, &["mydomain"]).await.resources[0]);
+    assert!(is_temporary(&first), "a temporary certificate first");
+    let der = leaf_der(&first);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert!(
+        leaf.subject().to_string().contains("temporary"),
+        "{}",
+        leaf.subject()
+    );
+    assert!(
+        sds.log()
+            .contains("serving a TEMPORARY self-signed certificate"),
+        "the log says so:\n{}",
+        sds.log()
+    );
+
+    envoy.wait_live();
+    let live = started.elapsed();
+    let https = envoy.listener_port("https");
+    let root = pebble.root_der().await;
+    let served = loop {
+        if https_get(https, "www.example.com", &root).await.is_ok() {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "no issued certificate through Envoy\n{}\n{}",
+            sds.log(),
+            envoy.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    eprintln!(
+        "Envoy live {live:?} after acme-sds started; the issued certificate served through Envoy after {served:?}"
+    );
+    assert!(
+        served < Duration::from_secs(12),
+        "the first certificate took {served:?}: Envoy waited for its initial_fetch_timeout"
+    );
+    let replaced = sds.wait_for_line("replaces the temporary certificate");
+    assert!(replaced.contains("certificate issued"), "{replaced}");
+    assert_eq!(envoy.stat("sds.mydomain.update_rejected").unwrap_or(0), 0);
+}
+
 /// The seed topology end to end: Pebble validates through Envoy's port-80 listener (challenge route before
 /// the HTTPS redirect), Envoy's TLS listener serves the issued certificate, and renewals reach it live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_serves_an_acme_certificate_validated_through_its_own_port_80_and_renewed_live() {
-    use support::pebble::{Pebble, PebbleOptions, free_port};
     let Some(bin) = envoy_bin() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let responder = free_port();
-    let socket = dir.path().join("sds.sock");
-    // Envoy first, on kernel-chosen ports: its port 80 becomes Pebble's httpPort (no port to race for).
-    // With DELTA_GRPC and a 1 s initial_fetch_timeout it goes live before acme-sds even runs.
-    let bootstrap = ACME_ENVOY
-        .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
-        .replace("port_value: 80 }", "port_value: 0 }")
-        .replace("port_value: 443", "port_value: 0")
-        .replace("port_value: 9901", "port_value: 0")
-        .replace("port_value: 8089", &format!("port_value: {responder}"))
-        .replace("address: 0.0.0.0", "address: 127.0.0.1");
-    let mut envoy = Envoy::start(&bin, &bootstrap, dir.path());
+    let (sds, mut envoy, pebble, envoy_http) = acme_topology(&bin, dir.path(), Some(20), |y| y);
     envoy.wait_live();
-    let envoy_http = envoy.listener_port("http");
-    let mut opts = PebbleOptions::new(envoy_http);
-    opts.validity_seconds = Some(20);
-    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
-        return;
-    };
-    let acme_table = pebble.acme_table();
-    let config = ACME_CONFIG
-        .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
-        .replace("/var/lib/acme-sds", dir.path().join("data").to_str().unwrap())
-        .replace("127.0.0.1:8089", &format!("127.0.0.1:{responder}"))
-        .replace(
-            "[acme]\ndirectory = \"letsencrypt-staging\"\ncontact = [\"mailto:ops@example.com\"]\naccept_terms_of_service = true\n",
-            &acme_table,
-        );
-    assert!(config.contains(&pebble.directory), "{config}");
-    let config_path = dir.path().join("acme-sds.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let sds = start_acme_sds(&config_path);
     let https = envoy.listener_port("https");
     sds.wait_for_line_within("certificate issued", Duration::from_secs(60));
     let root = pebble.root_der().await;

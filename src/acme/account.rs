@@ -89,11 +89,15 @@ async fn load_or_create(
     let key = keys.account();
     if let Some(entry) = store.get(&key).await? {
         match serde_json::from_slice::<AccountCredentials>(&entry.value) {
-            Ok(creds) => {
-                let account = builder(config)?
-                    .from_credentials(creds)
-                    .await
-                    .map_err(|e| OrderError::acme("loading the stored ACME account", e))?;
+            Ok(_) => {
+                // Re-read for every attempt: the credentials are consumed, and they parse (just checked).
+                let creds = || serde_json::from_slice::<AccountCredentials>(&entry.value);
+                let account = retrying!(
+                    "account",
+                    builder(config)?
+                        .from_credentials(creds().map_err(|e| OrderError::Other(e.to_string()))?)
+                )
+                .map_err(|e| OrderError::acme("loading the stored ACME account", e))?;
                 tracing::debug!(account = account.id(), "using the stored ACME account");
                 return Ok(account);
             }
@@ -112,20 +116,16 @@ async fn load_or_create(
         .eab
         .as_ref()
         .map(|(kid, mac)| ExternalAccountKey::new(kid.clone(), mac));
-    let started = std::time::Instant::now();
-    let created = builder(config)?
-        .create(
-            &NewAccount {
-                contact: &contact,
-                terms_of_service_agreed: config.accept_terms_of_service,
-                only_return_existing: false,
-            },
-            config.directory.clone(),
-            eab.as_ref(),
-        )
-        .await;
-    crate::metrics::observe_acme("account", super::order::outcome(&created), started);
-    let (account, creds) = created.map_err(|e| OrderError::acme("creating the ACME account", e))?;
+    let new = NewAccount {
+        contact: &contact,
+        terms_of_service_agreed: config.accept_terms_of_service,
+        only_return_existing: false,
+    };
+    let (account, creds) = retrying!(
+        "account",
+        builder(config)?.create(&new, config.directory.clone(), eab.as_ref())
+    )
+    .map_err(|e| OrderError::acme("creating the ACME account", e))?;
     let value = serde_json::to_vec(&creds).map_err(|e| OrderError::Other(e.to_string()))?;
     store.put(&key, &value).await?;
     tracing::info!(account = account.id(), directory = %config.directory, "ACME account created and stored");

@@ -18,6 +18,36 @@
 //! attempt), `acme/<ca>/orders/<name>` (the order in progress: URL, and key once made). Pending challenges
 //! live under `challenges/<token>` for every CA.
 
+/// Runs one request to the CA (an expression, evaluated again for every attempt), retrying transient
+/// failures as the module docs say; records every attempt's duration and outcome.
+macro_rules! retrying {
+    ($action:literal, $call:expr) => {{
+        let mut attempt = 1u32;
+        loop {
+            let _ = $crate::acme::http::take_retry_after();
+            match $crate::acme::order::timed($action, $call).await {
+                Err(e) if $crate::acme::order::again(&e, attempt) => {
+                    let wait = match $crate::acme::http::take_retry_after() {
+                        Some(w) if w > $crate::acme::order::MAX_RETRY_AFTER => break Err(e),
+                        Some(w) => w,
+                        None => $crate::acme::order::backoff(attempt),
+                    };
+                    tracing::info!(
+                        action = $action,
+                        attempt,
+                        error = %e,
+                        "a request to the CA failed; retrying in {:.2} s",
+                        wait.as_secs_f32()
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
 mod account;
 mod http;
 mod order;
@@ -41,6 +71,9 @@ pub use order::OrderError;
 
 /// How many `request_timeout`s one order may take, end to end, before it counts as failed.
 const ORDER_TIMEOUTS: u32 = 20;
+
+/// The retry after a first order that could not reach the name (see `run_cert`).
+const FIRST_RETRY_UNREACHABLE: Duration = Duration::from_secs(2);
 
 /// One ACME-managed certificate, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -604,12 +637,18 @@ impl AcmeManager {
                     // The CA's own Retry-After when it gave one; at least an hour for a rate limit.
                     let asked = http::take_retry_after()
                         .or(e.rate_limited().then_some(Duration::from_secs(3600)));
-                    let delay = schedule::retry_delay(
+                    let mut delay = schedule::retry_delay(
                         state.failures,
                         self.config.retry_initial,
                         self.config.retry_max,
                         asked,
                     );
+                    // The first order of a certificate never issued could not reach port 80: Envoy, started
+                    // at the same moment, was not listening yet. One quick second try (one more failed
+                    // validation, of the five an hour Let's Encrypt allows), then the usual backoff.
+                    if state.failures == 1 && current.is_none() && e.unreachable() {
+                        delay = delay.min(FIRST_RETRY_UNREACHABLE);
+                    }
                     let now = OffsetDateTime::now_utc();
                     let next = now + delay;
                     tracing::error!(
@@ -721,7 +760,7 @@ impl AcmeManager {
             .get(&self.config, &self.keys, &self.store)
             .await?;
         let limit = self.config.request_timeout * ORDER_TIMEOUTS;
-        let (chain_pem, key_pem) = tokio::time::timeout(
+        let ran = tokio::time::timeout(
             limit,
             order::run(&account, cert, current, &self.store, &self.keys, tokens),
         )
@@ -731,7 +770,18 @@ impl AcmeManager {
                 "the CA did not complete the order within {}s",
                 limit.as_secs_f32()
             ))
-        })??;
+        })
+        .and_then(|r| r);
+        let (chain_pem, key_pem) = match ran {
+            Ok(issued) => issued,
+            Err(e) => {
+                // An order that itself failed cannot be resumed: the next attempt places a new one.
+                if !e.resumable() {
+                    order::drop_record(&self.store, &self.keys, &cert.name).await;
+                }
+                return Err(e);
+            }
+        };
         let pem = certs::certified_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
         let stored = StoredCert {
             domains: cert.domains.clone(),

@@ -29,8 +29,11 @@ use crate::store::{SharedStore, StoreError};
 
 /// Attempts per request to the CA.
 const ATTEMPTS: u32 = 6;
+/// Attempts per request when the CA does not answer at all within `request_timeout`: each costs the whole
+/// timeout, and a CA that hangs once usually hangs again.
+const ATTEMPTS_AFTER_TIMEOUT: u32 = 2;
 /// Longest `Retry-After` waited for inside an order; a longer one fails the order into its backoff.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Why an order failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +45,12 @@ pub enum OrderError {
         source: instant_acme::Error,
     },
     #[error("{domain}: validation failed: {detail}")]
-    Invalid { domain: String, detail: String },
+    Invalid {
+        domain: String,
+        detail: String,
+        /// The validation could not reach the name at all (the CA's `connection` problem).
+        unreachable: bool,
+    },
     #[error("generating the {0} key: {1}")]
     Key(&'static str, String),
     #[error("storage: {0}")]
@@ -89,6 +97,30 @@ impl OrderError {
     pub fn rate_limited(&self) -> bool {
         self.problem() == Some("rateLimited")
     }
+
+    /// Whether the validation could not connect to the name: typically Envoy (whose port 80 the CA
+    /// validates through) not listening yet, when both were started at the same moment.
+    pub fn unreachable(&self) -> bool {
+        matches!(
+            self.root(),
+            OrderError::Invalid {
+                unreachable: true,
+                ..
+            }
+        ) || self.problem() == Some("connection")
+    }
+
+    /// Whether the order it ended can still be resumed: the CA or the path to it had trouble (or the store
+    /// did), as opposed to the order itself failing (validation, a refusal, an unusable certificate), after
+    /// which a new order is needed.
+    pub fn resumable(&self) -> bool {
+        match self.root() {
+            OrderError::Acme { source, .. } => transient(source),
+            OrderError::Store(_) | OrderError::Other(_) => true,
+            OrderError::Account(_) => true,
+            OrderError::Invalid { .. } | OrderError::Key(..) | OrderError::Material(_) => false,
+        }
+    }
 }
 
 /// Whether a failed request to the CA is worth repeating at once: the CA or the path to it had a hiccup.
@@ -108,40 +140,22 @@ pub(super) fn transient(e: &instant_acme::Error) -> bool {
     }
 }
 
-/// The delay before attempt `attempt + 1`: 0.25 s doubling to 8 s, between 50% and 100% of it.
-fn backoff(attempt: u32) -> Duration {
-    let ms = (250u64 << attempt.saturating_sub(1).min(5)).min(8_000);
-    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+/// Whether to try again after attempt number `attempt` failed with `e`.
+pub(super) fn again(e: &instant_acme::Error, attempt: u32) -> bool {
+    let timed_out =
+        matches!(e, instant_acme::Error::Other(inner) if inner.is::<super::http::CaTimeout>());
+    let limit = if timed_out {
+        ATTEMPTS_AFTER_TIMEOUT
+    } else {
+        ATTEMPTS
+    };
+    attempt < limit && transient(e)
 }
 
-/// Runs one request to the CA (an expression, evaluated again for every attempt), retrying transient
-/// failures as the module docs say; records every attempt's duration and outcome.
-macro_rules! retrying {
-    ($action:literal, $call:expr) => {{
-        let mut attempt = 1u32;
-        loop {
-            let _ = super::http::take_retry_after();
-            match timed($action, $call).await {
-                Err(e) if attempt < ATTEMPTS && transient(&e) => {
-                    let wait = match super::http::take_retry_after() {
-                        Some(w) if w > MAX_RETRY_AFTER => break Err(e),
-                        Some(w) => w,
-                        None => backoff(attempt),
-                    };
-                    tracing::info!(
-                        action = $action,
-                        attempt,
-                        error = %e,
-                        "a request to the CA failed; retrying in {:.2} s",
-                        wait.as_secs_f32()
-                    );
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                other => break other,
-            }
-        }
-    }};
+/// The delay before attempt `attempt + 1`: 0.25 s doubling to 8 s, between 50% and 100% of it.
+pub(super) fn backoff(attempt: u32) -> Duration {
+    let ms = (250u64 << attempt.saturating_sub(1).min(5)).min(8_000);
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
 }
 
 /// What is stored about an order in progress (`acme/<ca>/orders/<name>`), so that it can be resumed.
@@ -230,7 +244,7 @@ pub(super) fn outcome<T>(r: &Result<T, instant_acme::Error>) -> &'static str {
 }
 
 /// Runs one ACME action, recording its duration and outcome.
-async fn timed<T>(
+pub(super) async fn timed<T>(
     action: &'static str,
     fut: impl std::future::Future<Output = Result<T, instant_acme::Error>>,
 ) -> Result<T, instant_acme::Error> {
@@ -306,7 +320,15 @@ pub(super) async fn run(
     let mut order = None;
     if let Some(r) = &record {
         match retrying!("order", account.order(r.url.clone())) {
-            Ok(o) => {
+            Ok(mut o) => {
+                if o.state().status == OrderStatus::Invalid {
+                    // It failed while nobody was watching (a crash before the failure was recorded): that is
+                    // this attempt's failure, with its backoff. Placing a new order at once would let a crash
+                    // loop order as fast as it restarts.
+                    tracing::info!(secret = %cert.name, order = r.url, "the stored order has failed");
+                    drop_record(store, keys, &cert.name).await;
+                    return Err(invalid_detail(&mut o).await);
+                }
                 tracing::info!(secret = %cert.name, order = r.url, "resuming the order in progress");
                 order = Some(o);
             }
@@ -438,7 +460,7 @@ async fn authorize(
     let mut attempt = 1u32;
     loop {
         match authorize_pass(order, cert, store, tokens, &mut done).await {
-            Err(OrderError::Acme { stage, source }) if attempt < ATTEMPTS && transient(&source) => {
+            Err(OrderError::Acme { stage, source }) if again(&source, attempt) => {
                 let wait = backoff(attempt);
                 tracing::info!(attempt, error = %source, "{stage} failed; retrying in {:.2} s", wait.as_secs_f32());
                 tokio::time::sleep(wait).await;
@@ -473,6 +495,7 @@ async fn authorize_pass(
                 return Err(OrderError::Invalid {
                     domain,
                     detail: format!("authorization is {other:?}"),
+                    unreachable: false,
                 });
             }
         }
@@ -482,6 +505,7 @@ async fn authorize_pass(
                 .ok_or_else(|| OrderError::Invalid {
                     domain: domain.clone(),
                     detail: "the CA offers no http-01 challenge".into(),
+                    unreachable: false,
                 })?;
         let token = challenge.token.clone();
         let key_auth = challenge.key_authorization();
@@ -510,16 +534,21 @@ async fn invalid_detail(order: &mut instant_acme::Order) -> OrderError {
         if let Ok(state) = authz.refresh().await
             && state.status == AuthorizationStatus::Invalid
         {
-            let detail = state
-                .challenges
-                .iter()
-                .find_map(|c| c.error.as_ref().map(|p| p.to_string()))
-                .unwrap_or_else(|| "authorization invalid".into());
-            return OrderError::Invalid { domain, detail };
+            let problem = state.challenges.iter().find_map(|c| c.error.as_ref());
+            return OrderError::Invalid {
+                domain,
+                detail: problem
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "authorization invalid".into()),
+                unreachable: problem
+                    .and_then(|p| p.r#type.as_deref())
+                    .is_some_and(|t| t.ends_with(":connection")),
+            };
         }
     }
     OrderError::Invalid {
         domain: "order".into(),
         detail: "the CA marked the order invalid".into(),
+        unreachable: false,
     }
 }

@@ -630,16 +630,23 @@ impl Process {
     }
 
     pub fn wait_for_line_within(&self, needle: &str, wait: Duration) -> String {
+        self.line_within(needle, wait).unwrap_or_else(|| {
+            panic!(
+                "no line containing {needle:?} within {wait:?}; stderr so far:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// The next stderr line containing `needle`, if one comes within `wait`.
+    pub fn line_within(&self, needle: &str, wait: Duration) -> Option<String> {
         let deadline = std::time::Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.line_rx.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if line.contains(needle) => return Some(line),
                 Ok(_) => continue,
-                Err(_) => panic!(
-                    "no line containing {needle:?} within {wait:?}; stderr so far:\n{}",
-                    self.log()
-                ),
+                Err(_) => return None,
             }
         }
     }
