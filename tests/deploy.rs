@@ -131,6 +131,9 @@ fn istio_sidecar_variant() {
         proxy_config.contains("ISTIO_META_credential: \"true\""),
         "{proxy_config}"
     );
+    // One daemon per storage: one replica, replaced rather than rolled.
+    assert_eq!(dep["spec"]["replicas"].as_i64(), Some(1));
+    assert_eq!(s(&dep["spec"]["strategy"]["type"]), "Recreate");
     let sidecar = &tmpl["spec"]["initContainers"][0];
     assert_eq!(
         s(&sidecar["restartPolicy"]),
