@@ -1587,6 +1587,24 @@ domains = ["c.example.com"]
     }
 
     #[test]
+    fn acme_names_must_fit_a_file_name_in_the_store() {
+        let long = "a".repeat(201);
+        let text = format!(
+            "[sds]\nlisten=[\"127.0.0.1:1\"]\n[acme]\naccept_terms_of_service=true\n[[certificate]]\nname=\"{long}\"\ndomains=[\"a.example.com\"]\n[[certificate]]\nname=\"ok\"\ndomains=[\"b.example.com\"]\n"
+        );
+        let err = parse_str(&text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "certificate[0].name");
+        assert_eq!(err.problems[0].line, Some(5));
+        assert!(err.problems[0].message.contains("201 bytes"), "{err}");
+        // File certificates are not stored: any valid secret name will do.
+        let files = format!(
+            "[sds]\nlisten=[\"127.0.0.1:1\"]\n[[certificate]]\nname=\"{long}\"\ncert_file=\"a\"\nkey_file=\"b\"\n"
+        );
+        assert!(parse_str(&files).is_ok());
+    }
+
+    #[test]
     fn durations() {
         let secs = std::time::Duration::from_secs;
         assert_eq!(parse_duration("90"), Ok(secs(90)));

@@ -115,7 +115,10 @@ impl OrderError {
     /// which a new order is needed.
     pub fn resumable(&self) -> bool {
         match self.root() {
-            OrderError::Acme { source, .. } => transient(source),
+            // A CA slow to validate or to issue (our polling gave up) may still finish the order.
+            OrderError::Acme { source, .. } => {
+                transient(source) || matches!(source, instant_acme::Error::Timeout(_))
+            }
             OrderError::Store(_) | OrderError::Other(_) => true,
             OrderError::Account(_) => true,
             OrderError::Invalid { .. } | OrderError::Key(..) | OrderError::Material(_) => false,
