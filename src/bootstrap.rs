@@ -171,7 +171,7 @@ pub fn envoy_bootstrap(
         }
         let _ = writeln!(
             w,
-            "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            tls_certificate_sds_secret_configs:\n            - name: {}\n              sds_config:\n                resource_api_version: V3\n                initial_fetch_timeout: 1s\n                api_config_source:\n                  api_type: DELTA_GRPC\n                  transport_api_version: V3\n                  grpc_services:\n                  - envoy_grpc:\n                      cluster_name: acme_sds\n                      retry_policy: {{ retry_back_off: {{ base_interval: 0.25s, max_interval: 5s }} }}",
+            "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            tls_certificate_sds_secret_configs:\n            - name: {}\n              sds_config:\n                resource_api_version: V3\n                initial_fetch_timeout: 1s\n                api_config_source:\n                  api_type: DELTA_GRPC\n                  transport_api_version: V3\n                  set_node_on_first_message_only: true\n                  grpc_services:\n                  - envoy_grpc:\n                      cluster_name: acme_sds\n                      retry_policy: {{ retry_back_off: {{ base_interval: 0.25s, max_interval: 5s }} }}",
             q(&cert.name)
         );
         let _ = writeln!(

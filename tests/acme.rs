@@ -1132,14 +1132,16 @@ fn a_second_daemon_on_the_same_storage_is_refused_and_status_reads_alongside() {
     );
 
     let storage = dir.path().join("acme-sds-data");
+    // What is stored (the daemon's own temp files come and go as it writes; they are not compared).
     let files = |d: &Path| -> Vec<String> {
         let mut out = Vec::new();
         let mut stack = vec![d.to_owned()];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
                 if e.file_type().unwrap().is_dir() {
                     stack.push(e.path());
-                } else {
+                } else if !name.contains(".tmp-") {
                     out.push(e.path().display().to_string());
                 }
             }
@@ -1147,6 +1149,12 @@ fn a_second_daemon_on_the_same_storage_is_refused_and_status_reads_alongside() {
         out.sort();
         out
     };
+    // The daemon has written what it writes before its first order (its state) by now.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !files(&storage).iter().any(|f| f.ends_with("/state/site")) {
+        assert!(std::time::Instant::now() < deadline, "no state written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let before = files(&storage);
     let out = std::process::Command::new(bin())
         .args(["status", "--config"])

@@ -57,6 +57,8 @@ fn the_acme_example_gets_a_valid_bootstrap_with_the_challenge_route_first() {
     );
     assert!(yaml.contains("server_names: [\"www.example.com\", \"mobile.example.com\"]"));
     assert!(yaml.contains("/run/acme-sds/sds.sock"));
+    // As README recommends: Envoy otherwise repeats its ~60 KB node in every request.
+    assert!(yaml.contains("set_node_on_first_message_only: true"));
     validate(&envoy, &yaml, dir.path());
 }
 

@@ -173,6 +173,24 @@ fn istio_sidecar_variant() {
 #[test]
 fn container_image_and_systemd_unit() {
     let dockerfile = std::fs::read_to_string(root().join("docker/Dockerfile")).unwrap();
+    // BuildKit reads the syntax directive only from the very first line.
+    assert!(dockerfile.starts_with("# syntax=docker/dockerfile:1\n"));
+    // The build context (the repository) leaves build output, history and keys out.
+    let ignore =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".dockerignore")).unwrap();
+    for entry in ["target/", ".git/", "**/*.key", "examples/envoy/certs/"] {
+        assert!(ignore.lines().any(|l| l == entry), "{entry} missing from .dockerignore");
+    }
+    // A new volume on the storage directory is the runtime user's (Docker copies owner and mode into it).
+    assert!(
+        dockerfile.contains("COPY --from=build --chown=65532:65532 /out/state /var/lib/acme-sds"),
+        "{dockerfile}"
+    );
+    // No image from a registry that does not exist: the kits name the image the user builds.
+    for kit in ["kubernetes/acme-sds.yaml", "istio/sidecar.yaml"] {
+        let text = std::fs::read_to_string(root().join(kit)).unwrap();
+        assert!(!text.contains("ghcr.io"), "{kit}");
+    }
     let stages = dockerfile
         .lines()
         .filter(|l| l.starts_with("FROM "))

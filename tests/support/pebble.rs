@@ -32,13 +32,34 @@ pub fn pebble_bins() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
-/// A free loopback TCP port (bound then released).
+/// Ports handed out by this test process: the kernel readily gives a just-released port again, and two
+/// tests (or two roles in one test, Pebble's and acme-sds's) must never be given the same one.
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether `port` was not handed out before (and is now).
+fn first_time(port: u16) -> bool {
+    let mut seen = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.contains(&port) {
+        return false;
+    }
+    seen.push(port);
+    true
+}
+
+/// A free loopback TCP port (bound then released), never the same twice in this process. For peers whose
+/// port must be known before they start (Pebble's, and the port Pebble validates on); acme-sds's own
+/// listeners bind port 0 wherever they can.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if first_time(port) {
+            return port;
+        }
+    }
 }
 
 /// A port free for both UDP and TCP (DNS listens on both).
@@ -46,7 +67,7 @@ fn free_dns_port() -> u16 {
     loop {
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && first_time(port) {
             return port;
         }
     }
