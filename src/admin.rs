@@ -41,7 +41,9 @@ pub struct SecretStatus {
     pub next_renewal: Option<String>,
     pub last_error: Option<String>,
     pub next_retry: Option<String>,
-    pub subscribed_streams: usize,
+    /// SDS streams subscribed to this secret now; `None` when no daemon was asked (`acme-sds status` reading
+    /// the files), which is not the same as nobody asking.
+    pub subscribed_streams: Option<usize>,
 }
 
 type Sources = (Arc<Config>, Option<Arc<AcmeManager>>);
@@ -112,7 +114,7 @@ impl StatusView {
                 next_renewal: a.and_then(|a| a.next_renewal).map(format_time),
                 last_error: a.and_then(|a| a.last_error.clone()),
                 next_retry: a.and_then(|a| a.next_retry).map(format_time),
-                subscribed_streams: self.registry.subscribers(&name),
+                subscribed_streams: Some(self.registry.subscribers(&name)),
                 name,
             });
         }

@@ -288,7 +288,7 @@ fn status_from_disk(config: &Config) -> anyhow::Result<Vec<acme_sds::admin::Secr
             next_renewal: None,
             last_error: None,
             next_retry: None,
-            subscribed_streams: 0,
+            subscribed_streams: None,
         };
         match &c.source {
             CertificateSource::Files { .. } => {
@@ -409,7 +409,12 @@ fn status_table(rows: &[acme_sds::admin::SecretStatus], origin: &str, color: boo
         let _ = writeln!(
             out,
             "{:<20} {:<7} {:<36} {:<17} {:>7}",
-            r.name, r.source, expires, renewal, r.subscribed_streams
+            r.name,
+            r.source,
+            expires,
+            renewal,
+            r.subscribed_streams
+                .map_or_else(|| "unknown".to_owned(), |n| n.to_string())
         );
         if !r.domains.is_empty() {
             let _ = writeln!(out, "{:<20} names: {}", "", r.domains.join(", "));

@@ -290,6 +290,11 @@ async fn status_reads_the_daemon_or_else_the_disk_and_highlights_problems() {
         "a problem is reported in the exit code:\n{out}"
     );
     assert!(out.contains("no daemon answered"), "{out}");
+    let web_line = out.lines().find(|l| l.starts_with("web ")).unwrap();
+    assert!(
+        web_line.trim_end().ends_with("unknown"),
+        "streams are unknown without a daemon, not 0: {web_line}"
+    );
     assert!(
         out.contains("web") && out.contains("in ") && out.contains(" days"),
         "{out}"

@@ -177,9 +177,13 @@ fn container_image_and_systemd_unit() {
     assert!(dockerfile.starts_with("# syntax=docker/dockerfile:1\n"));
     // The build context (the repository) leaves build output, history and keys out.
     let ignore =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".dockerignore")).unwrap();
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".dockerignore"))
+            .unwrap();
     for entry in ["target/", ".git/", "**/*.key", "examples/envoy/certs/"] {
-        assert!(ignore.lines().any(|l| l == entry), "{entry} missing from .dockerignore");
+        assert!(
+            ignore.lines().any(|l| l == entry),
+            "{entry} missing from .dockerignore"
+        );
     }
     // A new volume on the storage directory is the runtime user's (Docker copies owner and mode into it).
     assert!(

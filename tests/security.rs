@@ -635,3 +635,20 @@ async fn envoy_over_mutual_tls_is_admitted_by_its_spiffe_id() {
     });
     assert_eq!(app.stat("sds.web.update_success").unwrap_or(0), 0);
 }
+
+#[tokio::test]
+async fn a_socket_is_bound_under_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir, "").await;
+    // What `ss -lx` lists: the address the listening socket was bound to.
+    let listed = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let path = daemon.socket.to_str().unwrap();
+    assert!(
+        listed.lines().any(|l| l.ends_with(&format!(" {path}"))),
+        "{path} not listed under its own name"
+    );
+    assert!(
+        !listed.contains(&format!("{path}.tmp")),
+        "a temporary name is listed"
+    );
+}

@@ -1,7 +1,7 @@
 //! SDS listeners: binding TCP and Unix sockets and serving the gRPC service on all of them until shutdown.
 //!
-//! A Unix socket is bound under a temporary name, given its permission bits, then renamed into place, so it is
-//! never reachable with the wrong mode and a stale socket left by a crash is replaced atomically. A live
+//! A Unix socket is created with only its owner's permission bits, then given the configured ones, so it is
+//! never reachable with a wider mode than asked for; a stale socket left by a crash is replaced. A live
 //! socket (another acme-sds still serving it) or a path that is not a socket is never removed. On shutdown
 //! the socket file is removed, if it is still the one this process created.
 //!
@@ -98,6 +98,21 @@ pub enum ListenError {
     InUse(PathBuf),
     #[error("cannot listen on unix:{}: the path exists and is not a socket; refusing to replace it", .0.display())]
     NotASocket(PathBuf),
+    #[error("cannot give unix:{} the mode {mode:04o} (sds.socket_mode): {source}", .path.display())]
+    Mode {
+        path: PathBuf,
+        mode: u32,
+        source: io::Error,
+    },
+    #[error(
+        "cannot give unix:{} to group {gid} (sds.socket_group): {source}; acme-sds's user must be a member of that group (or root)",
+        .path.display()
+    )]
+    Group {
+        path: PathBuf,
+        gid: u32,
+        source: io::Error,
+    },
 }
 
 /// A bound listener, not yet serving.
@@ -173,6 +188,7 @@ async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<Bound, 
             if tokio::net::UnixStream::connect(path).await.is_ok() {
                 return Err(ListenError::InUse(path.to_owned()));
             }
+            std::fs::remove_file(path).map_err(err)?;
         }
         Ok(_) => return Err(ListenError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -181,18 +197,34 @@ async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<Bound, 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(err)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+    // Created with only its owner's bits (the umask is the process's for a moment: it can only make
+    // what other threads create meanwhile more private), then given the configured ones: the socket is
+    // never reachable with wider bits than asked for, and it is bound under its own name (as `ss -lx` and
+    // `lsof` show it).
+    let listener = {
+        use nix::sys::stat::{Mode, umask};
+        let old = umask(Mode::from_bits_truncate(0o077));
+        let bound = UnixListener::bind(path);
+        umask(old);
+        bound.map_err(err)?
+    };
+    let placed = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|source| ListenError::Mode {
+            path: path.to_owned(),
+            mode,
+            source,
+        })
         .and_then(|()| match group {
-            Some(gid) => std::os::unix::fs::chown(&tmp, None, Some(gid)),
+            Some(gid) => std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| {
+                ListenError::Group {
+                    path: path.to_owned(),
+                    gid,
+                    source,
+                }
+            }),
             None => Ok(()),
         })
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .and_then(|()| std::fs::symlink_metadata(path));
+        .and_then(|()| std::fs::symlink_metadata(path).map_err(err));
     match placed {
         Ok(meta) => Ok(Bound::Unix(
             listener,
@@ -202,8 +234,9 @@ async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<Bound, 
             },
         )),
         Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(err(e))
+            drop(listener);
+            let _ = std::fs::remove_file(path);
+            Err(e)
         }
     }
 }
