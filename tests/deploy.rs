@@ -1,6 +1,8 @@
 //! The deployment kits in deploy/: manifests parse, carry the fields the README promises, and their
 //! embedded acme-sds configurations are valid.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use yaml_rust2::{Yaml, YamlLoader};
@@ -241,4 +243,181 @@ fn container_image_and_systemd_unit() {
         nofile as usize >= 2 * defaults.max_connections + 2 * 1024,
         "{nofile}"
     );
+}
+
+/// A tool the kit checks need; under CI a missing one fails the test (scripts/lib/tools.sh installs it).
+fn have(tool: &str, probe: &[&str]) -> bool {
+    let ok = std::process::Command::new(tool)
+        .args(probe)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(!support::in_ci(), "{tool} missing: scripts/lib/tools.sh installs it");
+        eprintln!("SKIPPED: {tool} not available");
+    }
+    ok
+}
+
+/// The unit as shipped, with its ExecStart pointed at this build.
+fn unit_for_this_build(dir: &Path) -> PathBuf {
+    let unit = std::fs::read_to_string(root().join("systemd/acme-sds.service"))
+        .unwrap()
+        .replace("/usr/local/bin/acme-sds", support::bin());
+    let path = dir.join("acme-sds.service");
+    std::fs::write(&path, unit).unwrap();
+    path
+}
+
+#[test]
+fn systemd_unit_and_sysusers_file_verify() {
+    if !have("systemd-analyze", &["--version"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_for_this_build(dir.path());
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    let out = std::process::Command::new("systemd-sysusers")
+        .arg("--dry-run")
+        .arg(root().join("systemd/acme-sds.sysusers"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !said.contains("not a valid") && !said.contains("ignoring"),
+        "{said}"
+    );
+}
+
+/// Expands systemd's syscall groups (`systemd-analyze syscall-filter`) into system call names.
+fn syscall_groups() -> std::collections::HashMap<String, Vec<String>> {
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("syscall-filter")
+        .output()
+        .unwrap();
+    let mut groups = std::collections::HashMap::new();
+    let mut current: Option<String> = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if !line.starts_with(' ') {
+            current = Some(t.to_owned());
+            groups.insert(t.to_owned(), Vec::new());
+        } else if let Some(g) = &current {
+            groups.get_mut(g).unwrap().push(t.to_owned());
+        }
+    }
+    groups
+}
+
+fn expand(name: &str, groups: &std::collections::HashMap<String, Vec<String>>, out: &mut std::collections::BTreeSet<String>) {
+    match groups.get(name) {
+        Some(members) if name.starts_with('@') => {
+            for m in members {
+                expand(m, groups, out);
+            }
+        }
+        _ => {
+            out.insert(name.to_owned());
+        }
+    }
+}
+
+/// The system calls the unit's `SystemCallFilter=` lines allow, applied in order as systemd does (the first
+/// line an allow list; `~` lines remove, later plain lines add back).
+fn unit_syscalls(unit: &str) -> std::collections::BTreeSet<String> {
+    let groups = syscall_groups();
+    let mut allowed = std::collections::BTreeSet::new();
+    // systemd always permits @default.
+    expand("@default", &groups, &mut allowed);
+    for line in unit.lines().filter_map(|l| l.strip_prefix("SystemCallFilter=")) {
+        let (deny, list) = match line.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        let mut set = std::collections::BTreeSet::new();
+        for item in list.split_whitespace() {
+            expand(item, &groups, &mut set);
+        }
+        if deny {
+            allowed.retain(|s| !set.contains(s));
+        } else {
+            allowed.extend(set);
+        }
+    }
+    allowed
+}
+
+/// The binary, run under the unit's own system call filter (every other call failing with the unit's
+/// `SystemCallErrorNumber=`), starts with everything the unit's users configure (a Unix socket given to a
+/// group, TCP, the admin and HTTP-01 listeners, ACME storage), serves, reloads and stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_under_the_units_syscall_filter() {
+    use support::*;
+    if !have("systemd-analyze", &["--version"]) || !have("/usr/bin/python3", &["-c", "import seccomp"]) {
+        return;
+    }
+    let unit = std::fs::read_to_string(root().join("systemd/acme-sds.service")).unwrap();
+    let errno = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("SystemCallErrorNumber="))
+        .expect("a filtered call fails rather than killing the process");
+    let allowed = unit_syscalls(&unit);
+    assert!(!allowed.contains("reboot"), "the filter is in force");
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("allowed");
+    std::fs::write(&list, allowed.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap();
+
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["www.example.com"]).write(dir.path(), "web");
+    let gid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::gid(&m)).unwrap();
+    let socket = dir.path().join("run/sds.sock");
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\", \"127.0.0.1:0\"]\nsocket_mode = \"0660\"\nsocket_group = {gid}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[http01]\nlisten = \"127.0.0.1:0\"\n\n[acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\naccept_terms_of_service = true\n\n[[certificate]]\nname = \"site\"\ndomains = [\"site.example.com\"]\n\n{}",
+            socket.display(),
+            support::pebble::free_port(),
+            cert_table("web", &crt, &key)
+        ),
+    )
+    .unwrap();
+    let launcher = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/seccomp_exec.py");
+    let p = Process::spawn_program(
+        "/usr/bin/python3",
+        &[
+            launcher.to_str().unwrap(),
+            list.to_str().unwrap(),
+            errno,
+            support::bin(),
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    p.wait_for_line("acme-sds started");
+    let mut client = uds_client(&socket).await;
+    assert_eq!(fetch(&mut client, &["web"]).await.resources.len(), 1);
+    let admin = p.listen_addr("admin");
+    assert!(http_get(admin, "/healthz").contains("200 OK"));
+    p.signal("HUP");
+    p.wait_for_line("configuration reloaded");
+    let log = p.log();
+    assert!(!log.contains("Operation not permitted"), "a call the filter refuses:\n{log}");
+    let mut p = p;
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(), Some(0), "{}", p.log());
 }

@@ -14,6 +14,9 @@ ensure_tools() {
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   { command -v pebble && command -v pebble-challtestsrv; } >/dev/null 2>&1 || missing+=(pebble)
+  # The systemd kit is checked with systemd-analyze, and the binary run under its syscall filter (libseccomp).
+  command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  /usr/bin/python3 -c 'import seccomp' >/dev/null 2>&1 || missing+=(python3-seccomp)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (Debian)" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
