@@ -137,32 +137,75 @@ pub struct FsStore {
     lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
+/// Where the state goes when the configured directory belongs to another user.
+pub const PRIVATE_SUBDIR: &str = "acme-sds";
+
+/// The directory the state lives in: `root` itself when it is private (0700) or acme-sds can make it so,
+/// else its private subdirectory (also once that holds a store). With `create`, creates what is missing
+/// and fixes modes; without, only looks.
+fn private_dir(root: &Path, create: bool) -> Result<PathBuf, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |op, path: &Path, source| StoreError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    };
+    let private = root.join(PRIVATE_SUBDIR);
+    if private.join(LOCK_FILE).exists() {
+        return Ok(private);
+    }
+    if !create {
+        return Ok(root.to_owned());
+    }
+    let mkdir = |dir: &Path| {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io("create", dir, e))
+    };
+    mkdir(root)?;
+    let meta = std::fs::metadata(root).map_err(|e| io("open", root, e))?;
+    if meta.permissions().mode() & 0o077 == 0 {
+        return Ok(root.to_owned());
+    }
+    match std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)) {
+        Ok(()) => return Ok(root.to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        Err(e) => return Err(io("chmod", root, e)),
+    }
+    tracing::info!(
+        storage = %root.display(),
+        owner = meta.uid(),
+        group = meta.gid(),
+        mode = format!("{:04o}", meta.permissions().mode() & 0o7777),
+        "the storage directory is not acme-sds's to make private (a volume it does not own): keeping the state in its private subdirectory {PRIVATE_SUBDIR}/"
+    );
+    mkdir(&private)?;
+    let sub = std::fs::metadata(&private).map_err(|e| io("open", &private, e))?;
+    if sub.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io("chmod", &private, e))?;
+    }
+    Ok(private)
+}
+
 /// The lock file, in the store directory.
 const LOCK_FILE: &str = ".lock";
 
 impl FsStore {
     /// Opens (creating if needed, mode 0700) the store directory for this process alone: fails with
     /// [`StoreError::Locked`] when another process holds it.
+    ///
+    /// A directory that belongs to another user (a Kubernetes volume with `fsGroup`, root:GID mode 2775; a
+    /// Docker `VOLUME` created by root) cannot be made private by acme-sds: its state then goes into a
+    /// private subdirectory of it, [`PRIVATE_SUBDIR`], created 0700 and owned by acme-sds's user.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        let io = |op, source| StoreError::Io {
-            op,
-            path: root.to_owned(),
-            source,
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(root)
-            .map_err(|e| io("create", e))?;
-        let meta = std::fs::metadata(root).map_err(|e| io("stat", e))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| io("chmod", e))?;
-        }
-        let lock = lock_dir(root)?;
-        remove_temp_files(root);
+        let dir = private_dir(root, true)?;
+        let lock = lock_dir(&dir)?;
+        remove_temp_files(&dir);
         Ok(FsStore {
-            root: root.to_owned(),
+            root: dir,
             write_lock: tokio::sync::Mutex::new(()),
             lock: Some(lock),
         })
@@ -171,13 +214,9 @@ impl FsStore {
     /// Opens an existing store directory to read it, alongside a daemon that may be running: no lock, no
     /// clean-up, and every write refused.
     pub fn open_read_only(root: &Path) -> Result<Self, StoreError> {
-        std::fs::metadata(root).map_err(|source| StoreError::Io {
-            op: "open",
-            path: root.to_owned(),
-            source,
-        })?;
+        let dir = private_dir(root, false)?;
         Ok(FsStore {
-            root: root.to_owned(),
+            root: dir,
             write_lock: tokio::sync::Mutex::new(()),
             lock: None,
         })

@@ -1174,3 +1174,69 @@ fn a_second_daemon_on_the_same_storage_is_refused_and_status_reads_alongside() {
     let second = Process::spawn(&["run", "--config", second_config.to_str().unwrap()], &[]);
     second.wait_for_line("acme-sds started");
 }
+
+/// Storage on a volume acme-sds does not own, as an operator's platform hands it out (a Kubernetes volume
+/// with `fsGroup`: root-owned, group-writable, setgid), with acme-sds running as an unprivileged user: it
+/// keeps its state in a private subdirectory instead of failing to make the volume private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_on_a_group_owned_volume_works_for_a_non_root_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("SKIPPED: needs to start acme-sds as another user");
+        return;
+    }
+    let (uid, gid) = (65534, 65534);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The volume: root:GID, 2775.
+    let volume = dir.path().join("volume");
+    std::fs::create_dir(&volume).unwrap();
+    nix::unistd::chown(&volume, Some(0.into()), Some(gid.into())).unwrap();
+    std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o2775)).unwrap();
+    // The socket's directory is the user's (a runtime directory).
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    nix::unistd::chown(&run, Some(uid.into()), Some(gid.into())).unwrap();
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n[storage]\npath = \"{}\"\n[http01]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\naccept_terms_of_service = true\n[[certificate]]\nname = \"site\"\ndomains = [\"site.example.com\"]\n",
+            run.join("sds.sock").display(),
+            volume.display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let p = Process::spawn_as(
+        uid,
+        gid,
+        &["run", "--config", config.to_str().unwrap()],
+        &[],
+    );
+    p.wait_for_line("acme-sds started");
+    assert!(p.log().contains("private subdirectory"), "{}", p.log());
+    let private = volume.join("acme-sds");
+    let meta = std::fs::metadata(&private).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (uid, 0o700)
+    );
+    assert!(private.join(".lock").exists());
+    // It serves (the temporary certificate, the CA being unreachable), and status finds the same store.
+    let mut client = uds_client(&run.join("sds.sock")).await;
+    assert!(is_temporary(&decode_secret(
+        &fetch(&mut client, &["site"]).await.resources[0]
+    )));
+    let out = std::process::Command::new(bin())
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("site"),
+        "{out:?}"
+    );
+}

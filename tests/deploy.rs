@@ -252,7 +252,10 @@ fn have(tool: &str, probe: &[&str]) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(!support::in_ci(), "{tool} missing: scripts/lib/tools.sh installs it");
+        assert!(
+            !support::in_ci(),
+            "{tool} missing: scripts/lib/tools.sh installs it"
+        );
         eprintln!("SKIPPED: {tool} not available");
     }
     ok
@@ -321,7 +324,11 @@ fn syscall_groups() -> std::collections::HashMap<String, Vec<String>> {
     groups
 }
 
-fn expand(name: &str, groups: &std::collections::HashMap<String, Vec<String>>, out: &mut std::collections::BTreeSet<String>) {
+fn expand(
+    name: &str,
+    groups: &std::collections::HashMap<String, Vec<String>>,
+    out: &mut std::collections::BTreeSet<String>,
+) {
     match groups.get(name) {
         Some(members) if name.starts_with('@') => {
             for m in members {
@@ -341,7 +348,10 @@ fn unit_syscalls(unit: &str) -> std::collections::BTreeSet<String> {
     let mut allowed = std::collections::BTreeSet::new();
     // systemd always permits @default.
     expand("@default", &groups, &mut allowed);
-    for line in unit.lines().filter_map(|l| l.strip_prefix("SystemCallFilter=")) {
+    for line in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
         let (deny, list) = match line.strip_prefix('~') {
             Some(rest) => (true, rest),
             None => (false, line),
@@ -365,7 +375,9 @@ fn unit_syscalls(unit: &str) -> std::collections::BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_runs_under_the_units_syscall_filter() {
     use support::*;
-    if !have("systemd-analyze", &["--version"]) || !have("/usr/bin/python3", &["-c", "import seccomp"]) {
+    if !have("systemd-analyze", &["--version"])
+        || !have("/usr/bin/python3", &["-c", "import seccomp"])
+    {
         return;
     }
     let unit = std::fs::read_to_string(root().join("systemd/acme-sds.service")).unwrap();
@@ -377,11 +389,17 @@ async fn the_binary_runs_under_the_units_syscall_filter() {
     assert!(!allowed.contains("reboot"), "the filter is in force");
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("allowed");
-    std::fs::write(&list, allowed.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(
+        &list,
+        allowed.iter().cloned().collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
 
     let pki = Pki::new();
     let (crt, key) = pki.leaf(&["www.example.com"]).write(dir.path(), "web");
-    let gid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::gid(&m)).unwrap();
+    let gid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+        .unwrap();
     let socket = dir.path().join("run/sds.sock");
     let config = dir.path().join("acme-sds.toml");
     std::fs::write(
@@ -416,7 +434,10 @@ async fn the_binary_runs_under_the_units_syscall_filter() {
     p.signal("HUP");
     p.wait_for_line("configuration reloaded");
     let log = p.log();
-    assert!(!log.contains("Operation not permitted"), "a call the filter refuses:\n{log}");
+    assert!(
+        !log.contains("Operation not permitted"),
+        "a call the filter refuses:\n{log}"
+    );
     let mut p = p;
     p.signal("TERM");
     assert_eq!(p.wait_exit(), Some(0), "{}", p.log());

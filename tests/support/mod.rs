@@ -603,6 +603,24 @@ impl Process {
         Self::spawn_command(cmd, args, envs)
     }
 
+    /// Like [`Process::spawn`], as user `uid` and group `gid` (the test runs as root): how an operator's
+    /// service manager or container runtime starts acme-sds.
+    pub fn spawn_as(uid: u32, gid: u32, args: &[&str], envs: &[(&str, &str)]) -> Process {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(bin());
+        // SAFETY: only system calls between fork and exec. Groups first: only root may set them.
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+                setgroups(&[Gid::from_raw(gid)])
+                    .and_then(|()| setgid(Gid::from_raw(gid)))
+                    .and_then(|()| setuid(Uid::from_raw(uid)))
+                    .map_err(std::io::Error::from)
+            });
+        }
+        Self::spawn_command(cmd, args, envs)
+    }
+
     /// The TCP address of the listener the daemon logged as `WHAT listening listen=ADDR` (waits for it).
     pub fn listen_addr(&self, what: &str) -> std::net::SocketAddr {
         let needle = format!("{what} listening");
