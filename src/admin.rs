@@ -22,12 +22,13 @@ use crate::certs::format_time;
 use crate::config::{CertificateSource, Config};
 use crate::peer::Limits;
 use crate::registry::Registry;
+use crate::sources::internal::InternalIssuer;
 
 /// What `/status` reports about one secret.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct SecretStatus {
     pub name: String,
-    /// "acme", "files" or "trust_bundle".
+    /// "acme", "internal", "files" or "trust_bundle".
     pub source: String,
     pub domains: Vec<String>,
     pub serving: bool,
@@ -46,7 +47,13 @@ pub struct SecretStatus {
     pub subscribed_streams: Option<usize>,
 }
 
-type Sources = (Arc<Config>, Option<Arc<AcmeManager>>);
+/// What the view reads: the configuration and the issuers that keep schedules.
+#[derive(Clone)]
+pub struct Sources {
+    pub config: Arc<Config>,
+    pub acme: Option<Arc<AcmeManager>>,
+    pub internal: Option<Arc<InternalIssuer>>,
+}
 
 /// Everything `/status` reads; cheap to clone. A configuration reload swaps what it looks at.
 #[derive(Clone)]
@@ -57,31 +64,31 @@ pub struct StatusView {
 }
 
 impl StatusView {
-    pub fn new(
-        config: Arc<Config>,
-        registry: Arc<Registry>,
-        acme: Option<Arc<AcmeManager>>,
-        limits: Limits,
-    ) -> Self {
+    pub fn new(sources: Sources, registry: Arc<Registry>, limits: Limits) -> Self {
         StatusView {
-            sources: Arc::new(std::sync::RwLock::new((config, acme))),
+            sources: Arc::new(std::sync::RwLock::new(sources)),
             registry,
             limits,
         }
     }
 
     /// Looks at a reloaded configuration from now on.
-    pub fn update(&self, config: Arc<Config>, acme: Option<Arc<AcmeManager>>) {
-        *self.sources.write().unwrap_or_else(|e| e.into_inner()) = (config, acme);
+    pub fn update(&self, sources: Sources) {
+        *self.sources.write().unwrap_or_else(|e| e.into_inner()) = sources;
     }
 
     pub fn secrets(&self) -> Vec<SecretStatus> {
-        let (config, acme) = self
+        let Sources {
+            config,
+            acme,
+            internal,
+        } = self
             .sources
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let acme = acme.as_ref().map(|a| a.status()).unwrap_or_default();
+        let mut schedules = acme.as_ref().map(|a| a.status()).unwrap_or_default();
+        schedules.extend(internal.as_ref().map(|i| i.status()).unwrap_or_default());
         let mut out = Vec::new();
         let entries = config
             .certificates
@@ -89,6 +96,9 @@ impl StatusView {
             .map(|c| match &c.source {
                 CertificateSource::Acme { domains, .. } => {
                     (c.name.clone(), "acme", domains.clone())
+                }
+                CertificateSource::Internal { domains, .. } => {
+                    (c.name.clone(), "internal", domains.clone())
                 }
                 CertificateSource::Files { .. } => (c.name.clone(), "files", Vec::new()),
             })
@@ -101,7 +111,7 @@ impl StatusView {
         for (name, source, domains) in entries {
             let current = self.registry.get(&name);
             let summary = current.as_ref().map(|v| v.summary().clone());
-            let a = acme.get(&name);
+            let a = schedules.get(&name);
             out.push(SecretStatus {
                 source: source.to_owned(),
                 domains,

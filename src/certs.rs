@@ -49,6 +49,35 @@ impl MaterialError {
     }
 }
 
+/// Generates a private key of `key_type` (the error says why not).
+pub fn generate_key(key_type: crate::config::KeyType) -> Result<rcgen::KeyPair, String> {
+    use crate::config::KeyType;
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    match key_type {
+        KeyType::EcdsaP256 => {
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| err(&e))
+        }
+        KeyType::EcdsaP384 => {
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| err(&e))
+        }
+        KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
+            use rsa::pkcs8::EncodePrivateKey;
+            let bits = match key_type {
+                KeyType::Rsa2048 => 2048,
+                KeyType::Rsa3072 => 3072,
+                _ => 4096,
+            };
+            // ring signs with RSA keys but cannot generate them; the `rsa` crate only generates here.
+            let key =
+                rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits).map_err(|e| err(&e))?;
+            let der = key.to_pkcs8_der().map_err(|e| err(&e))?;
+            let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
+                .map_err(|e| err(&e))
+        }
+    }
+}
+
 fn pem_error(e: pem::Error) -> MaterialError {
     match e {
         pem::Error::NoItemsFound => MaterialError::Pem("no items found".into()),

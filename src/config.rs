@@ -17,8 +17,10 @@ use toml::Spanned;
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The file this configuration was read from.
+    /// The file this configuration was read from; for the built-in one, where `acme-sds.toml` would be.
     pub path: PathBuf,
+    /// This is the built-in configuration ([`BUILT_IN`]): no file was named or found.
+    pub built_in: bool,
     pub sds: SdsConfig,
     pub storage: StorageConfig,
     pub http01: Http01Config,
@@ -215,7 +217,29 @@ pub enum CertificateSource {
         /// issued; `None` follows `[acme] temporary_certificates`.
         temporary_certificate: Option<bool>,
     },
+    /// `issuer = "internal"`: signed and renewed by acme-sds's own local CA, for these names (DNS names,
+    /// single labels such as `localhost`, IP addresses, wildcards), which no public CA would validate.
+    Internal {
+        domains: Vec<String>,
+        key_type: KeyType,
+    },
 }
+
+impl CertificateSource {
+    /// The names a certificate is issued for, when acme-sds issues it (ACME or internal).
+    pub fn issued_domains(&self) -> Option<&[String]> {
+        match self {
+            CertificateSource::Acme { domains, .. }
+            | CertificateSource::Internal { domains, .. } => Some(domains),
+            CertificateSource::Files { .. } => None,
+        }
+    }
+}
+
+/// `issuer = "internal"`: the certificate is signed by acme-sds's local CA.
+pub const ISSUER_INTERNAL: &str = "internal";
+/// `issuer = "acme"` (the default with `domains`): the certificate is obtained from the `[acme]` CA.
+pub const ISSUER_ACME: &str = "acme";
 
 /// A `[[trust_bundle]]`: CA certificates served as an SDS `validation_context` secret (`trusted_ca`).
 #[derive(Debug, Clone)]
@@ -339,6 +363,7 @@ struct RawCertificate {
     allowed_nodes: Option<Spanned<Vec<String>>>,
     allowed_clients: Option<Spanned<Vec<String>>>,
     temporary_certificate: Option<Spanned<bool>>,
+    issuer: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -384,6 +409,36 @@ struct RawTrustBundle {
     file: Option<Spanned<String>>,
     allowed_nodes: Option<Spanned<Vec<String>>>,
     allowed_clients: Option<Spanned<Vec<String>>>,
+}
+
+/// The file acme-sds looks for in the current directory when no configuration is named.
+pub const DEFAULT_FILE: &str = "acme-sds.toml";
+
+/// The built-in configuration, used when no file is named and there is no [`DEFAULT_FILE`]: SDS on a Unix
+/// socket and a `localhost` certificate from the internal CA, both in the current directory.
+pub const BUILT_IN: &str = include_str!("built_in.toml");
+
+/// The configuration to use: the file at `path` when one is named; else [`DEFAULT_FILE`] in the current
+/// directory when it exists; else [`BUILT_IN`], with paths relative to the current directory.
+pub fn load_or_built_in(path: Option<&Path>) -> Result<Config, ConfigError> {
+    if let Some(p) = path {
+        return load(p);
+    }
+    let default = Path::new(DEFAULT_FILE);
+    if default.exists() {
+        return load(default);
+    }
+    let cwd = std::env::current_dir().map_err(|e| ConfigError {
+        path: default.to_owned(),
+        problems: vec![Problem::new(
+            "",
+            None,
+            format!("cannot find the current directory, where the built-in configuration keeps its files: {e}"),
+        )],
+    })?;
+    let mut config = parse(BUILT_IN, &cwd.join(DEFAULT_FILE))?;
+    config.built_in = true;
+    Ok(config)
 }
 
 /// Reads and validates the configuration file at `path`.
@@ -478,6 +533,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     if v.problems.is_empty() {
         Ok(Config {
             path: path.to_owned(),
+            built_in: false,
             sds,
             storage,
             http01,
@@ -775,6 +831,32 @@ impl Validator<'_> {
             let name = self.name(&key, line, entry.name);
             let access = self.access(&key, entry.allowed_nodes, entry.allowed_clients);
             let files = entry.cert_file.is_some() || entry.key_file.is_some();
+            let internal = match &entry.issuer {
+                None => false,
+                Some(i) if i.get_ref() == ISSUER_ACME => false,
+                Some(i) if i.get_ref() == ISSUER_INTERNAL => true,
+                Some(i) => {
+                    let l = self.line(i);
+                    self.problem(
+                        format!("{key}.issuer"),
+                        l,
+                        format!(
+                            "{:?} is not an issuer: \"{ISSUER_ACME}\" (the [acme] CA, the default) or \"{ISSUER_INTERNAL}\" (acme-sds's own local CA)",
+                            i.get_ref()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if let (Some(i), None) = (&entry.issuer, &entry.domains) {
+                let l = self.line(i);
+                self.problem(
+                    format!("{key}.issuer"),
+                    l,
+                    "`issuer` applies to certificates acme-sds obtains (with `domains`) only",
+                );
+                continue;
+            }
             let source = match (entry.domains, files) {
                 (Some(domains), true) => {
                     let l = self.line(&domains);
@@ -786,6 +868,14 @@ impl Validator<'_> {
                     continue;
                 }
                 (Some(domains), false) => {
+                    if internal && let Some(t) = &entry.temporary_certificate {
+                        let l = self.line(t);
+                        self.problem(
+                            format!("{key}.temporary_certificate"),
+                            l,
+                            "an internal certificate is issued at once: `temporary_certificate` applies to ACME certificates only",
+                        );
+                    }
                     // The name becomes a file name in the storage directory.
                     if let Err(msg) = crate::store::name_segment(&name) {
                         self.problem(format!("{key}.name"), line, msg);
@@ -823,9 +913,14 @@ impl Validator<'_> {
                         );
                     }
                     let mut names: Vec<String> = Vec::new();
+                    let check = if internal {
+                        check_internal_name
+                    } else {
+                        check_domain
+                    };
                     for (j, d) in domains.iter().enumerate() {
                         let l = self.line(d);
-                        match check_domain(d.get_ref()) {
+                        match check(d.get_ref()) {
                             Ok(n) if names.contains(&n) => self.problem(
                                 format!("{key}.domains[{j}]"),
                                 l,
@@ -835,10 +930,19 @@ impl Validator<'_> {
                             Err(msg) => self.problem(format!("{key}.domains[{j}]"), l, msg),
                         }
                     }
-                    CertificateSource::Acme {
-                        domains: names,
-                        key_type,
-                        temporary_certificate: entry.temporary_certificate.map(|t| *t.get_ref()),
+                    if internal {
+                        CertificateSource::Internal {
+                            domains: names,
+                            key_type,
+                        }
+                    } else {
+                        CertificateSource::Acme {
+                            domains: names,
+                            key_type,
+                            temporary_certificate: entry
+                                .temporary_certificate
+                                .map(|t| *t.get_ref()),
+                        }
                     }
                 }
                 (None, _) => {
@@ -1225,6 +1329,34 @@ pub fn check_domain(raw: &str) -> Result<String, String> {
     Ok(d)
 }
 
+/// Checks and lower-cases a name for a certificate of the internal CA: a DNS name as for ACME, and also a
+/// single label (`localhost`, `db`), a wildcard (`*.svc.internal`) or an IP address (written canonically).
+pub fn check_internal_name(raw: &str) -> Result<String, String> {
+    if let Ok(ip) = raw.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let d = raw.trim_end_matches('.').to_ascii_lowercase();
+    let rest = d.strip_prefix("*.").unwrap_or(&d);
+    if !rest.is_ascii() {
+        return Err(format!(
+            "{raw:?}: write internationalised names in their ASCII (punycode, xn--) form"
+        ));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if d.len() > 253 || !rest.split('.').all(label_ok) {
+        return Err(format!(
+            "{raw:?} is not a DNS name (letters, digits and hyphens in dot-separated labels of at most 63, optionally after \"*.\") or an IP address"
+        ));
+    }
+    Ok(d)
+}
+
 /// The longest duration any setting accepts: far beyond any sensible timeout or retry delay, and far from
 /// what would overflow the date arithmetic it feeds.
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86400);
@@ -1584,6 +1716,71 @@ domains = ["c.example.com"]
             parse_str("[sds]\nlisten=[\"127.0.0.1:1\"]\nsocket_group=\"no-such-group-here\"\n")
                 .unwrap_err();
         assert_eq!(err.problems[0].key, "sds.socket_group");
+    }
+
+    #[test]
+    fn the_built_in_configuration_parses_and_needs_no_acme() {
+        let c = parse(BUILT_IN, Path::new("/home/me/acme-sds.toml")).unwrap();
+        assert_eq!(
+            c.sds.listen,
+            [ListenAddr::Unix(PathBuf::from("/home/me/acme-sds.sock"))]
+        );
+        assert_eq!(c.storage.path, Path::new("/home/me/acme-sds-data"));
+        assert!(c.acme.is_none() && !c.has_acme_certificates());
+        match &c.certificates[0].source {
+            CertificateSource::Internal { domains, key_type } => {
+                assert_eq!(domains, &["localhost", "127.0.0.1", "::1"]);
+                assert_eq!(*key_type, KeyType::EcdsaP256);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn internal_names_and_issuer_mistakes() {
+        let ok = "[sds]\nlisten=[\"127.0.0.1:1\"]\n[[certificate]]\nname=\"dev\"\nissuer=\"internal\"\nkey_type=\"rsa-2048\"\ndomains=[\"db\", \"*.svc.internal\", \"10.0.0.1\", \"0:0::1\", \"Web.Local.\"]\n";
+        let c = parse_str(ok).unwrap();
+        let CertificateSource::Internal { domains, .. } = &c.certificates[0].source else {
+            panic!()
+        };
+        assert_eq!(
+            domains,
+            &["db", "*.svc.internal", "10.0.0.1", "::1", "web.local"]
+        );
+        // The same names are not for ACME.
+        let acme = ok.replace("issuer=\"internal\"\n", "");
+        let err = parse_str(&acme).unwrap_err().to_string();
+        assert!(err.contains("certificate[0].domains[0]"), "{err}");
+        for (text, key, words) in [
+            (
+                ok.replace("\"internal\"", "\"letsencrypt\""),
+                "certificate[0].issuer",
+                "\"acme\" (the [acme] CA, the default) or \"internal\"",
+            ),
+            (
+                ok.replace("\"db\"", "\"bad name\""),
+                "certificate[0].domains[0]",
+                "or an IP address",
+            ),
+            (
+                ok.replace("domains=", "temporary_certificate=true\ndomains="),
+                "certificate[0].temporary_certificate",
+                "issued at once",
+            ),
+            (
+                "[sds]\nlisten=[\"127.0.0.1:1\"]\n[[certificate]]\nname=\"f\"\nissuer=\"internal\"\ncert_file=\"a\"\nkey_file=\"b\"\n".to_owned(),
+                "certificate[0].issuer",
+                "with `domains`",
+            ),
+        ] {
+            let err = parse_str(&text).unwrap_err();
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.key == key && p.message.contains(words)),
+                "{key}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::registry::{Published, Registry, SecretContent};
 use crate::sds::{Policy, SdsService};
 use crate::server::{self, Admission, Bound};
 use crate::sources::files::{self, FileSource};
+use crate::sources::internal::{self, InternalCert, InternalIssuer};
 use crate::store::{FsStore, SharedStore};
 
 /// How long shutdown waits for streams and tasks to finish before giving up on them.
@@ -31,6 +32,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 struct AcmeRuntime {
     manager: Arc<AcmeManager>,
     token: CancellationToken,
+}
+
+/// The running internal CA: its issuer (the CA is loaded once) and the renewal task of the current set.
+struct InternalRuntime {
+    issuer: Arc<InternalIssuer>,
+    task: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 /// A started daemon.
@@ -43,7 +50,10 @@ pub struct Running {
     tasks: JoinSet<anyhow::Result<()>>,
     files_token: CancellationToken,
     store: Option<SharedStore>,
+    /// The directory the store keeps its files in (the configured one, or its private subdirectory).
+    store_dir: Option<std::path::PathBuf>,
     acme: Option<AcmeRuntime>,
+    internal: Option<InternalRuntime>,
     status: Option<crate::admin::StatusView>,
     addresses: Vec<String>,
     tcp: Vec<SocketAddr>,
@@ -151,14 +161,17 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         shutdown: shutdown.clone(),
         tasks: JoinSet::new(),
         store: None,
+        store_dir: None,
         acme: None,
+        internal: None,
         status: None,
         addresses: Vec::new(),
         tcp: Vec::new(),
         http01_addr: None,
         admin_addr: None,
     };
-    // Stored ACME certificates are published here, before any SDS listener opens.
+    // Stored ACME certificates and the internal CA's are published here, before any SDS listener opens.
+    running.apply_internal(config).await?;
     running.apply_acme(config).await?;
 
     let admission = Admission {
@@ -205,9 +218,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         tracing::info!(listen = %local, "admin listening (/metrics, /healthz, /readyz, /status)");
         running.admin_addr = Some(local);
         let view = crate::admin::StatusView::new(
-            Arc::new(config.clone()),
+            running.sources(config),
             registry.clone(),
-            running.acme.as_ref().map(|a| a.manager.clone()),
             limits.clone(),
         );
         running.status = Some(view.clone());
@@ -231,6 +243,75 @@ impl Running {
         });
     }
 
+    /// What the status view reads.
+    fn sources(&self, config: &Config) -> crate::admin::Sources {
+        crate::admin::Sources {
+            config: Arc::new(config.clone()),
+            acme: self.acme.as_ref().map(|a| a.manager.clone()),
+            internal: self.internal.as_ref().map(|i| i.issuer.clone()),
+        }
+    }
+
+    /// The store, opened (and locked) the first time a source needs it.
+    fn open_store(&mut self, config: &Config) -> anyhow::Result<SharedStore> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let fs = FsStore::open(&config.storage.path).context("storage.path")?;
+        self.store_dir = Some(fs.root().to_owned());
+        let s: SharedStore = Arc::new(fs);
+        self.store = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Starts (or restarts) the internal CA's certificates for `config`; stops them when there are none.
+    async fn apply_internal(&mut self, config: &Config) -> anyhow::Result<()> {
+        if let Some((token, task)) = self.internal.as_mut().and_then(|i| i.task.take()) {
+            token.cancel();
+            // Bounded: it must not publish an old certificate after the new set has been published.
+            if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+                tracing::warn!(
+                    "the previous internal CA task did not stop within {SHUTDOWN_GRACE:?}"
+                );
+            }
+        }
+        let certs = InternalCert::from_config(config);
+        if certs.is_empty() {
+            return Ok(());
+        }
+        let issuer = match &self.internal {
+            Some(i) => i.issuer.clone(),
+            None => {
+                let store = self.open_store(config)?;
+                let issuer = InternalIssuer::open(store, self.registry.clone())
+                    .await
+                    .context("the internal CA (storage.path)")?;
+                if let Some(root) = self.internal_root() {
+                    tracing::info!(root = %root.display(), "internal CA ready: clients that trust its root trust the certificates with issuer = \"internal\"");
+                }
+                self.internal = Some(InternalRuntime {
+                    issuer: issuer.clone(),
+                    task: None,
+                });
+                issuer
+            }
+        };
+        let token = self.shutdown.child_token();
+        let task = issuer.start(certs, token.clone()).await;
+        if let Some(i) = &mut self.internal {
+            i.task = Some((token, task));
+        }
+        Ok(())
+    }
+
+    /// The internal CA's root certificate file (PEM), once the internal CA is in use.
+    pub fn internal_root(&self) -> Option<std::path::PathBuf> {
+        self.store_dir
+            .as_ref()
+            .map(|d| d.join(internal::ROOT_CERT_KEY))
+            .filter(|p| p.exists())
+    }
+
     /// Starts (or restarts) the ACME side for `config`; stops it when no certificate needs it.
     async fn apply_acme(&mut self, config: &Config) -> anyhow::Result<()> {
         if let Some(old) = self.acme.take() {
@@ -251,15 +332,7 @@ impl Running {
             .acme
             .clone()
             .context("ACME certificates need an [acme] table")?;
-        let store = match &self.store {
-            Some(s) => s.clone(),
-            None => {
-                let s: SharedStore =
-                    Arc::new(FsStore::open(&config.storage.path).context("storage.path")?);
-                self.store = Some(s.clone());
-                s
-            }
-        };
+        let store = self.open_store(config)?;
         if self.http01_addr.is_none() {
             let listener = http01::bind(config.http01.listen).await.with_context(|| {
                 format!("starting the HTTP-01 responder on {}", config.http01.listen)
@@ -340,6 +413,9 @@ impl Running {
         if acme_old != acme_new {
             self.apply_acme(&new).await?;
         }
+        if InternalCert::from_config(&old) != InternalCert::from_config(&new) {
+            self.apply_internal(&new).await?;
+        }
 
         // Secrets no longer configured stop being offered.
         let names = |c: &Config| -> Vec<String> {
@@ -356,10 +432,7 @@ impl Running {
             self.registry.withdraw(name);
         }
         if let Some(view) = &self.status {
-            view.update(
-                Arc::new(new.clone()),
-                self.acme.as_ref().map(|a| a.manager.clone()),
-            );
+            view.update(self.sources(&new));
         }
         tracing::info!(
             ?added,
@@ -378,10 +451,20 @@ impl Running {
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let mut watch = watch_file(&path);
+        // The built-in configuration has no file to watch: a new acme-sds.toml is used at the next start.
+        let built_in = self.config.built_in;
+        let mut watch = if built_in { None } else { watch_file(&path) };
         let mut stamp = file_stamp(&path);
         // Logged once signals and the config watcher are in place: from here on, edits are seen.
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "acme-sds started");
+        if built_in {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                config = "built-in",
+                "acme-sds started"
+            );
+        } else {
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "acme-sds started");
+        }
         loop {
             let why = tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
@@ -404,6 +487,12 @@ impl Running {
                 }
             };
             stamp = file_stamp(&path);
+            if built_in {
+                tracing::info!(
+                    "{why}: the built-in configuration has nothing to reload; start acme-sds again to use a configuration file"
+                );
+                continue;
+            }
             tracing::info!("{why}: reloading {}", path.display());
             if let Err(e) = self.reload(&path).await {
                 tracing::error!(

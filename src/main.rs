@@ -1,4 +1,5 @@
-//! The `acme-sds` command: `run` the daemon, or `check` a configuration.
+//! The `acme-sds` command: `run` the daemon, `check` a configuration, show its `status`, print an Envoy
+//! bootstrap or an example configuration.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -36,30 +37,34 @@ enum LogFormat {
 enum Command {
     /// Run the daemon: serve SDS until SIGTERM or SIGINT.
     Run {
-        /// Configuration file.
-        #[arg(short, long, default_value = "acme-sds.toml", env = "ACME_SDS_CONFIG")]
-        config: PathBuf,
+        /// Configuration file [default: acme-sds.toml in the current directory, else the built-in
+        /// configuration: see `acme-sds example-config`].
+        #[arg(short, long, env = "ACME_SDS_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Validate a configuration, load its files, and print a summary; exits non-zero on any problem.
     Check {
-        /// Configuration file.
-        #[arg(short, long, default_value = "acme-sds.toml", env = "ACME_SDS_CONFIG")]
-        config: PathBuf,
+        /// Configuration file [default: acme-sds.toml in the current directory, else the built-in
+        /// configuration: see `acme-sds example-config`].
+        #[arg(short, long, env = "ACME_SDS_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Show the certificates: expiry (date and days left), next renewal, last error, subscribed streams.
     /// Asks the running daemon's admin listener when `[admin] listen` is set and it answers; otherwise reads
     /// the files and the storage directory.
     Status {
-        /// Configuration file.
-        #[arg(short, long, default_value = "acme-sds.toml", env = "ACME_SDS_CONFIG")]
-        config: PathBuf,
+        /// Configuration file [default: acme-sds.toml in the current directory, else the built-in
+        /// configuration: see `acme-sds example-config`].
+        #[arg(short, long, env = "ACME_SDS_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Print a complete Envoy bootstrap for a configuration: the SDS cluster, a port-80 listener whose ACME
     /// challenge route comes before the HTTPS redirect, and a TLS listener with one SNI chain per certificate.
     EnvoyBootstrap {
-        /// Configuration file.
-        #[arg(short, long, default_value = "acme-sds.toml", env = "ACME_SDS_CONFIG")]
-        config: PathBuf,
+        /// Configuration file [default: acme-sds.toml in the current directory, else the built-in
+        /// configuration: see `acme-sds example-config`].
+        #[arg(short, long, env = "ACME_SDS_CONFIG")]
+        config: Option<PathBuf>,
         /// Envoy's plain-HTTP port (ACME challenges and the HTTPS redirect).
         #[arg(long, default_value_t = 80)]
         http_port: u16,
@@ -78,6 +83,16 @@ enum Command {
         /// Where HTTPS requests go (IP:PORT); without it Envoy answers with a fixed text.
         #[arg(long)]
         upstream: Option<std::net::SocketAddr>,
+        /// The address Envoy's HTTP and HTTPS listeners bind (127.0.0.1 keeps them on this machine).
+        #[arg(long, default_value = "0.0.0.0")]
+        address: std::net::IpAddr,
+    },
+    /// Print a configuration to start from: the built-in one (what `run` uses when there is no file), or
+    /// with --letsencrypt one for Let's Encrypt (save it as acme-sds.toml and edit the domains and contact).
+    ExampleConfig {
+        /// A configuration for Let's Encrypt (HTTP-01 through Envoy) instead of the built-in one.
+        #[arg(long)]
+        letsencrypt: bool,
     },
 }
 
@@ -96,8 +111,19 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(&config),
-        Command::Status { config } => status(&config),
+        Command::Check { config } => check(config.as_deref()),
+        Command::Status { config } => status(config.as_deref()),
+        Command::ExampleConfig { letsencrypt } => {
+            print!(
+                "{}",
+                if letsencrypt {
+                    LETSENCRYPT_EXAMPLE
+                } else {
+                    config::BUILT_IN
+                }
+            );
+            ExitCode::SUCCESS
+        }
         Command::EnvoyBootstrap {
             config,
             http_port,
@@ -106,6 +132,7 @@ fn main() -> ExitCode {
             node_id,
             node_cluster,
             upstream,
+            address,
         } => {
             let opts = acme_sds::bootstrap::BootstrapOptions {
                 http_port,
@@ -114,12 +141,13 @@ fn main() -> ExitCode {
                 node_id,
                 node_cluster,
                 upstream,
+                address,
             };
-            envoy_bootstrap(&config, &opts)
+            envoy_bootstrap(config.as_deref(), &opts)
         }
         Command::Run { config } => {
             init_logging(cli.log_format);
-            match run(&config) {
+            match run(config.as_deref(), cli.log_format) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     // Once: the log goes to stderr too.
@@ -143,8 +171,11 @@ fn raise_open_files_limit() -> Option<u64> {
     Some(soft)
 }
 
-fn run(path: &Path) -> anyhow::Result<()> {
-    let config = config::load(path)?;
+/// The Let's Encrypt example, as `example-config --letsencrypt` prints it.
+const LETSENCRYPT_EXAMPLE: &str = include_str!("../examples/letsencrypt/acme-sds.toml");
+
+fn run(path: Option<&Path>, log_format: LogFormat) -> anyhow::Result<()> {
+    let config = config::load_or_built_in(path)?;
     let open_files = raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -155,15 +186,61 @@ fn run(path: &Path) -> anyhow::Result<()> {
             daemon::check_open_files_limit(&config, limit);
         }
         let running = daemon::start(&config).await?;
+        if config.built_in && matches!(log_format, LogFormat::Text) {
+            eprint!("{}", built_in_guide(&running));
+        }
         running.run_until_stopped().await?;
         tracing::info!("acme-sds stopped");
         Ok(())
     })
 }
 
+/// What `run` prints once it serves the built-in configuration: where it is, how to put Envoy in front of
+/// it, and how to move on to Let's Encrypt. Commands are written as they can be pasted here.
+fn built_in_guide(running: &daemon::Running) -> String {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let here = |p: &Path| {
+        p.strip_prefix(&cwd)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| p.to_owned())
+            .display()
+            .to_string()
+    };
+    // The command as it was started (target/release/acme-sds under `cargo run`), else the installed name.
+    let me = std::env::args()
+        .next()
+        .filter(|a| a.contains('/'))
+        .map(|a| here(Path::new(&a)))
+        .unwrap_or_else(|| "acme-sds".into());
+    let root = running
+        .internal_root()
+        .map(|p| here(&p))
+        .unwrap_or_else(|| "acme-sds-data/internal/root.crt".into());
+    format!(
+        "
+acme-sds is serving its built-in configuration (there is no {file} in {cwd}):
+  SDS:          {sds}
+  certificate:  \"localhost\" (localhost, 127.0.0.1, ::1), signed by acme-sds's own local CA
+  CA root:      {root}   (trust this file to trust the certificate)
+
+Put Envoy in front of it (in another terminal, in this directory):
+  {me} envoy-bootstrap --address 127.0.0.1 --http-port 8080 --https-port 8443 > envoy.yaml
+  envoy -c envoy.yaml
+  curl --cacert {root} https://localhost:8443/
+
+For Let's Encrypt: `{me} example-config --letsencrypt > {file}` (the same as
+examples/letsencrypt/acme-sds.toml), set your domains and contact in it, and start acme-sds again here.
+
+",
+        file = config::DEFAULT_FILE,
+        cwd = cwd.display(),
+        sds = running.addresses().join(", "),
+    )
+}
+
 /// Loads and validates a configuration and its files, printing every problem; `None` when there are any.
-fn load_checked(path: &Path) -> Option<(Config, Vec<(String, SecretContent)>)> {
-    let config = match config::load(path) {
+fn load_checked(path: Option<&Path>) -> Option<(Config, Vec<(String, SecretContent)>)> {
+    let config = match config::load_or_built_in(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -185,7 +262,7 @@ fn load_checked(path: &Path) -> Option<(Config, Vec<(String, SecretContent)>)> {
     }
 }
 
-fn envoy_bootstrap(path: &Path, opts: &acme_sds::bootstrap::BootstrapOptions) -> ExitCode {
+fn envoy_bootstrap(path: Option<&Path>, opts: &acme_sds::bootstrap::BootstrapOptions) -> ExitCode {
     let Some((config, loaded)) = load_checked(path) else {
         return ExitCode::FAILURE;
     };
@@ -201,8 +278,8 @@ fn envoy_bootstrap(path: &Path, opts: &acme_sds::bootstrap::BootstrapOptions) ->
     }
 }
 
-fn status(path: &Path) -> ExitCode {
-    let config = match config::load(path) {
+fn status(path: Option<&Path>) -> ExitCode {
+    let config = match config::load_or_built_in(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -307,6 +384,21 @@ fn status_from_disk(config: &Config) -> anyhow::Result<Vec<acme_sds::admin::Secr
                     }
                 }
             }
+            CertificateSource::Internal { domains, .. } => {
+                row.source = "internal".into();
+                row.domains = domains.clone();
+                let stored = store.as_ref().and_then(|s| {
+                    runtime.block_on(acme_sds::sources::internal::stored_status(s, &c.name))
+                });
+                if let Some(p) = stored {
+                    row.serving = true;
+                    row.serial = Some(p.leaf.serial.clone());
+                    row.not_before = Some(fmt(p.leaf.not_before));
+                    row.not_after = Some(fmt(p.leaf.not_after));
+                    row.next_renewal =
+                        Some(fmt(acme_sds::sources::internal::renewal_time(&p.leaf)));
+                }
+            }
             CertificateSource::Acme { domains, .. } => {
                 row.source = "acme".into();
                 row.domains = domains.clone();
@@ -347,6 +439,12 @@ fn status_problem(r: &acme_sds::admin::SecretStatus) -> Option<String> {
         time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
     });
     let now = time::OffsetDateTime::now_utc();
+    // The internal CA's certificates live a week and are renewed with two days left.
+    let short_notice = if r.source == "internal" {
+        time::Duration::days(1)
+    } else {
+        time::Duration::days(7)
+    };
     if r.temporary {
         return Some(format!(
             "not issued yet (a temporary self-signed certificate is served meanwhile){}",
@@ -363,8 +461,13 @@ fn status_problem(r: &acme_sds::admin::SecretStatus) -> Option<String> {
                 .unwrap_or_else(|| "not issued yet".into()),
         ),
         (_, Some(t)) if t < now => Some("EXPIRED".into()),
-        (_, Some(t)) if t - now < time::Duration::days(7) => Some(format!(
-            "expires within a week{}",
+        (_, Some(t)) if t - now < short_notice => Some(format!(
+            "expires within {}{}",
+            if short_notice.whole_days() == 1 {
+                "a day"
+            } else {
+                "a week"
+            },
             r.last_error
                 .as_deref()
                 .map(|e| format!("; last error: {e}"))
@@ -434,7 +537,7 @@ fn status_table(rows: &[acme_sds::admin::SecretStatus], origin: &str, color: boo
     out
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: Option<&Path>) -> ExitCode {
     let Some((config, loaded)) = load_checked(path) else {
         return ExitCode::FAILURE;
     };
@@ -448,7 +551,16 @@ fn check(path: &Path) -> ExitCode {
 fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "{}: OK", config.path.display());
+    if config.built_in {
+        let _ = writeln!(
+            out,
+            "the built-in configuration (no {} in {}): OK",
+            config::DEFAULT_FILE,
+            config.path.parent().unwrap_or(Path::new(".")).display()
+        );
+    } else {
+        let _ = writeln!(out, "{}: OK", config.path.display());
+    }
     let _ = writeln!(out, "SDS listeners:");
     for l in &config.sds.listen {
         match l {
@@ -474,7 +586,7 @@ fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
                             key_file,
                             ..
                         } => Some(format!("{} + {}", cert_file.display(), key_file.display())),
-                        CertificateSource::Acme { .. } => None,
+                        CertificateSource::Acme { .. } | CertificateSource::Internal { .. } => None,
                     })
                     .unwrap_or_default();
                 let _ = writeln!(
@@ -527,13 +639,26 @@ fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
             );
         }
     }
+    for c in &config.certificates {
+        if let CertificateSource::Internal { domains, key_type } = &c.source {
+            let _ = writeln!(
+                out,
+                "  {}: tls_certificate from the internal CA, {}\n    {}",
+                c.name,
+                key_type.as_str(),
+                domains.join(", ")
+            );
+        }
+    }
     if config.has_acme_certificates() {
-        let _ = writeln!(
-            out,
-            "HTTP-01 responder: {}\nStorage: {}",
-            config.http01.listen,
-            config.storage.path.display()
-        );
+        let _ = writeln!(out, "HTTP-01 responder: {}", config.http01.listen);
+    }
+    if config
+        .certificates
+        .iter()
+        .any(|c| c.source.issued_domains().is_some())
+    {
+        let _ = writeln!(out, "Storage: {}", config.storage.path.display());
     }
     out
 }

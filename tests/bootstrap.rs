@@ -94,9 +94,11 @@ async fn a_generated_bootstrap_serves_each_certificate_on_its_sni() {
             &https.to_string(),
             "--admin-port",
             &admin.to_string(),
+            "--address",
+            "127.0.0.1",
         ],
-    )
-    .replace("address: 0.0.0.0", "address: 127.0.0.1");
+    );
+    assert!(yaml.contains("socket_address: { address: \"127.0.0.1\", port_value"));
     validate(&envoy_path, &yaml, dir.path());
 
     let sds = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);

@@ -16,13 +16,14 @@ const EXAMPLE_CONFIG: &str = include_str!("../examples/envoy/acme-sds.toml");
 fn example_files(dir: &Path, api_type: &str) -> (String, std::path::PathBuf) {
     let socket = dir.join("sds.sock");
     let bootstrap = EXAMPLE_ENVOY
-        .replace("/run/acme-sds/sds.sock", socket.to_str().unwrap())
+        .replace("examples/envoy/sds.sock", socket.to_str().unwrap())
         .replace("port_value: 8443", "port_value: 0")
         .replace("port_value: 9901", "port_value: 0")
         .replace("address: 0.0.0.0", "address: 127.0.0.1")
         .replace("api_type: GRPC ", &format!("api_type: {api_type} "));
     assert!(bootstrap.contains(socket.to_str().unwrap()));
-    let config = EXAMPLE_CONFIG.replace("/run/acme-sds/sds.sock", socket.to_str().unwrap());
+    // The config's socket is relative to its directory: `dir/sds.sock` already.
+    let config = EXAMPLE_CONFIG.to_owned();
     let config_path = dir.join("acme-sds.toml");
     std::fs::write(&config_path, config).unwrap();
     std::fs::create_dir_all(dir.join("certs")).unwrap();

@@ -65,6 +65,7 @@ use tokio_util::sync::CancellationToken;
 use crate::certs::{self, CertifiedPem, MaterialError};
 use crate::config::{AcmeConfig, CertificateSource, Config, KeyType};
 use crate::registry::{Registry, SecretContent};
+use crate::sources::IssuerStatus;
 use crate::store::{SharedStore, StoreError};
 
 pub use order::OrderError;
@@ -105,7 +106,7 @@ impl ManagedCert {
                     key_type: *key_type,
                     temporary: temporary_certificate.unwrap_or(default_temporary),
                 }),
-                CertificateSource::Files { .. } => None,
+                CertificateSource::Files { .. } | CertificateSource::Internal { .. } => None,
             })
             .collect()
     }
@@ -276,17 +277,9 @@ pub enum LoadError {
     Corrupt(String),
 }
 
-/// A certificate's schedule and last failure, for status views.
-#[derive(Debug, Clone, Default)]
-pub struct AcmeStatus {
-    pub next_renewal: Option<OffsetDateTime>,
-    pub last_error: Option<String>,
-    pub next_retry: Option<OffsetDateTime>,
-}
-
 /// Runs every ACME certificate of a configuration.
 pub struct AcmeManager {
-    status: std::sync::Mutex<std::collections::HashMap<String, AcmeStatus>>,
+    status: std::sync::Mutex<std::collections::HashMap<String, IssuerStatus>>,
     config: AcmeConfig,
     keys: Keys,
     store: SharedStore,
@@ -321,11 +314,11 @@ impl AcmeManager {
     }
 
     /// Each certificate's next renewal, last error and next retry.
-    pub fn status(&self) -> std::collections::HashMap<String, AcmeStatus> {
+    pub fn status(&self) -> std::collections::HashMap<String, IssuerStatus> {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    fn set_status(&self, name: &str, f: impl FnOnce(&mut AcmeStatus)) {
+    fn set_status(&self, name: &str, f: impl FnOnce(&mut IssuerStatus)) {
         if let Ok(mut s) = self.status.lock() {
             f(s.entry(name.to_owned()).or_default());
         }

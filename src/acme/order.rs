@@ -279,33 +279,9 @@ pub(super) async fn withdraw_challenges(store: &SharedStore, tokens: &[String]) 
     }
 }
 
-/// Generates the certificate key; returns it as PKCS#8 PEM, with the rcgen key pair that signs the CSR.
+/// Generates the certificate key.
 fn generate_key(key_type: KeyType) -> Result<rcgen::KeyPair, OrderError> {
-    let name = key_type.as_str();
-    let err = |e: &dyn std::fmt::Display| OrderError::Key(name, e.to_string());
-    match key_type {
-        KeyType::EcdsaP256 => {
-            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| err(&e))
-        }
-        KeyType::EcdsaP384 => {
-            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| err(&e))
-        }
-        KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
-            use rsa::pkcs8::EncodePrivateKey;
-            let bits = match key_type {
-                KeyType::Rsa2048 => 2048,
-                KeyType::Rsa3072 => 3072,
-                _ => 4096,
-            };
-            // ring signs with RSA keys but cannot generate them; the `rsa` crate only generates here.
-            let key =
-                rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits).map_err(|e| err(&e))?;
-            let der = key.to_pkcs8_der().map_err(|e| err(&e))?;
-            let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
-            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
-                .map_err(|e| err(&e))
-        }
-    }
+    crate::certs::generate_key(key_type).map_err(|e| OrderError::Key(key_type.as_str(), e))
 }
 
 /// Runs one order to completion: the stored one for `cert` when there is one (resumed where it stopped),

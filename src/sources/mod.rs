@@ -2,3 +2,12 @@
 //! material (through [`crate::certs`]) and publishes only what is good.
 
 pub mod files;
+pub mod internal;
+
+/// A certificate's schedule and last failure, as an issuing source (ACME, the internal CA) reports them.
+#[derive(Debug, Clone, Default)]
+pub struct IssuerStatus {
+    pub next_renewal: Option<time::OffsetDateTime>,
+    pub last_error: Option<String>,
+    pub next_retry: Option<time::OffsetDateTime>,
+}

@@ -44,7 +44,9 @@ impl Envoy {
         std::fs::write(&config, bootstrap).unwrap();
         let admin_path = dir.join("envoy-admin.txt");
         let log = dir.join("envoy.log");
+        // In `dir`: relative paths in a bootstrap (a Unix socket) resolve there.
         let child = Command::new(bin)
+            .current_dir(dir)
             .arg("-c")
             .arg(&config)
             .args(["--disable-hot-restart", "--concurrency", "1", "-l", "info"])

@@ -553,6 +553,13 @@ impl Process {
         Self::spawn_program(bin(), args, envs)
     }
 
+    /// Like [`Process::spawn`], with `dir` as the working directory (relative paths resolve there).
+    pub fn spawn_in(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Process {
+        let mut cmd = Command::new(bin());
+        cmd.current_dir(dir);
+        Self::spawn_command(cmd, args, envs)
+    }
+
     /// Like [`Process::spawn`], for another program (a wrapper that ends by exec-ing acme-sds).
     pub fn spawn_program(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Process {
         Self::spawn_command(Command::new(program), args, envs)
