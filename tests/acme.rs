@@ -663,7 +663,7 @@ async fn private_keys_never_reach_the_logs_even_at_trace() {
     let file_leaf = pki.leaf(&["files.example.com"]);
     let (crt, key) = file_leaf.write(dir.path(), "files");
     let tables = format!(
-        "{}{}",
+        "{}{}[[certificate]]\nname = \"dev\"\nissuer = \"internal\"\ndomains = [\"localhost\"]\n",
         acme_tables(&pebble, http, &[("site", &["trace.example.com"])]),
         cert_table("files", &crt, &key)
     );
@@ -674,10 +674,17 @@ async fn private_keys_never_reach_the_logs_even_at_trace() {
     );
     p.wait_for_line_within("certificate issued", ISSUE);
     let mut client = uds_client(&dir.path().join("sds.sock")).await;
-    fetch(&mut client, &["site", "files"]).await;
+    fetch(&mut client, &["site", "files", "dev"]).await;
 
-    // Every private key acme-sds holds: the file key, the issued key, the account key.
+    // Every private key acme-sds holds: the file key, the issued key, the account key, the internal CA's
+    // key and the key of its certificate.
     let mut secrets: Vec<String> = vec![file_leaf.key_pem.clone()];
+    let internal = dir.path().join("acme-sds-data/internal");
+    for (file, field) in [("ca", "key_pem"), ("certs/dev", "key_pem")] {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(internal.join(file)).unwrap()).unwrap();
+        secrets.push(v[field].as_str().unwrap().to_owned());
+    }
     let data = dir.path().join("acme-sds-data/acme");
     let ca_dir = std::fs::read_dir(&data)
         .unwrap()

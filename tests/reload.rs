@@ -127,3 +127,62 @@ async fn sighup_and_file_edits_reload_the_running_daemon() {
     p.wait_for_line("SIGHUP: reloading");
     assert!(p.log().lines().all(|l| !l.contains("panicked")));
 }
+
+/// The internal CA by live reload: an added certificate is issued and pushed to a stream already waiting
+/// for it, a change of its names pushes a new certificate from the same root, and stopping and starting
+/// again serves the stored one rather than a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_certificates_follow_live_reload_and_survive_a_restart() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let s = setup();
+    let internal = |domains: &str| {
+        format!("[[certificate]]\nname = \"dev\"\nissuer = \"internal\"\ndomains = [{domains}]\n")
+    };
+    s.write(&["web"], "");
+    let cfg = acme_sds::config::load(&s.config).unwrap();
+    let mut running = acme_sds::daemon::start(&cfg).await.unwrap();
+    let mut client = uds_client(&s.dir.path().join("sds.sock")).await;
+    let mut dev = SotwStream::open(&mut client).await;
+    // Not configured yet: SotW answers when it exists.
+    dev.send(subscribe(&["dev"])).await;
+
+    s.write(&["web"], &internal("\"localhost\""));
+    running.reload(&s.config).await.unwrap();
+    let r = dev.recv().await;
+    dev.send(ack(&["dev"], &r)).await;
+    let one = leaf_der(&decode_secret(&r.resources[0]));
+    let root = running.internal_root().expect("the root file exists");
+    let root_pem = std::fs::read(&root).unwrap();
+    let names = |der: &[u8]| {
+        let (_, c) = X509Certificate::from_der(der).unwrap();
+        let san = c.subject_alternative_name().unwrap().unwrap().value;
+        san.general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&one), ["DNSName(localhost)"]);
+
+    s.write(&["web"], &internal("\"localhost\", \"10.1.2.3\""));
+    running.reload(&s.config).await.unwrap();
+    let two = leaf_der(&decode_secret(&dev.recv().await.resources[0]));
+    assert_ne!(one, two);
+    assert_eq!(
+        names(&two),
+        ["DNSName(localhost)", "IPAddress(0a:01:02:03)"]
+    );
+    assert_eq!(std::fs::read(&root).unwrap(), root_pem, "same CA");
+    running.shutdown().await.unwrap();
+
+    let cfg = acme_sds::config::load(&s.config).unwrap();
+    let running = acme_sds::daemon::start(&cfg).await.unwrap();
+    let mut client = uds_client(&s.dir.path().join("sds.sock")).await;
+    let again = leaf_der(&decode_secret(
+        &fetch(&mut client, &["dev"]).await.resources[0],
+    ));
+    assert_eq!(
+        again, two,
+        "the stored certificate is served after a restart"
+    );
+    running.shutdown().await.unwrap();
+}
