@@ -125,8 +125,11 @@ fn istio_central_provider_gateway_routes_and_policy() {
 
 #[test]
 fn istio_sidecar_variant() {
-    let d = docs("istio/sidecar.yaml");
-    let dep = of_kind(&d, "Deployment")[0];
+    // `kubectl patch --patch-file` reads one document: the patch is exactly one, the Deployment's.
+    let patch = docs("istio/sidecar-patch.yaml");
+    assert_eq!(patch.len(), 1, "the patch file must be a single document");
+    let dep = &patch[0];
+    assert_eq!(s(&dep["kind"]), "Deployment");
     let tmpl = &dep["spec"]["template"];
     let proxy_config = s(&tmpl["metadata"]["annotations"]["proxy.istio.io/config"]);
     assert!(
@@ -136,7 +139,10 @@ fn istio_sidecar_variant() {
     // One daemon per storage: one replica, replaced rather than rolled.
     assert_eq!(dep["spec"]["replicas"].as_i64(), Some(1));
     assert_eq!(s(&dep["spec"]["strategy"]["type"]), "Recreate");
-    let sidecar = &tmpl["spec"]["initContainers"][0];
+    let pod = &tmpl["spec"];
+    // The volume is group-writable for acme-sds through the pod's fsGroup.
+    assert_eq!(pod["securityContext"]["fsGroup"].as_i64(), Some(1337));
+    let sidecar = &pod["initContainers"][0];
     assert_eq!(
         s(&sidecar["restartPolicy"]),
         "Always",
@@ -150,7 +156,26 @@ fn istio_sidecar_variant() {
             .any(|m| s(&m["mountPath"]) == "/var/run/secrets/credential-uds")
     );
 
-    let cm = of_kind(&d, "ConfigMap")[0];
+    // Everything the patch refers to is in the resources file.
+    let res = docs("istio/sidecar-resources.yaml");
+    let names = |kind: &str| -> Vec<String> {
+        of_kind(&res, kind)
+            .iter()
+            .map(|d| s(&d["metadata"]["name"]).to_owned())
+            .collect()
+    };
+    for v in pod["volumes"].as_vec().unwrap() {
+        if let Some(cm) = v["configMap"]["name"].as_str() {
+            assert!(names("ConfigMap").iter().any(|n| n == cm), "ConfigMap {cm}");
+        }
+        if let Some(claim) = v["persistentVolumeClaim"]["claimName"].as_str() {
+            assert!(
+                names("PersistentVolumeClaim").iter().any(|n| n == claim),
+                "PersistentVolumeClaim {claim}"
+            );
+        }
+    }
+    let cm = of_kind(&res, "ConfigMap")[0];
     check_embedded_config(cm);
     let cfg =
         acme_sds::config::parse(s(&cm["data"]["acme-sds.toml"]), Path::new("/x.toml")).unwrap();
@@ -165,11 +190,100 @@ fn istio_sidecar_variant() {
         Some(&[1337][..]),
         "istio-proxy's UID"
     );
-    let vs = of_kind(&d, "VirtualService")[0];
+    // The challenge route: its Gateway exists and leaves port 80 plain, it comes before the redirect,
+    // and its Service selects the gateway pods that run acme-sds.
+    let vs = of_kind(&res, "VirtualService")[0];
+    let gateway = s(&vs["spec"]["gateways"][0]);
+    let gw = of_kind(&res, "Gateway")
+        .into_iter()
+        .find(|g| s(&g["metadata"]["name"]) == gateway)
+        .unwrap_or_else(|| panic!("Gateway {gateway}"));
+    for server in gw["spec"]["servers"].as_vec().unwrap() {
+        assert!(server["tls"]["httpsRedirect"].is_badvalue());
+    }
     assert_eq!(
         s(&vs["spec"]["http"][0]["match"][0]["uri"]["prefix"]),
         "/.well-known/acme-challenge/"
     );
+    assert!(!vs["spec"]["http"][1]["redirect"].is_badvalue());
+    let svc = of_kind(&res, "Service")[0];
+    assert_eq!(
+        s(&svc["spec"]["selector"]["istio"]),
+        s(&gw["spec"]["selector"]["istio"])
+    );
+    assert!(
+        s(&vs["spec"]["http"][0]["route"][0]["destination"]["host"])
+            .starts_with(&format!("{}.", s(&svc["metadata"]["name"])))
+    );
+}
+
+/// The patch applied as the kit says, with kubectl's own strategic merge (`kubectl patch --local`, no cluster),
+/// to a gateway Deployment shaped as Istio's: one replica, recreated, acme-sds as a native sidecar next to
+/// the proxy's own containers and volumes, which it keeps.
+#[test]
+fn istio_sidecar_patch_applies_with_kubectl() {
+    if !have("kubectl", &["version", "--client"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &gateway,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: { name: istio-ingressgateway, namespace: istio-system }\n\
+         spec:\n  replicas: 3\n  strategy: { type: RollingUpdate, rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } }\n\
+         \x20 selector: { matchLabels: { istio: ingressgateway } }\n  template:\n\
+         \x20   metadata: { labels: { istio: ingressgateway } }\n    spec:\n\
+         \x20     securityContext: { runAsUser: 1337 }\n\
+         \x20     containers:\n      - name: istio-proxy\n        image: docker.io/istio/proxyv2:1.28.0\n\
+         \x20       volumeMounts: [{ name: istio-envoy, mountPath: /etc/istio/proxy }]\n\
+         \x20     volumes: [{ name: istio-envoy, emptyDir: {} }]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new("kubectl")
+        .args(["patch", "--local", "-o", "yaml", "-f"])
+        .arg(&gateway)
+        .arg("--patch-file")
+        .arg(root().join("istio/sidecar-patch.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let patched = &YamlLoader::load_from_str(&String::from_utf8_lossy(&out.stdout)).unwrap()[0];
+    let spec = &patched["spec"];
+    assert_eq!(spec["replicas"].as_i64(), Some(1));
+    assert_eq!(s(&spec["strategy"]["type"]), "Recreate");
+    assert!(spec["strategy"]["rollingUpdate"].is_badvalue(), "{spec:?}");
+    let pod = &spec["template"]["spec"];
+    assert_eq!(s(&pod["initContainers"][0]["name"]), "acme-sds");
+    assert_eq!(
+        pod["securityContext"]["runAsUser"].as_i64(),
+        Some(1337),
+        "kept"
+    );
+    let proxy = &pod["containers"][0];
+    let mounts: Vec<&str> = proxy["volumeMounts"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|m| s(&m["name"]))
+        .collect();
+    assert!(
+        mounts.contains(&"istio-envoy") && mounts.contains(&"credential-uds"),
+        "{mounts:?}"
+    );
+    let volumes: Vec<&str> = pod["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|v| s(&v["name"]))
+        .collect();
+    for v in [
+        "istio-envoy",
+        "credential-uds",
+        "acme-sds-config",
+        "acme-sds-data",
+    ] {
+        assert!(volumes.contains(&v), "{v}: {volumes:?}");
+    }
 }
 
 #[test]
@@ -193,7 +307,11 @@ fn container_image_and_systemd_unit() {
         "{dockerfile}"
     );
     // No image from a registry that does not exist: the kits name the image the user builds.
-    for kit in ["kubernetes/acme-sds.yaml", "istio/sidecar.yaml"] {
+    for kit in [
+        "kubernetes/acme-sds.yaml",
+        "istio/sidecar-patch.yaml",
+        "istio/sidecar-resources.yaml",
+    ] {
         let text = std::fs::read_to_string(root().join(kit)).unwrap();
         assert!(!text.contains("ghcr.io"), "{kit}");
     }

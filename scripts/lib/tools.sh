@@ -17,6 +17,8 @@ ensure_tools() {
   # The systemd kit is checked with systemd-analyze, and the binary run under its syscall filter (libseccomp).
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   /usr/bin/python3 -c 'import seccomp' >/dev/null 2>&1 || missing+=(python3-seccomp)
+  # The Istio sidecar kit is applied with `kubectl patch --local` (no cluster needed).
+  command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (Debian)" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
