@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod schema;
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -457,14 +459,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         path: path.to_owned(),
         problems,
     };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+    let syntax = |e: toml::de::Error| {
         let line = e.span().map(|s| lines.line(s.start));
         fail(vec![Problem::new(
             "",
             line,
             e.message().trim_end().to_owned(),
         )])
-    })?;
+    };
+    // Shape first (every unknown key and wrongly typed value at once), then the typed reading.
+    let doc = toml::de::DeTable::parse(text).map_err(syntax)?;
+    let shape = schema::check(doc.get_ref(), &lines);
+    if !shape.is_empty() {
+        return Err(fail(shape));
+    }
+    let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc)).map_err(syntax)?;
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -1716,6 +1725,79 @@ domains = ["c.example.com"]
             parse_str("[sds]\nlisten=[\"127.0.0.1:1\"]\nsocket_group=\"no-such-group-here\"\n")
                 .unwrap_err();
         assert_eq!(err.problems[0].key, "sds.socket_group");
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_reported_in_config_words() {
+        let text = "[sds]\nlisten = \"unix:/tmp/x.sock\"\nmax_streams = \"101\"\nallowed_uids = [101, \"1337\"]\nsokcet_mode = \"0660\"\n\n[storag]\npath = \"/tmp/x\"\n\n[acme]\naccept_terms_of_service = \"yes\"\n\n[[certificate]]\nname = \"web\"\ndomains = [\"www.example.com\", 5]\ncolour = \"blue\"\n\n[[certificate]]\nname = 7\n";
+        let err = parse_str(text).unwrap_err();
+        let got: Vec<(Option<usize>, &str)> = err
+            .problems
+            .iter()
+            .map(|p| (p.line, p.key.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(2), "sds.listen"),
+                (Some(3), "sds.max_streams"),
+                (Some(4), "sds.allowed_uids[1]"),
+                (Some(5), "sds.sokcet_mode"),
+                (Some(7), "storag"),
+                (Some(11), "acme.accept_terms_of_service"),
+                (Some(15), "certificate[0].domains[1]"),
+                (Some(16), "certificate[0].colour"),
+                (Some(19), "certificate[1].name"),
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        for words in [
+            "expected a whole number, such as 1000, found the string \"101\"",
+            "did you mean `socket_mode`?",
+            "did you mean [storage]?",
+            "expected true or false, found the string \"yes\"",
+            "certificate[0] has name, cert_file",
+        ] {
+            assert!(text.contains(words), "{words}: {text}");
+        }
+        assert!(!text.contains("invalid type"), "serde's words: {text}");
+    }
+
+    /// The shape check and the typed reading agree: every key the shape knows, with a value of its kind, is
+    /// read by serde (a key added to one and not the other fails here or in the tests that use it).
+    #[test]
+    fn the_shape_matches_the_typed_reading() {
+        fn value(kind: schema::Kind) -> String {
+            use schema::Kind;
+            let table = |fields: &[(&str, Kind)]| {
+                let items: Vec<String> = fields
+                    .iter()
+                    .map(|(k, kind)| format!("{k} = {}", value(*kind)))
+                    .collect();
+                format!("{{ {} }}", items.join(", "))
+            };
+            match kind {
+                Kind::Str(_) | Kind::StrOrInt(_) => "\"x\"".into(),
+                Kind::Int(_) => "1".into(),
+                Kind::Bool => "true".into(),
+                Kind::StrList(_) => "[\"x\"]".into(),
+                Kind::IntList(_) => "[1]".into(),
+                Kind::Table(fields) => table(fields),
+                Kind::Tables(fields) => format!("[{}]", table(fields)),
+            }
+        }
+        let doc: String = schema::ROOT
+            .iter()
+            .map(|(k, kind)| format!("{k} = {}\n", value(*kind)))
+            .collect();
+        let de = toml::de::Deserializer::parse(&doc).unwrap();
+        if let Err(e) = RawConfig::deserialize(de) {
+            panic!("{e}\n{doc}");
+        }
+        let lines = LineIndex::new(&doc);
+        let table = toml::de::DeTable::parse(&doc).unwrap();
+        assert!(schema::check(table.get_ref(), &lines).is_empty());
     }
 
     #[test]

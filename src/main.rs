@@ -151,7 +151,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     // Once: the log goes to stderr too.
-                    tracing::error!("{e:#}");
+                    tracing::error!("{}", daemon::causes(&e));
                     ExitCode::FAILURE
                 }
             }
@@ -291,7 +291,7 @@ fn status(path: Option<&Path>) -> ExitCode {
         None => match status_from_disk(&config) {
             Ok(rows) => (rows, "from files and storage: no daemon answered"),
             Err(e) => {
-                eprintln!("acme-sds status: {e:#}");
+                eprintln!("acme-sds status: {}", daemon::causes(&e));
                 return ExitCode::FAILURE;
             }
         },
@@ -538,9 +538,29 @@ fn status_table(rows: &[acme_sds::admin::SecretStatus], origin: &str, color: boo
 }
 
 fn check(path: Option<&Path>) -> ExitCode {
-    let Some((config, loaded)) = load_checked(path) else {
-        return ExitCode::FAILURE;
+    let config = match config::load_or_built_in(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
     };
+    // Every problem at once: the files, and what starting here would run into.
+    let (loaded, mut problems) = match FileSource::from_config(&config).load_all() {
+        Ok(loaded) => (loaded, Vec::new()),
+        Err(problems) => (Vec::new(), problems),
+    };
+    problems.extend(daemon::preflight(&config));
+    if !problems.is_empty() {
+        eprintln!(
+            "{}",
+            ConfigError {
+                path: config.path.clone(),
+                problems
+            }
+        );
+        return ExitCode::FAILURE;
+    }
     for w in config.warnings() {
         eprintln!("warning: {}", w.located(&config.path));
     }

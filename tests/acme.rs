@@ -1247,3 +1247,36 @@ async fn storage_on_a_group_owned_volume_works_for_a_non_root_user() {
         "{out:?}"
     );
 }
+
+/// When the CA cannot be reached, the log and the status name the request (method and URL) and the cause
+/// in words a person can act on: nothing listening (connection refused), or a CA whose certificate is not
+/// trusted (TLS: here Pebble without `directory_ca`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_ca_is_named_with_its_url_and_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    let refused = format!("https://127.0.0.1:{}/dir", free_port());
+    for (directory, cause) in [
+        (refused.as_str(), "connection refused"),
+        (pebble.directory.as_str(), "TLS handshake failed"),
+    ] {
+        let run = dir.path().join(cause.replace(' ', "-"));
+        std::fs::create_dir_all(&run).unwrap();
+        let config = write_config(
+            &run,
+            &format!(
+                "[http01]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectory = \"{directory}\"\naccept_terms_of_service = true\n[[certificate]]\nname = \"site\"\ndomains = [\"site.example.com\"]\n"
+            ),
+        );
+        let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+        let line = p.wait_for_line("cannot reach the CA");
+        assert!(
+            line.contains(&format!("cannot reach the CA (GET {directory}): {cause}")),
+            "{line}"
+        );
+        assert!(!line.contains("client error (Connect)"), "{line}");
+    }
+}

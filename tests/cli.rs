@@ -332,3 +332,98 @@ async fn status_reads_the_daemon_or_else_the_disk_and_highlights_problems() {
         "one subscribed stream: {web_line}"
     );
 }
+
+/// `check` says beforehand what `run` would run into as this user, without creating or binding anything,
+/// each problem naming its key and the path, group or port; `run` then fails naming the same path.
+#[test]
+fn check_names_what_this_user_could_not_do_and_run_names_it_too() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs to run acme-sds as another user");
+        return;
+    }
+    let (uid, gid) = (65534, 65534);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Root's directories: nobody may create anything in them.
+    let run_dir = dir.path().join("run");
+    let lib_dir = dir.path().join("lib");
+    for d in [&run_dir, &lib_dir] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\nsocket_mode = \"0660\"\nsocket_group = 0\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:80\"\n\n[acme]\ndirectory_ca = \"{}\"\naccept_terms_of_service = true\n\n[[certificate]]\nname = \"site\"\ndomains = [\"www.example.com\"]\n",
+            run_dir.join("acme-sds/sds.sock").display(),
+            lib_dir.join("acme-sds").display(),
+            dir.path().join("missing-root.pem").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args).arg("--config").arg(&config);
+        as_user(&mut cmd, uid, gid);
+        cmd.output().unwrap()
+    };
+
+    let out = as_nobody(&["check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for (key, words) in [
+        (
+            "sds.listen[0]",
+            format!(
+                "cannot create the socket {}",
+                run_dir.join("acme-sds/sds.sock").display()
+            ),
+        ),
+        ("sds.socket_group", "is not a member of group 0".to_owned()),
+        (
+            "storage.path",
+            format!(
+                "{} is not writable by this user (uid 65534)",
+                lib_dir.display()
+            ),
+        ),
+        ("http01.listen", "port 80 is privileged".to_owned()),
+        ("acme.directory_ca", "missing-root.pem".to_owned()),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!(": {key}: ")) && l.contains(&words)),
+            "{key} / {words}:\n{err}"
+        );
+    }
+    assert!(
+        !run_dir.join("acme-sds").exists() && !lib_dir.join("acme-sds").exists(),
+        "check created nothing"
+    );
+
+    // Root may do all of that, but for the missing root certificate.
+    let (ok, _, root_err) = check(&config);
+    assert!(!ok);
+    assert_eq!(
+        root_err.matches("acme.directory_ca").count(),
+        1,
+        "{root_err}"
+    );
+    assert!(!root_err.contains("sds.listen"), "{root_err}");
+
+    // `run` as nobody fails once, naming the path it could not create.
+    let out = as_nobody(&["run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "storage.path: storage create {}",
+            lib_dir.join("acme-sds").display()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.matches("Permission denied").count(), 1, "{err}");
+}

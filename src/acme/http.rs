@@ -66,8 +66,73 @@ pub(super) struct CaClient {
 
 /// The CA did not answer within the deadline.
 #[derive(Debug, thiserror::Error)]
-#[error("the CA did not answer within {0:?}")]
-pub struct CaTimeout(pub Duration);
+#[error("the CA did not answer {request} within {deadline:?}")]
+pub struct CaTimeout {
+    /// Method and URL.
+    pub request: String,
+    pub deadline: Duration,
+}
+
+/// The request never reached the CA, or its answer never arrived: the URL, and why in words a person can
+/// act on (DNS, connection refused, TLS, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the CA ({request}): {cause}")]
+pub struct CaUnreachable {
+    /// Method and URL.
+    pub request: String,
+    pub cause: String,
+}
+
+/// Why a request failed before any answer, from the error and its sources: the kind first (DNS lookup,
+/// connection refused, TLS), then each distinct message down the chain, without the HTTP client's own
+/// generic wrapper (`client error (Connect)`).
+fn connect_failure(e: &(dyn std::error::Error + 'static)) -> String {
+    use std::io::ErrorKind;
+    let mut kind = None;
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        // An io::Error's source() skips the error it wraps: look inside (TLS errors come wrapped twice).
+        let mut inner: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        let mut tls = false;
+        while let Some(e) = inner {
+            tls |= e.is::<rustls::Error>();
+            inner = e
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|i| i as &(dyn std::error::Error + 'static));
+        }
+        if tls {
+            kind = Some("TLS handshake failed");
+        } else if text.starts_with("dns error") {
+            kind = kind.or(Some("DNS lookup failed"));
+        } else if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            kind = kind.or(match io.kind() {
+                ErrorKind::ConnectionRefused => Some("connection refused"),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => {
+                    Some("connection reset")
+                }
+                ErrorKind::TimedOut => Some("connection timed out"),
+                ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => {
+                    Some("no route to the CA")
+                }
+                _ => None,
+            });
+        }
+        if !text.starts_with("client error") && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    let detail = parts.join(": ");
+    match kind {
+        Some(k) if detail.is_empty() => k.to_owned(),
+        Some(k) => format!("{k} ({detail})"),
+        None if detail.is_empty() => e.to_string(),
+        None => detail,
+    }
+}
 
 impl CaClient {
     pub(super) fn new(config: &AcmeConfig) -> Result<Self, Error> {
@@ -109,11 +174,17 @@ impl HttpClient for CaClient {
         &self,
         req: Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, Error>> + Send>> {
+        let request = format!("{} {}", req.method(), req.uri());
         let response = self.inner.request(req);
         let deadline = self.deadline;
         Box::pin(async move {
             let whole = async {
-                let rsp = response.await.map_err(|e| Error::Other(Box::new(e)))?;
+                let rsp = response.await.map_err(|e| {
+                    Error::Other(Box::new(CaUnreachable {
+                        request: request.clone(),
+                        cause: connect_failure(&e),
+                    }))
+                })?;
                 let (parts, body) = rsp.into_parts();
                 let body = http_body_util::Limited::new(body, MAX_BODY)
                     .collect()
@@ -122,9 +193,12 @@ impl HttpClient for CaClient {
                     .to_bytes();
                 Ok::<_, Error>((parts, body))
             };
-            let (parts, body) = tokio::time::timeout(deadline, whole)
-                .await
-                .map_err(|_| Error::Other(Box::new(CaTimeout(deadline))))??;
+            let (parts, body) = tokio::time::timeout(deadline, whole).await.map_err(|_| {
+                Error::Other(Box::new(CaTimeout {
+                    request: request.clone(),
+                    deadline,
+                }))
+            })??;
             if let Some(at) = parts
                 .headers
                 .get(http::header::RETRY_AFTER)
@@ -144,6 +218,20 @@ impl HttpClient for CaClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_to_connect_says_what_kind_and_why() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(connect_failure(&refused).starts_with("connection refused ("));
+        // As hyper-rustls hands it over: an io::Error around an io::Error around the rustls error.
+        let tls = std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        let said = connect_failure(&tls);
+        assert!(said.starts_with("TLS handshake failed ("), "{said}");
+        assert!(said.contains("UnknownIssuer"), "{said}");
+    }
 
     #[test]
     fn retry_after_as_seconds_or_a_date() {

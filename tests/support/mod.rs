@@ -544,6 +544,21 @@ pub struct Process {
     line_rx: std::sync::mpsc::Receiver<String>,
 }
 
+/// Makes `cmd` run as user `uid` and group `gid` (the tests run as root), with no other groups.
+pub fn as_user(cmd: &mut Command, uid: u32, gid: u32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only system calls between fork and exec. Groups first: only root may set them.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+            setgroups(&[Gid::from_raw(gid)])
+                .and_then(|()| setgid(Gid::from_raw(gid)))
+                .and_then(|()| setuid(Uid::from_raw(uid)))
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_acme-sds")
 }
@@ -613,18 +628,8 @@ impl Process {
     /// Like [`Process::spawn`], as user `uid` and group `gid` (the test runs as root): how an operator's
     /// service manager or container runtime starts acme-sds.
     pub fn spawn_as(uid: u32, gid: u32, args: &[&str], envs: &[(&str, &str)]) -> Process {
-        use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(bin());
-        // SAFETY: only system calls between fork and exec. Groups first: only root may set them.
-        unsafe {
-            cmd.pre_exec(move || {
-                use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
-                setgroups(&[Gid::from_raw(gid)])
-                    .and_then(|()| setgid(Gid::from_raw(gid)))
-                    .and_then(|()| setuid(Uid::from_raw(uid)))
-                    .map_err(std::io::Error::from)
-            });
-        }
+        as_user(&mut cmd, uid, gid);
         Self::spawn_command(cmd, args, envs)
     }
 
