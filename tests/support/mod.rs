@@ -728,5 +728,16 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what the daemon said (cargo test prints it only for failures).
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!(
+                "---- acme-sds log (last {} lines) ----\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
     }
 }
