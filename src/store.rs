@@ -79,6 +79,19 @@ pub fn name_segment(name: &str) -> Result<String, String> {
     Ok(segment)
 }
 
+/// A secret name as one store key segment. Names too long for one were refused by the configuration; should
+/// one get here anyway, it is stored under its hash rather than failing.
+pub fn key_segment(name: &str) -> String {
+    name_segment(name).unwrap_or_else(|_| {
+        let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+        let hex: String = digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("h-{hex}")
+    })
+}
+
 /// The storage interface. Implementations must make each `put` atomic.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -223,7 +223,7 @@ async fn envoy_with_default_sds_settings_serves_the_first_acme_certificate_in_se
         );
         y
     };
-    let (sds, mut envoy, pebble, _) = acme_topology(&bin, dir.path(), None, defaults);
+    let (sds, mut envoy, pebble, envoy_http) = acme_topology(&bin, dir.path(), None, defaults);
 
     // Before any issuance acme-sds serves a temporary certificate, marked as such, for the domains.
     let mut client = uds_client(&dir.path().join("sds.sock")).await;
@@ -253,9 +253,11 @@ async fn envoy_with_default_sds_settings_serves_the_first_acme_certificate_in_se
         }
         assert!(
             started.elapsed() < WAIT,
-            "no issued certificate through Envoy\n{}\n{}",
+            "no issued certificate through Envoy\n{}\n{}\nEnvoy's listeners: {:?}\nport {envoy_http}: {}",
             sds.log(),
-            envoy.log_text()
+            envoy.log_text(),
+            envoy.admin_get("/listeners"),
+            port_report(envoy_http)
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     };

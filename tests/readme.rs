@@ -273,16 +273,23 @@ async fn envoy_in_five_minutes_works_as_written() {
     assert!(daemon.is_some() && answered, "{script}");
 }
 
-#[test]
-fn every_toml_snippet_in_the_readme_passes_check() {
+/// A directory as the repository root is after `examples/envoy/make-certs.sh`: the README's snippets name
+/// those files.
+fn root_with_example_certs() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    let root = root.path();
-    example_copy(root);
+    example_copy(root.path());
     run_ok(
         Command::new("bash")
             .arg("examples/envoy/make-certs.sh")
-            .current_dir(root),
+            .current_dir(root.path()),
     );
+    root
+}
+
+#[test]
+fn every_toml_snippet_in_the_readme_passes_check() {
+    let root = root_with_example_certs();
+    let root = root.path();
     let snippets = blocks(None, "toml");
     assert!(snippets.len() >= 5, "{}", snippets.len());
     for (i, toml) in snippets.iter().enumerate() {
@@ -302,14 +309,8 @@ fn every_toml_snippet_in_the_readme_passes_check() {
 
 #[test]
 fn the_examples_pass_check() {
-    let root = tempfile::tempdir().unwrap();
+    let root = root_with_example_certs();
     let root = root.path();
-    example_copy(root);
-    run_ok(
-        Command::new("bash")
-            .arg("examples/envoy/make-certs.sh")
-            .current_dir(root),
-    );
     let configs: Vec<PathBuf> = vec![
         root.join("examples/envoy/acme-sds.toml"),
         repo().join("examples/envoy-acme/acme-sds.toml"),

@@ -66,7 +66,7 @@ use crate::certs::{self, CertifiedPem, MaterialError};
 use crate::config::{AcmeConfig, CertificateSource, Config, KeyType};
 use crate::registry::{Registry, SecretContent};
 use crate::sources::IssuerStatus;
-use crate::store::{SharedStore, StoreError};
+use crate::store::{SharedStore, StoreError, key_segment};
 
 pub use order::OrderError;
 
@@ -253,19 +253,6 @@ mod tests {
         assert!(pebble.cert("web").ends_with("/certs/web"));
         assert!(pebble.cert("a/b c").ends_with("/certs/x-612f622063"));
     }
-}
-
-/// A secret name as one store key segment. Names too long for one were refused by the configuration; should
-/// one get here anyway, it is stored under its hash rather than failing.
-fn key_segment(name: &str) -> String {
-    crate::store::name_segment(name).unwrap_or_else(|_| {
-        let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
-        let hex: String = digest.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("h-{hex}")
-    })
 }
 
 /// Why a stored value could not be used.

@@ -42,15 +42,7 @@ pub const ROOT_CERT_KEY: &str = "internal/root.crt";
 
 /// Store key of a leaf.
 fn leaf_key(name: &str) -> String {
-    let segment = crate::store::name_segment(name).unwrap_or_else(|_| {
-        let d = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
-        let hex: String = d.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("h-{hex}")
-    });
-    format!("internal/certs/{segment}")
+    format!("internal/certs/{}", crate::store::key_segment(name))
 }
 
 #[derive(Debug, thiserror::Error)]

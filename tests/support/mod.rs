@@ -544,6 +544,19 @@ pub struct Process {
     line_rx: std::sync::mpsc::Receiver<String>,
 }
 
+/// What holds TCP port `port` on this machine now (`ss`), for a test that finds it unreachable.
+pub fn port_report(port: u16) -> String {
+    let out = Command::new("ss").args(["-tanpe"]).output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!(":{port} ")))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("ss: {e}"),
+    }
+}
+
 /// Makes `cmd` run as user `uid` and group `gid` (the tests run as root), with no other groups.
 pub fn as_user(cmd: &mut Command, uid: u32, gid: u32) {
     use std::os::unix::process::CommandExt;
