@@ -61,11 +61,18 @@ pub struct StatusView {
     sources: Arc<std::sync::RwLock<Sources>>,
     registry: Arc<Registry>,
     limits: Limits,
+    metrics: crate::metrics::Metrics,
 }
 
 impl StatusView {
-    pub fn new(sources: Sources, registry: Arc<Registry>, limits: Limits) -> Self {
+    pub fn new(
+        sources: Sources,
+        registry: Arc<Registry>,
+        limits: Limits,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
         StatusView {
+            metrics,
             sources: Arc::new(std::sync::RwLock::new(sources)),
             registry,
             limits,
@@ -168,9 +175,7 @@ fn route(view: &StatusView, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             r
         }
         "/metrics" => {
-            let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
-                &view.secrets(),
-            ))));
+            let mut r = Response::new(Full::new(Bytes::from(view.metrics.render(&view.secrets()))));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(

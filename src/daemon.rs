@@ -17,6 +17,7 @@ use crate::access::Access;
 use crate::acme::{AcmeManager, ManagedCert};
 use crate::config::{Config, ConfigError};
 use crate::http01;
+use crate::metrics::Metrics;
 use crate::peer::Limits;
 use crate::registry::{Published, Registry, SecretContent};
 use crate::sds::{Policy, SdsService};
@@ -46,6 +47,8 @@ pub struct Running {
     registry: Arc<Registry>,
     policy: Arc<Policy>,
     limits: Limits,
+    /// The counters every part of this daemon updates, rendered by `/metrics`.
+    metrics: Metrics,
     shutdown: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
     files_token: CancellationToken,
@@ -335,6 +338,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         registry: registry.clone(),
         policy: policy.clone(),
         limits: limits.clone(),
+        metrics: Metrics::default(),
         files_token: shutdown.child_token(),
         shutdown: shutdown.clone(),
         tasks: JoinSet::new(),
@@ -367,8 +371,14 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let bound = server::bind_all(&config.sds)
         .await
         .context("starting the SDS listeners")?;
-    let service = SdsService::new(registry.clone(), policy, limits.clone(), shutdown.clone())
-        .with_stall_timeout(config.sds.stall_timeout);
+    let service = SdsService::new(
+        registry.clone(),
+        policy,
+        limits.clone(),
+        running.metrics.clone(),
+        shutdown.clone(),
+    )
+    .with_stall_timeout(config.sds.stall_timeout);
     for b in bound {
         let addr = b.describe();
         if let Bound::Tcp(_, a) = &b {
@@ -399,6 +409,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             running.sources(config),
             registry.clone(),
             limits.clone(),
+            running.metrics.clone(),
         );
         running.status = Some(view.clone());
         let token = shutdown.clone();
@@ -520,12 +531,18 @@ impl Running {
             self.http01_addr = Some(addr);
             let token = self.shutdown.clone();
             let responder_store = store.clone();
+            let metrics = self.metrics.clone();
             self.tasks.spawn(async move {
-                http01::serve(listener, responder_store, token).await;
+                http01::serve(listener, responder_store, metrics, token).await;
                 Ok(())
             });
         }
-        let manager = AcmeManager::new(acme_config, store, self.registry.clone());
+        let manager = AcmeManager::new(
+            acme_config,
+            store,
+            self.registry.clone(),
+            self.metrics.clone(),
+        );
         let token = self.shutdown.child_token();
         for handle in manager
             .start(ManagedCert::from_config(config), token.clone())

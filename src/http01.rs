@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::count_http01;
+use crate::metrics::Metrics;
 use crate::store::SharedStore;
 
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -44,7 +44,12 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn respond(store: SharedStore, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(
+    store: SharedStore,
+    metrics: &Metrics,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let count_http01 = |result: &str| metrics.count_http01(result);
     let Some(token) = req.uri().path().strip_prefix(CHALLENGE_PREFIX) else {
         count_http01("not_found");
         return plain(StatusCode::NOT_FOUND, "not found\n");
@@ -98,12 +103,17 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves HTTP-01 on `listener` until `shutdown`, then drains open connections.
-pub async fn serve(listener: TcpListener, store: SharedStore, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    store: SharedStore,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
     let make = move || {
-        let store = store.clone();
+        let (store, metrics) = (store.clone(), metrics.clone());
         hyper::service::service_fn(move |req| {
-            let store = store.clone();
-            async move { Ok::<_, Infallible>(respond(store, req).await) }
+            let (store, metrics) = (store.clone(), metrics.clone());
+            async move { Ok::<_, Infallible>(respond(store, &metrics, req).await) }
         })
     };
     crate::server::http1::serve(

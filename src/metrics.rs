@@ -1,11 +1,11 @@
 //! Prometheus metrics, through the Prometheus project's own `prometheus-client` crate.
 //!
-//! Counters and histograms live in one process-wide set that the code paths update as things happen; the
-//! per-certificate gauges (expiry, next renewal, readiness) are derived from the status view at scrape
-//! time, so they can never disagree with `/status`. Names follow Prometheus conventions: base units
+//! Counters and histograms live in a [`Metrics`] handle that the daemon creates and passes down to the code
+//! paths that update them (two daemons in one process count apart); the per-certificate gauges (expiry,
+//! next renewal, readiness) are derived from the status view at scrape time, so they can never disagree with
+//! `/status`. Names follow Prometheus conventions: base units
 //! (seconds), `_total` for counters, `_timestamp_seconds` for instants.
 
-use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
@@ -52,167 +52,182 @@ fn request_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 13))
 }
 
-/// The process-wide counters and histograms.
+/// One daemon's counters and histograms: a cheap handle, whose clones update the same series.
+#[derive(Clone)]
 pub struct Metrics {
-    pub acme_orders: Family<OrderLabels, Counter>,
-    pub acme_request_duration: Timings,
-    pub sds_streams: Family<RpcLabel, Gauge>,
-    pub sds_pushes: Counter,
+    acme_orders: Family<OrderLabels, Counter>,
+    acme_request_duration: Timings,
+    sds_streams: Family<RpcLabel, Gauge>,
+    sds_pushes: Counter,
     /// Per configured secret only: a caller can name anything, and must not be able to create series.
-    pub sds_nacks: Family<NameLabel, Counter>,
+    sds_nacks: Family<NameLabel, Counter>,
     /// Everything about names that are not configured, in one series.
-    pub sds_unconfigured_names: Counter,
-    pub http01_requests: Family<ResultLabel, Counter>,
+    sds_unconfigured_names: Counter,
+    http01_requests: Family<ResultLabel, Counter>,
 }
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
-    acme_orders: Family::default(),
-    acme_request_duration: Family::new_with_constructor(request_histogram),
-    sds_streams: Family::default(),
-    sds_pushes: Counter::default(),
-    sds_nacks: Family::default(),
-    sds_unconfigured_names: Counter::default(),
-    http01_requests: Family::default(),
-});
-
-/// Records one ACME action's duration and outcome.
-pub fn observe_acme(action: &str, status: &str, started: Instant) {
-    METRICS
-        .acme_request_duration
-        .get_or_create(&RequestLabels {
-            action: action.to_owned(),
-            status: status.to_owned(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
-pub fn count_order(name: &str, result: &str) {
-    METRICS
-        .acme_orders
-        .get_or_create(&OrderLabels {
-            name: name.to_owned(),
-            result: result.to_owned(),
-        })
-        .inc();
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            acme_orders: Family::default(),
+            acme_request_duration: Family::new_with_constructor(request_histogram),
+            sds_streams: Family::default(),
+            sds_pushes: Counter::default(),
+            sds_nacks: Family::default(),
+            sds_unconfigured_names: Counter::default(),
+            http01_requests: Family::default(),
+        }
+    }
 }
 
-pub fn count_http01(result: &str) {
-    METRICS
-        .http01_requests
-        .get_or_create(&ResultLabel {
-            result: result.to_owned(),
-        })
-        .inc();
-}
+impl Metrics {
+    /// Records one ACME action's duration and outcome.
+    pub fn observe_acme(&self, action: &str, status: &str, started: Instant) {
+        self.acme_request_duration
+            .get_or_create(&RequestLabels {
+                action: action.to_owned(),
+                status: status.to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
 
-/// Counts a NACK of a configured secret (callers check; see [`Metrics::sds_nacks`]).
-pub fn count_nack(name: &str) {
-    METRICS
-        .sds_nacks
-        .get_or_create(&NameLabel {
-            name: crate::registry::canonical_name(name).to_owned(),
-        })
-        .inc();
-}
+    pub fn count_order(&self, name: &str, result: &str) {
+        self.acme_orders
+            .get_or_create(&OrderLabels {
+                name: name.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
 
-/// Counts names that are not configured, subscribed to, fetched or NACKed.
-pub fn count_unconfigured(n: u64) {
-    METRICS.sds_unconfigured_names.inc_by(n);
-}
+    pub fn count_http01(&self, result: &str) {
+        self.http01_requests
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
 
-pub fn stream_opened(rpc: &str, delta: i64) {
-    METRICS
-        .sds_streams
-        .get_or_create(&RpcLabel {
-            rpc: rpc.to_owned(),
-        })
-        .inc_by(delta);
-}
+    /// Counts a NACK of a configured secret (callers check; see [`Metrics::sds_nacks`]).
+    pub fn count_nack(&self, name: &str) {
+        self.sds_nacks
+            .get_or_create(&NameLabel {
+                name: crate::registry::canonical_name(name).to_owned(),
+            })
+            .inc();
+    }
 
-/// The whole exposition: process-wide metrics plus per-certificate gauges from `secrets`.
-pub fn render(secrets: &[SecretStatus]) -> String {
-    let mut registry = Registry::default();
-    let m = &*METRICS;
-    registry.register(
-        "acme_sds_acme_orders",
-        "ACME orders finished, by certificate and result (issued, failed)",
-        m.acme_orders.clone(),
-    );
-    registry.register(
+    /// Counts names that are not configured, subscribed to, fetched or NACKed.
+    pub fn count_unconfigured(&self, n: u64) {
+        self.sds_unconfigured_names.inc_by(n);
+    }
+
+    /// Counts one SDS response sent.
+    pub fn count_push(&self) {
+        self.sds_pushes.inc();
+    }
+
+    /// An SDS stream of `rpc` opened (`delta` 1) or closed (-1).
+    pub fn stream_opened(&self, rpc: &str, delta: i64) {
+        self.sds_streams
+            .get_or_create(&RpcLabel {
+                rpc: rpc.to_owned(),
+            })
+            .inc_by(delta);
+    }
+
+    /// The whole exposition: the counters plus per-certificate gauges from `secrets`.
+    pub fn render(&self, secrets: &[SecretStatus]) -> String {
+        let mut registry = Registry::default();
+        let m = self;
+        registry.register(
+            "acme_sds_acme_orders",
+            "ACME orders finished, by certificate and result (issued, failed)",
+            m.acme_orders.clone(),
+        );
+        registry.register(
         "acme_sds_acme_request_duration_seconds",
         "Duration of ACME actions (account, new_order, challenge, validation, finalize, certificate, renewal_info), by action and status",
         m.acme_request_duration.clone(),
     );
-    registry.register(
-        "acme_sds_sds_streams",
-        "Open SDS streams, by RPC (sotw, delta, fetch)",
-        m.sds_streams.clone(),
-    );
-    registry.register(
-        "acme_sds_sds_pushes",
-        "SDS responses sent",
-        m.sds_pushes.clone(),
-    );
-    registry.register(
-        "acme_sds_sds_nacks",
-        "Secrets Envoy rejected (NACKed), by configured secret",
-        m.sds_nacks.clone(),
-    );
-    registry.register(
+        registry.register(
+            "acme_sds_sds_streams",
+            "Open SDS streams, by RPC (sotw, delta, fetch)",
+            m.sds_streams.clone(),
+        );
+        registry.register(
+            "acme_sds_sds_pushes",
+            "SDS responses sent",
+            m.sds_pushes.clone(),
+        );
+        registry.register(
+            "acme_sds_sds_nacks",
+            "Secrets Envoy rejected (NACKed), by configured secret",
+            m.sds_nacks.clone(),
+        );
+        registry.register(
         "acme_sds_sds_unconfigured_names",
         "Names that are not configured, in SDS subscriptions, fetches and NACKs (all in one series)",
         m.sds_unconfigured_names.clone(),
     );
-    registry.register(
-        "acme_sds_http01_requests",
-        "HTTP-01 responder requests, by result",
-        m.http01_requests.clone(),
-    );
+        registry.register(
+            "acme_sds_http01_requests",
+            "HTTP-01 responder requests, by result",
+            m.http01_requests.clone(),
+        );
 
-    let not_after = Family::<NameLabel, Gauge<f64, AtomicU64>>::default();
-    let renewal = Family::<NameLabel, Gauge<f64, AtomicU64>>::default();
-    let ready = Family::<NameLabel, Gauge>::default();
-    let ts = |s: &Option<String>| {
-        s.as_deref()
-            .and_then(|t| {
-                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-            })
-            .map(|t| t.unix_timestamp() as f64)
-    };
-    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
-    for s in secrets.iter().filter(|s| s.source != "trust_bundle") {
-        let label = NameLabel {
-            name: s.name.clone(),
+        let not_after = Family::<NameLabel, Gauge<f64, AtomicU64>>::default();
+        let renewal = Family::<NameLabel, Gauge<f64, AtomicU64>>::default();
+        let ready = Family::<NameLabel, Gauge>::default();
+        let ts = |s: &Option<String>| {
+            s.as_deref()
+                .and_then(|t| {
+                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .map(|t| t.unix_timestamp() as f64)
         };
-        // A temporary stand-in is not the certificate: neither its expiry nor readiness is reported.
-        let expiry = ts(&s.not_after).filter(|_| !s.temporary);
-        if let Some(t) = expiry {
-            not_after.get_or_create(&label).set(t);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+        for s in secrets.iter().filter(|s| s.source != "trust_bundle") {
+            let label = NameLabel {
+                name: s.name.clone(),
+            };
+            // A temporary stand-in is not the certificate: neither its expiry nor readiness is reported.
+            let expiry = ts(&s.not_after).filter(|_| !s.temporary);
+            if let Some(t) = expiry {
+                not_after.get_or_create(&label).set(t);
+            }
+            if let Some(t) = ts(&s.next_renewal) {
+                renewal.get_or_create(&label).set(t);
+            }
+            let valid = s.serving && !s.temporary && expiry.is_some_and(|t| t > now);
+            ready.get_or_create(&label).set(i64::from(valid));
         }
-        if let Some(t) = ts(&s.next_renewal) {
-            renewal.get_or_create(&label).set(t);
+        registry.register(
+            "acme_sds_certificate_not_after_timestamp_seconds",
+            "Expiry (not-after) of the certificate being served, as a Unix time",
+            not_after,
+        );
+        registry.register(
+            "acme_sds_certificate_renewal_timestamp_seconds",
+            "Next planned renewal of an ACME certificate, as a Unix time",
+            renewal,
+        );
+        registry.register(
+            "acme_sds_certificate_ready",
+            "1 when a valid (unexpired) certificate is being served",
+            ready,
+        );
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
         }
-        let valid = s.serving && !s.temporary && expiry.is_some_and(|t| t > now);
-        ready.get_or_create(&label).set(i64::from(valid));
+        out
     }
-    registry.register(
-        "acme_sds_certificate_not_after_timestamp_seconds",
-        "Expiry (not-after) of the certificate being served, as a Unix time",
-        not_after,
-    );
-    registry.register(
-        "acme_sds_certificate_renewal_timestamp_seconds",
-        "Next planned renewal of an ACME certificate, as a Unix time",
-        renewal,
-    );
-    registry.register(
-        "acme_sds_certificate_ready",
-        "1 when a valid (unexpired) certificate is being served",
-        ready,
-    );
-    let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
-        out.clear();
-    }
-    out
 }

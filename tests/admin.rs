@@ -85,3 +85,30 @@ async fn health_readiness_and_status() {
         "trust bundles have no certificate gauges"
     );
 }
+
+/// Two daemons in one process count apart: each one's metrics are its own (no process-wide counters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_in_one_process_keep_their_own_metrics() {
+    let pki = Pki::new();
+    let start = |dir: tempfile::TempDir| {
+        let (crt, key) = pki.leaf(&["www.example.com"]).write(dir.path(), "web");
+        let tables = format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+            cert_table("web", &crt, &key)
+        );
+        async move { Daemon::start(dir, &tables).await }
+    };
+    let busy = start(tempfile::tempdir().unwrap()).await;
+    let idle = start(tempfile::tempdir().unwrap()).await;
+    let mut client = busy.client().await;
+    let (_s, _) = SotwStream::subscribed(&mut client, &["web"]).await;
+    let pushes = |d: &Daemon| {
+        let (_, m) = get(d.running().admin_addr().unwrap(), "/metrics");
+        m.lines()
+            .find(|l| l.starts_with("acme_sds_sds_pushes_total "))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    assert_eq!(pushes(&busy), "acme_sds_sds_pushes_total 1");
+    assert_eq!(pushes(&idle), "acme_sds_sds_pushes_total 0");
+}

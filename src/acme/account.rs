@@ -11,6 +11,7 @@ use instant_acme::{Account, AccountCredentials, ExternalAccountKey, NewAccount};
 
 use super::{Keys, OrderError};
 use crate::config::AcmeConfig;
+use crate::metrics::Metrics;
 use crate::store::SharedStore;
 
 type Loading = Shared<BoxFuture<'static, Result<Account, Arc<OrderError>>>>;
@@ -35,6 +36,7 @@ impl AccountSlot {
         config: &AcmeConfig,
         keys: &Keys,
         store: &SharedStore,
+        metrics: &Metrics,
     ) -> Result<Account, OrderError> {
         let loading = {
             let mut slot = self.lock();
@@ -42,8 +44,9 @@ impl AccountSlot {
                 Some(f) => f.clone(),
                 None => {
                     let (config, keys, store) = (config.clone(), keys.clone(), store.clone());
+                    let metrics = metrics.clone();
                     let f = async move {
-                        load_or_create(&config, &keys, &store)
+                        load_or_create(&config, &keys, &store, &metrics)
                             .await
                             .map_err(Arc::new)
                     }
@@ -85,6 +88,7 @@ async fn load_or_create(
     config: &AcmeConfig,
     keys: &Keys,
     store: &SharedStore,
+    metrics: &Metrics,
 ) -> Result<Account, OrderError> {
     let key = keys.account();
     if let Some(entry) = store.get(&key).await? {
@@ -93,6 +97,7 @@ async fn load_or_create(
                 // Re-read for every attempt: the credentials are consumed, and they parse (just checked).
                 let creds = || serde_json::from_slice::<AccountCredentials>(&entry.value);
                 let account = retrying!(
+                    metrics,
                     "account",
                     builder(config)?
                         .from_credentials(creds().map_err(|e| OrderError::Other(e.to_string()))?)
@@ -122,6 +127,7 @@ async fn load_or_create(
         only_return_existing: false,
     };
     let (account, creds) = retrying!(
+        metrics,
         "account",
         builder(config)?.create(&new, config.directory.clone(), eab.as_ref())
     )

@@ -19,13 +19,13 @@
 //! live under `challenges/<token>` for every CA.
 
 /// Runs one request to the CA (an expression, evaluated again for every attempt), retrying transient
-/// failures as the module docs say; records every attempt's duration and outcome.
+/// failures as the module docs say; records every attempt's duration and outcome in `$metrics`.
 macro_rules! retrying {
-    ($action:literal, $call:expr) => {{
+    ($metrics:expr, $action:literal, $call:expr) => {{
         let mut attempt = 1u32;
         loop {
             let _ = $crate::acme::http::take_retry_after();
-            match $crate::acme::order::timed($action, $call).await {
+            match $crate::acme::order::timed($metrics, $action, $call).await {
                 Err(e) if $crate::acme::order::again(&e, attempt) => {
                     let wait = match $crate::acme::http::take_retry_after() {
                         Some(w) if w > $crate::acme::order::MAX_RETRY_AFTER => break Err(e),
@@ -64,6 +64,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::certs::{self, CertifiedPem, MaterialError};
 use crate::config::{AcmeConfig, CertificateSource, Config, KeyType};
+use crate::metrics::Metrics;
 use crate::registry::{Registry, SecretContent};
 use crate::sources::IssuerStatus;
 use crate::store::{SharedStore, StoreError, key_segment};
@@ -271,6 +272,7 @@ pub struct AcmeManager {
     keys: Keys,
     store: SharedStore,
     registry: Arc<Registry>,
+    metrics: Metrics,
     orders: Arc<Semaphore>,
     account: account::AccountSlot,
     tasks: tokio_util::task::TaskTracker,
@@ -283,7 +285,12 @@ struct Current {
 }
 
 impl AcmeManager {
-    pub fn new(config: AcmeConfig, store: SharedStore, registry: Arc<Registry>) -> Arc<Self> {
+    pub fn new(
+        config: AcmeConfig,
+        store: SharedStore,
+        registry: Arc<Registry>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
         Arc::new(AcmeManager {
             status: Default::default(),
             keys: Keys::for_directory(&config.directory),
@@ -292,6 +299,7 @@ impl AcmeManager {
             config,
             store,
             registry,
+            metrics,
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }
@@ -580,7 +588,7 @@ impl AcmeManager {
             let Some(result) = result else { return };
             match result {
                 Ok((stored, pem)) => {
-                    crate::metrics::count_order(&cert.name, "issued");
+                    self.metrics.count_order(&cert.name, "issued");
                     // Stored first (a crash after this serves it at the next start); published whatever
                     // the store said (an issued certificate is never thrown away).
                     let saved = self.save_cert(&cert.name, &stored).await;
@@ -614,7 +622,7 @@ impl AcmeManager {
                     current = Some(Current { stored, saved });
                 }
                 Err(e) => {
-                    crate::metrics::count_order(&cert.name, "failed");
+                    self.metrics.count_order(&cert.name, "failed");
                     if e.account_gone() {
                         tracing::warn!(
                             "the CA no longer knows the stored ACME account; a new one will be created"
@@ -711,7 +719,7 @@ impl AcmeManager {
     async fn ari_time(&self, cert: &ManagedCert, stored: &StoredCert) -> Option<OffsetDateTime> {
         let account = self
             .account
-            .get(&self.config, &self.keys, &self.store)
+            .get(&self.config, &self.keys, &self.store, &self.metrics)
             .await
             .ok()?;
         let der = order::leaf_der(&stored.chain_pem)?;
@@ -745,12 +753,20 @@ impl AcmeManager {
             .map_err(|_| OrderError::Other("order limiter closed".into()))?;
         let account = self
             .account
-            .get(&self.config, &self.keys, &self.store)
+            .get(&self.config, &self.keys, &self.store, &self.metrics)
             .await?;
         let limit = self.config.request_timeout * ORDER_TIMEOUTS;
         let ran = tokio::time::timeout(
             limit,
-            order::run(&account, cert, current, &self.store, &self.keys, tokens),
+            order::run(
+                &account,
+                cert,
+                current,
+                &self.store,
+                &self.keys,
+                &self.metrics,
+                tokens,
+            ),
         )
         .await
         .map_err(|_| {

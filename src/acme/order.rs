@@ -25,6 +25,7 @@ use super::{Keys, ManagedCert, StoredCert};
 use crate::certs::MaterialError;
 use crate::config::KeyType;
 use crate::http01::challenge_key;
+use crate::metrics::Metrics;
 use crate::store::{SharedStore, StoreError};
 
 /// Attempts per request to the CA.
@@ -248,12 +249,13 @@ pub(super) fn outcome<T>(r: &Result<T, instant_acme::Error>) -> &'static str {
 
 /// Runs one ACME action, recording its duration and outcome.
 pub(super) async fn timed<T>(
+    metrics: &Metrics,
     action: &'static str,
     fut: impl std::future::Future<Output = Result<T, instant_acme::Error>>,
 ) -> Result<T, instant_acme::Error> {
     let started = std::time::Instant::now();
     let r = fut.await;
-    crate::metrics::observe_acme(action, outcome(&r), started);
+    metrics.observe_acme(action, outcome(&r), started);
     r
 }
 
@@ -293,12 +295,13 @@ pub(super) async fn run(
     current: Option<&StoredCert>,
     store: &SharedStore,
     keys: &Keys,
+    metrics: &Metrics,
     tokens: &mut Vec<String>,
 ) -> Result<(String, String), OrderError> {
     let mut record = load_record(store, keys, cert).await;
     let mut order = None;
     if let Some(r) = &record {
-        match retrying!("order", account.order(r.url.clone())) {
+        match retrying!(metrics, "order", account.order(r.url.clone())) {
             Ok(mut o) => {
                 if o.state().status == OrderStatus::Invalid {
                     // It failed while nobody was watching (a crash before the failure was recorded): that is
@@ -321,7 +324,7 @@ pub(super) async fn run(
     let mut order = match order {
         Some(o) => o,
         None => {
-            let o = new_order(account, cert, current).await?;
+            let o = new_order(account, cert, current, metrics).await?;
             let r = OrderRecord {
                 url: o.url().to_owned(),
                 domains: cert.domains.clone(),
@@ -338,8 +341,8 @@ pub(super) async fn run(
 
     let mut status = order.state().status;
     if status == OrderStatus::Pending {
-        authorize(&mut order, cert, store, tokens).await?;
-        status = retrying!("validation", order.poll_ready(&POLL))
+        authorize(&mut order, cert, store, metrics, tokens).await?;
+        status = retrying!(metrics, "validation", order.poll_ready(&POLL))
             .map_err(|e| OrderError::acme("waiting for validation", e))?;
         if status == OrderStatus::Ready {
             tracing::info!(secret = %cert.name, domains = ?cert.domains, "domains validated");
@@ -364,9 +367,9 @@ pub(super) async fn run(
             // The certificate will be for this key: it is stored before the CA is asked for it.
             record.key_pem = Some(zeroize::Zeroizing::new(key.serialize_pem()));
             save_record(store, keys, &cert.name, &record).await;
-            if let Err(e) = retrying!("finalize", order.finalize_csr(csr.der())) {
+            if let Err(e) = retrying!(metrics, "finalize", order.finalize_csr(csr.der())) {
                 // An earlier attempt may have reached the CA with its answer lost on the way back.
-                let state = retrying!("order", order.refresh())
+                let state = retrying!(metrics, "order", order.refresh())
                     .map_err(|_| OrderError::acme("finalizing the order", e))?;
                 if !matches!(state.status, OrderStatus::Processing | OrderStatus::Valid) {
                     return Err(OrderError::Other(format!(
@@ -383,7 +386,7 @@ pub(super) async fn run(
             "the stored order was finalized with a key that was not stored; ordering again".into(),
         )
     })?;
-    let chain = retrying!("certificate", order.poll_certificate(&POLL))
+    let chain = retrying!(metrics, "certificate", order.poll_certificate(&POLL))
         .map_err(|e| OrderError::acme("downloading the certificate", e))?;
     Ok((chain, key_pem.to_string()))
 }
@@ -395,6 +398,7 @@ async fn new_order(
     account: &Account,
     cert: &ManagedCert,
     current: Option<&StoredCert>,
+    metrics: &Metrics,
 ) -> Result<instant_acme::Order, OrderError> {
     let ids: Vec<Identifier> = cert
         .domains
@@ -409,7 +413,7 @@ async fn new_order(
         .and_then(|der| instant_acme::CertificateIdentifier::try_from(der).ok());
     if let Some(id) = replaces {
         let with = NewOrder::new(&ids).replaces(id);
-        match retrying!("new_order", account.new_order(&with)) {
+        match retrying!(metrics, "new_order", account.new_order(&with)) {
             Ok(order) => return Ok(order),
             Err(instant_acme::Error::Unsupported(_)) => {}
             Err(e @ instant_acme::Error::Api(_)) if !transient(&e) && !is_rate_limit(&e) => {
@@ -418,8 +422,12 @@ async fn new_order(
             Err(e) => return Err(OrderError::acme("creating the order", e)),
         }
     }
-    retrying!("new_order", account.new_order(&NewOrder::new(&ids)))
-        .map_err(|e| OrderError::acme("creating the order", e))
+    retrying!(
+        metrics,
+        "new_order",
+        account.new_order(&NewOrder::new(&ids))
+    )
+    .map_err(|e| OrderError::acme("creating the order", e))
 }
 
 fn is_rate_limit(e: &instant_acme::Error) -> bool {
@@ -433,12 +441,13 @@ async fn authorize(
     order: &mut instant_acme::Order,
     cert: &ManagedCert,
     store: &SharedStore,
+    metrics: &Metrics,
     tokens: &mut Vec<String>,
 ) -> Result<(), OrderError> {
     let mut done = std::collections::HashSet::new();
     let mut attempt = 1u32;
     loop {
-        match authorize_pass(order, cert, store, tokens, &mut done).await {
+        match authorize_pass(order, cert, store, metrics, tokens, &mut done).await {
             Err(OrderError::Acme { stage, source }) if again(&source, attempt) => {
                 let wait = backoff(attempt);
                 tracing::info!(attempt, error = %source, "{stage} failed; retrying in {:.2} s", wait.as_secs_f32());
@@ -454,6 +463,7 @@ async fn authorize_pass(
     order: &mut instant_acme::Order,
     cert: &ManagedCert,
     store: &SharedStore,
+    metrics: &Metrics,
     tokens: &mut Vec<String>,
     done: &mut std::collections::HashSet<String>,
 ) -> Result<(), OrderError> {
@@ -497,7 +507,7 @@ async fn authorize_pass(
         tracing::info!(secret = %cert.name, domain, token, "HTTP-01 challenge published");
         // A resumed order's challenge may already be on its way: asking again is not needed.
         if challenge.status == ChallengeStatus::Pending {
-            retrying!("challenge", challenge.set_ready())
+            retrying!(metrics, "challenge", challenge.set_ready())
                 .map_err(|e| OrderError::acme("asking the CA to validate", e))?;
         }
         done.insert(domain);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tonic::{Request, Status};
 
 use super::policy::Policy;
+use crate::metrics::Metrics;
 use crate::peer::{Limits, Peer, StreamSlot};
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::google::rpc;
@@ -68,6 +69,7 @@ pub struct StreamContext {
     /// The generation of rules every subscribed name was last checked against.
     checked: u64,
     throttles: Arc<Throttles>,
+    metrics: Metrics,
     /// When the oldest response not yet acknowledged (ACK or NACK) was sent.
     unacked_since: Option<std::time::Instant>,
     slot: StreamSlot,
@@ -81,6 +83,7 @@ impl StreamContext {
         policy: Arc<Policy>,
         limits: &Limits,
         throttles: Arc<Throttles>,
+        metrics: Metrics,
     ) -> Result<Self, Status> {
         let peer = request
             .extensions()
@@ -96,7 +99,7 @@ impl StreamContext {
                 return Err(Status::resource_exhausted(refused.to_string()));
             }
         };
-        crate::metrics::stream_opened(rpc, 1);
+        metrics.stream_opened(rpc, 1);
         let checked = policy.generation();
         let ctx = StreamContext {
             id,
@@ -106,6 +109,7 @@ impl StreamContext {
             policy,
             checked,
             throttles,
+            metrics,
             unacked_since: None,
             slot,
         };
@@ -222,8 +226,16 @@ impl StreamContext {
 
     /// A response went out.
     pub(crate) fn sent(&mut self) {
+        self.metrics.count_push();
         self.unacked_since
             .get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// Counts names this stream asked for that are not configured (one series for all of them).
+    pub(crate) fn count_unconfigured(&self, n: usize) {
+        if n > 0 {
+            self.metrics.count_unconfigured(n as u64);
+        }
     }
 
     /// The client answered (ACK or NACK) the latest response.
@@ -243,14 +255,12 @@ impl StreamContext {
         let mut unconfigured = 0;
         for name in names {
             if self.is_configured(name) {
-                crate::metrics::count_nack(name);
+                self.metrics.count_nack(name);
             } else {
                 unconfigured += 1;
             }
         }
-        if unconfigured > 0 {
-            crate::metrics::count_unconfigured(unconfigured);
-        }
+        self.count_unconfigured(unconfigured);
         let Some(held_back) = self.throttles.nacks.allow() else {
             return;
         };
@@ -279,7 +289,7 @@ impl StreamContext {
 
 impl Drop for StreamContext {
     fn drop(&mut self) {
-        crate::metrics::stream_opened(self.rpc, -1);
+        self.metrics.stream_opened(self.rpc, -1);
         tracing::debug!(stream = self.id, rpc = self.rpc, peer = %self.peer, node = self.node_id(), "SDS stream closed");
     }
 }

@@ -105,7 +105,6 @@ impl Delta {
         self.nonce += 1;
         self.last_sent = resources.iter().map(|r| r.name.clone()).collect();
         self.ctx.sent();
-        crate::metrics::METRICS.sds_pushes.inc();
         tracing::debug!(
             stream = self.ctx.id,
             node = self.ctx.node_id(),
@@ -197,9 +196,7 @@ impl Protocol for Delta {
         self.ctx
             .authorize(adding(), self.watched.iter().map(|w| w.requested.as_str()))?;
         let unconfigured = adding().filter(|n| !self.ctx.is_configured(n)).count();
-        if unconfigured > 0 {
-            crate::metrics::count_unconfigured(unconfigured as u64);
-        }
+        self.ctx.count_unconfigured(unconfigured);
         self.ctx.set_name_count(total)?;
         for i in again {
             // Subscribing again asks for the resource again.

@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, ReusableBoxFuture, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::Metrics;
 use crate::peer::Limits;
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -56,6 +57,7 @@ pub struct SdsService {
     registry: Arc<Registry>,
     policy: Arc<Policy>,
     limits: Limits,
+    metrics: Metrics,
     stall_timeout: std::time::Duration,
     shutdown: CancellationToken,
     stream_ids: Arc<AtomicU64>,
@@ -75,12 +77,14 @@ impl SdsService {
         registry: Arc<Registry>,
         policy: Arc<Policy>,
         limits: Limits,
+        metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Self {
         SdsService {
             registry,
             policy,
             limits,
+            metrics,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             shutdown,
             stream_ids: Arc::new(AtomicU64::new(1)),
@@ -109,6 +113,7 @@ impl SdsService {
             self.policy.clone(),
             &self.limits,
             self.throttles.clone(),
+            self.metrics.clone(),
         )
     }
 
@@ -169,9 +174,7 @@ impl SecretDiscoveryService for SdsService {
         }
         ctx.authorize(names.iter().map(String::as_str), [])?;
         let unconfigured = names.iter().filter(|n| !ctx.is_configured(n)).count();
-        if unconfigured > 0 {
-            crate::metrics::count_unconfigured(unconfigured as u64);
-        }
+        ctx.count_unconfigured(unconfigured);
         let mut resources = Vec::new();
         let mut versions = Vec::new();
         let mut missing = Vec::new();
@@ -475,6 +478,7 @@ pub fn fuzz_requests(registry: &Arc<Registry>, inputs: &[&[u8]]) {
         registry.clone(),
         Arc::new(Policy::default()),
         Limits::default(),
+        Metrics::default(),
         CancellationToken::new(),
     );
     let ctx = || service.context("fuzz", &Request::new(()));

@@ -105,7 +105,6 @@ impl Sotw {
         }
         self.nonce += 1;
         self.ctx.sent();
-        crate::metrics::METRICS.sds_pushes.inc();
         let version_info = combined_version(
             self.watched
                 .iter()
@@ -170,9 +169,7 @@ impl Protocol for Sotw {
             self.ctx
                 .authorize(adding.iter().copied(), held.iter().copied())?;
             let unconfigured = adding.iter().filter(|n| !self.ctx.is_configured(n)).count();
-            if unconfigured > 0 {
-                crate::metrics::count_unconfigured(unconfigured as u64);
-            }
+            self.ctx.count_unconfigured(unconfigured);
             self.ctx.set_name_count(names.len())?;
             self.subscribe(names);
         }
