@@ -57,7 +57,7 @@ pub struct Running {
     store_dir: Option<std::path::PathBuf>,
     acme: Option<AcmeRuntime>,
     internal: Option<InternalRuntime>,
-    status: Option<crate::admin::StatusView>,
+    status: Option<crate::ops::status::StatusView>,
     addresses: Vec<String>,
     tcp: Vec<SocketAddr>,
     http01_addr: Option<SocketAddr>,
@@ -405,16 +405,19 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         let local = listener.local_addr().context("admin listener address")?;
         tracing::info!(listen = %local, "admin listening (/metrics, /healthz, /readyz, /status)");
         running.admin_addr = Some(local);
-        let view = crate::admin::StatusView::new(
+        let view = crate::ops::status::StatusView::new(
             running.sources(config),
             registry.clone(),
             limits.clone(),
-            running.metrics.clone(),
         );
         running.status = Some(view.clone());
         let token = shutdown.clone();
+        let admin = crate::ops::admin::Admin {
+            status: view,
+            metrics: running.metrics.clone(),
+        };
         running.tasks.spawn(async move {
-            crate::admin::serve(listener, view, token).await;
+            crate::ops::admin::serve(listener, admin, token).await;
             Ok(())
         });
     }
@@ -433,8 +436,8 @@ impl Running {
     }
 
     /// What the status view reads.
-    fn sources(&self, config: &Config) -> crate::admin::Sources {
-        crate::admin::Sources {
+    fn sources(&self, config: &Config) -> crate::ops::status::Sources {
+        crate::ops::status::Sources {
             config: Arc::new(config.clone()),
             acme: self.acme.as_ref().map(|a| a.manager.clone()),
             internal: self.internal.as_ref().map(|i| i.issuer.clone()),

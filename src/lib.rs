@@ -3,17 +3,17 @@
 //! Data flows one way: [`config`] → certificate sources ([`sources`] for files, [`acme`] for ACME) →
 //! [`store`] (persisted) → [`registry`] (watchable, versioned, encoded once) → [`sds`] streams → Envoy. The
 //! [`http01`] responder reads pending challenges from the store. [`daemon`] wires them together; [`server`]
-//! owns the SDS listeners.
+//! owns the SDS listeners; [`ops`] tells the status of it all (`/status`, `acme-sds status`, metrics).
 
 pub mod access;
 pub mod acme;
-pub mod admin;
 pub mod bootstrap;
 pub mod certs;
 pub mod config;
 pub mod daemon;
 pub mod http01;
 pub mod metrics;
+pub mod ops;
 pub mod peer;
 pub mod proto;
 pub mod registry;

@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 use acme_sds::certs;
 use acme_sds::config::{self, CertificateSource, Config, ConfigError};
 use acme_sds::daemon;
+use acme_sds::ops::status::{SecretStatus, Source};
 use acme_sds::registry::SecretContent;
 use acme_sds::sources::files::FileSource;
 
@@ -307,7 +308,7 @@ fn status(path: Option<&Path>) -> ExitCode {
     }
 }
 
-fn status_from_daemon(admin: std::net::SocketAddr) -> Option<Vec<acme_sds::admin::SecretStatus>> {
+fn status_from_daemon(admin: std::net::SocketAddr) -> Option<Vec<SecretStatus>> {
     use std::io::{Read, Write};
     let mut addr = admin;
     if addr.ip().is_unspecified() {
@@ -329,118 +330,24 @@ fn status_from_daemon(admin: std::net::SocketAddr) -> Option<Vec<acme_sds::admin
     serde_json::from_value(v.get("secrets")?.clone()).ok()
 }
 
-fn status_from_disk(config: &Config) -> anyhow::Result<Vec<acme_sds::admin::SecretStatus>> {
-    use acme_sds::admin::SecretStatus;
-    let mut rows = Vec::new();
-    let mut files = FileSource::from_config(config);
-    let loaded = files.load_all().unwrap_or_default();
+/// The status read from the files and the store (no daemon answered), through the daemon's own code.
+fn status_from_disk(config: &Config) -> anyhow::Result<Vec<SecretStatus>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let store = if config.storage.path.is_dir() {
-        // Read-only and unlocked: a running daemon holds the store, and this must not disturb it.
-        Some(acme_sds::store::FsStore::open_read_only(
-            &config.storage.path,
-        )?)
-    } else {
-        None
-    };
-    let keys = config
-        .acme
-        .as_ref()
-        .map(|a| acme_sds::acme::Keys::for_directory(&a.directory));
-    let fmt = |t: time::OffsetDateTime| certs::format_time(t);
-    for c in &config.certificates {
-        let mut row = SecretStatus {
-            name: c.name.clone(),
-            source: String::new(),
-            domains: Vec::new(),
-            serving: false,
-            temporary: false,
-            version: None,
-            serial: None,
-            not_before: None,
-            not_after: None,
-            next_renewal: None,
-            last_error: None,
-            next_retry: None,
-            subscribed_streams: None,
-        };
-        match &c.source {
-            CertificateSource::Files { .. } => {
-                row.source = "files".into();
-                match loaded.iter().find(|(n, _)| n == &c.name) {
-                    Some((_, SecretContent::TlsCertificate(p))) => {
-                        row.serving = true;
-                        row.domains = p.leaf.dns_names.clone();
-                        row.serial = Some(p.leaf.serial.clone());
-                        row.not_before = Some(fmt(p.leaf.not_before));
-                        row.not_after = Some(fmt(p.leaf.not_after));
-                    }
-                    _ => {
-                        row.last_error =
-                            Some("the files cannot be loaded (run `acme-sds check`)".into())
-                    }
-                }
-            }
-            CertificateSource::Internal { domains, .. } => {
-                row.source = "internal".into();
-                row.domains = domains.clone();
-                let stored = store.as_ref().and_then(|s| {
-                    runtime.block_on(acme_sds::sources::internal::stored_status(s, &c.name))
-                });
-                if let Some(p) = stored {
-                    row.serving = true;
-                    row.serial = Some(p.leaf.serial.clone());
-                    row.not_before = Some(fmt(p.leaf.not_before));
-                    row.not_after = Some(fmt(p.leaf.not_after));
-                    row.next_renewal =
-                        Some(fmt(acme_sds::sources::internal::renewal_time(&p.leaf)));
-                }
-            }
-            CertificateSource::Acme { domains, .. } => {
-                row.source = "acme".into();
-                row.domains = domains.clone();
-                if let (Some(store), Some(keys)) = (&store, &keys) {
-                    let (cert, state) =
-                        runtime.block_on(acme_sds::acme::stored_status(store, keys, &c.name));
-                    if let Some(p) = cert {
-                        row.serving = true;
-                        row.serial = Some(p.leaf.serial.clone());
-                        row.not_before = Some(fmt(p.leaf.not_before));
-                        row.not_after = Some(fmt(p.leaf.not_after));
-                        row.next_renewal = Some(fmt(acme_sds::acme::schedule::lifetime_renewal(
-                            p.leaf.not_before,
-                            p.leaf.not_after,
-                        )));
-                    }
-                    if state.failures > 0 {
-                        row.last_error = state.last_error;
-                        row.next_retry = state
-                            .next_attempt_at
-                            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
-                            .map(fmt);
-                    }
-                }
-            }
-        }
-        rows.push(row);
-    }
-    Ok(rows)
+    Ok(runtime.block_on(acme_sds::ops::status::offline(config))?)
 }
 
 /// What is wrong with a certificate, if anything.
-fn status_problem(r: &acme_sds::admin::SecretStatus) -> Option<String> {
-    if r.source == "trust_bundle" {
+fn status_problem(r: &SecretStatus) -> Option<String> {
+    if !r.source.is_certificate() {
         return None;
     }
-    let expiry = r.not_after.as_deref().and_then(|t| {
-        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-    });
+    let expiry = r.not_after;
     let now = time::OffsetDateTime::now_utc();
     // The internal CA's certificates live a week and are renewed with two days left.
-    let short_notice = if r.source == "internal" {
+    let short_notice = if r.source == Source::Internal {
         time::Duration::days(1)
     } else {
         time::Duration::days(7)
@@ -480,7 +387,7 @@ fn status_problem(r: &acme_sds::admin::SecretStatus) -> Option<String> {
     }
 }
 
-fn status_table(rows: &[acme_sds::admin::SecretStatus], origin: &str, color: bool) -> String {
+fn status_table(rows: &[SecretStatus], origin: &str, color: bool) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "acme-sds status, {origin}");
@@ -490,10 +397,7 @@ fn status_table(rows: &[acme_sds::admin::SecretStatus], origin: &str, color: boo
         "NAME", "SOURCE", "EXPIRES", "NEXT RENEWAL", "STREAMS"
     );
     for r in rows {
-        let expiry = r.not_after.as_deref().and_then(|t| {
-            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-        });
-        let expires = match expiry {
+        let expires = match r.not_after {
             Some(t) => {
                 let days = (t - time::OffsetDateTime::now_utc()).whole_days();
                 if days < 0 {
@@ -506,14 +410,19 @@ fn status_table(rows: &[acme_sds::admin::SecretStatus], origin: &str, color: boo
         };
         let renewal = r
             .next_renewal
-            .as_deref()
-            .map(|t| t.chars().take(16).collect::<String>().replace('T', " "))
+            .map(|t| {
+                certs::format_time(t)
+                    .chars()
+                    .take(16)
+                    .collect::<String>()
+                    .replace('T', " ")
+            })
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
             "{:<20} {:<7} {:<36} {:<17} {:>7}",
             r.name,
-            r.source,
+            r.source.as_str(),
             expires,
             renewal,
             r.subscribed_streams
@@ -529,8 +438,13 @@ fn status_table(rows: &[acme_sds::admin::SecretStatus], origin: &str, color: boo
                 ("", "")
             };
             let _ = writeln!(out, "{:<20} {on}PROBLEM: {p}{off}", "");
-            if let Some(retry) = &r.next_retry {
-                let _ = writeln!(out, "{:<20} next attempt: {retry}", "");
+            if let Some(retry) = r.next_retry {
+                let _ = writeln!(
+                    out,
+                    "{:<20} next attempt: {}",
+                    "",
+                    certs::format_time(retry)
+                );
             }
         }
     }

@@ -6,7 +6,6 @@
 //! `/status`. Names follow Prometheus conventions: base units
 //! (seconds), `_total` for counters, `_timestamp_seconds` for instants.
 
-use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -15,8 +14,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::admin::SecretStatus;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NameLabel {
@@ -142,9 +139,9 @@ impl Metrics {
             .inc_by(delta);
     }
 
-    /// The whole exposition: the counters plus per-certificate gauges from `secrets`.
-    pub fn render(&self, secrets: &[SecretStatus]) -> String {
-        let mut registry = Registry::default();
+    /// Registers every counter and histogram in `registry`, for an exposition (the admin listener adds the
+    /// per-certificate gauges).
+    pub fn register(&self, registry: &mut Registry) {
         let m = self;
         registry.register(
             "acme_sds_acme_orders",
@@ -181,53 +178,5 @@ impl Metrics {
             "HTTP-01 responder requests, by result",
             m.http01_requests.clone(),
         );
-
-        let not_after = Family::<NameLabel, Gauge<f64, AtomicU64>>::default();
-        let renewal = Family::<NameLabel, Gauge<f64, AtomicU64>>::default();
-        let ready = Family::<NameLabel, Gauge>::default();
-        let ts = |s: &Option<String>| {
-            s.as_deref()
-                .and_then(|t| {
-                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .map(|t| t.unix_timestamp() as f64)
-        };
-        let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
-        for s in secrets.iter().filter(|s| s.source != "trust_bundle") {
-            let label = NameLabel {
-                name: s.name.clone(),
-            };
-            // A temporary stand-in is not the certificate: neither its expiry nor readiness is reported.
-            let expiry = ts(&s.not_after).filter(|_| !s.temporary);
-            if let Some(t) = expiry {
-                not_after.get_or_create(&label).set(t);
-            }
-            if let Some(t) = ts(&s.next_renewal) {
-                renewal.get_or_create(&label).set(t);
-            }
-            let valid = s.serving && !s.temporary && expiry.is_some_and(|t| t > now);
-            ready.get_or_create(&label).set(i64::from(valid));
-        }
-        registry.register(
-            "acme_sds_certificate_not_after_timestamp_seconds",
-            "Expiry (not-after) of the certificate being served, as a Unix time",
-            not_after,
-        );
-        registry.register(
-            "acme_sds_certificate_renewal_timestamp_seconds",
-            "Next planned renewal of an ACME certificate, as a Unix time",
-            renewal,
-        );
-        registry.register(
-            "acme_sds_certificate_ready",
-            "1 when a valid (unexpired) certificate is being served",
-            ready,
-        );
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
-            out.clear();
-        }
-        out
     }
 }

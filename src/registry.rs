@@ -82,6 +82,7 @@ impl SecretContent {
             SecretContent::TlsCertificate(c) => SecretSummary {
                 kind: SecretKind::TlsCertificate,
                 serial: Some(c.leaf.serial.clone()),
+                dns_names: c.leaf.dns_names.clone(),
                 not_before: Some(c.leaf.not_before),
                 not_after: Some(c.leaf.not_after),
                 temporary,
@@ -89,6 +90,7 @@ impl SecretContent {
             SecretContent::TrustBundle(b) => SecretSummary {
                 kind: SecretKind::ValidationContext,
                 serial: None,
+                dns_names: Vec::new(),
                 not_before: None,
                 not_after: b.earliest_expiry(),
                 temporary,
@@ -109,6 +111,8 @@ pub struct SecretSummary {
     pub kind: SecretKind,
     /// The leaf's serial, for certificates.
     pub serial: Option<String>,
+    /// The leaf's DNS names, for certificates.
+    pub dns_names: Vec<String>,
     pub not_before: Option<OffsetDateTime>,
     /// The leaf's expiry; for a trust bundle the earliest expiry in it.
     pub not_after: Option<OffsetDateTime>,

@@ -425,6 +425,18 @@ fn a_domain_that_cannot_validate_fails_alone() {
         "{bad}"
     );
     assert!(bad["next_retry"].is_string(), "{bad}");
+    // And so does `acme-sds status` read offline, with the very renewal the daemon planned.
+    let offline = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(acme_sds::ops::status::offline(
+            &acme_sds::config::load(&config).unwrap(),
+        ))
+        .unwrap();
+    let good_offline = offline.iter().find(|s| s.name == "good").unwrap();
+    let planned: acme_sds::ops::status::SecretStatus =
+        serde_json::from_value(good.clone()).unwrap();
+    assert_eq!(good_offline.next_renewal, planned.next_renewal);
+    assert_eq!(good_offline.serial, planned.serial);
 
     let metrics = {
         use std::io::{Read, Write};

@@ -112,3 +112,46 @@ async fn two_daemons_in_one_process_keep_their_own_metrics() {
     assert_eq!(pushes(&busy), "acme_sds_sds_pushes_total 1");
     assert_eq!(pushes(&idle), "acme_sds_sds_pushes_total 0");
 }
+
+/// `acme-sds status` without a daemon reads the files and the store through the daemon's own code: for
+/// every kind of secret it tells what the running daemon's `/status` tells (but for the streams, which only
+/// a daemon can count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_status_tells_what_the_daemon_tells() {
+    use acme_sds::ops::status::SecretStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["www.example.com"]).write(dir.path(), "web");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let tables = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}[[certificate]]\nname = \"dev\"\nissuer = \"internal\"\ndomains = [\"localhost\", \"10.0.0.1\"]\n\n[[trust_bundle]]\nname = \"ca\"\nfile = \"{}\"\n",
+        cert_table("web", &crt, &key),
+        ca.display()
+    );
+    let daemon = Daemon::start(dir, &tables).await;
+    let (_, body) = get(daemon.running().admin_addr().unwrap(), "/status");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let live: Vec<SecretStatus> = serde_json::from_value(v["secrets"].clone()).unwrap();
+    let config = acme_sds::config::load(&daemon.dir.path().join("acme-sds.toml")).unwrap();
+    let offline = acme_sds::ops::status::offline(&config).await.unwrap();
+    assert_eq!(live.len(), 3);
+    assert_eq!(offline.len(), live.len());
+    for (a, b) in live.iter().zip(&offline) {
+        assert_eq!(a.subscribed_streams, Some(0), "{}", a.name);
+        assert_eq!(b.subscribed_streams, None, "{}", b.name);
+        let same = |s: &SecretStatus| SecretStatus {
+            subscribed_streams: None,
+            ..s.clone()
+        };
+        assert_eq!(same(a), same(b));
+    }
+    let web = live.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(
+        web.domains,
+        ["www.example.com"],
+        "a file certificate's names"
+    );
+    let dev = live.iter().find(|s| s.name == "dev").unwrap();
+    assert!(dev.next_renewal.is_some() && dev.serving);
+}

@@ -163,6 +163,10 @@ pub struct CertState {
     /// each makes the interval before the next order grow, as failures do.
     #[serde(default)]
     pub premature: u32,
+    /// Unix time of the planned renewal of the stored certificate (ARI's or the lifetime rule's), for
+    /// `acme-sds status` read offline.
+    #[serde(default)]
+    pub next_renewal_at: Option<i64>,
 }
 
 /// Store keys of one CA.
@@ -222,18 +226,34 @@ pub async fn stored_status(
     store: &dyn crate::store::Store,
     keys: &Keys,
     name: &str,
-) -> (Option<CertifiedPem>, CertState) {
+) -> (Option<CertifiedPem>, IssuerStatus) {
     let cert = match store.get(&keys.cert(name)).await {
         Ok(Some(e)) => serde_json::from_slice::<StoredCert>(&e.value)
             .ok()
             .and_then(|s| s.checked().ok()),
         _ => None,
     };
-    let state = match store.get(&keys.state(name)).await {
+    let state: CertState = match store.get(&keys.state(name)).await {
         Ok(Some(e)) => serde_json::from_slice(&e.value).unwrap_or_default(),
         _ => CertState::default(),
     };
-    (cert, state)
+    let at = |t: Option<i64>| t.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
+    let retrying = state.failures > 0;
+    let plan = IssuerStatus {
+        // As the daemon planned it; else the lifetime rule, which it follows without ARI.
+        next_renewal: cert.as_ref().map(|p| {
+            at(state.next_renewal_at).unwrap_or_else(|| {
+                schedule::lifetime_renewal(
+                    p.leaf.not_before,
+                    p.leaf.not_after,
+                    p.leaf.serial.as_bytes(),
+                )
+            })
+        }),
+        last_error: state.last_error.clone().filter(|_| retrying),
+        next_retry: at(state.next_attempt_at).filter(|_| retrying),
+    };
+    (cert, plan)
 }
 
 #[cfg(test)]
@@ -536,6 +556,11 @@ impl AcmeManager {
                 s.last_error = error.filter(|_| retrying);
                 s.next_retry = not_before.filter(|_| retrying);
             });
+            let planned = current.as_ref().map(|_| due.unix_timestamp());
+            if state.next_renewal_at != planned {
+                state.next_renewal_at = planned;
+                self.save_state(&cert.name, &state).await;
+            }
             if current.is_none() {
                 self.serve_temporary(&cert);
             }
@@ -594,7 +619,11 @@ impl AcmeManager {
                     let saved = self.save_cert(&cert.name, &stored).await;
                     // The status never shows an issued certificate without its schedule: the lifetime
                     // rule until the next turn of the loop refines it (ARI).
-                    let due = schedule::lifetime_renewal(pem.leaf.not_before, pem.leaf.not_after);
+                    let due = schedule::lifetime_renewal(
+                        pem.leaf.not_before,
+                        pem.leaf.not_after,
+                        pem.leaf.serial.as_bytes(),
+                    );
                     self.set_status(&cert.name, |s| {
                         s.next_renewal = Some(due);
                         s.last_error = None;
@@ -676,7 +705,11 @@ impl AcmeManager {
         if now < pem.leaf.not_before {
             tracing::warn!(secret = %cert.name, not_before = %certs::format_time(pem.leaf.not_before), "the certificate the CA issued is not valid yet by this machine's clock: is the clock right?");
         }
-        let renewal = schedule::lifetime_renewal(pem.leaf.not_before, pem.leaf.not_after);
+        let renewal = schedule::lifetime_renewal(
+            pem.leaf.not_before,
+            pem.leaf.not_after,
+            pem.leaf.serial.as_bytes(),
+        );
         let floor = self.config.retry_initial;
         let premature = if renewal < now + floor {
             old.premature.saturating_add(1)
@@ -711,7 +744,11 @@ impl AcmeManager {
         if let Some(at) = self.ari_time(cert, stored).await {
             return at;
         }
-        schedule::lifetime_renewal(pem.leaf.not_before, pem.leaf.not_after)
+        schedule::lifetime_renewal(
+            pem.leaf.not_before,
+            pem.leaf.not_after,
+            pem.leaf.serial.as_bytes(),
+        )
     }
 
     /// The CA's ARI window, when it offers one; every request it takes has a deadline, so a CA that hangs
@@ -726,8 +763,11 @@ impl AcmeManager {
         let id = instant_acme::CertificateIdentifier::try_from(&der).ok()?;
         match account.renewal_info(&id).await {
             Ok((info, _retry_after)) => {
-                let at =
-                    schedule::in_window(info.suggested_window.start, info.suggested_window.end);
+                let at = schedule::in_window(
+                    info.suggested_window.start,
+                    info.suggested_window.end,
+                    der.as_ref(),
+                );
                 tracing::debug!(secret = %cert.name, "ARI renewal window {} .. {}", certs::format_time(info.suggested_window.start), certs::format_time(info.suggested_window.end));
                 Some(at)
             }

@@ -408,7 +408,10 @@ impl InternalIssuer {
                 return None;
             }
         };
-        let renew_at = OffsetDateTime::now_utc() + LEAF_LIFETIME * 2 / 3;
+        // From the certificate's own dates, as a restart (and `acme-sds status`) will read them.
+        let renew_at = certs::certified_pem(leaf.chain_pem.as_bytes(), leaf.key_pem.as_bytes())
+            .map(|p| renewal_time(&p.leaf))
+            .unwrap_or_else(|_| OffsetDateTime::now_utc() + LEAF_LIFETIME * 2 / 3);
         let mut current = Current {
             leaf,
             renew_at,

@@ -1,0 +1,252 @@
+//! The status of every configured secret, typed: its source, names, serial, validity, next renewal, last
+//! error, next retry and subscribed streams.
+//!
+//! [`collect`] makes it from what a registry serves and what the issuers (ACME, the internal CA) plan. The
+//! running daemon calls it on its own registry ([`StatusView`], behind `/status` and the metrics); `acme-sds
+//! status` without a daemon calls it through [`offline`], which publishes what the files and the store hold
+//! into a registry of its own first. One path, so the two views agree.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::acme::AcmeManager;
+use crate::config::{CertificateSource, Config};
+use crate::peer::Limits;
+use crate::registry::{Registry, SecretContent};
+use crate::sources::IssuerStatus;
+use crate::sources::files::FileSource;
+use crate::sources::internal::InternalIssuer;
+
+/// Where a secret comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Acme,
+    Internal,
+    Files,
+    TrustBundle,
+}
+
+impl Source {
+    /// As `/status` and `acme-sds status` write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Acme => "acme",
+            Source::Internal => "internal",
+            Source::Files => "files",
+            Source::TrustBundle => "trust_bundle",
+        }
+    }
+
+    /// Whether this source is a certificate (with an expiry and readiness), not a CA bundle.
+    pub fn is_certificate(self) -> bool {
+        self != Source::TrustBundle
+    }
+}
+
+/// What `/status` reports about one secret. Instants are RFC 3339 in UTC.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SecretStatus {
+    pub name: String,
+    pub source: Source,
+    /// The names the certificate is for: the configured `domains`, or the served leaf's DNS names.
+    pub domains: Vec<String>,
+    pub serving: bool,
+    /// What is served is a temporary self-signed stand-in: the certificate has not been issued yet.
+    #[serde(default)]
+    pub temporary: bool,
+    pub version: Option<String>,
+    pub serial: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub not_before: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub not_after: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_renewal: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_retry: Option<OffsetDateTime>,
+    /// SDS streams subscribed to this secret now; `None` when no daemon was asked (`acme-sds status` reading
+    /// the files), which is not the same as nobody asking.
+    pub subscribed_streams: Option<usize>,
+}
+
+/// The issuers' plans, by secret name.
+pub type Schedules = HashMap<String, IssuerStatus>;
+
+/// The status of every secret `config` names, as `registry` serves it and `schedules` plan it;
+/// `subscribers` counts the streams of a running daemon.
+pub fn collect(
+    config: &Config,
+    registry: &Registry,
+    schedules: &Schedules,
+    subscribers: Option<&dyn Fn(&str) -> usize>,
+) -> Vec<SecretStatus> {
+    let entries = config
+        .certificates
+        .iter()
+        .map(|c| {
+            let source = match &c.source {
+                CertificateSource::Acme { .. } => Source::Acme,
+                CertificateSource::Internal { .. } => Source::Internal,
+                CertificateSource::Files { .. } => Source::Files,
+            };
+            (&c.name, source, c.source.issued_domains())
+        })
+        .chain(
+            config
+                .trust_bundles
+                .iter()
+                .map(|b| (&b.name, Source::TrustBundle, None)),
+        );
+    entries
+        .map(|(name, source, domains)| {
+            let current = registry.get(name);
+            let summary = current.as_ref().map(|v| v.summary().clone());
+            let plan = schedules.get(name.as_str());
+            let domains = match (domains, &summary) {
+                (Some(d), _) => d.to_vec(),
+                (None, Some(s)) => s.dns_names.clone(),
+                (None, None) => Vec::new(),
+            };
+            SecretStatus {
+                name: name.clone(),
+                source,
+                domains,
+                serving: current.is_some(),
+                temporary: summary.as_ref().is_some_and(|s| s.temporary),
+                version: current.as_ref().map(|v| v.version().to_owned()),
+                serial: summary.as_ref().and_then(|s| s.serial.clone()),
+                not_before: summary.as_ref().and_then(|s| s.not_before),
+                not_after: summary.as_ref().and_then(|s| s.not_after),
+                next_renewal: plan.and_then(|p| p.next_renewal),
+                last_error: plan.and_then(|p| p.last_error.clone()),
+                next_retry: plan.and_then(|p| p.next_retry),
+                subscribed_streams: subscribers.map(|count| count(name)),
+            }
+        })
+        .collect()
+}
+
+/// The sources a running daemon's view reads: the configuration and the issuers that keep schedules.
+#[derive(Clone)]
+pub struct Sources {
+    pub config: Arc<Config>,
+    pub acme: Option<Arc<AcmeManager>>,
+    pub internal: Option<Arc<InternalIssuer>>,
+}
+
+/// A running daemon's status; cheap to clone. A configuration reload swaps what it looks at.
+#[derive(Clone)]
+pub struct StatusView {
+    sources: Arc<std::sync::RwLock<Sources>>,
+    registry: Arc<Registry>,
+    limits: Limits,
+}
+
+impl StatusView {
+    pub fn new(sources: Sources, registry: Arc<Registry>, limits: Limits) -> Self {
+        StatusView {
+            sources: Arc::new(std::sync::RwLock::new(sources)),
+            registry,
+            limits,
+        }
+    }
+
+    /// Looks at a reloaded configuration from now on.
+    pub fn update(&self, sources: Sources) {
+        *self.sources.write().unwrap_or_else(|e| e.into_inner()) = sources;
+    }
+
+    /// SDS streams open now, all callers together.
+    pub fn open_streams(&self) -> usize {
+        self.limits.open_streams()
+    }
+
+    pub fn secrets(&self) -> Vec<SecretStatus> {
+        let Sources {
+            config,
+            acme,
+            internal,
+        } = self
+            .sources
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut schedules = acme.as_ref().map(|a| a.status()).unwrap_or_default();
+        schedules.extend(internal.as_ref().map(|i| i.status()).unwrap_or_default());
+        let subscribers = |name: &str| self.registry.subscribers(name);
+        collect(&config, &self.registry, &schedules, Some(&subscribers))
+    }
+}
+
+/// Why the stored state could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("storage.path: {0}")]
+pub struct OfflineError(#[from] crate::store::StoreError);
+
+/// The status read from the files and the store, for when no daemon answers: what a daemon started now
+/// would serve (temporary certificates aside) and what it had planned. The store is opened read-only and
+/// unlocked, so a running daemon is not disturbed.
+pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError> {
+    let registry = Registry::new();
+    let mut schedules = Schedules::new();
+    match FileSource::from_config(config).load_all() {
+        Ok(loaded) => {
+            for (name, content) in &loaded {
+                registry.publish(name, content);
+            }
+        }
+        Err(_) => {
+            for c in &config.certificates {
+                if matches!(c.source, CertificateSource::Files { .. }) {
+                    schedules.insert(
+                        c.name.clone(),
+                        IssuerStatus {
+                            last_error: Some(
+                                "the files cannot be loaded (run `acme-sds check`)".into(),
+                            ),
+                            ..IssuerStatus::default()
+                        },
+                    );
+                }
+            }
+        }
+    }
+    if config.storage.path.is_dir() {
+        let store = crate::store::FsStore::open_read_only(&config.storage.path)?;
+        let keys = config
+            .acme
+            .as_ref()
+            .map(|a| crate::acme::Keys::for_directory(&a.directory));
+        for c in &config.certificates {
+            match &c.source {
+                CertificateSource::Acme { .. } => {
+                    let Some(keys) = &keys else { continue };
+                    let (cert, plan) = crate::acme::stored_status(&store, keys, &c.name).await;
+                    if let Some(pem) = cert {
+                        registry.publish(&c.name, &SecretContent::TlsCertificate(pem));
+                    }
+                    schedules.insert(c.name.clone(), plan);
+                }
+                CertificateSource::Internal { .. } => {
+                    if let Some(pem) =
+                        crate::sources::internal::stored_status(&store, &c.name).await
+                    {
+                        let plan = IssuerStatus {
+                            next_renewal: Some(crate::sources::internal::renewal_time(&pem.leaf)),
+                            ..IssuerStatus::default()
+                        };
+                        registry.publish(&c.name, &SecretContent::TlsCertificate(pem));
+                        schedules.insert(c.name.clone(), plan);
+                    }
+                }
+                CertificateSource::Files { .. } => {}
+            }
+        }
+    }
+    Ok(collect(config, &registry, &schedules, None))
+}
