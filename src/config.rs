@@ -63,13 +63,13 @@ impl Config {
 }
 
 /// `[storage]`: where account, keys, certificates and ACME state are kept.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageConfig {
     pub path: PathBuf,
 }
 
 /// `[http01]`: the HTTP-01 challenge responder.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Http01Config {
     pub listen: SocketAddr,
 }
@@ -78,7 +78,7 @@ pub struct Http01Config {
 pub const DEFAULT_HTTP01_LISTEN: &str = "0.0.0.0:8089";
 
 /// `[acme]`: the ACME CA and account.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeConfig {
     /// The directory URL.
     pub directory: String,
@@ -86,8 +86,8 @@ pub struct AcmeConfig {
     pub accept_terms_of_service: bool,
     /// A PEM root to trust for the ACME server's own HTTPS (a private CA, or Pebble).
     pub directory_ca: Option<PathBuf>,
-    /// External Account Binding: key id and the decoded MAC key.
-    pub eab: Option<(String, Vec<u8>)>,
+    /// External Account Binding.
+    pub eab: Option<EabKey>,
     /// How many orders may run at once.
     pub max_concurrent_orders: usize,
     /// First retry delay after a failure; doubles (with jitter) up to `retry_max`.
@@ -98,6 +98,22 @@ pub struct AcmeConfig {
     /// Serve a temporary self-signed certificate for each ACME certificate until its first issuance
     /// (default true; `temporary_certificate` on a certificate overrides it).
     pub temporary_certificates: bool,
+}
+
+/// An External Account Binding: the key id and the decoded MAC key, which no `Debug` output shows.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EabKey {
+    pub kid: String,
+    pub hmac_key: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for EabKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EabKey")
+            .field("kid", &self.kid)
+            .field("hmac_key", &"<redacted>")
+            .finish()
+    }
 }
 
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -133,7 +149,7 @@ impl KeyType {
 }
 
 /// `[sds]`: where the SDS gRPC server listens.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SdsConfig {
     pub listen: Vec<ListenAddr>,
     /// Permission bits given to the Unix sockets acme-sds creates.
@@ -155,7 +171,7 @@ pub struct SdsConfig {
 }
 
 /// `[sds.tls]`: mutual TLS on the TCP listeners; client certificates are required.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SdsTlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
@@ -1152,7 +1168,10 @@ impl Validator<'_> {
                 let l = self.line(&key);
                 let trimmed = key.get_ref().trim_end_matches('=');
                 match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed) {
-                    Ok(bytes) if !bytes.is_empty() => Some((kid.into_inner(), bytes)),
+                    Ok(bytes) if !bytes.is_empty() => Some(EabKey {
+                        kid: kid.into_inner(),
+                        hmac_key: zeroize::Zeroizing::new(bytes),
+                    }),
                     _ => {
                         self.problem(
                             "acme.eab_hmac_key",
@@ -1586,7 +1605,12 @@ key_type = "ecdsa-p384"
         .unwrap();
         let acme = cfg.acme.as_ref().unwrap();
         assert_eq!(acme.directory, LETSENCRYPT);
-        assert_eq!(acme.eab.as_ref().unwrap().1, b"secret-key");
+        let eab = acme.eab.as_ref().unwrap();
+        assert_eq!(eab.hmac_key.as_slice(), b"secret-key");
+        assert!(
+            !format!("{acme:?}").contains("secret-key"),
+            "the key never shows in Debug"
+        );
         assert_eq!(
             acme.directory_ca.as_deref(),
             Some(Path::new("/etc/acme-sds/root.pem"))

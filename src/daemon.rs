@@ -566,29 +566,16 @@ impl Running {
         let new = crate::config::load(path)?;
         let (files, loaded) = load_files(&new)?;
         let old = std::mem::replace(&mut self.config, new.clone());
-        for (what, a, b) in [
-            ("[sds]", format!("{:?}", old.sds), format!("{:?}", new.sds)),
-            (
-                "[http01]",
-                format!("{:?}", old.http01),
-                format!("{:?}", new.http01),
-            ),
-            (
-                "[admin]",
-                format!("{:?}", old.admin),
-                format!("{:?}", new.admin),
-            ),
-            (
-                "[storage]",
-                format!("{:?}", old.storage),
-                format!("{:?}", new.storage),
-            ),
-        ] {
-            if a != b {
-                tracing::warn!(
-                    "{what} changed: listener and storage settings take effect at the next restart"
-                );
-            }
+        let restart_only = [
+            ("[sds]", old.sds != new.sds),
+            ("[http01]", old.http01 != new.http01),
+            ("[admin]", old.admin != new.admin),
+            ("[storage]", old.storage != new.storage),
+        ];
+        for (what, _) in restart_only.iter().filter(|(_, changed)| *changed) {
+            tracing::warn!(
+                "{what} changed: listener and storage settings take effect at the next restart"
+            );
         }
         log_warnings(&new);
         // The new rules are in force before anything new is published, and every open stream checks its
@@ -606,9 +593,8 @@ impl Running {
 
         // ACME: restart the manager when anything ACME changed (stored certificates are served again at
         // once and nothing valid is re-ordered).
-        let acme_old = format!("{:?}{:?}", old.acme, ManagedCert::from_config(&old));
-        let acme_new = format!("{:?}{:?}", new.acme, ManagedCert::from_config(&new));
-        if acme_old != acme_new {
+        if old.acme != new.acme || ManagedCert::from_config(&old) != ManagedCert::from_config(&new)
+        {
             self.apply_acme(&new).await?;
         }
         if InternalCert::from_config(&old) != InternalCert::from_config(&new) {

@@ -120,7 +120,7 @@ async fn load_or_create(
     let eab = config
         .eab
         .as_ref()
-        .map(|(kid, mac)| ExternalAccountKey::new(kid.clone(), mac));
+        .map(|e| ExternalAccountKey::new(e.kid.clone(), &e.hmac_key));
     let new = NewAccount {
         contact: &contact,
         terms_of_service_agreed: config.accept_terms_of_service,
