@@ -1,13 +1,11 @@
 //! ACME end to end against Pebble: issuance over HTTP-01 served by SDS, restart, renewal and faults.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use support::pebble::{Pebble, PebbleOptions, free_port, verify_chain};
-use support::*;
+use testkit::pebble::{Pebble, PebbleOptions, free_port, verify_chain};
+use testkit::*;
 
 /// Issuance with Pebble takes well under a second; generous bounds absorb a loaded CI machine.
 const ISSUE: Duration = Duration::from_secs(60);

@@ -1,8 +1,6 @@
 //! Private key formats Envoy accepts (PKCS#8, SEC1, PKCS#1; ECDSA P-256/P-384, RSA), as real tools write
 //! them: keys and certificates here come from the `openssl` command line.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 

@@ -1,8 +1,6 @@
 //! The deployment kits in deploy/: manifests parse, carry the fields the README promises, and their
 //! embedded acme-sds configurations are valid.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
 use yaml_rust2::{Yaml, YamlLoader};
@@ -371,7 +369,7 @@ fn have(tool: &str, probe: &[&str]) -> bool {
         .is_ok_and(|o| o.status.success());
     if !ok {
         assert!(
-            !support::in_ci(),
+            !testkit::in_ci(),
             "{tool} missing: scripts/lib/tools.sh installs it"
         );
         eprintln!("SKIPPED: {tool} not available");
@@ -383,7 +381,7 @@ fn have(tool: &str, probe: &[&str]) -> bool {
 fn unit_for_this_build(dir: &Path) -> PathBuf {
     let unit = std::fs::read_to_string(root().join("systemd/acme-sds.service"))
         .unwrap()
-        .replace("/usr/local/bin/acme-sds", support::bin());
+        .replace("/usr/local/bin/acme-sds", testkit::bin());
     let path = dir.join("acme-sds.service");
     std::fs::write(&path, unit).unwrap();
     path
@@ -492,7 +490,7 @@ fn unit_syscalls(unit: &str) -> std::collections::BTreeSet<String> {
 /// group, TCP, the admin and HTTP-01 listeners, ACME storage), serves, reloads and stops cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_runs_under_the_units_syscall_filter() {
-    use support::*;
+    use testkit::*;
     if !have("systemd-analyze", &["--version"])
         || !have("/usr/bin/python3", &["-c", "import seccomp"])
     {
@@ -525,19 +523,19 @@ async fn the_binary_runs_under_the_units_syscall_filter() {
         format!(
             "[sds]\nlisten = [\"unix:{}\", \"127.0.0.1:0\"]\nsocket_mode = \"0660\"\nsocket_group = {gid}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[http01]\nlisten = \"127.0.0.1:0\"\n\n[acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\naccept_terms_of_service = true\n\n[[certificate]]\nname = \"site\"\ndomains = [\"site.example.com\"]\n\n{}",
             socket.display(),
-            support::pebble::free_port(),
+            testkit::pebble::free_port(),
             cert_table("web", &crt, &key)
         ),
     )
     .unwrap();
-    let launcher = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/seccomp_exec.py");
+    let launcher = testkit::script("seccomp_exec.py");
     let p = Process::spawn_program(
         "/usr/bin/python3",
         &[
             launcher.to_str().unwrap(),
             list.to_str().unwrap(),
             errno,
-            support::bin(),
+            testkit::bin(),
             "run",
             "--config",
             config.to_str().unwrap(),

@@ -2,10 +2,7 @@
 //! the socket path as `:authority` on Unix sockets), and Envoy's own `google_grpc` client, over the Unix
 //! socket; and proof that the TCP listener still refuses what h2 refuses.
 
-mod support;
-
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 
 use acme_sds::proto::envoy::service::discovery::v3::{
@@ -13,8 +10,8 @@ use acme_sds::proto::envoy::service::discovery::v3::{
 };
 use acme_sds::registry::SECRET_TYPE_URL;
 use prost::Message;
-use support::envoy::{Envoy, SdsClient, envoy_bin, https_get, one_secret_bootstrap};
-use support::*;
+use testkit::envoy::{Envoy, SdsClient, envoy_bin, https_get, one_secret_bootstrap};
+use testkit::*;
 
 /// Python with grpcio, or `None` to skip (under CI a missing one fails: `scripts/setup` installs it).
 fn python_with_grpcio() -> Option<&'static str> {
@@ -35,7 +32,7 @@ fn python_with_grpcio() -> Option<&'static str> {
 
 /// One call through `tests/support/grpcio_client.py`: Ok(first response bytes) or Err((code, details)).
 fn grpcio_call(target: &str, rpc: &str, request: &[u8]) -> Result<Vec<u8>, (String, String)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/grpcio_client.py");
+    let script = testkit::script("grpcio_client.py");
     let hex: String = request.iter().map(|b| format!("{b:02x}")).collect();
     let out = Command::new("python3")
         .arg(script)

@@ -1,8 +1,6 @@
 //! Live reload: SIGHUP or an edited config file applies a new configuration without dropping streams.
 
-mod support;
-
-use support::*;
+use testkit::*;
 use tonic::Code;
 
 struct Setup {

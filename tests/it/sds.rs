@@ -1,7 +1,5 @@
 //! SDS protocol rules, checked with a real tonic client against acme-sds serving file-backed certificates.
 
-mod support;
-
 use std::collections::HashMap;
 
 use acme_sds::certs;
@@ -10,7 +8,7 @@ use acme_sds::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Disc
 use acme_sds::registry::{SECRET_TYPE_URL, SecretContent};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
-use support::*;
+use testkit::*;
 use tonic::Code;
 
 /// A daemon serving `web` (www.example.com) and `api` (api.example.com) from files, and the CA bundle `ca`.

@@ -1,8 +1,6 @@
 //! File-backed certificates: every common way of replacing the files reaches a subscribed stream.
 
-mod support;
-
-use support::*;
+use testkit::*;
 
 async fn stream_for(daemon: &Daemon, name: &str) -> (SotwStream, Vec<u8>) {
     let mut client = daemon.client().await;

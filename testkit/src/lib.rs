@@ -1,5 +1,5 @@
-//! Shared test support: a test PKI, file rotation helpers, an in-process or spawned acme-sds, and SDS clients.
-#![allow(dead_code)]
+//! What the integration tests (`tests/it`) and the benchmark (`bench/`) share: a test PKI, file rotation
+//! helpers, the `acme-sds` process, SDS clients, and the real peers (Envoy, Pebble) on loopback ports.
 
 use std::io::{BufRead, BufReader};
 pub mod envoy;
@@ -40,7 +40,6 @@ pub fn in_ci() -> bool {
 
 /// A test CA that issues leaf certificates.
 pub struct Pki {
-    ca_key: rcgen::KeyPair,
     ca: rcgen::Certificate,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
@@ -55,6 +54,12 @@ pub struct Leaf {
     pub leaf_der: Vec<u8>,
 }
 
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Pki {
     pub fn new() -> Self {
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -64,11 +69,8 @@ impl Pki {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "acme-sds test CA");
         let ca = params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(
-            params,
-            rcgen::KeyPair::from_pem(&ca_key.serialize_pem()).unwrap(),
-        );
-        Pki { ca_key, ca, issuer }
+        let issuer = rcgen::Issuer::new(params, ca_key);
+        Pki { ca, issuer }
     }
 
     pub fn issuer(&self) -> &rcgen::Issuer<'static, rcgen::KeyPair> {
@@ -572,8 +574,34 @@ pub fn as_user(cmd: &mut Command, uid: u32, gid: u32) {
     }
 }
 
+/// The `acme-sds` binary under test: `$ACME_SDS_BIN`, else the one Cargo built beside the running program
+/// (an integration test runs from `target/<profile>/deps/`, the benchmark from `target/<profile>/`).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_acme-sds")
+    static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        if let Some(path) = std::env::var_os("ACME_SDS_BIN") {
+            return path.to_string_lossy().into_owned();
+        }
+        let exe = std::env::current_exe().expect("the running program's path");
+        exe.ancestors()
+            .skip(1)
+            .take(2)
+            .map(|dir| dir.join("acme-sds"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no acme-sds binary beside {}: cargo build --bin acme-sds",
+                    exe.display()
+                )
+            })
+            .to_string_lossy()
+            .into_owned()
+    });
+    &BIN
+}
+
+/// A helper script of the kit (`testkit/NAME`): the grpcio client, the seccomp launcher.
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
 }
 
 impl Process {

@@ -4,17 +4,15 @@
 //! Only what a test must change is changed: ports (free ones instead of 8080/8443/9901) and Envoy's listener
 //! address (loopback instead of every interface).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::envoy::{Envoy, envoy_bin, https_get};
-use support::pebble::free_port;
-use support::*;
+use testkit::envoy::{Envoy, envoy_bin, https_get};
+use testkit::pebble::free_port;
+use testkit::*;
 
-const README: &str = include_str!("../README.md");
+const README: &str = include_str!("../../README.md");
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,12 +1,10 @@
 //! The `acme-sds` binary: `check`, start-up errors, logs, signals and socket handling.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use support::*;
+use testkit::*;
 
 fn check(config: &Path) -> (bool, String, String) {
     let out = Command::new(bin())

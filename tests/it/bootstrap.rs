@@ -1,13 +1,11 @@
 //! `acme-sds envoy-bootstrap`: what it prints is a valid Envoy bootstrap that serves real traffic.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::envoy::{Envoy, envoy_bin, https_get};
-use support::pebble::free_port;
-use support::*;
+use testkit::envoy::{Envoy, envoy_bin, https_get};
+use testkit::pebble::free_port;
+use testkit::*;
 
 fn bootstrap(config: &Path, extra: &[&str]) -> String {
     let out = Command::new(bin())

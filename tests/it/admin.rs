@@ -1,8 +1,6 @@
 //! The admin listener: health, readiness and a JSON status of every secret.
 
-mod support;
-
-use support::*;
+use testkit::*;
 
 fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};

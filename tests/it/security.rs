@@ -1,14 +1,12 @@
 //! Who may fetch which secret: Unix socket owner, group and peer uid; mutual TLS on TCP; per-secret
 //! `allowed_nodes` and `allowed_clients`.
 
-mod support;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use acme_sds::registry::SECRET_TYPE_URL;
-use support::*;
+use testkit::*;
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -586,7 +584,7 @@ async fn over_mtls_each_client_identity_has_its_own_stream_quota() {
 /// certificate that the rule does not admit never gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_over_mutual_tls_is_admitted_by_its_spiffe_id() {
-    use support::envoy::{Envoy, SdsClient, envoy_bin, https_get, one_secret_bootstrap};
+    use testkit::envoy::{Envoy, SdsClient, envoy_bin, https_get, one_secret_bootstrap};
     let Some(bin) = envoy_bin() else { return };
     let f = mtls_fixture().await;
     let files = tempfile::tempdir().unwrap();
@@ -630,7 +628,7 @@ async fn envoy_over_mutual_tls_is_admitted_by_its_spiffe_id() {
     assert!(!leaf.is_empty());
     // The other Envoy's SDS stream is refused: its listener never gets a certificate.
     let (app, _) = &mut envoys[1];
-    support::envoy::poll(app, "the SDS stream to be refused", |e| {
+    testkit::envoy::poll(app, "the SDS stream to be refused", |e| {
         e.stat("sds.web.update_failure").filter(|n| *n > 0)
     });
     assert_eq!(app.stat("sds.web.update_success").unwrap_or(0), 0);

@@ -1,10 +1,8 @@
 //! Bad and excessive input: oversized name lists, many streams opened and dropped. The process stays up and
 //! does not grow.
 
-mod support;
-
 use acme_sds::proto::envoy::service::discovery::v3::DiscoveryRequest;
-use support::*;
+use testkit::*;
 use tonic::Code;
 
 fn setup(dir: &std::path::Path) -> std::path::PathBuf {
@@ -546,7 +544,7 @@ async fn idle_connections(
 /// use them all up if nothing bounded them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_and_a_peer_at_its_quota_do_not_stop_a_real_envoy() {
-    use support::envoy::{Envoy, SdsClient, envoy_bin, one_secret_bootstrap};
+    use testkit::envoy::{Envoy, SdsClient, envoy_bin, one_secret_bootstrap};
     let Some(bin) = envoy_bin() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (p, sds, admin, _) = spawn_with(

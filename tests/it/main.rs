@@ -1,0 +1,17 @@
+//! The integration tests, one binary: each module is one area of behaviour, run against the real `acme-sds`
+//! binary and real peers (Envoy, Pebble, grpcio) through the shared kit (`testkit/`).
+
+mod acme;
+mod admin;
+mod bootstrap;
+mod cli;
+mod clients;
+mod deploy;
+mod envoy;
+mod files;
+mod keys;
+mod limits;
+mod readme;
+mod reload;
+mod sds;
+mod security;
