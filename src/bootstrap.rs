@@ -8,8 +8,9 @@
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use crate::config::{CertificateSource, Config, ListenAddr};
+use crate::config::{CertificateSource, Config};
 use crate::registry::SecretContent;
+use crate::values::{ListenAddr, SecretName};
 
 /// Choices the configuration does not make.
 #[derive(Debug, Clone)]
@@ -56,7 +57,7 @@ fn q(s: &str) -> String {
 /// Renders the bootstrap. `loaded` gives the names in file-backed certificates (their SNI names).
 pub fn envoy_bootstrap(
     config: &Config,
-    loaded: &[(String, SecretContent)],
+    loaded: &[(SecretName, SecretContent)],
     opts: &BootstrapOptions,
 ) -> Result<String, BootstrapError> {
     let sds_address = config
@@ -156,16 +157,16 @@ pub fn envoy_bootstrap(
     let mut default_taken = false;
     for cert in &config.certificates {
         let names: Vec<String> = match &cert.source {
-            CertificateSource::Acme { domains, .. } => domains.clone(),
+            CertificateSource::Acme { domains, .. } => crate::values::to_strings(domains),
             // SNI carries DNS names only.
             CertificateSource::Internal { domains, .. } => domains
                 .iter()
                 .filter(|d| d.parse::<IpAddr>().is_err())
-                .cloned()
+                .map(|d| d.to_string())
                 .collect(),
             CertificateSource::Files { .. } => loaded
                 .iter()
-                .find(|(n, _)| n == &cert.name)
+                .find(|(n, _)| *n == *cert.name)
                 .and_then(|(_, c)| match c {
                     SecretContent::TlsCertificate(p) => Some(p.leaf.dns_names.clone()),
                     SecretContent::TrustBundle(_) => None,

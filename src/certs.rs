@@ -50,8 +50,8 @@ impl MaterialError {
 }
 
 /// Generates a private key of `key_type` (the error says why not).
-pub fn generate_key(key_type: crate::config::KeyType) -> Result<rcgen::KeyPair, String> {
-    use crate::config::KeyType;
+pub fn generate_key(key_type: crate::values::KeyType) -> Result<rcgen::KeyPair, String> {
+    use crate::values::KeyType;
     let err = |e: &dyn std::fmt::Display| e.to_string();
     match key_type {
         KeyType::EcdsaP256 => {
@@ -143,7 +143,7 @@ impl CertInfo {
 
 /// The identities a client certificate asserts: its DNS and URI (for example SPIFFE ID) subjectAltNames,
 /// kept apart.
-pub fn identities(der: &[u8]) -> crate::peer::ClientIdentities {
+pub fn identities(der: &[u8]) -> crate::net::peer::ClientIdentities {
     X509Certificate::from_der(der)
         .ok()
         .and_then(|(_, cert)| san_names(&cert).ok())
@@ -153,8 +153,8 @@ pub fn identities(der: &[u8]) -> crate::peer::ClientIdentities {
 /// The DNS names and URIs of a certificate's subjectAltName.
 fn san_names(
     cert: &X509Certificate<'_>,
-) -> Result<crate::peer::ClientIdentities, x509_parser::error::X509Error> {
-    let mut ids = crate::peer::ClientIdentities::default();
+) -> Result<crate::net::peer::ClientIdentities, x509_parser::error::X509Error> {
+    let mut ids = crate::net::peer::ClientIdentities::default();
     if let Some(san) = cert.subject_alternative_name()? {
         for name in &san.value.general_names {
             match name {

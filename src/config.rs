@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::values::{DnsName, KeyType, ListenAddr, SecretName, SubjectName};
+
 mod schema;
 
 /// A validated configuration.
@@ -119,35 +121,6 @@ impl fmt::Debug for EabKey {
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 
-/// Key algorithm of an ACME-managed certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum KeyType {
-    EcdsaP256,
-    EcdsaP384,
-    Rsa2048,
-    Rsa3072,
-    Rsa4096,
-}
-
-impl KeyType {
-    pub const ALL: [(&'static str, KeyType); 5] = [
-        ("ecdsa-p256", KeyType::EcdsaP256),
-        ("ecdsa-p384", KeyType::EcdsaP384),
-        ("rsa-2048", KeyType::Rsa2048),
-        ("rsa-3072", KeyType::Rsa3072),
-        ("rsa-4096", KeyType::Rsa4096),
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        KeyType::ALL
-            .iter()
-            .find(|(_, k)| *k == self)
-            .map(|(s, _)| *s)
-            .unwrap_or("ecdsa-p256")
-    }
-}
-
 /// `[sds]`: where the SDS gRPC server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SdsConfig {
@@ -165,7 +138,7 @@ pub struct SdsConfig {
     /// A stream whose last push has gone unacknowledged this long is ended when a newer version is due.
     pub stall_timeout: std::time::Duration,
     /// Stream, name and connection limits, overall and per caller.
-    pub quotas: crate::peer::Quotas,
+    pub quotas: crate::net::peer::Quotas,
     /// A new connection must finish its TLS handshake and send the HTTP/2 preface within this.
     pub handshake_timeout: std::time::Duration,
 }
@@ -178,27 +151,11 @@ pub struct SdsTlsConfig {
     pub client_ca_file: PathBuf,
 }
 
-pub use crate::access::Access;
+pub use crate::sds::access::Access;
 
 /// Default permission bits of SDS Unix sockets: only the owner may connect, since the socket hands out
 /// private keys.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
-
-/// One SDS listen address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ListenAddr {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
-            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
-        }
-    }
-}
 
 /// Where a config item came from, for error messages that point at the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,7 +169,7 @@ pub struct Origin {
 /// A `[[certificate]]`: a TLS certificate and key served as an SDS `tls_certificate` secret.
 #[derive(Debug, Clone)]
 pub struct CertificateConfig {
-    pub name: String,
+    pub name: SecretName,
     pub source: CertificateSource,
     pub access: Access,
     pub origin: Origin,
@@ -229,7 +186,7 @@ pub enum CertificateSource {
     },
     /// Obtained and renewed over ACME for these (lower-cased, validated) domains.
     Acme {
-        domains: Vec<String>,
+        domains: Vec<DnsName>,
         key_type: KeyType,
         /// `temporary_certificate`: serve a temporary self-signed certificate until the first one is
         /// issued; `None` follows `[acme] temporary_certificates`.
@@ -238,17 +195,21 @@ pub enum CertificateSource {
     /// `issuer = "internal"`: signed and renewed by acme-sds's own local CA, for these names (DNS names,
     /// single labels such as `localhost`, IP addresses, wildcards), which no public CA would validate.
     Internal {
-        domains: Vec<String>,
+        domains: Vec<SubjectName>,
         key_type: KeyType,
     },
 }
 
 impl CertificateSource {
     /// The names a certificate is issued for, when acme-sds issues it (ACME or internal).
-    pub fn issued_domains(&self) -> Option<&[String]> {
+    pub fn issued_domains(&self) -> Option<Vec<&str>> {
         match self {
-            CertificateSource::Acme { domains, .. }
-            | CertificateSource::Internal { domains, .. } => Some(domains),
+            CertificateSource::Acme { domains, .. } => {
+                Some(domains.iter().map(DnsName::as_str).collect())
+            }
+            CertificateSource::Internal { domains, .. } => {
+                Some(domains.iter().map(SubjectName::as_str).collect())
+            }
             CertificateSource::Files { .. } => None,
         }
     }
@@ -262,7 +223,7 @@ pub const ISSUER_ACME: &str = "acme";
 /// A `[[trust_bundle]]`: CA certificates served as an SDS `validation_context` secret (`trusted_ca`).
 #[derive(Debug, Clone)]
 pub struct TrustBundleConfig {
-    pub name: String,
+    pub name: SecretName,
     pub file: PathBuf,
     pub file_line: Option<usize>,
     pub access: Access,
@@ -605,7 +566,7 @@ impl Validator<'_> {
             tls: None,
             allow_plaintext: false,
             stall_timeout: std::time::Duration::from_secs(300),
-            quotas: crate::peer::Quotas::default(),
+            quotas: crate::net::peer::Quotas::default(),
             handshake_timeout: std::time::Duration::from_secs(10),
         };
         let Some(raw) = raw else {
@@ -790,57 +751,64 @@ impl Validator<'_> {
                 self,
                 format!("{key}.allowed_nodes"),
                 nodes,
-                crate::access::NodePattern::new,
+                crate::sds::access::NodePattern::new,
             ),
             clients: patterns(
                 self,
                 format!("{key}.allowed_clients"),
                 clients,
-                crate::access::ClientPattern::new,
+                crate::sds::access::ClientPattern::new,
             ),
         }
     }
 
     fn listen_addr(&self, s: &str) -> Result<ListenAddr, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err(
-                    "\"unix:\" needs a socket path, as in \"unix:/run/acme-sds/sds.sock\"".into(),
-                );
-            }
-            return Ok(ListenAddr::Unix(self.path(path)));
-        }
-        if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Ok(ListenAddr::Tcp(addr));
-        }
-        if let Some(port) = s.strip_prefix("localhost:")
-            && let Ok(port) = port.parse::<u16>()
-        {
-            return Ok(ListenAddr::Tcp(SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                port,
-            )));
-        }
-        Err(format!(
-            "{s:?} is not \"unix:PATH\" or \"IP:PORT\" (for example \"127.0.0.1:8234\" or \"[::1]:8234\")"
-        ))
+        ListenAddr::parse(s, self.base)
     }
 
-    fn name(&mut self, key: &str, line: Option<usize>, name: Option<Spanned<String>>) -> String {
+    /// The entry's secret name; `None` (with the problem noted) when it is missing or breaks the rules, and
+    /// then the rest of the entry is still checked, so that every problem is reported at once.
+    fn name(
+        &mut self,
+        key: &str,
+        line: Option<usize>,
+        name: Option<Spanned<String>>,
+    ) -> Option<SecretName> {
         let Some(name) = name else {
             self.problem(
                 format!("{key}.name"),
                 line,
                 "missing: the SDS resource name Envoy asks for",
             );
-            return String::new();
+            return None;
         };
         let l = self.line(&name);
-        let name = name.into_inner();
-        if let Err(msg) = check_secret_name(&name) {
-            self.problem(format!("{key}.name"), l, msg);
+        SecretName::new(name.get_ref())
+            .map_err(|msg| self.problem(format!("{key}.name"), l, msg))
+            .ok()
+    }
+
+    /// The names of a certificate acme-sds issues, each checked by `make` and listed once.
+    fn domain_names<T: PartialEq + fmt::Debug + std::ops::Deref<Target = str>>(
+        &mut self,
+        key: &str,
+        domains: &[Spanned<String>],
+        make: fn(&str) -> Result<T, String>,
+    ) -> Vec<T> {
+        let mut names: Vec<T> = Vec::new();
+        for (j, d) in domains.iter().enumerate() {
+            let l = self.line(d);
+            match make(d.get_ref()) {
+                Ok(n) if names.contains(&n) => self.problem(
+                    format!("{key}.domains[{j}]"),
+                    l,
+                    format!("{:?} is listed twice", &*n),
+                ),
+                Ok(n) => names.push(n),
+                Err(msg) => self.problem(format!("{key}.domains[{j}]"), l, msg),
+            }
         }
-        name
+        names
     }
 
     fn certificates(
@@ -902,27 +870,17 @@ impl Validator<'_> {
                         );
                     }
                     // The name becomes a file name in the storage directory.
-                    if let Err(msg) = crate::store::name_segment(&name) {
+                    if let Some(Err(msg)) = name.as_deref().map(crate::store::name_segment) {
                         self.problem(format!("{key}.name"), line, msg);
                     }
                     let key_type = match entry.key_type {
                         None => KeyType::EcdsaP256,
                         Some(kt) => {
                             let l = self.line(&kt);
-                            match KeyType::ALL.iter().find(|(s, _)| *s == kt.get_ref()) {
-                                Some((_, k)) => *k,
-                                None => {
-                                    let names: Vec<&str> =
-                                        KeyType::ALL.iter().map(|(s, _)| *s).collect();
-                                    self.problem(
-                                        format!("{key}.key_type"),
-                                        l,
-                                        format!(
-                                            "{:?} is not one of {}",
-                                            kt.get_ref(),
-                                            names.join(", ")
-                                        ),
-                                    );
+                            match KeyType::from_name(kt.get_ref()) {
+                                Ok(k) => k,
+                                Err(msg) => {
+                                    self.problem(format!("{key}.key_type"), l, msg);
                                     continue;
                                 }
                             }
@@ -937,32 +895,14 @@ impl Validator<'_> {
                             "empty: list at least one domain",
                         );
                     }
-                    let mut names: Vec<String> = Vec::new();
-                    let check = if internal {
-                        check_internal_name
-                    } else {
-                        check_domain
-                    };
-                    for (j, d) in domains.iter().enumerate() {
-                        let l = self.line(d);
-                        match check(d.get_ref()) {
-                            Ok(n) if names.contains(&n) => self.problem(
-                                format!("{key}.domains[{j}]"),
-                                l,
-                                format!("{n:?} is listed twice"),
-                            ),
-                            Ok(n) => names.push(n),
-                            Err(msg) => self.problem(format!("{key}.domains[{j}]"), l, msg),
-                        }
-                    }
                     if internal {
                         CertificateSource::Internal {
-                            domains: names,
+                            domains: self.domain_names(&key, &domains, SubjectName::new),
                             key_type,
                         }
                     } else {
                         CertificateSource::Acme {
-                            domains: names,
+                            domains: self.domain_names(&key, &domains, DnsName::new),
                             key_type,
                             temporary_certificate: entry
                                 .temporary_certificate
@@ -1021,6 +961,7 @@ impl Validator<'_> {
                     }
                 }
             };
+            let Some(name) = name else { continue };
             out.push(CertificateConfig {
                 name,
                 source,
@@ -1266,6 +1207,7 @@ impl Validator<'_> {
                 );
                 continue;
             };
+            let Some(name) = name else { continue };
             out.push(TrustBundleConfig {
                 name,
                 file_line: self.line(&file),
@@ -1303,86 +1245,6 @@ impl Validator<'_> {
         }
         self.problems.extend(dups);
     }
-}
-
-/// The rules for a secret name: what Envoy can ask for, without the `sds://` prefix Istio may add.
-pub fn check_secret_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("empty: give the SDS resource name Envoy asks for".into());
-    }
-    if name.starts_with(crate::registry::ISTIO_PREFIX) {
-        return Err(format!(
-            "{name:?}: leave out the \"sds://\" prefix; requests with and without it are both served"
-        ));
-    }
-    if name.len() > 253 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(format!(
-            "{name:?}: a name is at most 253 characters, without spaces or control characters"
-        ));
-    }
-    Ok(())
-}
-
-/// Checks and lower-cases a domain name for an HTTP-01 certificate.
-pub fn check_domain(raw: &str) -> Result<String, String> {
-    let d = raw.trim_end_matches('.').to_ascii_lowercase();
-    if d.starts_with("*.") {
-        return Err(format!(
-            "{raw:?}: wildcard names need the DNS-01 challenge; acme-sds validates over HTTP-01, so list each name"
-        ));
-    }
-    if !d.is_ascii() {
-        return Err(format!(
-            "{raw:?}: write internationalised names in their ASCII (punycode, xn--) form"
-        ));
-    }
-    if d.parse::<IpAddr>().is_ok() {
-        return Err(format!(
-            "{raw:?}: IP addresses are not supported, only DNS names"
-        ));
-    }
-    let labels: Vec<&str> = d.split('.').collect();
-    let label_ok = |l: &&str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    if d.len() > 253 || labels.len() < 2 || !labels.iter().all(label_ok) {
-        return Err(format!(
-            "{raw:?} is not a valid DNS name (letters, digits and hyphens in dot-separated labels of at most 63)"
-        ));
-    }
-    Ok(d)
-}
-
-/// Checks and lower-cases a name for a certificate of the internal CA: a DNS name as for ACME, and also a
-/// single label (`localhost`, `db`), a wildcard (`*.svc.internal`) or an IP address (written canonically).
-pub fn check_internal_name(raw: &str) -> Result<String, String> {
-    if let Ok(ip) = raw.parse::<IpAddr>() {
-        return Ok(ip.to_string());
-    }
-    let d = raw.trim_end_matches('.').to_ascii_lowercase();
-    let rest = d.strip_prefix("*.").unwrap_or(&d);
-    if !rest.is_ascii() {
-        return Err(format!(
-            "{raw:?}: write internationalised names in their ASCII (punycode, xn--) form"
-        ));
-    }
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    if d.len() > 253 || !rest.split('.').all(label_ok) {
-        return Err(format!(
-            "{raw:?} is not a DNS name (letters, digits and hyphens in dot-separated labels of at most 63, optionally after \"*.\") or an IP address"
-        ));
-    }
-    Ok(d)
 }
 
 /// The longest duration any setting accepts: far beyond any sensible timeout or retry delay, and far from
@@ -1719,7 +1581,7 @@ domains = ["c.example.com"]
         assert_eq!(cfg.sds.quotas.max_connections_per_peer, 3);
         assert_eq!(
             cfg.sds.quotas.max_streams_per_peer,
-            crate::peer::Quotas::default().max_streams_per_peer
+            crate::net::peer::Quotas::default().max_streams_per_peer
         );
     }
 
@@ -1738,7 +1600,7 @@ domains = ["c.example.com"]
         assert_eq!(cfg.sds.allowed_uids.as_deref(), Some(&[0, 1337][..]));
         assert_eq!(
             cfg.certificates[0].access.nodes.as_deref(),
-            Some(&[crate::access::NodePattern::new("edge-*").unwrap()][..])
+            Some(&[crate::sds::access::NodePattern::new("edge-*").unwrap()][..])
         );
         let cfg = parse_str("[sds]\nlisten=[\"[::]:8234\"]\n[sds.tls]\ncert_file=\"s.crt\"\nkey_file=\"s.key\"\nclient_ca_file=\"ca.pem\"\n").unwrap();
         assert_eq!(

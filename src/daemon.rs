@@ -13,18 +13,19 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::Access;
-use crate::acme::{AcmeManager, ManagedCert};
 use crate::config::{Config, ConfigError};
-use crate::http01;
 use crate::metrics::Metrics;
-use crate::peer::Limits;
+use crate::net::listen::{self, Admission, Bound};
+use crate::net::peer::Limits;
 use crate::registry::{Published, Registry, SecretContent};
+use crate::sds::access::Access;
 use crate::sds::{Policy, SdsService};
-use crate::server::{self, Admission, Bound};
+use crate::sources::acme::http01;
+use crate::sources::acme::{AcmeManager, ManagedCert};
 use crate::sources::files::{self, FileSource};
 use crate::sources::internal::{self, InternalCert, InternalIssuer};
 use crate::store::{FsStore, SharedStore};
+use crate::values::{ListenAddr, SecretName};
 
 /// How long shutdown waits for streams and tasks to finish before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -90,7 +91,7 @@ fn watch_file(path: &std::path::Path) -> Option<crate::watch::DirWatch> {
 }
 
 /// Every configured secret with its access rule, for the SDS policy.
-fn access_rules(config: &Config) -> Vec<(String, Access)> {
+fn access_rules(config: &Config) -> Vec<(SecretName, Access)> {
     config
         .certificates
         .iter()
@@ -115,7 +116,7 @@ fn log_warnings(config: &Config) {
 /// accepting fails (and backs off) instead of the limits refusing the excess cleanly.
 pub fn check_open_files_limit(config: &Config, limit: u64) {
     let q = config.sds.quotas;
-    let http = crate::server::http1::MAX_CONNECTIONS;
+    let http = crate::net::http1::MAX_CONNECTIONS;
     let needed = config.sds.listen.len() * q.max_connections
         + usize::from(config.admin.is_some()) * http
         + usize::from(config.has_acme_certificates()) * http
@@ -310,7 +311,9 @@ fn privileged_port(port: u16) -> Option<String> {
 }
 
 /// Loads every file-backed secret of `config`; a problem fails the whole load.
-fn load_files(config: &Config) -> Result<(FileSource, Vec<(String, SecretContent)>), ConfigError> {
+fn load_files(
+    config: &Config,
+) -> Result<(FileSource, Vec<(SecretName, SecretContent)>), ConfigError> {
     let mut files = FileSource::from_config(config);
     let loaded = files.load_all().map_err(|problems| ConfigError {
         path: config.path.clone(),
@@ -358,17 +361,17 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
 
     let admission = Admission {
         allowed_uids: config.sds.allowed_uids.clone(),
-        tls: config.sds.tls.as_ref().map(server::load_tls).transpose()?,
+        tls: config.sds.tls.as_ref().map(listen::load_tls).transpose()?,
         handshake_timeout: config.sds.handshake_timeout,
     };
     if config.sds.allow_plaintext && config.sds.tls.is_none() {
         for addr in &config.sds.listen {
-            if matches!(addr, crate::config::ListenAddr::Tcp(a) if !a.ip().is_loopback()) {
+            if matches!(addr, ListenAddr::Tcp(a) if !a.ip().is_loopback()) {
                 tracing::warn!(listen = %addr, "allow_plaintext: SDS serves private keys over unencrypted TCP beyond loopback");
             }
         }
     }
-    let bound = server::bind_all(&config.sds)
+    let bound = listen::bind_all(&config.sds)
         .await
         .context("starting the SDS listeners")?;
     let service = SdsService::new(
@@ -378,7 +381,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         running.metrics.clone(),
         shutdown.clone(),
     )
-    .with_stall_timeout(config.sds.stall_timeout);
+    .with_stall_timeout(config.sds.stall_timeout)
+    .into_grpc();
     for b in bound {
         let addr = b.describe();
         if let Bound::Tcp(_, a) = &b {
@@ -391,7 +395,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         let admission = admission.clone();
         let limits = limits.clone();
         running.tasks.spawn(async move {
-            server::serve(b, service, admission, limits, token)
+            listen::serve(b, service, admission, limits, token)
                 .await
                 .with_context(|| format!("SDS server on {what}"))
         });
@@ -602,7 +606,7 @@ impl Running {
         }
 
         // Secrets no longer configured stop being offered.
-        let names = |c: &Config| -> Vec<String> {
+        let names = |c: &Config| -> Vec<SecretName> {
             c.certificates
                 .iter()
                 .map(|x| x.name.clone())
@@ -610,8 +614,8 @@ impl Running {
                 .collect()
         };
         let (before, after) = (names(&old), names(&new));
-        let removed: Vec<&String> = before.iter().filter(|n| !after.contains(n)).collect();
-        let added: Vec<&String> = after.iter().filter(|n| !before.contains(n)).collect();
+        let removed: Vec<&SecretName> = before.iter().filter(|n| !after.contains(n)).collect();
+        let added: Vec<&SecretName> = after.iter().filter(|n| !before.contains(n)).collect();
         for name in &removed {
             self.registry.withdraw(name);
         }

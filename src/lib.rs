@@ -5,21 +5,17 @@
 //! [`http01`] responder reads pending challenges from the store. [`daemon`] wires them together; [`server`]
 //! owns the SDS listeners; [`ops`] tells the status of it all (`/status`, `acme-sds status`, metrics).
 
-pub mod access;
-pub mod acme;
 pub mod bootstrap;
 pub mod certs;
 pub mod config;
 pub mod daemon;
-pub mod http01;
 pub mod metrics;
+pub mod net;
 pub mod ops;
-pub mod peer;
 pub mod proto;
 pub mod registry;
 pub mod sds;
-pub mod server;
 pub mod sources;
 pub mod store;
-pub mod throttle;
+pub mod values;
 pub mod watch;

@@ -15,6 +15,7 @@ use acme_sds::daemon;
 use acme_sds::ops::status::{SecretStatus, Source};
 use acme_sds::registry::SecretContent;
 use acme_sds::sources::files::FileSource;
+use acme_sds::values::{ListenAddr, SecretName};
 
 /// Automatic HTTPS for Envoy: an SDS server that streams TLS certificates to every connected Envoy.
 #[derive(Parser)]
@@ -240,7 +241,7 @@ examples/letsencrypt/acme-sds.toml), set your domains and contact in it, and sta
 }
 
 /// Loads and validates a configuration and its files, printing every problem; `None` when there are any.
-fn load_checked(path: Option<&Path>) -> Option<(Config, Vec<(String, SecretContent)>)> {
+fn load_checked(path: Option<&Path>) -> Option<(Config, Vec<(SecretName, SecretContent)>)> {
     let config = match config::load_or_built_in(path) {
         Ok(c) => c,
         Err(e) => {
@@ -482,7 +483,7 @@ fn check(path: Option<&Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
+fn summary(config: &Config, loaded: &[(SecretName, SecretContent)]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     if config.built_in {
@@ -498,10 +499,10 @@ fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
     let _ = writeln!(out, "SDS listeners:");
     for l in &config.sds.listen {
         match l {
-            config::ListenAddr::Unix(_) => {
+            ListenAddr::Unix(_) => {
                 let _ = writeln!(out, "  {l} (mode {:04o})", config.sds.socket_mode);
             }
-            config::ListenAddr::Tcp(_) => {
+            ListenAddr::Tcp(_) => {
                 let _ = writeln!(out, "  {l}");
             }
         }
@@ -513,7 +514,7 @@ fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
                 let files = config
                     .certificates
                     .iter()
-                    .find(|cert| &cert.name == name)
+                    .find(|cert| cert.name == *name)
                     .and_then(|cert| match &cert.source {
                         CertificateSource::Files {
                             cert_file,
@@ -540,7 +541,7 @@ fn summary(config: &Config, loaded: &[(String, SecretContent)]) -> String {
                 let file = config
                     .trust_bundles
                     .iter()
-                    .find(|t| &t.name == name)
+                    .find(|t| t.name == *name)
                     .map(|t| t.file.display().to_string())
                     .unwrap_or_default();
                 let _ = writeln!(

@@ -115,7 +115,7 @@ impl Metrics {
     pub fn count_nack(&self, name: &str) {
         self.sds_nacks
             .get_or_create(&NameLabel {
-                name: crate::registry::canonical_name(name).to_owned(),
+                name: crate::values::canonical_name(name).to_owned(),
             })
             .inc();
     }

@@ -30,18 +30,11 @@ use crate::proto::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, TlsCertificate, secret,
 };
 use crate::proto::google::protobuf::Any;
+use crate::values::{ISTIO_PREFIX, canonical_name};
 
 /// The type URL of an Envoy SDS secret.
 pub const SECRET_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
-
-/// Istio's prefix for external SDS names (`credentialName: sds://NAME`): `sds://web` and `web` are one secret.
-pub const ISTIO_PREFIX: &str = "sds://";
-
-/// The registry key of a requested name.
-pub fn canonical_name(requested: &str) -> &str {
-    requested.strip_prefix(ISTIO_PREFIX).unwrap_or(requested)
-}
 
 /// TLS material to publish under a name.
 #[derive(Debug, Clone)]

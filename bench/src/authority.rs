@@ -7,12 +7,12 @@ use anyhow::Result;
 use crate::Sizes;
 use crate::report::Csv;
 
-/// The cost of the Unix-socket `:authority` fix (`acme_sds::server::authority`), in memory: per request
+/// The cost of the Unix-socket `:authority` fix (`acme_sds::net::authority`), in memory: per request
 /// header block as gRPC-core sends them (the socket path as `:authority`, HPACK with incremental indexing,
 /// so later blocks are mostly references into the client's table), and per byte of DATA passed through.
 pub async fn run(a: &Sizes, csv: &mut Csv) -> Result<()> {
-    use acme_sds::server::authority::AuthorityFix;
-    use acme_sds::server::preface::PREFACE;
+    use acme_sds::net::authority::AuthorityFix;
+    use acme_sds::net::preface::PREFACE;
     use tokio::io::AsyncReadExt;
     fn frame_bytes(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);

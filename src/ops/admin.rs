@@ -150,10 +150,10 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: CancellationTo
             async move { Ok::<_, Infallible>(resp) }
         })
     };
-    crate::server::http1::serve(
+    crate::net::http1::serve(
         listener,
         "admin",
-        crate::server::http1::ADMIN_CAPS,
+        crate::net::http1::ADMIN_CAPS,
         make,
         shutdown,
     )

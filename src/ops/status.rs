@@ -12,11 +12,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::acme::AcmeManager;
 use crate::config::{CertificateSource, Config};
-use crate::peer::Limits;
+use crate::net::peer::Limits;
 use crate::registry::{Registry, SecretContent};
 use crate::sources::IssuerStatus;
+use crate::sources::acme::AcmeManager;
 use crate::sources::files::FileSource;
 use crate::sources::internal::InternalIssuer;
 
@@ -108,12 +108,12 @@ pub fn collect(
             let summary = current.as_ref().map(|v| v.summary().clone());
             let plan = schedules.get(name.as_str());
             let domains = match (domains, &summary) {
-                (Some(d), _) => d.to_vec(),
+                (Some(d), _) => d.into_iter().map(str::to_owned).collect(),
                 (None, Some(s)) => s.dns_names.clone(),
                 (None, None) => Vec::new(),
             };
             SecretStatus {
-                name: name.clone(),
+                name: name.to_string(),
                 source,
                 domains,
                 serving: current.is_some(),
@@ -204,7 +204,7 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
             for c in &config.certificates {
                 if matches!(c.source, CertificateSource::Files { .. }) {
                     schedules.insert(
-                        c.name.clone(),
+                        c.name.to_string(),
                         IssuerStatus {
                             last_error: Some(
                                 "the files cannot be loaded (run `acme-sds check`)".into(),
@@ -221,16 +221,17 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
         let keys = config
             .acme
             .as_ref()
-            .map(|a| crate::acme::Keys::for_directory(&a.directory));
+            .map(|a| crate::sources::acme::Keys::for_directory(&a.directory));
         for c in &config.certificates {
             match &c.source {
                 CertificateSource::Acme { .. } => {
                     let Some(keys) = &keys else { continue };
-                    let (cert, plan) = crate::acme::stored_status(&store, keys, &c.name).await;
+                    let (cert, plan) =
+                        crate::sources::acme::stored_status(&store, keys, &c.name).await;
                     if let Some(pem) = cert {
                         registry.publish(&c.name, &SecretContent::TlsCertificate(pem));
                     }
-                    schedules.insert(c.name.clone(), plan);
+                    schedules.insert(c.name.to_string(), plan);
                 }
                 CertificateSource::Internal { .. } => {
                     if let Some(pem) =
@@ -241,7 +242,7 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
                             ..IssuerStatus::default()
                         };
                         registry.publish(&c.name, &SecretContent::TlsCertificate(pem));
-                        schedules.insert(c.name.clone(), plan);
+                        schedules.insert(c.name.to_string(), plan);
                     }
                 }
                 CertificateSource::Files { .. } => {}

@@ -12,11 +12,11 @@ use tonic::{Request, Status};
 
 use super::policy::Policy;
 use crate::metrics::Metrics;
-use crate::peer::{Limits, Peer, StreamSlot};
+use crate::net::peer::{Limits, Peer, StreamSlot};
+use crate::net::throttle::Throttle;
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::google::rpc;
-use crate::registry::canonical_name;
-use crate::throttle::Throttle;
+use crate::values::canonical_name;
 
 /// Most names one stream may subscribe to (Envoy asks for one per stream).
 pub const MAX_NAMES_PER_STREAM: usize = 1000;

@@ -11,12 +11,13 @@
 //!
 //! Access is decided by the [`Policy`] in force at the moment of each decision: when a name is subscribed,
 //! before every push, and at once when a reload changes the rules (a stream that may no longer read a secret
-//! is ended with `PERMISSION_DENIED`). Every caller is counted against its peer's quotas ([`crate::peer`]).
+//! is ended with `PERMISSION_DENIED`). Every caller is counted against its peer's quotas ([`crate::net::peer`]).
 //!
 //! Rules kept (see `shared/reference/sds-protocol.md`): ACKs and NACKs are never answered, identical data is
 //! never resent, a stale SotW nonce is ignored, an unknown name keeps the stream open until the secret
 //! appears, an empty name list never enumerates secrets, and `sds://NAME` is the same secret as `NAME`.
 
+pub mod access;
 pub mod codec;
 mod context;
 pub mod delta;
@@ -37,14 +38,14 @@ use tokio_util::sync::{CancellationToken, ReusableBoxFuture, WaitForCancellation
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
-use crate::peer::Limits;
+use crate::net::peer::Limits;
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use crate::registry::{Registry, SECRET_TYPE_URL, Subscription};
 
-pub use crate::registry::ISTIO_PREFIX;
+pub use crate::values::ISTIO_PREFIX;
 pub use context::{
     MAX_NAME_BYTES, MAX_NAMES_PER_STREAM, MAX_NODE_FIELD_BYTES, NodeInfo, StreamContext,
 };
@@ -100,8 +101,12 @@ impl SdsService {
     }
 
     /// The gRPC service to serve: `StreamSecrets` with [`grpc`]'s framing, the rest through tonic.
-    pub fn into_server(self) -> grpc::SdsServer {
-        grpc::SdsServer::new(self)
+    /// This service as the SDS listeners serve it (`net::listen::serve`): `StreamSecrets` on the fast path
+    /// ([`grpc`]), everything else through tonic's generated server.
+    pub fn into_grpc(self) -> crate::net::listen::GrpcService {
+        use tonic::codegen::Service;
+        let server = grpc::SdsServer::new(self);
+        std::sync::Arc::new(move |req| server.clone().call(req))
     }
 
     /// The context of a new stream (or fetch) from `request`'s caller, counted against its quotas.

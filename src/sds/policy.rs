@@ -14,16 +14,16 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use crate::access::Access;
-use crate::peer::ClientIdentities;
-use crate::registry::canonical_name;
+use crate::net::peer::ClientIdentities;
+use crate::sds::access::Access;
+use crate::values::{SecretName, canonical_name};
 
 /// One generation of rules.
 #[derive(Debug, Default)]
 pub struct Rules {
     generation: u64,
     /// Every configured secret, restricted or not.
-    secrets: HashMap<String, Access>,
+    secrets: HashMap<SecretName, Access>,
 }
 
 impl Rules {
@@ -60,7 +60,7 @@ impl Default for Policy {
 
 impl Policy {
     /// A policy over `(secret name, access rule)` pairs: every configured secret, restricted or not.
-    pub fn new(secrets: impl IntoIterator<Item = (String, Access)>) -> Self {
+    pub fn new(secrets: impl IntoIterator<Item = (SecretName, Access)>) -> Self {
         Policy {
             current: RwLock::new(Arc::new(Rules {
                 generation: 0,
@@ -73,8 +73,8 @@ impl Policy {
 
     /// Puts new rules in force and wakes every stream to check its subscription against them. Rules equal
     /// to those in force change nothing (a reload that touched no access rule wakes no stream).
-    pub fn replace(&self, secrets: impl IntoIterator<Item = (String, Access)>) {
-        let secrets: HashMap<String, Access> = secrets.into_iter().collect();
+    pub fn replace(&self, secrets: impl IntoIterator<Item = (SecretName, Access)>) {
+        let secrets: HashMap<SecretName, Access> = secrets.into_iter().collect();
         let generation = {
             let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
             if current.secrets == secrets {
@@ -119,7 +119,11 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::access::NodePattern;
+
+    fn name(s: &str) -> SecretName {
+        SecretName::new(s).unwrap()
+    }
+    use crate::sds::access::NodePattern;
 
     fn edge_only() -> Access {
         Access {
@@ -131,8 +135,8 @@ mod tests {
     #[test]
     fn rules_apply_by_canonical_name_and_unconfigured_names_are_open() {
         let p = Policy::new([
-            ("web".to_owned(), edge_only()),
-            ("open".to_owned(), Access::default()),
+            (name("web"), edge_only()),
+            (name("open"), Access::default()),
         ]);
         let none = ClientIdentities::default();
         let rules = p.rules();
@@ -147,10 +151,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_replacement_has_a_new_generation_and_wakes_subscribers() {
-        let p = Policy::new([("web".to_owned(), Access::default())]);
+        let p = Policy::new([(name("web"), Access::default())]);
         let mut rx = p.subscribe();
         assert_eq!(p.generation(), 0);
-        p.replace([("web".to_owned(), edge_only())]);
+        p.replace([(name("web"), edge_only())]);
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow_and_update(), 1);
         assert_eq!(p.generation(), 1);
@@ -159,7 +163,7 @@ mod tests {
             !p.rules()
                 .allows("web", Some("core"), &ClientIdentities::default())
         );
-        p.replace([("web".to_owned(), edge_only())]);
+        p.replace([(name("web"), edge_only())]);
         assert_eq!(p.generation(), 1, "the same rules again change nothing");
         assert!(!rx.has_changed().unwrap());
     }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::certs::{self, MaterialError};
 use crate::config::{CertificateSource, Config, Problem};
 use crate::registry::{Published, Registry, SecretContent, SecretVersion};
+use crate::values::SecretName;
 use crate::watch::{DirWatch, next_change};
 
 /// How often files are re-checked when no change event arrives.
@@ -64,7 +65,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
 
 #[derive(Debug)]
 struct Entry {
-    name: String,
+    name: SecretName,
     key: String,
     files: Files,
     stamps: Vec<Option<Stamp>>,
@@ -245,7 +246,7 @@ impl FileSource {
     }
 
     /// Loads every file now. Any failure is a problem naming its config key; used by `check` and at start.
-    pub fn load_all(&mut self) -> Result<Vec<(String, SecretContent)>, Vec<Problem>> {
+    pub fn load_all(&mut self) -> Result<Vec<(SecretName, SecretContent)>, Vec<Problem>> {
         let mut loaded = Vec::new();
         let mut problems = Vec::new();
         for entry in &mut self.entries {
@@ -396,7 +397,7 @@ impl FileSource {
 }
 
 /// What a reload published, for its log line: name, content and the new version.
-type Reloaded = (String, SecretContent, Arc<SecretVersion>);
+type Reloaded = (SecretName, SecretContent, Arc<SecretVersion>);
 
 fn log_published(published: &mut Vec<Reloaded>) {
     for (name, content, v) in published.drain(..) {

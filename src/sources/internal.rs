@@ -21,10 +21,11 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::{self, CertifiedPem};
-use crate::config::{CertificateSource, Config, KeyType};
+use crate::config::{CertificateSource, Config};
 use crate::registry::{Registry, SecretContent};
 use crate::sources::IssuerStatus;
 use crate::store::{SharedStore, Store, StoreError};
+use crate::values::{KeyType, SecretName, SubjectName, same_names, to_strings};
 
 /// How long a leaf is valid.
 pub const LEAF_LIFETIME: time::Duration = time::Duration::days(7);
@@ -58,8 +59,8 @@ pub enum InternalError {
 /// One certificate of the internal CA, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InternalCert {
-    pub name: String,
-    pub domains: Vec<String>,
+    pub name: SecretName,
+    pub domains: Vec<SubjectName>,
     pub key_type: KeyType,
 }
 
@@ -100,10 +101,9 @@ struct StoredLeaf {
 
 impl StoredLeaf {
     fn matches(&self, cert: &InternalCert, root: &str) -> bool {
-        let (mut a, mut b) = (self.domains.clone(), cert.domains.clone());
-        a.sort();
-        b.sort();
-        a == b && self.key_type == cert.key_type && self.root == root
+        same_names(&self.domains, &cert.domains)
+            && self.key_type == cert.key_type
+            && self.root == root
     }
 }
 
@@ -188,12 +188,12 @@ impl LocalCa {
     /// Signs a new leaf for `cert`.
     fn sign(&self, cert: &InternalCert) -> Result<StoredLeaf, InternalError> {
         let fail = |reason: String| InternalError::Sign {
-            name: cert.name.clone(),
+            name: cert.name.to_string(),
             reason,
         };
         let key = certs::generate_key(cert.key_type).map_err(fail)?;
-        let mut params =
-            rcgen::CertificateParams::new(cert.domains.clone()).map_err(|e| fail(e.to_string()))?;
+        let mut params = rcgen::CertificateParams::new(to_strings(&cert.domains))
+            .map_err(|e| fail(e.to_string()))?;
         let mut dn = rcgen::DistinguishedName::new();
         if let Some(first) = cert.domains.first() {
             dn.push(
@@ -222,7 +222,7 @@ impl LocalCa {
             .signed_by(&key, &issuer)
             .map_err(|e| fail(e.to_string()))?;
         Ok(StoredLeaf {
-            domains: cert.domains.clone(),
+            domains: to_strings(&cert.domains),
             key_type: cert.key_type,
             root: self.fingerprint.clone(),
             chain_pem: leaf.pem(),
@@ -396,7 +396,7 @@ impl InternalIssuer {
         let signed = tokio::task::spawn_blocking(move || me.ca.sign(&c))
             .await
             .map_err(|e| InternalError::Sign {
-                name: cert.name.clone(),
+                name: cert.name.to_string(),
                 reason: e.to_string(),
             })
             .and_then(|r| r);
@@ -499,8 +499,11 @@ mod tests {
 
     fn cert(name: &str, domains: &[&str]) -> InternalCert {
         InternalCert {
-            name: name.into(),
-            domains: domains.iter().map(|d| d.to_string()).collect(),
+            name: SecretName::new(name).unwrap(),
+            domains: domains
+                .iter()
+                .map(|d| SubjectName::new(d).unwrap())
+                .collect(),
             key_type: KeyType::EcdsaP256,
         }
     }

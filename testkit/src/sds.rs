@@ -118,7 +118,7 @@ pub fn is_temporary(secret: &Secret) -> bool {
         .map(|(_, c)| {
             c.subject()
                 .to_string()
-                .contains(acme_sds::acme::temporary::MARKER)
+                .contains(acme_sds::sources::acme::temporary::MARKER)
         })
         .unwrap_or(false)
 }

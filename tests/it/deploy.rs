@@ -179,7 +179,7 @@ fn istio_sidecar_variant() {
         acme_sds::config::parse(s(&cm["data"]["acme-sds.toml"]), Path::new("/x.toml")).unwrap();
     assert_eq!(
         cfg.sds.listen,
-        [acme_sds::config::ListenAddr::Unix(
+        [acme_sds::values::ListenAddr::Unix(
             "/var/run/secrets/credential-uds/socket".into()
         )]
     );
@@ -354,7 +354,7 @@ fn container_image_and_systemd_unit() {
         .expect("LimitNOFILE in the unit")
         .parse()
         .unwrap();
-    let defaults = acme_sds::peer::Quotas::default();
+    let defaults = acme_sds::net::peer::Quotas::default();
     assert!(
         nofile as usize >= 2 * defaults.max_connections + 2 * 1024,
         "{nofile}"

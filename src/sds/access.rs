@@ -18,7 +18,7 @@ use std::fmt;
 
 use globset::{GlobBuilder, GlobMatcher};
 
-use crate::peer::ClientIdentities;
+use crate::net::peer::ClientIdentities;
 
 /// A glob on Envoy's node id.
 #[derive(Clone)]

@@ -116,10 +116,10 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(respond(store, &metrics, req).await) }
         })
     };
-    crate::server::http1::serve(
+    crate::net::http1::serve(
         listener,
         "HTTP-01",
-        crate::server::http1::HTTP01_CAPS,
+        crate::net::http1::HTTP01_CAPS,
         make,
         shutdown,
     )

@@ -7,9 +7,9 @@
 //!
 //! Connections are accepted here and served by hyper's HTTP/2 server directly, so that everything a
 //! connection can hold is bounded before it reaches gRPC: a cap per listener and per source (uid or IP
-//! address, [`crate::peer::Limits`]), a deadline for the TLS handshake and the HTTP/2 preface (a client
+//! address, [`crate::net::peer::Limits`]), a deadline for the TLS handshake and the HTTP/2 preface (a client
 //! that connects and says nothing is dropped), `allowed_uids` checked at accept, accept errors that back
-//! off ([`accept`]), and on Unix sockets the `:authority` fix for gRPC-core clients ([`authority`]). Each
+//! off ([`super::accept`]), and on Unix sockets the `:authority` fix for gRPC-core clients ([`super::authority`]). Each
 //! request carries its [`Peer`] to the SDS service, which counts streams and names against it.
 
 use std::io;
@@ -25,66 +25,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
-use tonic::codegen::Service;
 
 use crate::certs;
 use crate::config::{ListenAddr, SdsConfig, SdsTlsConfig};
-use crate::peer::{Limits, Peer, PeerKey};
-use crate::sds::SdsService;
-use crate::sds::grpc::SdsServer;
-use crate::throttle::Throttle;
+use crate::net::peer::{Limits, Peer, PeerKey};
+use crate::net::throttle::Throttle;
 
-/// `AsyncWrite` for a connection wrapper that changes only what is read ([`preface::Rewind`],
-/// [`authority::AuthorityFix`]): every write goes straight to the wrapped connection, `self.io`.
-macro_rules! write_through {
-    ($wrapper:ident) => {
-        impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $wrapper<IO> {
-            fn poll_write(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                buf: &[u8],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-            }
-
-            fn poll_write_vectored(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                bufs: &[std::io::IoSlice<'_>],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-            }
-
-            fn is_write_vectored(&self) -> bool {
-                self.io.is_write_vectored()
-            }
-
-            fn poll_flush(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
-            }
-
-            fn poll_shutdown(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-            }
-        }
-    };
-}
-
-pub mod accept;
-pub mod authority;
-mod batching;
-pub mod http1;
-pub mod preface;
-
-use accept::AcceptBackoff;
-use authority::AuthorityFix;
-use batching::BatchedWrites;
+use super::accept::AcceptBackoff;
+use super::authority::AuthorityFix;
+use super::batching::BatchedWrites;
+use super::preface;
 
 /// Why a listener could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -315,9 +265,23 @@ pub fn load_tls(tls: &SdsTlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>>
     Ok(Arc::new(config))
 }
 
+/// What a listener serves: a gRPC service, called once per request with the caller's [`Peer`] in the
+/// request's extensions. This module knows nothing else of it; the SDS service is one
+/// (`sds::SdsService::into_grpc`).
+pub type GrpcService = Arc<dyn Fn(http::Request<tonic::body::Body>) -> GrpcFuture + Send + Sync>;
+
+/// The answer of a [`GrpcService`].
+pub type GrpcFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
 /// Everything a connection task needs; shared by all of one listener's connections.
 struct Shared {
-    server: SdsServer,
+    service: GrpcService,
     builder: hyper::server::conn::http2::Builder<TokioExecutor>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
@@ -341,16 +305,16 @@ enum Accepted {
     Unix(tokio::net::UnixStream, Peer),
 }
 
-/// Serves SDS on one bound listener until `shutdown` is cancelled and every connection has ended.
+/// Serves `service` on one bound listener until `shutdown` is cancelled and every connection has ended.
 pub async fn serve(
     bound: Bound,
-    service: SdsService,
+    service: GrpcService,
     admission: Admission,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let shared = Arc::new(Shared {
-        server: service.into_server(),
+        service,
         builder: http2(),
         tls: admission.tls.clone().map(tokio_rustls::TlsAcceptor::from),
         shutdown: shutdown.clone(),
@@ -512,12 +476,11 @@ async fn serve_http2<IO>(io: IO, peer: Peer, shared: &Shared)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let server = shared.server.clone();
+    let grpc = shared.service.clone();
     let service =
         hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer.clone());
-            let mut server = server.clone();
-            server.call(req.map(tonic::body::Body::new))
+            grpc(req.map(tonic::body::Body::new))
         });
     let conn = shared.builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);

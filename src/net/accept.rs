@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::throttle::Throttle;
+use crate::net::throttle::Throttle;
 
 const FIRST: Duration = Duration::from_millis(5);
 const MOST: Duration = Duration::from_secs(1);

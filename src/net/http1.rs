@@ -18,8 +18,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::accept::AcceptBackoff;
-use crate::peer::{Limits, PeerKey, Quotas};
-use crate::throttle::Throttle;
+use crate::net::peer::{Limits, PeerKey, Quotas};
+use crate::net::throttle::Throttle;
 
 /// A client must send its whole request head within this.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{Keys, ManagedCert, StoredCert};
 use crate::certs::MaterialError;
-use crate::config::KeyType;
-use crate::http01::challenge_key;
 use crate::metrics::Metrics;
+use crate::sources::acme::http01::challenge_key;
 use crate::store::{SharedStore, StoreError};
+use crate::values::{KeyType, same_names, to_strings};
 
 /// Attempts per request to the CA.
 const ATTEMPTS: u32 = 6;
@@ -186,10 +186,7 @@ impl std::fmt::Debug for OrderRecord {
 
 impl OrderRecord {
     fn matches(&self, cert: &ManagedCert) -> bool {
-        let (mut a, mut b) = (self.domains.clone(), cert.domains.clone());
-        a.sort();
-        b.sort();
-        a == b && self.key_type == cert.key_type
+        same_names(&self.domains, &cert.domains) && self.key_type == cert.key_type
     }
 }
 
@@ -327,7 +324,7 @@ pub(super) async fn run(
             let o = new_order(account, cert, current, metrics).await?;
             let r = OrderRecord {
                 url: o.url().to_owned(),
-                domains: cert.domains.clone(),
+                domains: to_strings(&cert.domains),
                 key_type: cert.key_type,
                 key_pem: None,
             };
@@ -358,7 +355,7 @@ pub(super) async fn run(
             let key = tokio::task::spawn_blocking(move || generate_key(key_type))
                 .await
                 .map_err(|e| OrderError::Other(e.to_string()))??;
-            let mut params = rcgen::CertificateParams::new(cert.domains.clone())
+            let mut params = rcgen::CertificateParams::new(to_strings(&cert.domains))
                 .map_err(|e| OrderError::Other(format!("CSR: {e}")))?;
             params.distinguished_name = rcgen::DistinguishedName::new();
             let csr = params
@@ -403,7 +400,7 @@ async fn new_order(
     let ids: Vec<Identifier> = cert
         .domains
         .iter()
-        .map(|d| Identifier::Dns(d.clone()))
+        .map(|d| Identifier::Dns(d.to_string()))
         .collect();
     let replaced = current
         .filter(|c| c.matches(cert))

@@ -24,13 +24,13 @@ macro_rules! retrying {
     ($metrics:expr, $action:literal, $call:expr) => {{
         let mut attempt = 1u32;
         loop {
-            let _ = $crate::acme::http::take_retry_after();
-            match $crate::acme::order::timed($metrics, $action, $call).await {
-                Err(e) if $crate::acme::order::again(&e, attempt) => {
-                    let wait = match $crate::acme::http::take_retry_after() {
-                        Some(w) if w > $crate::acme::order::MAX_RETRY_AFTER => break Err(e),
+            let _ = $crate::sources::acme::http::take_retry_after();
+            match $crate::sources::acme::order::timed($metrics, $action, $call).await {
+                Err(e) if $crate::sources::acme::order::again(&e, attempt) => {
+                    let wait = match $crate::sources::acme::http::take_retry_after() {
+                        Some(w) if w > $crate::sources::acme::order::MAX_RETRY_AFTER => break Err(e),
                         Some(w) => w,
-                        None => $crate::acme::order::backoff(attempt),
+                        None => $crate::sources::acme::order::backoff(attempt),
                     };
                     tracing::info!(
                         action = $action,
@@ -50,6 +50,7 @@ macro_rules! retrying {
 
 mod account;
 mod http;
+pub mod http01;
 mod order;
 pub mod schedule;
 pub mod temporary;
@@ -63,11 +64,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::{self, CertifiedPem, MaterialError};
-use crate::config::{AcmeConfig, CertificateSource, Config, KeyType};
+use crate::config::{AcmeConfig, CertificateSource, Config};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, SecretContent};
 use crate::sources::IssuerStatus;
 use crate::store::{SharedStore, StoreError, key_segment};
+use crate::values::{DnsName, KeyType, SecretName, same_names, to_strings};
 
 pub use order::OrderError;
 
@@ -80,8 +82,8 @@ const FIRST_RETRY_UNREACHABLE: Duration = Duration::from_secs(2);
 /// One ACME-managed certificate, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagedCert {
-    pub name: String,
-    pub domains: Vec<String>,
+    pub name: SecretName,
+    pub domains: Vec<DnsName>,
     pub key_type: KeyType,
     /// Serve a temporary self-signed certificate until the first issuance.
     pub temporary: bool,
@@ -136,11 +138,7 @@ impl std::fmt::Debug for StoredCert {
 impl StoredCert {
     /// Whether this certificate was issued for `cert`'s current domains and key type.
     pub fn matches(&self, cert: &ManagedCert) -> bool {
-        let mut a = self.domains.clone();
-        let mut b = cert.domains.clone();
-        a.sort();
-        b.sort();
-        a == b && self.key_type == cert.key_type
+        same_names(&self.domains, &cert.domains) && self.key_type == cert.key_type
     }
 
     pub fn checked(&self) -> Result<CertifiedPem, MaterialError> {
@@ -470,7 +468,7 @@ impl AcmeManager {
         if fresh {
             return;
         }
-        match temporary::make(&cert.name, &cert.domains) {
+        match temporary::make(&cert.name, &to_strings(&cert.domains)) {
             Ok(pem) => {
                 self.registry
                     .publish_temporary(&cert.name, &SecretContent::TlsCertificate(pem.clone()));
@@ -828,7 +826,7 @@ impl AcmeManager {
         };
         let pem = certs::certified_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
         let stored = StoredCert {
-            domains: cert.domains.clone(),
+            domains: to_strings(&cert.domains),
             key_type: cert.key_type,
             chain_pem,
             key_pem: zeroize::Zeroizing::new(key_pem),

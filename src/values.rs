@@ -1,0 +1,318 @@
+//! Values that carry their own rules: secret names, DNS names, key types and listen addresses.
+//!
+//! Each is checked once, where it is made ([`SecretName::new`], [`DnsName::new`], ...), with an error that
+//! says what is wrong in the words of the config file; a value in hand is valid, so the code that uses it
+//! (the registry, the ACME client, the listeners) never checks again. The config builds them; every layer
+//! below takes them. This module depends on nothing else in the crate.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+
+/// Istio's prefix for external SDS names (`credentialName: sds://NAME`): `sds://web` and `web` are one secret.
+pub const ISTIO_PREFIX: &str = "sds://";
+
+/// The secret a requested name refers to: the name without Istio's [`ISTIO_PREFIX`].
+pub fn canonical_name(requested: &str) -> &str {
+    requested.strip_prefix(ISTIO_PREFIX).unwrap_or(requested)
+}
+
+/// Implements the read-only string views of a checked name.
+macro_rules! name_type {
+    ($name:ident) => {
+        impl $name {
+            /// The checked text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+    };
+}
+
+/// The name of an SDS secret, as Envoy asks for it: not empty, at most 253 characters, no spaces or
+/// control characters, and without the `sds://` prefix (requests with and without it are both served).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SecretName(String);
+
+name_type!(SecretName);
+
+impl SecretName {
+    /// Checks `name`; the error says what is wrong with it.
+    pub fn new(name: &str) -> Result<Self, String> {
+        if name.is_empty() {
+            return Err("empty: give the SDS resource name Envoy asks for".into());
+        }
+        if name.starts_with(ISTIO_PREFIX) {
+            return Err(format!(
+                "{name:?}: leave out the \"sds://\" prefix; requests with and without it are both served"
+            ));
+        }
+        if name.len() > 253 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(format!(
+                "{name:?}: a name is at most 253 characters, without spaces or control characters"
+            ));
+        }
+        Ok(SecretName(name.to_owned()))
+    }
+}
+
+/// One DNS label: letters, digits and hyphens, 1 to 63 of them, not starting or ending with a hyphen.
+fn label_ok(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// A DNS name a public CA validates over HTTP-01: at least two labels, ASCII (punycode for IDNs), no
+/// wildcard, not an IP address; stored lower-case without a trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DnsName(String);
+
+name_type!(DnsName);
+
+impl DnsName {
+    /// Checks and lower-cases `raw`; the error says what is wrong with it.
+    pub fn new(raw: &str) -> Result<Self, String> {
+        let d = raw.trim_end_matches('.').to_ascii_lowercase();
+        if d.starts_with("*.") {
+            return Err(format!(
+                "{raw:?}: wildcard names need the DNS-01 challenge; acme-sds validates over HTTP-01, so list each name"
+            ));
+        }
+        if !d.is_ascii() {
+            return Err(format!(
+                "{raw:?}: write internationalised names in their ASCII (punycode, xn--) form"
+            ));
+        }
+        if d.parse::<IpAddr>().is_ok() {
+            return Err(format!(
+                "{raw:?}: IP addresses are not supported, only DNS names"
+            ));
+        }
+        let labels: Vec<&str> = d.split('.').collect();
+        if d.len() > 253 || labels.len() < 2 || !labels.iter().all(|l| label_ok(l)) {
+            return Err(format!(
+                "{raw:?} is not a valid DNS name (letters, digits and hyphens in dot-separated labels of at most 63)"
+            ));
+        }
+        Ok(DnsName(d))
+    }
+}
+
+/// A name on a certificate of the internal CA: a DNS name as for ACME, and also a single label
+/// (`localhost`, `db`), a wildcard (`*.svc.internal`) or an IP address (written canonically).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubjectName(String);
+
+name_type!(SubjectName);
+
+impl SubjectName {
+    /// Checks and lower-cases `raw`; the error says what is wrong with it.
+    pub fn new(raw: &str) -> Result<Self, String> {
+        if let Ok(ip) = raw.parse::<IpAddr>() {
+            return Ok(SubjectName(ip.to_string()));
+        }
+        let d = raw.trim_end_matches('.').to_ascii_lowercase();
+        let rest = d.strip_prefix("*.").unwrap_or(&d);
+        if !rest.is_ascii() {
+            return Err(format!(
+                "{raw:?}: write internationalised names in their ASCII (punycode, xn--) form"
+            ));
+        }
+        if d.len() > 253 || !rest.split('.').all(label_ok) {
+            return Err(format!(
+                "{raw:?} is not a DNS name (letters, digits and hyphens in dot-separated labels of at most 63, optionally after \"*.\") or an IP address"
+            ));
+        }
+        Ok(SubjectName(d))
+    }
+}
+
+/// Whether two lists hold the same names, in any order (a stored certificate against its configuration).
+pub fn same_names<A: AsRef<str>, B: AsRef<str>>(a: &[A], b: &[B]) -> bool {
+    let mut a: Vec<&str> = a.iter().map(AsRef::as_ref).collect();
+    let mut b: Vec<&str> = b.iter().map(AsRef::as_ref).collect();
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
+}
+
+/// The names as plain strings (for a stored record, or a library that takes `String`s).
+pub fn to_strings<T: AsRef<str>>(names: &[T]) -> Vec<String> {
+    names.iter().map(|n| n.as_ref().to_owned()).collect()
+}
+
+/// Key algorithm of a certificate acme-sds issues or orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    EcdsaP256,
+    EcdsaP384,
+    Rsa2048,
+    Rsa3072,
+    Rsa4096,
+}
+
+impl KeyType {
+    /// Every key type, with the name the config file gives it.
+    pub const ALL: [(&'static str, KeyType); 5] = [
+        ("ecdsa-p256", KeyType::EcdsaP256),
+        ("ecdsa-p384", KeyType::EcdsaP384),
+        ("rsa-2048", KeyType::Rsa2048),
+        ("rsa-3072", KeyType::Rsa3072),
+        ("rsa-4096", KeyType::Rsa4096),
+    ];
+
+    /// The name the config file gives this key type.
+    pub fn as_str(self) -> &'static str {
+        KeyType::ALL
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map(|(s, _)| *s)
+            .unwrap_or("ecdsa-p256")
+    }
+
+    /// The key type the config file calls `name`; the error lists the choices.
+    pub fn from_name(name: &str) -> Result<Self, String> {
+        KeyType::ALL
+            .iter()
+            .find(|(s, _)| *s == name)
+            .map(|(_, k)| *k)
+            .ok_or_else(|| {
+                let names: Vec<&str> = KeyType::ALL.iter().map(|(s, _)| *s).collect();
+                format!("{name:?} is not one of {}", names.join(", "))
+            })
+    }
+}
+
+/// Where an SDS listener listens: a Unix socket (`unix:PATH`) or a TCP address (`IP:PORT`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl ListenAddr {
+    /// Parses `unix:PATH` (a relative path is taken from `base`, the config file's directory), `IP:PORT`
+    /// or `localhost:PORT` (IPv4 loopback); the error shows the accepted forms.
+    pub fn parse(s: &str, base: &Path) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(
+                    "\"unix:\" needs a socket path, as in \"unix:/run/acme-sds/sds.sock\"".into(),
+                );
+            }
+            return Ok(ListenAddr::Unix(base.join(path)));
+        }
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr::Tcp(addr));
+        }
+        if let Some(port) = s.strip_prefix("localhost:")
+            && let Ok(port) = port.parse::<u16>()
+        {
+            return Ok(ListenAddr::Tcp(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port,
+            )));
+        }
+        Err(format!(
+            "{s:?} is not \"unix:PATH\" or \"IP:PORT\" (for example \"127.0.0.1:8234\" or \"[::1]:8234\")"
+        ))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_check_themselves() {
+        assert_eq!(
+            &*DnsName::new("WWW.Example.COM.").unwrap(),
+            "www.example.com"
+        );
+        for bad in [
+            "*.example.com",
+            "localhost",
+            "10.0.0.1",
+            "-a.example.com",
+            "bücher.de",
+        ] {
+            assert!(DnsName::new(bad).is_err(), "{bad}");
+        }
+        for good in ["localhost", "*.svc.internal", "db"] {
+            assert_eq!(&*SubjectName::new(good).unwrap(), good);
+        }
+        assert_eq!(&*SubjectName::new("::0001").unwrap(), "::1");
+        assert!(SubjectName::new("a b").is_err());
+        assert!(SecretName::new("web").is_ok());
+        for bad in ["", "sds://web", "a b", &"x".repeat(254)] {
+            assert!(SecretName::new(bad).is_err(), "{bad}");
+        }
+        assert_eq!(canonical_name("sds://web"), "web");
+        assert_eq!(KeyType::from_name("rsa-2048"), Ok(KeyType::Rsa2048));
+        assert!(
+            KeyType::from_name("rsa-1024")
+                .unwrap_err()
+                .contains("ecdsa-p256")
+        );
+    }
+}
