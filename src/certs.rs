@@ -141,9 +141,23 @@ impl CertInfo {
     }
 }
 
+/// The names a client certificate carries, kept apart by kind: access rules match DNS patterns against DNS
+/// names only and URI patterns (SPIFFE IDs) against URIs only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientIdentities {
+    pub dns: Vec<String>,
+    pub uris: Vec<String>,
+}
+
+impl ClientIdentities {
+    pub fn is_empty(&self) -> bool {
+        self.dns.is_empty() && self.uris.is_empty()
+    }
+}
+
 /// The identities a client certificate asserts: its DNS and URI (for example SPIFFE ID) subjectAltNames,
 /// kept apart.
-pub fn identities(der: &[u8]) -> crate::net::peer::ClientIdentities {
+pub fn identities(der: &[u8]) -> ClientIdentities {
     X509Certificate::from_der(der)
         .ok()
         .and_then(|(_, cert)| san_names(&cert).ok())
@@ -153,8 +167,8 @@ pub fn identities(der: &[u8]) -> crate::net::peer::ClientIdentities {
 /// The DNS names and URIs of a certificate's subjectAltName.
 fn san_names(
     cert: &X509Certificate<'_>,
-) -> Result<crate::net::peer::ClientIdentities, x509_parser::error::X509Error> {
-    let mut ids = crate::net::peer::ClientIdentities::default();
+) -> Result<ClientIdentities, x509_parser::error::X509Error> {
+    let mut ids = ClientIdentities::default();
     if let Some(san) = cert.subject_alternative_name()? {
         for name in &san.value.general_names {
             match name {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::net::listen::TlsFiles;
 pub use crate::values::{DnsName, KeyType, ListenAddr, SecretName, SubjectName};
 
 mod schema;
@@ -132,7 +133,7 @@ pub struct SdsConfig {
     /// Only peers running as these uids may use the Unix sockets (checked with SO_PEERCRED).
     pub allowed_uids: Option<Vec<u32>>,
     /// Mutual TLS for every TCP listener.
-    pub tls: Option<SdsTlsConfig>,
+    pub tls: Option<TlsFiles>,
     /// Plain TCP beyond loopback was explicitly allowed.
     pub allow_plaintext: bool,
     /// A stream whose last push has gone unacknowledged this long is ended when a newer version is due.
@@ -141,14 +142,6 @@ pub struct SdsConfig {
     pub quotas: crate::net::peer::Quotas,
     /// A new connection must finish its TLS handshake and send the HTTP/2 preface within this.
     pub handshake_timeout: std::time::Duration,
-}
-
-/// `[sds.tls]`: mutual TLS on the TCP listeners; client certificates are required.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SdsTlsConfig {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    pub client_ca_file: PathBuf,
 }
 
 pub use crate::sds::access::Access;
@@ -698,7 +691,7 @@ impl Validator<'_> {
             if let (Some(cert_file), Some(key_file), Some(client_ca_file)) =
                 (cert_file, key_file, client_ca_file)
             {
-                out.tls = Some(SdsTlsConfig {
+                out.tls = Some(TlsFiles {
                     cert_file,
                     key_file,
                     client_ca_file,

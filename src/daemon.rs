@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -22,8 +23,8 @@ use crate::sds::access::Access;
 use crate::sds::{Policy, SdsService};
 use crate::sources::acme::http01;
 use crate::sources::acme::{AcmeManager, ManagedCert};
-use crate::sources::files::{self, FileSource};
-use crate::sources::internal::{self, InternalCert, InternalIssuer};
+use crate::sources::files::FileSource;
+use crate::sources::internal::{InternalCert, InternalIssuer};
 use crate::store::{FsStore, SharedStore};
 use crate::values::{ListenAddr, SecretName};
 
@@ -88,6 +89,16 @@ fn watch_file(path: &std::path::Path) -> Option<crate::watch::DirWatch> {
             None
         }
     }
+}
+
+/// What the process asks of a running daemon ([`Running::run_until_stopped`]); each carries what caused it,
+/// for the log (`"SIGHUP"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Read the configuration file again and apply what changed.
+    Reload(&'static str),
+    /// Stop serving, drain, and return.
+    Shutdown(&'static str),
 }
 
 /// Every configured secret with its access rule, for the SDS policy.
@@ -325,12 +336,11 @@ fn load_files(
 /// Loads every source of `config`, binds its listeners and starts serving.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     // One TLS crypto provider for the whole process (the ACME client's HTTPS uses it).
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let registry = Registry::new();
     let (files, loaded) = load_files(config)?;
     for (name, content) in &loaded {
         let v = registry.publish(name, content);
-        files::log_loaded(name, content, v.version().version(), "loaded");
+        crate::sources::log_loaded(name, content, v.version().version(), "loaded");
     }
     let shutdown = CancellationToken::new();
     log_warnings(config);
@@ -371,7 +381,11 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             }
         }
     }
-    let bound = listen::bind_all(&config.sds)
+    let unix = listen::SocketAccess {
+        mode: config.sds.socket_mode,
+        group: config.sds.socket_group,
+    };
+    let bound = listen::bind_all(&config.sds.listen, unix)
         .await
         .context("starting the SDS listeners")?;
     let service = SdsService::new(
@@ -504,7 +518,7 @@ impl Running {
     pub fn internal_root(&self) -> Option<std::path::PathBuf> {
         self.store_dir
             .as_ref()
-            .map(|d| d.join(internal::ROOT_CERT_KEY))
+            .map(|d| d.join(crate::sources::keys::INTERNAL_ROOT_CERT))
             .filter(|p| p.exists())
     }
 
@@ -590,7 +604,7 @@ impl Running {
         self.files_token.cancel();
         for (name, content) in &loaded {
             if let Published::New(v) = self.registry.publish(name, content) {
-                files::log_loaded(name, content, v.version(), "loaded");
+                crate::sources::log_loaded(name, content, v.version(), "loaded");
             }
         }
         self.spawn_files(files);
@@ -631,19 +645,19 @@ impl Running {
         Ok(())
     }
 
-    /// Serves until SIGTERM or SIGINT, reloading the configuration on SIGHUP and whenever its file changes;
-    /// then shuts down cleanly.
-    pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
+    /// Serves until told to stop ([`Event::Shutdown`], or every sender of `events` gone), reloading the
+    /// configuration on [`Event::Reload`] and whenever its file changes; then shuts down cleanly. The
+    /// process turns its signals into events (`main.rs`); a test sends them itself.
+    pub async fn run_until_stopped(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+    ) -> anyhow::Result<()> {
         let path = self.config.path.clone();
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         // The built-in configuration has no file to watch: a new acme-sds.toml is used at the next start.
         let built_in = self.config.built_in;
         let mut watch = if built_in { None } else { watch_file(&path) };
         let mut stamp = file_stamp(&path);
-        // Logged once signals and the config watcher are in place: from here on, edits are seen.
+        // Logged once events and the config watcher are in place: from here on, edits are seen.
         if built_in {
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
@@ -655,10 +669,12 @@ impl Running {
         }
         loop {
             let why = tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+                event = events.recv() => match event {
+                    Some(Event::Reload(why)) => why,
+                    Some(Event::Shutdown(why)) => { tracing::info!("{why}: shutting down"); break; }
+                    None => { tracing::info!("shutting down"); break; }
+                },
                 e = self.failed() => return Err(e),
-                _ = hup.recv() => "SIGHUP",
                 changed = crate::watch::next_change(&mut watch) => {
                     if let Err(e) = changed {
                         tracing::warn!(error = %e, "watching the configuration file failed; use SIGHUP to reload");

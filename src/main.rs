@@ -111,6 +111,9 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // One crypto provider for the process (ring, the only one compiled in): the library names it wherever
+    // it builds a TLS configuration, and anything that asks for the process default gets the same.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(config.as_deref()),
@@ -187,14 +190,39 @@ fn run(path: Option<&Path>, log_format: LogFormat) -> anyhow::Result<()> {
         if let Some(limit) = open_files {
             daemon::check_open_files_limit(&config, limit);
         }
+        let events = signal_events()?;
         let running = daemon::start(&config).await?;
         if config.built_in && matches!(log_format, LogFormat::Text) {
             eprint!("{}", built_in_guide(&running));
         }
-        running.run_until_stopped().await?;
+        running.run_until_stopped(events).await?;
         tracing::info!("acme-sds stopped");
         Ok(())
     })
+}
+
+/// The process's signals as daemon events: SIGHUP reloads, SIGTERM and SIGINT stop. The handlers are in
+/// place before the daemon starts, so that a signal sent as soon as it serves is never lost.
+fn signal_events() -> anyhow::Result<tokio::sync::mpsc::Receiver<daemon::Event>> {
+    use daemon::Event;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                _ = term.recv() => Event::Shutdown("SIGTERM"),
+                _ = int.recv() => Event::Shutdown("SIGINT"),
+                _ = hup.recv() => Event::Reload("SIGHUP"),
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// What `run` prints once it serves the built-in configuration: where it is, how to put Envoy in front of

@@ -27,9 +27,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::certs;
-use crate::config::{ListenAddr, SdsConfig, SdsTlsConfig};
 use crate::net::peer::{Limits, Peer, PeerKey};
 use crate::net::throttle::Throttle;
+use crate::values::ListenAddr;
 
 use super::accept::AcceptBackoff;
 use super::authority::AuthorityFix;
@@ -103,10 +103,19 @@ impl Drop for UnixSocketGuard {
     }
 }
 
-/// Binds every configured address; fails on the first that cannot be bound.
-pub async fn bind_all(sds: &SdsConfig) -> Result<Vec<Bound>, ListenError> {
-    let mut out = Vec::with_capacity(sds.listen.len());
-    for addr in &sds.listen {
+/// The permission bits and group given to the Unix sockets a listener creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits (`sds.socket_mode`).
+    pub mode: u32,
+    /// Group id (`sds.socket_group`), so that its members may connect with mode 0660.
+    pub group: Option<u32>,
+}
+
+/// Binds every address; fails on the first that cannot be bound.
+pub async fn bind_all(addrs: &[ListenAddr], unix: SocketAccess) -> Result<Vec<Bound>, ListenError> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
         out.push(match addr {
             ListenAddr::Tcp(a) => {
                 let listener = TcpListener::bind(a)
@@ -121,7 +130,7 @@ pub async fn bind_all(sds: &SdsConfig) -> Result<Vec<Bound>, ListenError> {
                 })?;
                 Bound::Tcp(listener, local)
             }
-            ListenAddr::Unix(path) => bind_unix(path, sds.socket_mode, sds.socket_group).await?,
+            ListenAddr::Unix(path) => bind_unix(path, unix.mode, unix.group).await?,
         });
     }
     Ok(out)
@@ -214,9 +223,18 @@ pub struct Admission {
     pub handshake_timeout: Duration,
 }
 
-/// Loads `[sds.tls]`: our certificate and key (checked to match) and the CA that client certificates must
-/// chain to; client certificates are required. Errors name the config key.
-pub fn load_tls(tls: &SdsTlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// Mutual TLS on TCP listeners (`[sds.tls]`): our certificate and key, and the CA that client certificates
+/// must chain to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
+}
+
+/// Loads [`TlsFiles`]: our certificate and key (checked to match) and the CA that client certificates must
+/// chain to; client certificates are required. Errors name the `[sds.tls]` key the file came from.
+pub fn load_tls(tls: &TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let read = |key: &str, path: &Path| {

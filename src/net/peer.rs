@@ -8,6 +8,7 @@
 //! one) reaching its quota leaves room for everyone else. Usage is counted by guards that give it back when
 //! dropped; a peer's entry disappears with its last guard, so the table holds only peers that are connected.
 
+use crate::certs::ClientIdentities;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -83,20 +84,6 @@ impl fmt::Display for PeerKey {
             PeerKey::Ip(ip) => write!(f, "{ip}"),
             PeerKey::Local => f.write_str("local"),
         }
-    }
-}
-
-/// The names a client certificate carries, kept apart by kind: access rules match DNS patterns against DNS
-/// names only and URI patterns (SPIFFE IDs) against URIs only.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClientIdentities {
-    pub dns: Vec<String>,
-    pub uris: Vec<String>,
-}
-
-impl ClientIdentities {
-    pub fn is_empty(&self) -> bool {
-        self.dns.is_empty() && self.uris.is_empty()
     }
 }
 

@@ -221,7 +221,7 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
         let keys = config
             .acme
             .as_ref()
-            .map(|a| crate::sources::acme::Keys::for_directory(&a.directory));
+            .map(|a| crate::sources::keys::AcmeKeys::for_directory(&a.directory));
         for c in &config.certificates {
             match &c.source {
                 CertificateSource::Acme { .. } => {

@@ -18,7 +18,7 @@ use std::fmt;
 
 use globset::{GlobBuilder, GlobMatcher};
 
-use crate::net::peer::ClientIdentities;
+use crate::certs::ClientIdentities;
 
 /// A glob on Envoy's node id.
 #[derive(Clone)]

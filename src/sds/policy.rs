@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use crate::net::peer::ClientIdentities;
+use crate::certs::ClientIdentities;
 use crate::sds::access::Access;
 use crate::values::{SecretName, canonical_name};
 

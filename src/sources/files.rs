@@ -165,33 +165,6 @@ impl Entry {
     }
 }
 
-/// Logs what was loaded: name, serial and expiry; never key material.
-pub fn log_loaded(name: &str, content: &SecretContent, version: &str, how: &str) {
-    match content {
-        SecretContent::TlsCertificate(c) => {
-            let expired = c.leaf.not_after < time::OffsetDateTime::now_utc();
-            let expiry = c.leaf.expiry();
-            if expired {
-                tracing::warn!(secret = name, version, serial = %c.leaf.serial, names = ?c.leaf.dns_names, "{how} certificate: {expiry}");
-            } else {
-                tracing::info!(secret = name, version, serial = %c.leaf.serial, names = ?c.leaf.dns_names, "{how} certificate: {expiry}");
-            }
-        }
-        SecretContent::TrustBundle(b) => {
-            let expiry = b
-                .earliest_expiry()
-                .map(certs::describe_expiry)
-                .unwrap_or_default();
-            tracing::info!(
-                secret = name,
-                version,
-                certificates = b.certs.len(),
-                "{how} trust bundle: earliest {expiry}"
-            );
-        }
-    }
-}
-
 /// The file-backed secrets of a configuration.
 #[derive(Debug)]
 pub struct FileSource {
@@ -401,7 +374,7 @@ type Reloaded = (SecretName, SecretContent, Arc<SecretVersion>);
 
 fn log_published(published: &mut Vec<Reloaded>) {
     for (name, content, v) in published.drain(..) {
-        log_loaded(&name, &content, v.version(), "reloaded");
+        super::log_loaded(&name, &content, v.version(), "reloaded");
     }
 }
 

@@ -36,15 +36,7 @@ const ROOT_MIN_LEFT: time::Duration = time::Duration::days(30);
 /// After a failure (signing, storing), the next attempt.
 const RETRY: Duration = Duration::from_secs(60);
 
-/// Store key of the CA (certificate and key).
-const CA_KEY: &str = "internal/ca";
-/// Store key of the root certificate alone, as PEM: what clients trust.
-pub const ROOT_CERT_KEY: &str = "internal/root.crt";
-
-/// Store key of a leaf.
-fn leaf_key(name: &str) -> String {
-    format!("internal/certs/{}", crate::store::key_segment(name))
-}
+use crate::sources::keys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InternalError {
@@ -253,7 +245,7 @@ impl InternalIssuer {
         store: SharedStore,
         registry: Arc<Registry>,
     ) -> Result<Arc<InternalIssuer>, InternalError> {
-        let existing = match store.get(CA_KEY).await? {
+        let existing = match store.get(keys::INTERNAL_CA).await? {
             None => None,
             Some(e) => {
                 let parsed = serde_json::from_slice::<StoredCa>(&e.value)
@@ -262,8 +254,8 @@ impl InternalIssuer {
                 match parsed {
                     Ok(ca) => Some(ca),
                     Err(why) => {
-                        let aside = store.quarantine(CA_KEY).await?;
-                        tracing::error!(key = CA_KEY, moved_to = aside, error = %why, "the stored local CA is unusable: moved aside; creating a new one (clients must trust the new root)");
+                        let aside = store.quarantine(keys::INTERNAL_CA).await?;
+                        tracing::error!(key = keys::INTERNAL_CA, moved_to = aside, error = %why, "the stored local CA is unusable: moved aside; creating a new one (clients must trust the new root)");
                         None
                     }
                 }
@@ -280,15 +272,17 @@ impl InternalIssuer {
                     serde_json::to_vec(&stored)
                         .map_err(|e| InternalError::CreateCa(e.to_string()))?,
                 );
-                store.put(CA_KEY, &value).await?;
-                tracing::info!(root = ROOT_CERT_KEY, "created the local CA");
+                store.put(keys::INTERNAL_CA, &value).await?;
+                tracing::info!(root = keys::INTERNAL_ROOT_CERT, "created the local CA");
                 ca
             }
         };
         // Always rewritten, so that it is there (and current) whatever happened to it.
-        let root_now = store.get(ROOT_CERT_KEY).await?;
+        let root_now = store.get(keys::INTERNAL_ROOT_CERT).await?;
         if root_now.as_ref().map(|e| e.value.as_slice()) != Some(ca.cert_pem.as_bytes()) {
-            store.put(ROOT_CERT_KEY, ca.cert_pem.as_bytes()).await?;
+            store
+                .put(keys::INTERNAL_ROOT_CERT, ca.cert_pem.as_bytes())
+                .await?;
         }
         Ok(Arc::new(InternalIssuer {
             ca,
@@ -339,7 +333,7 @@ impl InternalIssuer {
 
     /// The stored leaf for `cert`, when it matches and is not due yet.
     async fn load(&self, cert: &InternalCert) -> Option<Current> {
-        let key = leaf_key(&cert.name);
+        let key = keys::internal_cert(&cert.name);
         let entry = match self.store.get(&key).await {
             Ok(e) => e?,
             Err(e) => {
@@ -376,7 +370,7 @@ impl InternalIssuer {
             Ok(pem) => {
                 let content = SecretContent::TlsCertificate(pem);
                 let v = self.registry.publish(&cert.name, &content);
-                crate::sources::files::log_loaded(&cert.name, &content, v.version().version(), how);
+                crate::sources::log_loaded(&cert.name, &content, v.version().version(), how);
                 self.set_status(&cert.name, |s| {
                     s.next_renewal = Some(current.renew_at);
                     s.last_error = None;
@@ -438,7 +432,11 @@ impl InternalIssuer {
                 return false;
             }
         };
-        match self.store.put(&leaf_key(&cert.name), &value).await {
+        match self
+            .store
+            .put(&keys::internal_cert(&cert.name), &value)
+            .await
+        {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(secret = %cert.name, error = %e, "cannot store the certificate: it is served from memory, and storing it is retried in {} s", RETRY.as_secs());
@@ -486,7 +484,7 @@ impl InternalIssuer {
 
 /// A certificate's stored leaf, read without changing anything (for `acme-sds status` when no daemon runs).
 pub async fn stored_status(store: &dyn Store, name: &str) -> Option<CertifiedPem> {
-    let entry = store.get(&leaf_key(name)).await.ok()??;
+    let entry = store.get(&keys::internal_cert(name)).await.ok()??;
     let leaf: StoredLeaf = serde_json::from_slice(&entry.value).ok()?;
     certs::certified_pem(leaf.chain_pem.as_bytes(), leaf.key_pem.as_bytes()).ok()
 }
@@ -523,7 +521,12 @@ mod tests {
         let served = registry.get("localhost").unwrap();
         let first_serial = served.summary().serial.clone();
 
-        let root = store.get(ROOT_CERT_KEY).await.unwrap().unwrap().value;
+        let root = store
+            .get(keys::INTERNAL_ROOT_CERT)
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
         let root_der: rustls_pki_types::CertificateDer<'static> =
             rustls_pki_types::pem::PemObject::from_pem_slice(&root).unwrap();
         let mut roots = rustls::RootCertStore::empty();

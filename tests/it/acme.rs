@@ -550,7 +550,7 @@ async fn responder_answers_pending_tokens_only() {
     let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
     store
         .put(
-            &acme_sds::sources::acme::http01::challenge_key(token),
+            &acme_sds::sources::keys::challenge(token),
             b"LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0.thumbprint",
         )
         .await
@@ -926,8 +926,8 @@ async fn an_issued_certificate_the_store_refused_is_served_stored_later_and_neve
     );
     let storage = dir.path().join("acme-sds-data");
     // The certificate's value cannot be written: a non-empty directory stands where its file goes.
-    let blocked =
-        storage.join(acme_sds::sources::acme::Keys::for_directory(&pebble.directory).cert("site"));
+    let blocked = storage
+        .join(acme_sds::sources::keys::AcmeKeys::for_directory(&pebble.directory).cert("site"));
     std::fs::create_dir_all(blocked.join("in-the-way")).unwrap();
     let args = ["run", "--config", config.to_str().unwrap()];
     let mut p = Process::spawn(&args, &[]);

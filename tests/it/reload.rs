@@ -184,3 +184,51 @@ async fn internal_certificates_follow_live_reload_and_survive_a_restart() {
     );
     running.shutdown().await.unwrap();
 }
+
+/// The run loop, driven in process as `main.rs` drives it with signals: a reload event applies the file
+/// (here an edit the file watcher cannot tell from no edit: same inode, size and modification time, so only
+/// the event reloads), and a shutdown event drains and returns, removing the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_loop_reloads_on_an_event_and_stops_on_shutdown() {
+    use acme_sds::daemon::Event;
+    let s = setup();
+    s.write(&["web"], "");
+    let cfg = acme_sds::config::load(&s.config).unwrap();
+    let running = acme_sds::daemon::start(&cfg).await.unwrap();
+    let registry = running.registry().clone();
+    let socket = s.dir.path().join("sds.sock");
+    let (events, rx) = tokio::sync::mpsc::channel(1);
+    let run = tokio::spawn(running.run_until_stopped(rx));
+    let mut client = uds_client(&socket).await;
+    let mut api = SotwStream::open(&mut client).await;
+    // Not configured yet: SotW answers when it exists.
+    api.send(subscribe(&["api"])).await;
+
+    // "web" and "api" are names of one length: the rewritten file keeps its size.
+    let modified = std::fs::metadata(&s.config).unwrap().modified().unwrap();
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("\"web\"", "\"api\"")
+        .replace("web.crt", "api.crt")
+        .replace("web.key", "api.key");
+    rewrite_in_place(&s.config, text.as_bytes());
+    std::fs::File::options()
+        .write(true)
+        .open(&s.config)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    assert!(registry.get("api").is_none());
+    events.send(Event::Reload("test")).await.unwrap();
+    let served = api.recv().await;
+    assert_eq!(decode_secret(&served.resources[0]).name, "api");
+    drop(api);
+
+    events.send(Event::Shutdown("test")).await.unwrap();
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("the run loop returns after a shutdown event")
+        .unwrap()
+        .unwrap();
+    assert!(!socket.exists(), "the socket is removed on the way out");
+}

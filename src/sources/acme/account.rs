@@ -9,9 +9,10 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use instant_acme::{Account, AccountCredentials, ExternalAccountKey, NewAccount};
 
-use super::{Keys, OrderError};
+use super::OrderError;
 use crate::config::AcmeConfig;
 use crate::metrics::Metrics;
+use crate::sources::keys::AcmeKeys;
 use crate::store::SharedStore;
 
 type Loading = Shared<BoxFuture<'static, Result<Account, Arc<OrderError>>>>;
@@ -34,7 +35,7 @@ impl AccountSlot {
     pub(super) async fn get(
         &self,
         config: &AcmeConfig,
-        keys: &Keys,
+        keys: &AcmeKeys,
         store: &SharedStore,
         metrics: &Metrics,
     ) -> Result<Account, OrderError> {
@@ -70,7 +71,7 @@ impl AccountSlot {
     }
 
     /// Forgets the account (the CA no longer knows it): the next order creates a new one.
-    pub(super) async fn forget(&self, keys: &Keys, store: &SharedStore) {
+    pub(super) async fn forget(&self, keys: &AcmeKeys, store: &SharedStore) {
         *self.lock() = None;
         if let Err(e) = store.delete(&keys.account()).await {
             tracing::error!(error = %e, "cannot remove the stored ACME account");
@@ -86,7 +87,7 @@ fn builder(config: &AcmeConfig) -> Result<instant_acme::AccountBuilder, OrderErr
 
 async fn load_or_create(
     config: &AcmeConfig,
-    keys: &Keys,
+    keys: &AcmeKeys,
     store: &SharedStore,
     metrics: &Metrics,
 ) -> Result<Account, OrderError> {

@@ -136,8 +136,13 @@ fn connect_failure(e: &(dyn std::error::Error + 'static)) -> String {
 
 impl CaClient {
     pub(super) fn new(config: &AcmeConfig) -> Result<Self, Error> {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let builder = match &config.directory_ca {
+        // The provider is named here rather than taken from the process default, so that the library
+        // works the same whoever embeds it (main.rs installs ring as the default for everything else).
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Other(e.into()))?;
+        let tls = match &config.directory_ca {
             Some(path) => {
                 use rustls_pki_types::CertificateDer;
                 use rustls_pki_types::pem::PemObject;
@@ -149,19 +154,21 @@ impl CaClient {
                         .add(cert.map_err(|e| Error::Other(e.into()))?)
                         .map_err(|e| Error::Other(e.into()))?;
                 }
-                let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-                let tls = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| Error::Other(e.into()))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                builder.with_tls_config(tls)
+                tls.with_root_certificates(roots).with_no_client_auth()
             }
-            None => builder
-                .try_with_platform_verifier()
-                .map_err(|e| Error::Other(e.into()))?,
+            None => {
+                use rustls_platform_verifier::BuilderVerifierExt;
+                tls.with_platform_verifier()
+                    .map_err(|e| Error::Other(e.into()))?
+                    .with_no_client_auth()
+            }
         };
-        let connector = builder.https_only().enable_http1().enable_http2().build();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
         Ok(CaClient {
             inner: Client::builder(TokioExecutor::new()).build(connector),
             deadline: config.request_timeout,

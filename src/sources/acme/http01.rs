@@ -21,10 +21,7 @@ use crate::store::SharedStore;
 
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
-/// The store key of a pending challenge's key authorization.
-pub fn challenge_key(token: &str) -> String {
-    format!("challenges/{token}")
-}
+use crate::sources::keys;
 
 /// ACME tokens are base64url (RFC 8555 §8.3: at least 128 bits of entropy); anything else is not looked up.
 pub fn valid_token(token: &str) -> bool {
@@ -65,7 +62,7 @@ async fn respond(
         count_http01("invalid_token");
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
-    match store.get(&challenge_key(token)).await {
+    match store.get(&keys::challenge(token)).await {
         Ok(Some(entry)) => {
             count_http01("answered");
             tracing::info!(token, "HTTP-01 challenge answered");

@@ -68,7 +68,8 @@ use crate::config::{AcmeConfig, CertificateSource, Config};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, SecretContent};
 use crate::sources::IssuerStatus;
-use crate::store::{SharedStore, StoreError, key_segment};
+use crate::sources::keys::AcmeKeys;
+use crate::store::{SharedStore, StoreError};
 use crate::values::{DnsName, KeyType, SecretName, same_names, to_strings};
 
 pub use order::OrderError;
@@ -167,62 +168,11 @@ pub struct CertState {
     pub next_renewal_at: Option<i64>,
 }
 
-/// Store keys of one CA.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    ca: String,
-}
-
-impl Keys {
-    pub fn for_directory(directory: &str) -> Self {
-        let host = directory
-            .trim_start_matches("https://")
-            .split(['/', ':'])
-            .next()
-            .unwrap_or("ca");
-        let host: String = host
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let digest = ring::digest::digest(&ring::digest::SHA256, directory.as_bytes());
-        let short: String = digest.as_ref()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        Keys {
-            ca: format!("{}-{short}", host.trim_start_matches('.')),
-        }
-    }
-
-    pub fn account(&self) -> String {
-        format!("acme/{}/account", self.ca)
-    }
-
-    pub fn cert(&self, name: &str) -> String {
-        format!("acme/{}/certs/{}", self.ca, key_segment(name))
-    }
-
-    pub fn state(&self, name: &str) -> String {
-        format!("acme/{}/state/{}", self.ca, key_segment(name))
-    }
-
-    /// The order in progress (its URL, and the certificate key once made), for resuming it.
-    pub fn order(&self, name: &str) -> String {
-        format!("acme/{}/orders/{}", self.ca, key_segment(name))
-    }
-}
-
 /// What storage holds for a certificate, read without changing anything (for `acme-sds status` when no
 /// daemon runs): the stored certificate, if usable, and the retry state.
 pub async fn stored_status(
     store: &dyn crate::store::Store,
-    keys: &Keys,
+    keys: &AcmeKeys,
     name: &str,
 ) -> (Option<CertifiedPem>, IssuerStatus) {
     let cert = match store.get(&keys.cert(name)).await {
@@ -260,14 +210,14 @@ mod tests {
 
     #[test]
     fn each_directory_has_its_own_namespace() {
-        let le = Keys::for_directory(crate::config::LETSENCRYPT);
-        let staging = Keys::for_directory(crate::config::LETSENCRYPT_STAGING);
+        let le = AcmeKeys::for_directory(crate::config::LETSENCRYPT);
+        let staging = AcmeKeys::for_directory(crate::config::LETSENCRYPT_STAGING);
         assert_ne!(le.account(), staging.account());
         assert!(
             le.account()
                 .starts_with("acme/acme-v02.api.letsencrypt.org-")
         );
-        let pebble = Keys::for_directory("https://127.0.0.1:14000/dir");
+        let pebble = AcmeKeys::for_directory("https://127.0.0.1:14000/dir");
         assert!(pebble.cert("web").starts_with("acme/127.0.0.1-"));
         assert!(pebble.cert("web").ends_with("/certs/web"));
         assert!(pebble.cert("a/b c").ends_with("/certs/x-612f622063"));
@@ -287,7 +237,7 @@ pub enum LoadError {
 pub struct AcmeManager {
     status: std::sync::Mutex<std::collections::HashMap<String, IssuerStatus>>,
     config: AcmeConfig,
-    keys: Keys,
+    keys: AcmeKeys,
     store: SharedStore,
     registry: Arc<Registry>,
     metrics: Metrics,
@@ -311,7 +261,7 @@ impl AcmeManager {
     ) -> Arc<Self> {
         Arc::new(AcmeManager {
             status: Default::default(),
-            keys: Keys::for_directory(&config.directory),
+            keys: AcmeKeys::for_directory(&config.directory),
             orders: Arc::new(Semaphore::new(config.max_concurrent_orders)),
             account: account::AccountSlot::default(),
             config,
@@ -322,7 +272,7 @@ impl AcmeManager {
         })
     }
 
-    pub fn keys(&self) -> &Keys {
+    pub fn keys(&self) -> &AcmeKeys {
         &self.keys
     }
 
@@ -350,7 +300,7 @@ impl AcmeManager {
     }
 
     /// Moves an unusable stored value aside, with one error log; it will be re-created.
-    async fn set_aside(&self, key: &str, secret: &str, why: &dyn std::fmt::Display) {
+    async fn set_aside(&self, key: &str, secret: &str, why: &(dyn std::fmt::Display + Sync)) {
         match self.store.quarantine(key).await {
             Ok(aside) => {
                 tracing::error!(secret, key, moved_to = aside, error = %why, "stored value is unusable: moved aside; it will be obtained again")
@@ -416,7 +366,7 @@ impl AcmeManager {
                 } else {
                     "stored (configuration changed; ordering a new one)"
                 };
-                crate::sources::files::log_loaded(
+                crate::sources::log_loaded(
                     &cert.name,
                     &SecretContent::TlsCertificate(pem.clone()),
                     v.version().version(),

@@ -21,10 +21,11 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
-use super::{Keys, ManagedCert, StoredCert};
+use super::{ManagedCert, StoredCert};
 use crate::certs::MaterialError;
 use crate::metrics::Metrics;
-use crate::sources::acme::http01::challenge_key;
+use crate::sources::keys;
+use crate::sources::keys::AcmeKeys;
 use crate::store::{SharedStore, StoreError};
 use crate::values::{KeyType, same_names, to_strings};
 
@@ -191,7 +192,7 @@ impl OrderRecord {
 }
 
 /// Stores the order record; a failure is logged and the order goes on (it just cannot be resumed).
-async fn save_record(store: &SharedStore, keys: &Keys, name: &str, record: &OrderRecord) {
+async fn save_record(store: &SharedStore, keys: &AcmeKeys, name: &str, record: &OrderRecord) {
     let written = match serde_json::to_vec(record) {
         Ok(v) => store
             .put(&keys.order(name), &zeroize::Zeroizing::new(v))
@@ -210,7 +211,7 @@ async fn save_record(store: &SharedStore, keys: &Keys, name: &str, record: &Orde
 /// The stored order record for `cert`, if there is one for its current domains and key type.
 pub(super) async fn load_record(
     store: &SharedStore,
-    keys: &Keys,
+    keys: &AcmeKeys,
     cert: &ManagedCert,
 ) -> Option<OrderRecord> {
     let entry = store.get(&keys.order(&cert.name)).await.ok()??;
@@ -219,7 +220,7 @@ pub(super) async fn load_record(
 }
 
 /// Forgets the order record (the order ended, or cannot be resumed).
-pub(super) async fn drop_record(store: &SharedStore, keys: &Keys, name: &str) {
+pub(super) async fn drop_record(store: &SharedStore, keys: &AcmeKeys, name: &str) {
     if let Err(e) = store.delete(&keys.order(name)).await {
         tracing::warn!(secret = name, error = %e, "cannot remove the finished order's record");
     }
@@ -272,7 +273,7 @@ pub(super) fn leaf_der(chain_pem: &str) -> Option<CertificateDer<'static>> {
 /// Removes published challenges from the store (after the order ends, however it ends).
 pub(super) async fn withdraw_challenges(store: &SharedStore, tokens: &[String]) {
     for token in tokens {
-        if let Err(e) = store.delete(&challenge_key(token)).await {
+        if let Err(e) = store.delete(&keys::challenge(token)).await {
             tracing::warn!(token, error = %e, "cannot withdraw a pending challenge");
         }
     }
@@ -291,7 +292,7 @@ pub(super) async fn run(
     cert: &ManagedCert,
     current: Option<&StoredCert>,
     store: &SharedStore,
-    keys: &Keys,
+    keys: &AcmeKeys,
     metrics: &Metrics,
     tokens: &mut Vec<String>,
 ) -> Result<(String, String), OrderError> {
@@ -496,7 +497,7 @@ async fn authorize_pass(
         let token = challenge.token.clone();
         let key_auth = challenge.key_authorization();
         store
-            .put(&challenge_key(&token), key_auth.as_str().as_bytes())
+            .put(&keys::challenge(&token), key_auth.as_str().as_bytes())
             .await?;
         if !tokens.contains(&token) {
             tokens.push(token.clone());

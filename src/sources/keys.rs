@@ -1,0 +1,84 @@
+//! The store's key layout, all of it, so that what each source keeps where is read in one place (and a
+//! second store backend, or a migration, has one file to follow). Keys are `/`-separated; a secret name
+//! becomes one safe segment ([`key_segment`]).
+//!
+//! ```text
+//! acme/<ca>/account            the ACME account (key and URL) at one CA
+//! acme/<ca>/certs/<name>       an issued certificate: chain, key, names, key type
+//! acme/<ca>/state/<name>       its renewal plan and failure backoff
+//! acme/<ca>/orders/<name>      an order in progress (URL, certificate key), to resume after a restart
+//! challenges/<token>           a pending HTTP-01 key authorization, read by the responder
+//! internal/ca                  the internal CA's certificate and key
+//! internal/root.crt            its root certificate alone, as PEM: what clients trust
+//! internal/certs/<name>        a leaf the internal CA signed
+//! ```
+
+use crate::store::key_segment;
+
+/// Where one ACME CA's records are kept: a directory per CA (host and a short hash of the directory
+/// URL), so that switching CAs (staging to production) keeps both accounts and certificates apart.
+#[derive(Debug, Clone)]
+pub struct AcmeKeys {
+    ca: String,
+}
+
+impl AcmeKeys {
+    pub fn for_directory(directory: &str) -> Self {
+        let host = directory
+            .trim_start_matches("https://")
+            .split(['/', ':'])
+            .next()
+            .unwrap_or("ca");
+        let host: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let digest = ring::digest::digest(&ring::digest::SHA256, directory.as_bytes());
+        let short: String = digest.as_ref()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        AcmeKeys {
+            ca: format!("{}-{short}", host.trim_start_matches('.')),
+        }
+    }
+
+    pub fn account(&self) -> String {
+        format!("acme/{}/account", self.ca)
+    }
+
+    pub fn cert(&self, name: &str) -> String {
+        format!("acme/{}/certs/{}", self.ca, key_segment(name))
+    }
+
+    pub fn state(&self, name: &str) -> String {
+        format!("acme/{}/state/{}", self.ca, key_segment(name))
+    }
+
+    /// The order in progress (its URL, and the certificate key once made), for resuming it.
+    pub fn order(&self, name: &str) -> String {
+        format!("acme/{}/orders/{}", self.ca, key_segment(name))
+    }
+}
+
+/// A pending HTTP-01 challenge's key authorization, by token.
+pub fn challenge(token: &str) -> String {
+    format!("challenges/{token}")
+}
+
+/// The internal CA (certificate and key).
+pub const INTERNAL_CA: &str = "internal/ca";
+
+/// The internal CA's root certificate alone, as PEM: what clients trust.
+pub const INTERNAL_ROOT_CERT: &str = "internal/root.crt";
+
+/// A leaf of the internal CA.
+pub fn internal_cert(name: &str) -> String {
+    format!("internal/certs/{}", key_segment(name))
+}
