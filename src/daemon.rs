@@ -326,16 +326,14 @@ fn load_files(
     config: &Config,
 ) -> Result<(FileSource, Vec<(SecretName, SecretContent)>), ConfigError> {
     let mut files = FileSource::from_config(config);
-    let loaded = files.load_all().map_err(|problems| ConfigError {
-        path: config.path.clone(),
-        problems,
-    })?;
+    let loaded = files
+        .load_all()
+        .map_err(|problems| config.error(problems))?;
     Ok((files, loaded))
 }
 
 /// Loads every source of `config`, binds its listeners and starts serving.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
-    // One TLS crypto provider for the whole process (the ACME client's HTTPS uses it).
     let registry = Registry::new();
     let (files, loaded) = load_files(config)?;
     for (name, content) in &loaded {

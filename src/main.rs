@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use acme_sds::certs;
-use acme_sds::config::{self, CertificateSource, Config, ConfigError};
+use acme_sds::config::{self, CertificateSource, Config};
 use acme_sds::daemon;
 use acme_sds::ops::status::{SecretStatus, Source};
 use acme_sds::registry::SecretContent;
@@ -280,13 +280,7 @@ fn load_checked(path: Option<&Path>) -> Option<(Config, Vec<(SecretName, SecretC
     match FileSource::from_config(&config).load_all() {
         Ok(loaded) => Some((config, loaded)),
         Err(problems) => {
-            eprintln!(
-                "{}",
-                ConfigError {
-                    path: config.path.clone(),
-                    problems
-                }
-            );
+            eprintln!("{}", config.error(problems));
             None
         }
     }
@@ -495,13 +489,7 @@ fn check(path: Option<&Path>) -> ExitCode {
     };
     problems.extend(daemon::preflight(&config));
     if !problems.is_empty() {
-        eprintln!(
-            "{}",
-            ConfigError {
-                path: config.path.clone(),
-                problems
-            }
-        );
+        eprintln!("{}", config.error(problems));
         return ExitCode::FAILURE;
     }
     for w in config.warnings() {

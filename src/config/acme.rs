@@ -79,8 +79,8 @@ impl Validator<'_> {
         };
         match acme {
             None => self.problem(
-                format!("{}.domains", first.origin.key),
-                first.origin.line,
+                format!("{}.domains", first.key),
+                self.locations.line(&first.key),
                 "ACME certificates need an [acme] table (directory, contact, accept_terms_of_service)",
             ),
             Some(a) if !a.accept_terms_of_service => self.problem(

@@ -17,22 +17,14 @@ use crate::values::KeyType;
 use crate::values::SecretName;
 use crate::values::SubjectName;
 
-/// Where a config item came from, for error messages that point at the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    /// Key path, for example `certificate[0]`.
-    pub key: String,
-    /// 1-based line of the item in the config file.
-    pub line: Option<usize>,
-}
-
 /// A `[[certificate]]`: a TLS certificate and key served as an SDS `tls_certificate` secret.
 #[derive(Debug, Clone)]
 pub struct CertificateConfig {
     pub name: SecretName,
     pub source: CertificateSource,
     pub access: Access,
-    pub origin: Origin,
+    /// Its key path in the file (`certificate[0]`), for messages.
+    pub key: String,
 }
 
 #[derive(Debug, Clone)]
@@ -41,8 +33,6 @@ pub enum CertificateSource {
     Files {
         cert_file: PathBuf,
         key_file: PathBuf,
-        cert_line: Option<usize>,
-        key_line: Option<usize>,
     },
     /// Obtained and renewed over ACME for these (lower-cased, validated) domains.
     Acme {
@@ -86,9 +76,9 @@ pub const ISSUER_ACME: &str = "acme";
 pub struct TrustBundleConfig {
     pub name: SecretName,
     pub file: PathBuf,
-    pub file_line: Option<usize>,
     pub access: Access,
-    pub origin: Origin,
+    /// Its key path in the file (`certificate[0]`), for messages.
+    pub key: String,
 }
 
 impl Validator<'_> {
@@ -294,8 +284,6 @@ impl Validator<'_> {
                     }
                     match (entry.cert_file, entry.key_file) {
                         (Some(cert), Some(keyf)) => CertificateSource::Files {
-                            cert_line: self.line(&cert),
-                            key_line: self.line(&keyf),
                             cert_file: self.path(cert.get_ref()),
                             key_file: self.path(keyf.get_ref()),
                         },
@@ -331,7 +319,7 @@ impl Validator<'_> {
                 name,
                 source,
                 access,
-                origin: Origin { key, line },
+                key,
             });
             dup_allowed.push(entry.allow_duplicate_domains);
         }
@@ -339,7 +327,7 @@ impl Validator<'_> {
     }
 
     pub(super) fn unique_domains(&mut self, certs: &[CertificateConfig], dup_allowed: &[bool]) {
-        let mut seen: HashMap<&str, (usize, &Origin)> = HashMap::new();
+        let mut seen: HashMap<&str, (usize, &str)> = HashMap::new();
         let mut problems = Vec::new();
         for (i, c) in certs.iter().enumerate() {
             let CertificateSource::Acme { domains, .. } = &c.source else {
@@ -349,17 +337,16 @@ impl Validator<'_> {
                 match seen.get(d.as_str()) {
                     Some((j, first)) if !(dup_allowed[i] || dup_allowed[*j]) => {
                         problems.push(Problem::new(
-                            format!("{}.domains", c.origin.key),
-                            c.origin.line,
+                            format!("{}.domains", c.key),
+                            self.locations.line(&c.key),
                             format!(
-                                "{d:?} is also in {}: set `allow_duplicate_domains = true` if two certificates for it are intended",
-                                first.key
+                                "{d:?} is also in {first}: set `allow_duplicate_domains = true` if two certificates for it are intended",
                             ),
                         ));
                     }
                     Some(_) => {}
                     None => {
-                        seen.insert(d, (i, &c.origin));
+                        seen.insert(d, (i, &c.key));
                     }
                 }
             }
@@ -389,10 +376,9 @@ impl Validator<'_> {
             let Some(name) = name else { continue };
             out.push(TrustBundleConfig {
                 name,
-                file_line: self.line(&file),
                 file: self.path(file.get_ref()),
                 access,
-                origin: Origin { key, line },
+                key,
             });
         }
         out
@@ -403,27 +389,24 @@ impl Validator<'_> {
         certs: &[CertificateConfig],
         bundles: &[TrustBundleConfig],
     ) {
-        let mut seen: HashMap<&str, &Origin> = HashMap::new();
+        let mut seen: HashMap<&str, &str> = HashMap::new();
         let all = certs
             .iter()
-            .map(|c| (c.name.as_str(), &c.origin))
-            .chain(bundles.iter().map(|b| (b.name.as_str(), &b.origin)));
+            .map(|c| (c.name.as_str(), c.key.as_str()))
+            .chain(bundles.iter().map(|b| (b.name.as_str(), b.key.as_str())));
         let mut dups = Vec::new();
-        for (name, origin) in all {
+        for (name, key) in all {
             if name.is_empty() {
                 continue;
             }
             if let Some(first) = seen.get(name) {
                 dups.push(Problem::new(
-                    format!("{}.name", origin.key),
-                    origin.line,
-                    format!(
-                        "duplicate secret name {name:?}: already used by {}",
-                        first.key
-                    ),
+                    format!("{key}.name"),
+                    self.locations.line(key),
+                    format!("duplicate secret name {name:?}: already used by {first}"),
                 ));
             } else {
-                seen.insert(name, origin);
+                seen.insert(name, key);
             }
         }
         self.problems.extend(dups);

@@ -6,6 +6,7 @@
 //! Relative paths in the file are resolved against the directory that holds the file, so a config behaves the
 //! same whatever directory the daemon is started from.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ mod tests;
 
 pub use acme::{AcmeConfig, EabKey, LETSENCRYPT, LETSENCRYPT_STAGING};
 pub use certificate::{
-    CertificateConfig, CertificateSource, ISSUER_ACME, ISSUER_INTERNAL, Origin, TrustBundleConfig,
+    CertificateConfig, CertificateSource, ISSUER_ACME, ISSUER_INTERNAL, TrustBundleConfig,
 };
 pub use http01::{DEFAULT_HTTP01_LISTEN, Http01Config};
 use raw::RawConfig;
@@ -51,6 +52,20 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub certificates: Vec<CertificateConfig>,
     pub trust_bundles: Vec<TrustBundleConfig>,
+    /// Where each key is in the file, for messages about what a source later finds wrong with a value
+    /// ([`Config::error`]); the settings themselves carry no line numbers.
+    locations: Locations,
+}
+
+/// The line of each key path (`certificate[1].cert_file`) in a configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct Locations(HashMap<String, usize>);
+
+impl Locations {
+    /// The 1-based line of `key`, if the file has it.
+    pub fn line(&self, key: &str) -> Option<usize> {
+        self.0.get(key).copied()
+    }
 }
 
 impl Config {
@@ -59,18 +74,36 @@ impl Config {
         let rules = self
             .certificates
             .iter()
-            .map(|c| (&c.access, &c.origin))
-            .chain(self.trust_bundles.iter().map(|b| (&b.access, &b.origin)));
+            .map(|c| (&c.access, &c.key))
+            .chain(self.trust_bundles.iter().map(|b| (&b.access, &b.key)));
         rules
             .filter(|(access, _)| access.nodes.is_some() && access.clients.is_none())
-            .map(|(_, origin)| {
+            .map(|(_, key)| {
                 Problem::new(
-                    format!("{}.allowed_nodes", origin.key),
-                    origin.line,
+                    format!("{key}.allowed_nodes"),
+                    self.locations.line(key),
                     "is the only rule on this secret, and a node id is whatever the client says it is: any caller that can reach a listener can claim a matching one. Add allowed_clients (mutual TLS), or admit only trusted callers to the listeners (allowed_uids, socket_mode)",
                 )
             })
             .collect()
+    }
+
+    /// `problems` (a source's, found after parsing) as an error about this file, each given the line of
+    /// its key where it has none.
+    pub fn error(&self, problems: Vec<Problem>) -> ConfigError {
+        let problems = problems
+            .into_iter()
+            .map(|mut p| {
+                if p.line.is_none() {
+                    p.line = self.locations.line(&p.key);
+                }
+                p
+            })
+            .collect();
+        ConfigError {
+            path: self.path.clone(),
+            problems,
+        }
     }
 
     /// Whether any certificate is obtained over ACME.
@@ -194,7 +227,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     };
     // Shape first (every unknown key and wrongly typed value at once), then the typed reading.
     let doc = toml::de::DeTable::parse(text).map_err(syntax)?;
-    let shape = schema::check(doc.get_ref(), &lines);
+    let mut locations = Locations::default();
+    let shape = schema::check(doc.get_ref(), &lines, &mut locations);
     if !shape.is_empty() {
         return Err(fail(shape));
     }
@@ -206,6 +240,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         .unwrap_or_else(|| PathBuf::from("."));
     let mut v = Validator {
         lines: &lines,
+        locations: &locations,
         base: &base,
         problems: Vec::new(),
     };
@@ -252,13 +287,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     if sds.tls.is_none() {
         let restricted = certificates
             .iter()
-            .map(|c| (&c.access, &c.origin))
-            .chain(trust_bundles.iter().map(|b| (&b.access, &b.origin)));
-        for (access, origin) in restricted {
+            .map(|c| (&c.access, &c.key))
+            .chain(trust_bundles.iter().map(|b| (&b.access, &b.key)));
+        for (access, key) in restricted {
             if access.clients.is_some() {
                 v.problem(
-                    format!("{}.allowed_clients", origin.key),
-                    origin.line,
+                    format!("{key}.allowed_clients"),
+                    locations.line(key),
                     "needs [sds.tls]: without client certificates a caller has no identity to match",
                 );
             }
@@ -275,6 +310,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             admin,
             certificates,
             trust_bundles,
+            locations,
         })
     } else {
         Err(fail(v.problems))
@@ -283,6 +319,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
 
 struct Validator<'a> {
     lines: &'a LineIndex,
+    locations: &'a Locations,
     base: &'a Path,
     problems: Vec<Problem>,
 }

@@ -10,7 +10,7 @@
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::{LineIndex, Problem};
+use super::{LineIndex, Locations, Problem};
 
 /// What a key takes.
 #[derive(Clone, Copy)]
@@ -151,12 +151,29 @@ pub(super) const ROOT: &[(&str, Kind)] = &[
     ("trust_bundle", Kind::Tables(TRUST_BUNDLE)),
 ];
 
-/// Every unknown key and every value of the wrong kind in `doc`, in file order.
-pub(super) fn check(doc: &DeTable<'_>, lines: &LineIndex) -> Vec<Problem> {
+/// Every unknown key and every value of the wrong kind in `doc`, in file order; and where each key is
+/// (`locations`), for messages about the values later on.
+pub(super) fn check(
+    doc: &DeTable<'_>,
+    lines: &LineIndex,
+    locations: &mut Locations,
+) -> Vec<Problem> {
     let mut out = Vec::new();
-    table(doc, ROOT, "", lines, &mut out);
+    let mut walk = Walk {
+        lines,
+        out: &mut out,
+        locations,
+    };
+    walk.table(doc, ROOT, "");
     out.sort_by_key(|p| p.line);
     out
+}
+
+/// One pass over the document: what it found wrong, and where each key is.
+struct Walk<'a> {
+    lines: &'a LineIndex,
+    out: &'a mut Vec<Problem>,
+    locations: &'a mut Locations,
 }
 
 fn join(prefix: &str, key: &str) -> String {
@@ -184,95 +201,93 @@ fn found(v: &DeValue<'_>) -> String {
     }
 }
 
-fn table(
-    t: &DeTable<'_>,
-    fields: &[(&str, Kind)],
-    prefix: &str,
-    lines: &LineIndex,
-    out: &mut Vec<Problem>,
-) {
-    for (key, value) in t.iter() {
-        let name: &str = key.get_ref();
-        let path = join(prefix, name);
-        let line = Some(lines.line(key.span().start));
-        match fields.iter().find(|(k, _)| *k == name) {
-            Some((_, kind)) => check_value(value, *kind, &path, lines, out),
-            None => {
-                let known: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
-                let msg = match (close_match(name, &known), prefix.is_empty()) {
+impl Walk<'_> {
+    fn table(&mut self, t: &DeTable<'_>, fields: &[(&str, Kind)], prefix: &str) {
+        for (key, value) in t.iter() {
+            let name: &str = key.get_ref();
+            let path = join(prefix, name);
+            let at = self.lines.line(key.span().start);
+            self.locations.0.insert(path.clone(), at);
+            let line = Some(at);
+            match fields.iter().find(|(k, _)| *k == name) {
+                Some((_, kind)) => self.check_value(value, *kind, &path),
+                None => {
+                    let known: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+                    let msg = match (close_match(name, &known), prefix.is_empty()) {
                     (Some(k), true) => format!("unknown table (did you mean [{k}]?)"),
                     (Some(k), false) => format!("unknown key (did you mean `{k}`?)"),
                     (None, true) => "unknown table; the file has [sds], [storage], [http01], [acme], [admin], [[certificate]] and [[trust_bundle]]".to_owned(),
                     (None, false) => format!("unknown key; {prefix} has {}", known.join(", ")),
                 };
-                out.push(Problem::new(path, line, msg));
+                    self.out.push(Problem::new(path, line, msg));
+                }
             }
         }
     }
-}
 
-fn check_value(
-    v: &Spanned<DeValue<'_>>,
-    kind: Kind,
-    path: &str,
-    lines: &LineIndex,
-    out: &mut Vec<Problem>,
-) {
-    let line = Some(lines.line(v.span().start));
-    let wrong = |expected: &str, out: &mut Vec<Problem>| {
-        out.push(Problem::new(
-            path,
-            line,
-            format!("expected {expected}, found {}", found(v.get_ref())),
-        ));
-    };
-    // `what` says what the list is; `item` what each of its items must be.
-    let list = |elem: &dyn Fn(&DeValue<'_>) -> bool,
-                what: &str,
-                item_what: &str,
-                out: &mut Vec<Problem>| match v.get_ref() {
-        DeValue::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                if !elem(item.get_ref()) {
-                    out.push(Problem::new(
-                        format!("{path}[{i}]"),
-                        Some(lines.line(item.span().start)),
-                        format!("expected {item_what}, found {}", found(item.get_ref())),
-                    ));
-                }
-            }
-        }
-        _ => wrong(what, out),
-    };
-    match kind {
-        Kind::Str(what) if !v.get_ref().is_str() => wrong(what, out),
-        Kind::Int(what) if !v.get_ref().is_integer() => wrong(what, out),
-        Kind::Bool if !v.get_ref().is_bool() => wrong("true or false", out),
-        Kind::StrOrInt(what) if !(v.get_ref().is_str() || v.get_ref().is_integer()) => {
-            wrong(what, out)
-        }
-        Kind::StrList(what) => list(&|v| v.is_str(), what, "a string in quotes", out),
-        Kind::IntList(what) => list(&|v| v.is_integer(), what, "a whole number", out),
-        Kind::Table(fields) => match v.get_ref() {
-            DeValue::Table(t) => table(t, fields, path, lines, out),
-            _ => wrong(&format!("a table, [{path}]"), out),
-        },
-        Kind::Tables(fields) => match v.get_ref() {
+    fn check_value(&mut self, v: &Spanned<DeValue<'_>>, kind: Kind, path: &str) {
+        let lines = self.lines;
+        let out = &mut *self.out;
+        let line = Some(lines.line(v.span().start));
+        let wrong = |expected: &str, out: &mut Vec<Problem>| {
+            out.push(Problem::new(
+                path,
+                line,
+                format!("expected {expected}, found {}", found(v.get_ref())),
+            ));
+        };
+        // `what` says what the list is; `item` what each of its items must be.
+        let list = |elem: &dyn Fn(&DeValue<'_>) -> bool,
+                    what: &str,
+                    item_what: &str,
+                    out: &mut Vec<Problem>| match v.get_ref() {
             DeValue::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    match item.get_ref() {
-                        DeValue::Table(t) => table(t, fields, &format!("{path}[{i}]"), lines, out),
-                        other => out.push(Problem::new(
+                    if !elem(item.get_ref()) {
+                        out.push(Problem::new(
                             format!("{path}[{i}]"),
                             Some(lines.line(item.span().start)),
-                            format!("expected a [[{path}]] table, found {}", found(other)),
-                        )),
+                            format!("expected {item_what}, found {}", found(item.get_ref())),
+                        ));
                     }
                 }
             }
-            _ => wrong(&format!("[[{path}]] tables (one per {path})"), out),
-        },
-        _ => {}
+            _ => wrong(what, out),
+        };
+        match kind {
+            Kind::Str(what) if !v.get_ref().is_str() => wrong(what, out),
+            Kind::Int(what) if !v.get_ref().is_integer() => wrong(what, out),
+            Kind::Bool if !v.get_ref().is_bool() => wrong("true or false", out),
+            Kind::StrOrInt(what) if !(v.get_ref().is_str() || v.get_ref().is_integer()) => {
+                wrong(what, out)
+            }
+            Kind::StrList(what) => list(&|v| v.is_str(), what, "a string in quotes", out),
+            Kind::IntList(what) => list(&|v| v.is_integer(), what, "a whole number", out),
+            Kind::Table(fields) => match v.get_ref() {
+                DeValue::Table(t) => self.table(t, fields, path),
+                _ => wrong(&format!("a table, [{path}]"), out),
+            },
+            Kind::Tables(fields) => match v.get_ref() {
+                DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let at = format!("{path}[{i}]");
+                        self.locations
+                            .0
+                            .insert(at.clone(), lines.line(item.span().start));
+                        match item.get_ref() {
+                            DeValue::Table(t) => self.table(t, fields, &at),
+                            other => self.out.push(Problem::new(
+                                format!("{path}[{i}]"),
+                                Some(lines.line(item.span().start)),
+                                format!("expected a [[{path}]] table, found {}", found(other)),
+                            )),
+                        }
+                    }
+                }
+                _ => wrong(&format!("[[{path}]] tables (one per {path})"), out),
+            },
+            _ => {}
+        }
     }
 }
 

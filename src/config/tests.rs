@@ -357,7 +357,7 @@ fn the_shape_matches_the_typed_reading() {
     }
     let lines = LineIndex::new(&doc);
     let table = toml::de::DeTable::parse(&doc).unwrap();
-    assert!(schema::check(table.get_ref(), &lines).is_empty());
+    assert!(schema::check(table.get_ref(), &lines, &mut Locations::default()).is_empty());
 }
 
 #[test]

@@ -30,16 +30,8 @@ const MAX_TENTATIVE: usize = 16;
 
 #[derive(Debug, Clone)]
 enum Files {
-    Pair {
-        cert: PathBuf,
-        key: PathBuf,
-        cert_line: Option<usize>,
-        key_line: Option<usize>,
-    },
-    Bundle {
-        file: PathBuf,
-        line: Option<usize>,
-    },
+    Pair { cert: PathBuf, key: PathBuf },
+    Bundle { file: PathBuf },
 }
 
 /// Identity of a file's current content, as far as metadata tells.
@@ -152,16 +144,12 @@ impl Entry {
         }
     }
 
+    /// The problem, named by its config key (`certificate[0].key_file`); [`Config::error`] adds the line.
     fn problem(&self, e: &LoadError) -> Problem {
         let which = match e {
             LoadError::Read { which, .. } | LoadError::Material { which, .. } => *which,
         };
-        let line = match (&self.files, which) {
-            (Files::Pair { key_line, .. }, "key_file") => *key_line,
-            (Files::Pair { cert_line, .. }, _) => *cert_line,
-            (Files::Bundle { line, .. }, _) => *line,
-        };
-        Problem::new(format!("{}.{which}", self.key), line, e.to_string())
+        Problem::new(format!("{}.{which}", self.key), None, e.to_string())
     }
 }
 
@@ -177,30 +165,25 @@ impl FileSource {
             let CertificateSource::Files {
                 cert_file,
                 key_file,
-                cert_line,
-                key_line,
             } = &c.source
             else {
                 return None;
             };
             Some((
                 c.name.clone(),
-                c.origin.key.clone(),
+                c.key.clone(),
                 Files::Pair {
                     cert: cert_file.clone(),
                     key: key_file.clone(),
-                    cert_line: *cert_line,
-                    key_line: *key_line,
                 },
             ))
         });
         let bundles = config.trust_bundles.iter().map(|b| {
             (
                 b.name.clone(),
-                b.origin.key.clone(),
+                b.key.clone(),
                 Files::Bundle {
                     file: b.file.clone(),
-                    line: b.file_line,
                 },
             )
         });
