@@ -245,3 +245,130 @@ impl Protocol for Delta {
         &self.ctx
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sds::testing::{cert, context, names};
+
+    /// One step of a stream's life: a request from the client, or a secret published (then the stream is
+    /// woken, as a change wakes it).
+    enum Step {
+        Request {
+            subscribe: &'static [&'static str],
+            unsubscribe: &'static [&'static str],
+            initial: Vec<(&'static str, String)>,
+        },
+        Publish(&'static str),
+    }
+
+    fn sub(names: &'static [&'static str]) -> Step {
+        Step::Request {
+            subscribe: names,
+            unsubscribe: &[],
+            initial: vec![],
+        }
+    }
+
+    /// What the stream answers: nothing, or a response (names served, names reported missing).
+    #[derive(Debug, PartialEq)]
+    enum Answer {
+        Nothing,
+        Push(Vec<String>, Vec<String>),
+    }
+    use Answer::*;
+
+    fn push(served: &[&str], removed: &[&str]) -> Answer {
+        Push(
+            served.iter().map(|s| s.to_string()).collect(),
+            removed.iter().map(|s| s.to_string()).collect(),
+        )
+    }
+
+    #[test]
+    fn the_delta_state_machine_sends_only_what_changed() {
+        let registry = Registry::new();
+        registry.publish("web", &cert("web"));
+        registry.publish("old", &cert("old"));
+        let held = registry.get("old").unwrap().version().to_owned();
+        let mut stream = Delta::new(registry.clone(), context(&registry));
+        let table: Vec<(&str, Step, Answer)> = vec![
+            (
+                "first request: what exists, what does not, and not what the client says it holds",
+                Step::Request {
+                    subscribe: &["web", "api", "old"],
+                    unsubscribe: &[],
+                    initial: vec![("old", held.clone())],
+                },
+                push(&["web"], &["api"]),
+            ),
+            ("an ACK", sub(&[]), Nothing),
+            (
+                "a missing name is reported once",
+                Step::Publish("db"),
+                Nothing,
+            ),
+            (
+                "subscribing to it again asks anew (xDS: a re-subscription is a request to resend)",
+                sub(&["api"]),
+                push(&[], &["api"]),
+            ),
+            ("it appears", Step::Publish("api"), push(&["api"], &[])),
+            (
+                "a rotation: that secret alone",
+                Step::Publish("web"),
+                push(&["web"], &[]),
+            ),
+            (
+                "unsubscribed",
+                Step::Request {
+                    subscribe: &[],
+                    unsubscribe: &["web"],
+                    initial: vec![],
+                },
+                Nothing,
+            ),
+            ("and no longer pushed", Step::Publish("web"), Nothing),
+            (
+                "subscribed again: sent again",
+                sub(&["web"]),
+                push(&["web"], &[]),
+            ),
+            (
+                "the secret the client held changes",
+                Step::Publish("old"),
+                push(&["old"], &[]),
+            ),
+        ];
+        for (what, step, want) in table {
+            let got = match step {
+                Step::Request {
+                    subscribe,
+                    unsubscribe,
+                    initial,
+                } => stream.on_request(DeltaDiscoveryRequest {
+                    type_url: SECRET_TYPE_URL.into(),
+                    resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+                    resource_names_unsubscribe: unsubscribe.iter().map(|s| s.to_string()).collect(),
+                    initial_resource_versions: initial
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                Step::Publish(name) => {
+                    registry.publish(name, &cert(name));
+                    stream.on_change()
+                }
+            };
+            let got = match got.unwrap() {
+                None => Nothing,
+                Some(r) => Push(
+                    names(r.resources.iter().filter_map(|x| x.resource.as_ref())),
+                    r.removed_resources,
+                ),
+            };
+            assert_eq!(got, want, "{what}");
+        }
+    }
+}

@@ -518,6 +518,52 @@ pub fn fuzz_requests(registry: &Arc<Registry>, inputs: &[&[u8]]) {
     }
 }
 
+/// What the state machines' table tests (in `sotw` and `delta`) share: a registry, streams without a
+/// network, and a certificate to publish.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::proto::envoy::extensions::transport_sockets::tls::v3::Secret;
+    use crate::registry::SecretContent;
+
+    /// A fresh certificate for `name` (a new version each call).
+    pub fn cert(name: &str) -> SecretContent {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![format!("{name}.example.com")])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        SecretContent::TlsCertificate(
+            crate::certs::certified_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+                .unwrap(),
+        )
+    }
+
+    /// The context of a new stream on an open service (no access rules, default limits).
+    pub fn context(registry: &Arc<Registry>) -> StreamContext {
+        SdsService::new(
+            registry.clone(),
+            Arc::new(Policy::default()),
+            Limits::default(),
+            Metrics::default(),
+            CancellationToken::new(),
+        )
+        .context("test", &Request::new(()))
+        .unwrap()
+    }
+
+    /// The names of the secrets in `resources`, as served.
+    pub fn names<'a>(
+        resources: impl IntoIterator<Item = &'a crate::proto::google::protobuf::Any>,
+    ) -> Vec<String> {
+        use prost::Message;
+        resources
+            .into_iter()
+            .map(|a| Secret::decode(&a.value[..]).unwrap().name)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -197,3 +197,129 @@ impl Protocol for Sotw {
         &self.ctx
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sds::testing::{cert, context, names};
+
+    /// One step of a stream's life: a request from the client, or a secret published (then the stream is
+    /// woken, as a change wakes it).
+    enum Step {
+        Request {
+            names: &'static [&'static str],
+            nonce: &'static str,
+            nack: bool,
+            type_url: &'static str,
+        },
+        Publish(&'static str),
+    }
+
+    fn req(names: &'static [&'static str], nonce: &'static str) -> Step {
+        Step::Request {
+            names,
+            nonce,
+            nack: false,
+            type_url: SECRET_TYPE_URL,
+        }
+    }
+
+    /// What the stream answers: nothing, a response (names served, nonce), or an error code.
+    #[derive(Debug, PartialEq)]
+    enum Answer {
+        Nothing,
+        Push(Vec<String>, String),
+        Refused(tonic::Code),
+    }
+    use Answer::*;
+
+    fn push(served: &[&str], nonce: &str) -> Answer {
+        Push(
+            served.iter().map(|s| s.to_string()).collect(),
+            nonce.to_owned(),
+        )
+    }
+
+    #[test]
+    fn the_sotw_state_machine_answers_only_what_the_client_lacks() {
+        let registry = Registry::new();
+        registry.publish("web", &cert("web"));
+        let mut stream = Sotw::new(registry.clone(), context(&registry));
+        let table: Vec<(&str, Step, Answer)> = vec![
+            (
+                "first request: what exists",
+                req(&["web", "api"], ""),
+                push(&["web"], "1"),
+            ),
+            ("the ACK", req(&["web", "api"], "1"), Nothing),
+            (
+                "a stale nonce is ignored, even with a new name",
+                req(&["web", "api", "db"], "7"),
+                Nothing,
+            ),
+            ("a rotation", Step::Publish("web"), push(&["web"], "2")),
+            (
+                "a NACK changes nothing",
+                Step::Request {
+                    names: &["web", "api"],
+                    nonce: "2",
+                    nack: true,
+                    type_url: SECRET_TYPE_URL,
+                },
+                Nothing,
+            ),
+            (
+                "a subscribed name appears: the whole world",
+                Step::Publish("api"),
+                push(&["web", "api"], "3"),
+            ),
+            ("a secret nobody asked for", Step::Publish("db"), Nothing),
+            ("dropping a name sends nothing", req(&["web"], "3"), Nothing),
+            (
+                "Istio's prefix: served under the name asked for",
+                req(&["web", "sds://api"], "3"),
+                push(&["web", "sds://api"], "4"),
+            ),
+            (
+                "another resource type",
+                Step::Request {
+                    names: &["web"],
+                    nonce: "4",
+                    nack: false,
+                    type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                },
+                Refused(tonic::Code::InvalidArgument),
+            ),
+        ];
+        for (what, step, want) in table {
+            let got = match step {
+                Step::Request {
+                    names: n,
+                    nonce,
+                    nack,
+                    type_url,
+                } => stream.on_request(DiscoveryRequest {
+                    resource_names: n.iter().map(|s| s.to_string()).collect(),
+                    response_nonce: nonce.into(),
+                    type_url: type_url.into(),
+                    error_detail: nack.then(|| crate::proto::google::rpc::Status {
+                        code: 3,
+                        message: "bad key".into(),
+                        details: Vec::new(),
+                    }),
+                    ..Default::default()
+                }),
+                Step::Publish(name) => {
+                    registry.publish(name, &cert(name));
+                    stream.on_change()
+                }
+            };
+            let got = match got {
+                Ok(None) => Nothing,
+                Ok(Some(r)) => Push(names(&r.resources), r.nonce),
+                Err(status) => Refused(status.code()),
+            };
+            assert_eq!(got, want, "{what}");
+        }
+    }
+}

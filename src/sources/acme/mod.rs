@@ -738,7 +738,7 @@ impl AcmeManager {
             .orders
             .acquire()
             .await
-            .map_err(|_| OrderError::Other("order limiter closed".into()))?;
+            .map_err(|_| OrderError::ShuttingDown)?;
         let account = self
             .account
             .get(&self.config, &self.keys, &self.store, &self.metrics)
@@ -757,12 +757,7 @@ impl AcmeManager {
             ),
         )
         .await
-        .map_err(|_| {
-            OrderError::Other(format!(
-                "the CA did not complete the order within {}s",
-                limit.as_secs_f32()
-            ))
-        })
+        .map_err(|_| OrderError::OrderTimedOut(limit))
         .and_then(|r| r);
         let (chain_pem, key_pem) = match ran {
             Ok(issued) => issued,

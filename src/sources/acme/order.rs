@@ -37,15 +37,37 @@ const ATTEMPTS_AFTER_TIMEOUT: u32 = 2;
 /// Longest `Retry-After` waited for inside an order; a longer one fails the order into its backoff.
 pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
-/// Why an order failed.
+/// Why an order failed, in the terms a caller acts on: the CA said no ([`OrderError::Refused`]: a rate
+/// limit, a gone account, a rejected request), the CA could not be heard from ([`OrderError::Unreachable`]),
+/// the CA took too long ([`OrderError::TimedOut`]: the order may still complete, so it is resumed), a
+/// name did not validate, or something on this side (key, storage, the certificate it sent) went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum OrderError {
+    /// The CA answered with a problem document (RFC 8555 section 6.7).
     #[error("{stage}: {source}")]
-    Acme {
+    Refused {
         stage: &'static str,
         #[source]
         source: instant_acme::Error,
     },
+    /// No answer from the CA: connection refused or reset, DNS, TLS, an HTTP error without a problem
+    /// document.
+    #[error("{stage}: {source}")]
+    Unreachable {
+        stage: &'static str,
+        #[source]
+        source: instant_acme::Error,
+    },
+    /// A request to the CA, or the wait for it to validate or issue, ran past its deadline.
+    #[error("{stage}: {source}")]
+    TimedOut {
+        stage: &'static str,
+        #[source]
+        source: instant_acme::Error,
+    },
+    /// The whole order ran past its deadline (20 request timeouts).
+    #[error("the CA did not complete the order within {}s", .0.as_secs_f32())]
+    OrderTimedOut(Duration),
     #[error("{domain}: validation failed: {detail}")]
     Invalid {
         domain: String,
@@ -59,6 +81,12 @@ pub enum OrderError {
     Store(#[from] StoreError),
     #[error("the CA returned an unusable certificate: {0}")]
     Material(#[from] MaterialError),
+    /// Building the certificate signing request failed.
+    #[error("CSR: {0}")]
+    Csr(String),
+    /// acme-sds is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
     #[error("{0}")]
     Other(String),
     /// Loading or creating the account failed (shared by every task that was waiting for it).
@@ -67,8 +95,27 @@ pub enum OrderError {
 }
 
 impl OrderError {
+    /// A failed request to the CA, sorted by what it means: refused, timed out, or not reached.
     pub(super) fn acme(stage: &'static str, source: instant_acme::Error) -> Self {
-        OrderError::Acme { stage, source }
+        use instant_acme::Error;
+        match &source {
+            Error::Api(_) => OrderError::Refused { stage, source },
+            Error::Timeout(_) => OrderError::TimedOut { stage, source },
+            Error::Other(inner) if inner.is::<super::http::CaTimeout>() => {
+                OrderError::TimedOut { stage, source }
+            }
+            _ => OrderError::Unreachable { stage, source },
+        }
+    }
+
+    /// The stage and the CA's error, for a failed request to the CA.
+    fn ca_error(&self) -> Option<(&'static str, &instant_acme::Error)> {
+        match self {
+            OrderError::Refused { stage, source }
+            | OrderError::Unreachable { stage, source }
+            | OrderError::TimedOut { stage, source } => Some((stage, source)),
+            _ => None,
+        }
     }
 
     /// The error itself, through a shared account failure.
@@ -82,7 +129,7 @@ impl OrderError {
     /// The CA's problem type, without the `urn:ietf:params:acme:error:` prefix.
     fn problem(&self) -> Option<&str> {
         match self.root() {
-            OrderError::Acme {
+            OrderError::Refused {
                 source: instant_acme::Error::Api(p),
                 ..
             } => p.r#type.as_deref().and_then(|t| t.rsplit(':').next()),
@@ -118,12 +165,16 @@ impl OrderError {
     pub fn resumable(&self) -> bool {
         match self.root() {
             // A CA slow to validate or to issue (our polling gave up) may still finish the order.
-            OrderError::Acme { source, .. } => {
-                transient(source) || matches!(source, instant_acme::Error::Timeout(_))
+            OrderError::TimedOut { .. } | OrderError::OrderTimedOut(_) => true,
+            OrderError::Refused { source, .. } | OrderError::Unreachable { source, .. } => {
+                transient(source)
             }
-            OrderError::Store(_) | OrderError::Other(_) => true,
+            OrderError::Store(_) | OrderError::Other(_) | OrderError::ShuttingDown => true,
             OrderError::Account(_) => true,
-            OrderError::Invalid { .. } | OrderError::Key(..) | OrderError::Material(_) => false,
+            OrderError::Invalid { .. }
+            | OrderError::Key(..)
+            | OrderError::Material(_)
+            | OrderError::Csr(_) => false,
         }
     }
 }
@@ -357,11 +408,11 @@ pub(super) async fn run(
                 .await
                 .map_err(|e| OrderError::Other(e.to_string()))??;
             let mut params = rcgen::CertificateParams::new(to_strings(&cert.domains))
-                .map_err(|e| OrderError::Other(format!("CSR: {e}")))?;
+                .map_err(|e| OrderError::Csr(e.to_string()))?;
             params.distinguished_name = rcgen::DistinguishedName::new();
             let csr = params
                 .serialize_request(&key)
-                .map_err(|e| OrderError::Other(format!("CSR: {e}")))?;
+                .map_err(|e| OrderError::Csr(e.to_string()))?;
             // The certificate will be for this key: it is stored before the CA is asked for it.
             record.key_pem = Some(zeroize::Zeroizing::new(key.serialize_pem()));
             save_record(store, keys, &cert.name, &record).await;
@@ -445,14 +496,17 @@ async fn authorize(
     let mut done = std::collections::HashSet::new();
     let mut attempt = 1u32;
     loop {
-        match authorize_pass(order, cert, store, metrics, tokens, &mut done).await {
-            Err(OrderError::Acme { stage, source }) if again(&source, attempt) => {
+        let Err(e) = authorize_pass(order, cert, store, metrics, tokens, &mut done).await else {
+            return Ok(());
+        };
+        match e.ca_error() {
+            Some((stage, source)) if again(source, attempt) => {
                 let wait = backoff(attempt);
                 tracing::info!(attempt, error = %source, "{stage} failed; retrying in {:.2} s", wait.as_secs_f32());
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
-            other => return other,
+            _ => return Err(e),
         }
     }
 }
@@ -537,5 +591,78 @@ async fn invalid_detail(order: &mut instant_acme::Order) -> OrderError {
         domain: "order".into(),
         detail: "the CA marked the order invalid".into(),
         unreachable: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(kind: &str) -> instant_acme::Error {
+        let doc = format!(
+            r#"{{"type": "urn:ietf:params:acme:error:{kind}", "detail": "x", "status": 400}}"#
+        );
+        instant_acme::Error::Api(serde_json::from_str(&doc).unwrap())
+    }
+
+    /// What each kind of failure means for the order: a refusal by the CA is told apart from a CA that
+    /// timed out (the order is resumed: the CA may still complete it) and from one that was not reached.
+    #[test]
+    fn failures_are_sorted_by_what_the_caller_does_next() {
+        let cases: Vec<(OrderError, &str, bool)> = vec![
+            (
+                OrderError::acme("creating the order", problem("rateLimited")),
+                "refused",
+                false,
+            ),
+            (
+                OrderError::acme("finalizing", problem("serverInternal")),
+                "refused",
+                true,
+            ),
+            (
+                OrderError::acme("waiting for validation", instant_acme::Error::Timeout(None)),
+                "timed out",
+                true,
+            ),
+            (
+                OrderError::acme(
+                    "creating the order",
+                    instant_acme::Error::Other(Box::new(super::super::http::CaTimeout {
+                        request: "POST https://ca/new-order".into(),
+                        deadline: Duration::from_secs(30),
+                    })),
+                ),
+                "timed out",
+                true,
+            ),
+            (
+                OrderError::acme(
+                    "fetching the directory",
+                    instant_acme::Error::Str("connection refused"),
+                ),
+                "unreachable",
+                true,
+            ),
+            (
+                OrderError::OrderTimedOut(Duration::from_secs(600)),
+                "timed out",
+                true,
+            ),
+            (OrderError::Csr("bad name".into()), "ours", false),
+        ];
+        for (e, kind, resumable) in cases {
+            let got = match &e {
+                OrderError::Refused { .. } => "refused",
+                OrderError::TimedOut { .. } | OrderError::OrderTimedOut(_) => "timed out",
+                OrderError::Unreachable { .. } => "unreachable",
+                _ => "ours",
+            };
+            assert_eq!(got, kind, "{e}");
+            assert_eq!(e.resumable(), resumable, "{e}");
+        }
+        assert!(OrderError::acme("x", problem("rateLimited")).rate_limited());
+        assert!(OrderError::acme("x", problem("accountDoesNotExist")).account_gone());
+        assert!(!OrderError::acme("x", instant_acme::Error::Timeout(None)).rate_limited());
     }
 }
