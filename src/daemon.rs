@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +51,7 @@ pub struct Running {
     /// The counters every part of this daemon updates, rendered by `/metrics`.
     metrics: Metrics,
     shutdown: CancellationToken,
-    tasks: JoinSet<anyhow::Result<()>>,
+    tasks: JoinSet<Result<(), DaemonError>>,
     files_token: CancellationToken,
     store: Option<SharedStore>,
     /// The directory the store keeps its files in (the configured one, or its private subdirectory).
@@ -89,6 +88,42 @@ fn watch_file(path: &std::path::Path) -> Option<crate::watch::DirWatch> {
             None
         }
     }
+}
+
+/// Why the daemon could not start, apply a configuration, or keep serving. Each variant's text says what
+/// was being done (as the log shows it, the cause after it).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("starting the SDS listeners")]
+    Listen(#[source] crate::net::listen::ListenError),
+    #[error(transparent)]
+    Tls(#[from] crate::net::listen::TlsError),
+    #[error("SDS server on {what}")]
+    Serve {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin.listen: cannot listen on {addr}")]
+    Admin {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the HTTP-01 responder on {addr}")]
+    Http01 {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage.path")]
+    Store(#[source] crate::store::StoreError),
+    #[error("the internal CA (storage.path)")]
+    Internal(#[source] crate::sources::internal::InternalError),
+    #[error("{0} panicked")]
+    Panicked(&'static str, #[source] tokio::task::JoinError),
 }
 
 /// What the process asks of a running daemon ([`Running::run_until_stopped`]); each carries what caused it,
@@ -145,9 +180,10 @@ pub fn check_open_files_limit(config: &Config, limit: u64) {
 
 /// An error and its causes on one line, each said once: many errors name their cause in their own message
 /// (`storage create /x: Permission denied`) and carry it as their source too.
-pub fn causes(e: &anyhow::Error) -> String {
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = String::new();
-    for cause in e.chain() {
+    let chain = std::iter::successors(Some(e), |e| e.source());
+    for cause in chain {
         let text = cause.to_string();
         if out.contains(&text) {
             continue;
@@ -333,7 +369,7 @@ fn load_files(
 }
 
 /// Loads every source of `config`, binds its listeners and starts serving.
-pub async fn start(config: &Config) -> anyhow::Result<Running> {
+pub async fn start(config: &Config) -> Result<Running, DaemonError> {
     let registry = Registry::new();
     let (files, loaded) = load_files(config)?;
     for (name, content) in &loaded {
@@ -385,7 +421,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     };
     let bound = listen::bind_all(&config.sds.listen, unix)
         .await
-        .context("starting the SDS listeners")?;
+        .map_err(DaemonError::Listen)?;
     let service = SdsService::new(
         registry.clone(),
         policy,
@@ -409,7 +445,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         running.tasks.spawn(async move {
             listen::serve(b, service, admission, limits, token)
                 .await
-                .with_context(|| format!("SDS server on {what}"))
+                .map_err(|source| DaemonError::Serve { what, source })
         });
         running.addresses.push(addr);
     }
@@ -417,8 +453,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     if let Some(addr) = config.admin {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
-        let local = listener.local_addr().context("admin listener address")?;
+            .and_then(|l| l.local_addr().map(|local| (l, local)))
+            .map_err(|source| DaemonError::Admin { addr, source })?;
+        let (listener, local) = listener;
         tracing::info!(listen = %local, "admin listening (/metrics, /healthz, /readyz, /status)");
         running.admin_addr = Some(local);
         let view = crate::ops::status::StatusView::new(
@@ -461,11 +498,11 @@ impl Running {
     }
 
     /// The store, opened (and locked) the first time a source needs it.
-    fn open_store(&mut self, config: &Config) -> anyhow::Result<SharedStore> {
+    fn open_store(&mut self, config: &Config) -> Result<SharedStore, DaemonError> {
         if let Some(s) = &self.store {
             return Ok(s.clone());
         }
-        let fs = FsStore::open(&config.storage.path).context("storage.path")?;
+        let fs = FsStore::open(&config.storage.path).map_err(DaemonError::Store)?;
         self.store_dir = Some(fs.root().to_owned());
         let s: SharedStore = Arc::new(fs);
         self.store = Some(s.clone());
@@ -473,7 +510,7 @@ impl Running {
     }
 
     /// Starts (or restarts) the internal CA's certificates for `config`; stops them when there are none.
-    async fn apply_internal(&mut self, config: &Config) -> anyhow::Result<()> {
+    async fn apply_internal(&mut self, config: &Config) -> Result<(), DaemonError> {
         if let Some((token, task)) = self.internal.as_mut().and_then(|i| i.task.take()) {
             token.cancel();
             // Bounded: it must not publish an old certificate after the new set has been published.
@@ -493,7 +530,7 @@ impl Running {
                 let store = self.open_store(config)?;
                 let issuer = InternalIssuer::open(store, self.registry.clone())
                     .await
-                    .context("the internal CA (storage.path)")?;
+                    .map_err(DaemonError::Internal)?;
                 if let Some(root) = self.internal_root() {
                     tracing::info!(root = %root.display(), "internal CA ready: clients that trust its root trust the certificates with issuer = \"internal\"");
                 }
@@ -521,7 +558,7 @@ impl Running {
     }
 
     /// Starts (or restarts) the ACME side for `config`; stops it when no certificate needs it.
-    async fn apply_acme(&mut self, config: &Config) -> anyhow::Result<()> {
+    async fn apply_acme(&mut self, config: &Config) -> Result<(), DaemonError> {
         if let Some(old) = self.acme.take() {
             old.token.cancel();
             // Its tasks withdraw their challenges as they end: wait (bounded), so that they cannot withdraw
@@ -533,19 +570,23 @@ impl Running {
                 tracing::warn!("the previous ACME tasks did not stop within {SHUTDOWN_GRACE:?}");
             }
         }
-        if !config.has_acme_certificates() {
-            return Ok(());
-        }
-        let acme_config = config
+        // A validated configuration has an [acme] table whenever a certificate is ordered.
+        let Some(acme_config) = config
             .acme
             .clone()
-            .context("ACME certificates need an [acme] table")?;
+            .filter(|_| config.has_acme_certificates())
+        else {
+            return Ok(());
+        };
         let store = self.open_store(config)?;
         if self.http01_addr.is_none() {
-            let listener = http01::bind(config.http01.listen).await.with_context(|| {
-                format!("starting the HTTP-01 responder on {}", config.http01.listen)
-            })?;
-            let addr = listener.local_addr().context("HTTP-01 responder address")?;
+            let (listener, addr) = http01::bind(config.http01.listen)
+                .await
+                .and_then(|l| l.local_addr().map(|addr| (l, addr)))
+                .map_err(|source| DaemonError::Http01 {
+                    addr: config.http01.listen,
+                    source,
+                })?;
             tracing::info!(listen = %addr, "HTTP-01 responder listening");
             self.http01_addr = Some(addr);
             let token = self.shutdown.clone();
@@ -567,8 +608,11 @@ impl Running {
             .start(ManagedCert::from_config(config), token.clone())
             .await
         {
-            self.tasks
-                .spawn(async move { handle.await.context("an ACME certificate task panicked") });
+            self.tasks.spawn(async move {
+                handle
+                    .await
+                    .map_err(|e| DaemonError::Panicked("an ACME certificate task", e))
+            });
         }
         self.acme = Some(AcmeRuntime { manager, token });
         Ok(())
@@ -578,7 +622,7 @@ impl Running {
     /// pushed, removed ones stop being offered (streams that hold them keep them), changed ones are
     /// reloaded or re-ordered, and access rules change at once. An invalid configuration is rejected as a
     /// whole and the running one stays in force. Listener settings need a restart.
-    pub async fn reload(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+    pub async fn reload(&mut self, path: &std::path::Path) -> Result<(), DaemonError> {
         let new = crate::config::load(path)?;
         let (files, loaded) = load_files(&new)?;
         let old = std::mem::replace(&mut self.config, new.clone());
@@ -649,7 +693,7 @@ impl Running {
     pub async fn run_until_stopped(
         mut self,
         mut events: mpsc::Receiver<Event>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), DaemonError> {
         let path = self.config.path.clone();
         // The built-in configuration has no file to watch: a new acme-sds.toml is used at the next start.
         let built_in = self.config.built_in;
@@ -742,11 +786,11 @@ impl Running {
     }
 
     /// Resolves when a server task stops on its own (which is an error), returning that error.
-    pub async fn failed(&mut self) -> anyhow::Error {
+    pub async fn failed(&mut self) -> DaemonError {
         loop {
             match self.tasks.join_next().await {
                 Some(Ok(Err(e))) => return e,
-                Some(Err(e)) => return anyhow::Error::new(e).context("a server task panicked"),
+                Some(Err(e)) => return DaemonError::Panicked("a server task", e),
                 Some(Ok(Ok(()))) => continue,
                 None => std::future::pending::<()>().await,
             }
@@ -754,7 +798,7 @@ impl Running {
     }
 
     /// Stops accepting, ends every stream, removes the Unix sockets and waits (bounded) for it all.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> Result<(), DaemonError> {
         self.shutdown.cancel();
         let drain = async {
             let mut first_err = None;
@@ -762,7 +806,7 @@ impl Running {
                 let err = match res {
                     Ok(Ok(())) => continue,
                     Ok(Err(e)) => e,
-                    Err(e) => anyhow::Error::new(e),
+                    Err(e) => DaemonError::Panicked("a server task", e),
                 };
                 first_err.get_or_insert(err);
             }

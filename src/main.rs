@@ -156,7 +156,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     // Once: the log goes to stderr too.
-                    tracing::error!("{}", daemon::causes(&e));
+                    tracing::error!("{}", daemon::causes(&*e));
                     ExitCode::FAILURE
                 }
             }
@@ -315,7 +315,7 @@ fn status(path: Option<&Path>) -> ExitCode {
         None => match status_from_disk(&config) {
             Ok(rows) => (rows, "from files and storage: no daemon answered"),
             Err(e) => {
-                eprintln!("acme-sds status: {}", daemon::causes(&e));
+                eprintln!("acme-sds status: {}", daemon::causes(&*e));
                 return ExitCode::FAILURE;
             }
         },

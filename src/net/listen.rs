@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -232,39 +231,64 @@ pub struct TlsFiles {
     pub client_ca_file: PathBuf,
 }
 
+/// What is wrong with the `[sds.tls]` files: the key and file, and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct TlsError {
+    /// The config key and the file, or the key alone (`sds.tls.cert_file: /etc/acme-sds/sds.crt`).
+    what: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl TlsError {
+    fn new(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        TlsError {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}
+
 /// Loads [`TlsFiles`]: our certificate and key (checked to match) and the CA that client certificates must
 /// chain to; client certificates are required. Errors name the `[sds.tls]` key the file came from.
-pub fn load_tls(tls: &TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn load_tls(tls: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let read = |key: &str, path: &Path| {
         std::fs::read(path)
-            .with_context(|| format!("sds.tls.{key}: cannot read {}", path.display()))
+            .map_err(|e| TlsError::new(format!("sds.tls.{key}: cannot read {}", path.display()), e))
     };
     let cert = read("cert_file", &tls.cert_file)?;
     let key = read("key_file", &tls.key_file)?;
     let ca = read("client_ca_file", &tls.client_ca_file)?;
-    certs::certified_pem(&cert, &key).with_context(|| {
-        format!(
-            "sds.tls: {} + {}",
-            tls.cert_file.display(),
-            tls.key_file.display()
+    let at = |key: &str, path: &Path| format!("sds.tls.{key}: {}", path.display());
+    certs::certified_pem(&cert, &key).map_err(|e| {
+        TlsError::new(
+            format!(
+                "sds.tls: {} + {}",
+                tls.cert_file.display(),
+                tls.key_file.display()
+            ),
+            e,
         )
     })?;
     certs::trust_bundle_pem(&ca)
-        .with_context(|| format!("sds.tls.client_ca_file: {}", tls.client_ca_file.display()))?;
+        .map_err(|e| TlsError::new(at("client_ca_file", &tls.client_ca_file), e))?;
     let chain = CertificateDer::pem_slice_iter(&cert)
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("sds.tls.cert_file: {}", tls.cert_file.display()))?;
+        .map_err(|e| TlsError::new(at("cert_file", &tls.cert_file), e))?;
     let key = PrivateKeyDer::from_pem_slice(&key)
-        .with_context(|| format!("sds.tls.key_file: {}", tls.key_file.display()))?;
+        .map_err(|e| TlsError::new(at("key_file", &tls.key_file), e))?;
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(&ca) {
-        let ca = ca
-            .with_context(|| format!("sds.tls.client_ca_file: {}", tls.client_ca_file.display()))?;
+        let ca = ca.map_err(|e| TlsError::new(at("client_ca_file", &tls.client_ca_file), e))?;
         roots
             .add(ca)
-            .with_context(|| format!("sds.tls.client_ca_file: {}", tls.client_ca_file.display()))?;
+            .map_err(|e| TlsError::new(at("client_ca_file", &tls.client_ca_file), e))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -272,13 +296,13 @@ pub fn load_tls(tls: &TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         provider.clone(),
     )
     .build()
-    .context("sds.tls.client_ca_file")?;
+    .map_err(|e| TlsError::new("sds.tls.client_ca_file", e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .context("sds.tls")?
+        .map_err(|e| TlsError::new("sds.tls", e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .context("sds.tls")?;
+        .map_err(|e| TlsError::new("sds.tls", e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
