@@ -1,9 +1,14 @@
 //! acme-sds: automatic HTTPS for Envoy.
 //!
-//! Data flows one way: [`config`] → certificate sources ([`sources`] for files, [`acme`] for ACME) →
-//! [`store`] (persisted) → [`registry`] (watchable, versioned, encoded once) → [`sds`] streams → Envoy. The
-//! [`http01`] responder reads pending challenges from the store. [`daemon`] wires them together; [`server`]
-//! owns the SDS listeners; [`ops`] tells the status of it all (`/status`, `acme-sds status`, metrics).
+//! Data flows one way: [`config`] → certificate sources ([`sources`]: PEM files, an ACME CA with its
+//! HTTP-01 responder, acme-sds's own internal CA) → [`store`] (persisted) → [`registry`] (watchable,
+//! versioned, encoded once) → [`sds`] streams → Envoy. [`values`] are the checked names and addresses every
+//! layer takes; [`net`] the listeners every server runs on; [`ops`] tells the status of it all (`/status`,
+//! `acme-sds status`, metrics); [`daemon`] wires them together and runs until `main.rs` says stop.
+//!
+//! Dependencies go one way too (no module imports one that imports it back): `values` and `proto` below
+//! everything, then `certs`, `store` and `registry`, `metrics`, `net`, `sds`, then `config` (which knows the
+//! value and rule types of what it configures), `sources`, `ops`, `bootstrap` and `daemon`.
 
 pub mod bootstrap;
 pub mod certs;
