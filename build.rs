@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // The client (for tests and the benchmark) is generic over any gRPC transport: the daemon itself
+        // never dials out over gRPC, so it does not build tonic's transport (or the router under it).
+        .build_transport(false)
         // Our own google.protobuf.Any, so that `bytes` fields below apply to it too.
         .compile_well_known_types(true)
         // `Bytes` for every bytes field: an encoded Secret inside an Any is shared by reference count.

@@ -22,7 +22,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
 
 /// Buffered bytes beyond which writes go out without waiting for the burst to end.
 const HIGH_WATER: usize = 256 * 1024;
@@ -171,14 +170,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<IO> {
         ready!(this.poll_drain(cx))?;
         this.deferred = false;
         Pin::new(&mut this.io).poll_shutdown(cx)
-    }
-}
-
-impl<IO: Connected> Connected for BatchedWrites<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
     }
 }
 

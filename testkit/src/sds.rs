@@ -279,3 +279,11 @@ impl DeltaStream {
         }
     }
 }
+
+/// An SDS client over TCP (`http://IP:PORT`), as the generated `connect` would make one.
+pub async fn tcp_client(
+    url: String,
+) -> Result<SecretDiscoveryServiceClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(url)?.connect().await?;
+    Ok(SecretDiscoveryServiceClient::new(channel))
+}

@@ -413,9 +413,7 @@ async fn tcp_and_unix_listeners_serve_together() {
     let f = Fixture::with_listen(&["127.0.0.1:0"]).await;
     let addr = f.daemon.running().tcp_addrs()[0];
     assert_ne!(addr.port(), 0);
-    let mut tcp = acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut tcp = tcp_client(format!("http://{addr}")).await.unwrap();
     let r = fetch(&mut tcp, &["web"]).await;
     assert_eq!(leaf_of(&r.resources[0]), f.web.leaf_der);
     let mut uds = f.daemon.client().await;

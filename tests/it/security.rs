@@ -125,7 +125,7 @@ async fn mtls_refuses_callers_without_a_certificate_from_the_client_ca() {
     )
     .await;
     // Plain HTTP/2 to the TLS port gets nothing either.
-    let plain = SecretDiscoveryServiceClient::connect(format!("http://127.0.0.1:{}", f.port)).await;
+    let plain = tcp_client(format!("http://127.0.0.1:{}", f.port)).await;
     if let Ok(mut c) = plain {
         assert!(c.fetch_secrets(subscribe(&["open"])).await.is_err());
     }
