@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use testkit::envoy::{Envoy, envoy_bin};
+use testkit::envoy::{Envoy, default_sds_settings, envoy_bin};
 use testkit::pebble::{Pebble, free_port};
 
 use crate::issuance::no_nonce_rejection;
@@ -56,21 +56,15 @@ pub async fn run(a: &Sizes, csv: &mut Csv) -> Result<()> {
             );
         std::fs::write(d.join("acme-sds.toml"), config)?;
         // Envoy's defaults: the example without the settings README recommends on top of them.
-        let yaml: String = ENVOY_YAML
-            .replace("/run/acme-sds/sds.sock", &socket.display().to_string())
-            .replace("port_value: 80 }", &format!("port_value: {http} }}"))
-            .replace("port_value: 443", &format!("port_value: {https}"))
-            .replace("port_value: 9901", &format!("port_value: {admin}"))
-            .replace("port_value: 8089", &format!("port_value: {responder}"))
-            .replace("address: 0.0.0.0", "address: 127.0.0.1")
-            .lines()
-            .filter(|l| {
-                !l.contains("set_node_on_first_message_only")
-                    && !l.contains("retry_policy")
-                    && !l.contains("retry_back_off")
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let yaml = default_sds_settings(
+            &ENVOY_YAML
+                .replace("/run/acme-sds/sds.sock", &socket.display().to_string())
+                .replace("port_value: 80 }", &format!("port_value: {http} }}"))
+                .replace("port_value: 443", &format!("port_value: {https}"))
+                .replace("port_value: 9901", &format!("port_value: {admin}"))
+                .replace("port_value: 8089", &format!("port_value: {responder}"))
+                .replace("address: 0.0.0.0", "address: 127.0.0.1"),
+        );
         let (_daemon, started, _) = Daemon::start(&d.join("acme-sds.toml"))?;
         let _envoy = Envoy::start(&envoy, &yaml, d);
         let prober = Prober::new()?;

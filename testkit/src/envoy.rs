@@ -369,3 +369,16 @@ pub async fn https_request(
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS request timed out"))?
 }
+
+/// A bootstrap with Envoy's default SDS settings: `yaml` without what the README recommends on top of them
+/// (`set_node_on_first_message_only`, the SDS cluster's retry policy and backoff).
+pub fn default_sds_settings(yaml: &str) -> String {
+    yaml.lines()
+        .filter(|l| {
+            !l.contains("set_node_on_first_message_only")
+                && !l.contains("retry_policy")
+                && !l.contains("retry_back_off")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

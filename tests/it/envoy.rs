@@ -205,15 +205,7 @@ async fn envoy_with_default_sds_settings_serves_the_first_acme_certificate_in_se
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let defaults = |yaml: String| {
-        let y: String = yaml
-            .lines()
-            .filter(|l| {
-                !l.contains("set_node_on_first_message_only")
-                    && !l.contains("retry_policy")
-                    && !l.contains("retry_back_off")
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let y = testkit::envoy::default_sds_settings(&yaml);
         let settings = |key: &str| y.lines().any(|l| l.trim_start().starts_with(key));
         assert!(
             !settings("initial_fetch_timeout") && settings("api_type: GRPC"),
