@@ -15,10 +15,15 @@ use crate::values::{ListenAddr, SecretName};
 /// Choices the configuration does not make.
 #[derive(Debug, Clone)]
 pub struct BootstrapOptions {
+    /// Envoy's plain-HTTP listener port (redirects, and HTTP-01 to acme-sds's responder).
     pub http_port: u16,
+    /// Envoy's HTTPS listener port.
     pub https_port: u16,
+    /// Envoy's admin port (bound to loopback).
     pub admin_port: u16,
+    /// The node id Envoy presents (what `allowed_nodes` matches).
     pub node_id: String,
+    /// The node cluster Envoy presents.
     pub node_cluster: String,
     /// Where HTTPS traffic goes; without it Envoy answers with a fixed text.
     pub upstream: Option<SocketAddr>,
@@ -41,12 +46,15 @@ impl Default for BootstrapOptions {
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why no bootstrap can be written for a configuration.
 pub enum BootstrapError {
     #[error(
         "sds.listen: Envoy needs a \"unix:PATH\" listener, or a loopback TCP one without [sds.tls], to reach acme-sds"
     )]
+    /// No SDS listener Envoy could reach without a client certificate.
     NoReachableListener,
     #[error("no [[certificate]] to serve")]
+    /// Nothing to serve over HTTPS.
     NoCertificates,
 }
 

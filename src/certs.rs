@@ -19,20 +19,32 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 #[derive(Debug, thiserror::Error)]
 pub enum MaterialError {
     #[error("no PEM certificate found")]
+    /// The certificate file holds no certificate.
     NoCertificate,
     #[error(
         "no PEM private key found (PKCS#8 \"PRIVATE KEY\", SEC1 \"EC PRIVATE KEY\" or PKCS#1 \"RSA PRIVATE KEY\")"
     )]
+    /// The key file holds no private key.
     NoKey,
     #[error("malformed PEM: {0}")]
+    /// The certificate PEM cannot be read.
     Pem(String),
     #[error("malformed PEM private key: {0}")]
+    /// The key PEM cannot be read.
     KeyPem(String),
     #[error("certificate {index} in the chain is not valid X.509: {reason}")]
-    BadCertificate { index: usize, reason: String },
+    /// A certificate in the chain is not valid X.509.
+    BadCertificate {
+        /// Its position in the chain, 0 for the leaf.
+        index: usize,
+        /// What the X.509 parser said.
+        reason: String,
+    },
     #[error("unsupported private key: {0}")]
+    /// A key of a kind Envoy (and rustls) cannot use.
     UnsupportedKey(String),
     #[error("the private key does not match the leaf certificate's public key")]
+    /// The key is not the leaf's.
     KeyMismatch,
 }
 
@@ -109,10 +121,13 @@ pub fn secret_bytes(v: Vec<u8>) -> Bytes {
 pub struct CertInfo {
     /// Serial number, colon-separated hex.
     pub serial: String,
+    /// The subject, as X.509 prints it.
     pub subject: String,
     /// DNS names from the subjectAltName extension.
     pub dns_names: Vec<String>,
+    /// Start of validity.
     pub not_before: OffsetDateTime,
+    /// End of validity.
     pub not_after: OffsetDateTime,
 }
 
@@ -145,11 +160,14 @@ impl CertInfo {
 /// names only and URI patterns (SPIFFE IDs) against URIs only.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientIdentities {
+    /// DNS subjectAltNames.
     pub dns: Vec<String>,
+    /// URI subjectAltNames (SPIFFE IDs).
     pub uris: Vec<String>,
 }
 
 impl ClientIdentities {
+    /// Whether the certificate carries no name an access rule could match.
     pub fn is_empty(&self) -> bool {
         self.dns.is_empty() && self.uris.is_empty()
     }
@@ -209,7 +227,9 @@ pub struct CertifiedPem {
     pub chain_pem: Bytes,
     /// The private key, in the PEM form it was given in.
     pub key_pem: Bytes,
+    /// What the leaf says.
     pub leaf: CertInfo,
+    /// How many certificates the chain holds, leaf included.
     pub chain_len: usize,
 }
 
@@ -226,7 +246,9 @@ impl fmt::Debug for CertifiedPem {
 /// A checked set of CA certificates, as canonical PEM.
 #[derive(Debug, Clone)]
 pub struct TrustBundlePem {
+    /// The bundle as canonical PEM.
     pub pem: Bytes,
+    /// What each CA certificate in it says.
     pub certs: Vec<CertInfo>,
 }
 

@@ -10,6 +10,8 @@
 //! everything, then `certs`, `store` and `registry`, `metrics`, `net`, `sds`, then `config` (which knows the
 //! value and rule types of what it configures), `sources`, `ops`, `bootstrap` and `daemon`.
 
+#![warn(missing_docs)]
+
 pub mod bootstrap;
 pub mod certs;
 pub mod config;

@@ -16,29 +16,41 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// The `name` label: a configured secret.
 pub struct NameLabel {
+    /// The secret name (without Istio's prefix).
     pub name: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// The labels of an ACME order.
 pub struct OrderLabels {
+    /// The secret name.
     pub name: String,
+    /// How it ended (`issued`, `failed`, ...).
     pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// The labels of a request to the CA.
 pub struct RequestLabels {
+    /// What was asked (`new_order`, `finalize`, ...).
     pub action: String,
+    /// The HTTP status, or `error` when there was none.
     pub status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// The `rpc` label.
 pub struct RpcLabel {
+    /// `StreamSecrets`, `DeltaSecrets` or `FetchSecrets`.
     pub rpc: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// The `result` label.
 pub struct ResultLabel {
+    /// The outcome.
     pub result: String,
 }
 
@@ -94,6 +106,7 @@ impl Metrics {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// Counts an ended order of `name` by result.
     pub fn count_order(&self, name: &str, result: &str) {
         self.acme_orders
             .get_or_create(&OrderLabels {
@@ -103,6 +116,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts an HTTP-01 request by result (`answered`, `unknown_token`, `not_found`, ...).
     pub fn count_http01(&self, result: &str) {
         self.http01_requests
             .get_or_create(&ResultLabel {

@@ -93,19 +93,24 @@ impl SecretContent {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The kind of an SDS secret.
 pub enum SecretKind {
+    /// `tls_certificate`: a chain and its key.
     TlsCertificate,
+    /// `validation_context`: trusted CA certificates.
     ValidationContext,
 }
 
 /// What may be said about a secret version without touching key material.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretSummary {
+    /// What the secret is.
     pub kind: SecretKind,
     /// The leaf's serial, for certificates.
     pub serial: Option<String>,
     /// The leaf's DNS names, for certificates.
     pub dns_names: Vec<String>,
+    /// The leaf's start of validity.
     pub not_before: Option<OffsetDateTime>,
     /// The leaf's expiry; for a trust bundle the earliest expiry in it.
     pub not_after: Option<OffsetDateTime>,
@@ -138,6 +143,7 @@ impl std::fmt::Debug for SecretVersion {
 }
 
 impl SecretVersion {
+    /// The secret's name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -147,6 +153,7 @@ impl SecretVersion {
         &self.version
     }
 
+    /// What may be said about it without touching key material.
     pub fn summary(&self) -> &SecretSummary {
         &self.summary
     }
@@ -190,6 +197,7 @@ pub enum Published {
 }
 
 impl Published {
+    /// The version this subscription last saw.
     pub fn version(&self) -> &Arc<SecretVersion> {
         match self {
             Published::Unchanged(v) | Published::New(v) => v,
@@ -207,6 +215,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// An empty registry, shared.
     pub fn new() -> Arc<Self> {
         Arc::new(Registry::default())
     }

@@ -22,33 +22,52 @@ use std::sync::Arc;
 /// A stored value and its revision (a hash of the value; 0 means absent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The bytes.
     pub value: Vec<u8>,
+    /// A hash of them: what a compare-and-swap compares.
     pub revision: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a store operation failed.
 pub enum StoreError {
     #[error("invalid store key {0:?}")]
+    /// A key with characters the layout does not allow.
     BadKey(String),
     #[error(
         "{} is in use by another acme-sds ({holder}); one daemon per storage directory (several replicas need a shared store such as etcd)",
         .path.display()
     )]
-    Locked { path: PathBuf, holder: String },
+    /// Another acme-sds holds the storage directory.
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// Who holds it, as its lock file says (pid, host, start).
+        holder: String,
+    },
     #[error("storage {} is open read-only", .0.display())]
+    /// The store was opened read-only (`acme-sds status` offline).
     ReadOnly(PathBuf),
     #[error("storage {op} {}: {source}", .path.display())]
+    /// A file system operation failed.
     Io {
+        /// What was being done (`create`, `rename`, ...).
         op: &'static str,
+        /// On which path.
         path: PathBuf,
+        /// What the system said.
         source: std::io::Error,
     },
     #[error(
         "storage value at {key} changed concurrently (expected revision {expected}, found {found})"
     )]
+    /// A compare-and-swap lost the race.
     Conflict {
+        /// The key.
         key: String,
+        /// The revision the writer expected.
         expected: u64,
+        /// The revision found.
         found: u64,
     },
 }
@@ -95,6 +114,7 @@ pub fn key_segment(name: &str) -> String {
 /// The storage interface. Implementations must make each `put` atomic.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The value at `key`, if any.
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError>;
     /// Writes `value` unconditionally; returns the new revision.
     async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError>;
@@ -105,6 +125,7 @@ pub trait Store: Send + Sync + 'static {
         expected: u64,
         value: &[u8],
     ) -> Result<u64, StoreError>;
+    /// Removes `key` (absent is fine).
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Keys directly or indirectly under `prefix/`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
@@ -113,6 +134,7 @@ pub trait Store: Send + Sync + 'static {
     async fn quarantine(&self, key: &str) -> Result<String, StoreError>;
 }
 
+/// A store shared by the sources that use it.
 pub type SharedStore = Arc<dyn Store>;
 
 fn revision(value: &[u8]) -> u64 {
@@ -242,6 +264,7 @@ impl FsStore {
         }
     }
 
+    /// The storage directory.
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -195,10 +195,15 @@ pub fn to_strings<T: AsRef<str>>(names: &[T]) -> Vec<String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KeyType {
+    /// ECDSA on P-256 (the default): small and fast, what Let's Encrypt recommends.
     EcdsaP256,
+    /// ECDSA on P-384.
     EcdsaP384,
+    /// RSA, 2048 bits: for clients that cannot do ECDSA.
     Rsa2048,
+    /// RSA, 3072 bits.
     Rsa3072,
+    /// RSA, 4096 bits.
     Rsa4096,
 }
 
@@ -237,7 +242,9 @@ impl KeyType {
 /// Where an SDS listener listens: a Unix socket (`unix:PATH`) or a TCP address (`IP:PORT`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ListenAddr {
+    /// A Unix socket at this path.
     Unix(PathBuf),
+    /// A TCP address.
     Tcp(SocketAddr),
 }
 

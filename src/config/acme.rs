@@ -17,7 +17,9 @@ use super::raw::RawAcme;
 pub struct AcmeConfig {
     /// The directory URL.
     pub directory: String,
+    /// Contact URLs for the account (`mailto:...`).
     pub contact: Vec<String>,
+    /// The operator has read and accepts the CA's terms of service.
     pub accept_terms_of_service: bool,
     /// A PEM root to trust for the ACME server's own HTTPS (a private CA, or Pebble).
     pub directory_ca: Option<PathBuf>,
@@ -27,6 +29,7 @@ pub struct AcmeConfig {
     pub max_concurrent_orders: usize,
     /// First retry delay after a failure; doubles (with jitter) up to `retry_max`.
     pub retry_initial: std::time::Duration,
+    /// The longest retry delay.
     pub retry_max: std::time::Duration,
     /// How long the CA may take to answer (account lookups, ARI); a whole order may take 20 times that.
     pub request_timeout: std::time::Duration,
@@ -38,7 +41,9 @@ pub struct AcmeConfig {
 /// An External Account Binding: the key id and the decoded MAC key, which no `Debug` output shows.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EabKey {
+    /// The key id the CA gave.
     pub kid: String,
+    /// The MAC key, decoded from base64url.
     pub hmac_key: zeroize::Zeroizing<Vec<u8>>,
 }
 
@@ -51,8 +56,10 @@ impl fmt::Debug for EabKey {
     }
 }
 
+/// Let's Encrypt's production directory (`directory = "letsencrypt"`).
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
+/// Let's Encrypt's staging directory (`directory = "letsencrypt-staging"`).
 pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 
 /// Orders that may run at once, unless `max_concurrent_orders` says otherwise.

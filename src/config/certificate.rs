@@ -20,23 +20,31 @@ use crate::values::SubjectName;
 /// A `[[certificate]]`: a TLS certificate and key served as an SDS `tls_certificate` secret.
 #[derive(Debug, Clone)]
 pub struct CertificateConfig {
+    /// The SDS resource name Envoy asks for.
     pub name: SecretName,
+    /// Where the certificate comes from.
     pub source: CertificateSource,
+    /// Who may read it (`allowed_nodes`, `allowed_clients`).
     pub access: Access,
     /// Its key path in the file (`certificate[0]`), for messages.
     pub key: String,
 }
 
 #[derive(Debug, Clone)]
+/// Where a `[[certificate]]` comes from.
 pub enum CertificateSource {
     /// A PEM chain (leaf first) and a PEM private key on disk, watched for changes.
     Files {
+        /// `cert_file`: the chain, leaf first.
         cert_file: PathBuf,
+        /// `key_file`: the private key (may be `cert_file` itself, for a combined PEM).
         key_file: PathBuf,
     },
     /// Obtained and renewed over ACME for these (lower-cased, validated) domains.
     Acme {
+        /// The names, checked and lower-cased.
         domains: Vec<DnsName>,
+        /// `key_type` (default ECDSA P-256).
         key_type: KeyType,
         /// `temporary_certificate`: serve a temporary self-signed certificate until the first one is
         /// issued; `None` follows `[acme] temporary_certificates`.
@@ -45,7 +53,9 @@ pub enum CertificateSource {
     /// `issuer = "internal"`: signed and renewed by acme-sds's own local CA, for these names (DNS names,
     /// single labels such as `localhost`, IP addresses, wildcards), which no public CA would validate.
     Internal {
+        /// The names, checked and lower-cased.
         domains: Vec<SubjectName>,
+        /// `key_type` (default ECDSA P-256).
         key_type: KeyType,
     },
 }
@@ -74,8 +84,11 @@ pub const ISSUER_ACME: &str = "acme";
 /// A `[[trust_bundle]]`: CA certificates served as an SDS `validation_context` secret (`trusted_ca`).
 #[derive(Debug, Clone)]
 pub struct TrustBundleConfig {
+    /// The SDS resource name Envoy asks for.
     pub name: SecretName,
+    /// `file`: the PEM file of CA certificates, watched for changes.
     pub file: PathBuf,
+    /// Who may read it (`allowed_nodes`, `allowed_clients`).
     pub access: Access,
     /// Its key path in the file (`certificate[0]`), for messages.
     pub key: String,

@@ -13,6 +13,7 @@ use crate::values::ListenAddr;
 /// `[http01]`: the HTTP-01 challenge responder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Http01Config {
+    /// Where the responder listens (default 0.0.0.0:8089).
     pub listen: SocketAddr,
 }
 

@@ -43,14 +43,19 @@ pub struct Config {
     pub path: PathBuf,
     /// This is the built-in configuration ([`BUILT_IN`]): no file was named or found.
     pub built_in: bool,
+    /// `[sds]`.
     pub sds: SdsConfig,
+    /// `[storage]`.
     pub storage: StorageConfig,
+    /// `[http01]`.
     pub http01: Http01Config,
     /// `[acme]`; `None` when the table is absent (then no certificate may have `domains`).
     pub acme: Option<AcmeConfig>,
     /// `[admin] listen`: health, readiness and status endpoints; off when absent.
     pub admin: Option<SocketAddr>,
+    /// `[[certificate]]`, in file order.
     pub certificates: Vec<CertificateConfig>,
+    /// `[[trust_bundle]]`, in file order.
     pub trust_bundles: Vec<TrustBundleConfig>,
     /// Where each key is in the file, for messages about what a source later finds wrong with a value
     /// ([`Config::error`]); the settings themselves carry no line numbers.
@@ -121,7 +126,9 @@ pub use crate::sds::access::Access;
 pub struct Problem {
     /// Key path such as `sds.listen[0]`; empty when the file as a whole is at fault.
     pub key: String,
+    /// Its 1-based line in the file, when known.
     pub line: Option<usize>,
+    /// What is wrong, in the config's words.
     pub message: String,
 }
 
@@ -139,6 +146,7 @@ impl Problem {
         out
     }
 
+    /// A problem with `key` (at `line`, when known).
     pub fn new(key: impl Into<String>, line: Option<usize>, message: impl Into<String>) -> Self {
         Problem {
             key: key.into(),
@@ -151,7 +159,9 @@ impl Problem {
 /// Everything wrong with a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
+    /// The file.
     pub path: PathBuf,
+    /// Every problem found, in file order.
     pub problems: Vec<Problem>,
 }
 

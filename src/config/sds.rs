@@ -11,6 +11,7 @@ use crate::values::ListenAddr;
 /// `[sds]`: where the SDS gRPC server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SdsConfig {
+    /// Where SDS is served (`unix:PATH` and `IP:PORT`).
     pub listen: Vec<ListenAddr>,
     /// Permission bits given to the Unix sockets acme-sds creates.
     pub socket_mode: u32,

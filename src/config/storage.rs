@@ -10,6 +10,7 @@ use super::raw::RawStorage;
 /// `[storage]`: where account, keys, certificates and ACME state are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageConfig {
+    /// The storage directory (created if missing; 0700).
     pub path: PathBuf,
 }
 

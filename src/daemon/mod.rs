@@ -99,34 +99,49 @@ fn watch_file(path: &std::path::Path) -> Option<crate::watch::DirWatch> {
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
+    /// The configuration, or a file it names, is not usable.
     Config(#[from] ConfigError),
     #[error("starting the SDS listeners")]
+    /// An SDS listener could not be set up.
     Listen(#[source] crate::net::listen::ListenError),
     #[error(transparent)]
+    /// The `[sds.tls]` files are not usable.
     Tls(#[from] crate::net::listen::TlsError),
     #[error("SDS server on {what}")]
+    /// An SDS listener stopped with an error.
     Serve {
+        /// The listener (`unix:PATH` or `IP:PORT`).
         what: String,
         #[source]
+        /// What the system said.
         source: std::io::Error,
     },
     #[error("admin.listen: cannot listen on {addr}")]
+    /// The admin listener could not be set up.
     Admin {
+        /// `admin.listen`.
         addr: SocketAddr,
         #[source]
+        /// What the system said.
         source: std::io::Error,
     },
     #[error("starting the HTTP-01 responder on {addr}")]
+    /// The HTTP-01 responder could not be set up.
     Http01 {
+        /// `http01.listen`.
         addr: SocketAddr,
         #[source]
+        /// What the system said.
         source: std::io::Error,
     },
     #[error("storage.path")]
+    /// The storage directory could not be opened (or is locked by another acme-sds).
     Store(#[source] crate::store::StoreError),
     #[error("the internal CA (storage.path)")]
+    /// The internal CA could not be loaded or created.
     Internal(#[source] crate::sources::internal::InternalError),
     #[error("{0} panicked")]
+    /// A task (named) panicked: a bug.
     Panicked(&'static str, #[source] tokio::task::JoinError),
 }
 

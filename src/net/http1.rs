@@ -33,6 +33,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// How many connections one listener holds at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Caps {
+    /// Open connections in all.
     pub total: usize,
     /// From one source address (IPv6: one /64).
     pub per_source: usize,

@@ -39,34 +39,52 @@ use super::preface;
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: io::Error },
+    /// The address could not be bound.
+    Bind {
+        /// The address as configured (`unix:PATH` or `IP:PORT`).
+        addr: String,
+        /// What the system said.
+        source: io::Error,
+    },
     #[error(
         "cannot listen on unix:{}: another process is serving this socket (is acme-sds already running?)",
         .0.display()
     )]
+    /// Another process serves this Unix socket.
     InUse(PathBuf),
     #[error("cannot listen on unix:{}: the path exists and is not a socket; refusing to replace it", .0.display())]
+    /// The path exists and is not a socket.
     NotASocket(PathBuf),
     #[error("cannot give unix:{} the mode {mode:04o} (sds.socket_mode): {source}", .path.display())]
+    /// The socket could not be given its mode.
     Mode {
+        /// The socket.
         path: PathBuf,
+        /// `sds.socket_mode`.
         mode: u32,
+        /// What the system said.
         source: io::Error,
     },
     #[error(
         "cannot give unix:{} to group {gid} (sds.socket_group): {source}; acme-sds's user must be a member of that group (or root)",
         .path.display()
     )]
+    /// The socket could not be given its group.
     Group {
+        /// The socket.
         path: PathBuf,
+        /// `sds.socket_group`.
         gid: u32,
+        /// What the system said.
         source: io::Error,
     },
 }
 
 /// A bound listener, not yet serving.
 pub enum Bound {
+    /// A TCP listener and the address it got.
     Tcp(TcpListener, SocketAddr),
+    /// A Unix socket, removed when its guard drops.
     Unix(UnixListener, UnixSocketGuard),
 }
 
@@ -87,6 +105,7 @@ pub struct UnixSocketGuard {
 }
 
 impl UnixSocketGuard {
+    /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -226,8 +245,11 @@ pub struct Admission {
 /// must chain to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// Our certificate chain (PEM).
     pub cert_file: PathBuf,
+    /// Its private key (PEM).
     pub key_file: PathBuf,
+    /// The CA client certificates must chain to (PEM).
     pub client_ca_file: PathBuf,
 }
 

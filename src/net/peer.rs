@@ -91,12 +91,16 @@ impl fmt::Display for PeerKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
     #[error("the server's limit of {0} open SDS streams is reached")]
+    /// The server holds its most streams (`max_streams`).
     Streams(usize),
     #[error("this caller already holds its quota of {0} SDS streams")]
+    /// This caller holds its most streams (`max_streams_per_peer`).
     PeerStreams(usize),
     #[error("this caller is already subscribed to its quota of {0} secret names")]
+    /// This caller watches its most names (`max_names_per_peer`).
     PeerNames(usize),
     #[error("this source already holds its quota of {0} connections")]
+    /// This caller holds its most connections (`max_connections_per_peer`).
     PeerConnections(usize),
 }
 
@@ -133,6 +137,7 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Limits enforcing `quotas`, with nothing held yet.
     pub fn new(quotas: Quotas) -> Self {
         Limits {
             shared: Arc::new(Shared {
@@ -143,6 +148,7 @@ impl Limits {
         }
     }
 
+    /// The quotas these limits enforce.
     pub fn quotas(&self) -> Quotas {
         self.shared.quotas
     }
@@ -349,14 +355,17 @@ impl Peer {
         }
     }
 
+    /// What the caller is counted as.
     pub fn key(&self) -> &PeerKey {
         &self.inner.key
     }
 
+    /// The caller's address, for logs.
     pub fn address(&self) -> &str {
         &self.inner.address
     }
 
+    /// The names its client certificate carries (none without mutual TLS).
     pub fn identities(&self) -> &ClientIdentities {
         &self.inner.identities
     }

@@ -39,6 +39,7 @@ pub struct Rewind<IO> {
 }
 
 impl<IO> Rewind<IO> {
+    /// The wrapped connection.
     pub fn get_ref(&self) -> &IO {
         &self.io
     }

@@ -18,6 +18,7 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    /// At most one line per `interval`.
     pub fn new(interval: Duration) -> Self {
         Throttle {
             start: Instant::now(),

@@ -21,7 +21,9 @@ use crate::ops::status::StatusView;
 /// The admin listener's state: the status view and the counters.
 #[derive(Clone)]
 pub struct Admin {
+    /// The secrets' status.
     pub status: StatusView,
+    /// The counters and histograms.
     pub metrics: Metrics,
 }
 

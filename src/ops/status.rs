@@ -24,9 +24,13 @@ use crate::sources::internal::InternalIssuer;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
+    /// Ordered from the `[acme]` CA.
     Acme,
+    /// Issued by acme-sds's internal CA.
     Internal,
+    /// Read from `cert_file` and `key_file`.
     Files,
+    /// A `[[trust_bundle]]`.
     TrustBundle,
 }
 
@@ -50,24 +54,34 @@ impl Source {
 /// What `/status` reports about one secret. Instants are RFC 3339 in UTC.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SecretStatus {
+    /// The secret name.
     pub name: String,
+    /// Where it comes from.
     pub source: Source,
     /// The names the certificate is for: the configured `domains`, or the served leaf's DNS names.
     pub domains: Vec<String>,
+    /// Whether a version is served.
     pub serving: bool,
     /// What is served is a temporary self-signed stand-in: the certificate has not been issued yet.
     #[serde(default)]
     pub temporary: bool,
+    /// The version served.
     pub version: Option<String>,
+    /// The leaf's serial (hex).
     pub serial: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]
+    /// Start of the leaf's validity.
     pub not_before: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    /// End of the leaf's validity (for a trust bundle, the earliest in it).
     pub not_after: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    /// When it is planned to be renewed.
     pub next_renewal: Option<OffsetDateTime>,
+    /// The last failure to obtain it, if the latest attempt failed.
     pub last_error: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]
+    /// When the next attempt is due after that failure.
     pub next_retry: Option<OffsetDateTime>,
     /// SDS streams subscribed to this secret now; `None` when no daemon was asked (`acme-sds status` reading
     /// the files), which is not the same as nobody asking.
@@ -134,8 +148,11 @@ pub fn collect(
 /// The sources a running daemon's view reads: the configuration and the issuers that keep schedules.
 #[derive(Clone)]
 pub struct Sources {
+    /// The configuration in force.
     pub config: Arc<Config>,
+    /// The ACME manager, when certificates are ordered.
     pub acme: Option<Arc<AcmeManager>>,
+    /// The internal CA, when certificates are issued by it.
     pub internal: Option<Arc<InternalIssuer>>,
 }
 
@@ -148,6 +165,7 @@ pub struct StatusView {
 }
 
 impl StatusView {
+    /// A view of `sources` and what `registry` serves.
     pub fn new(sources: Sources, registry: Arc<Registry>, limits: Limits) -> Self {
         StatusView {
             sources: Arc::new(std::sync::RwLock::new(sources)),
@@ -166,6 +184,7 @@ impl StatusView {
         self.limits.open_streams()
     }
 
+    /// The status of every configured secret, in config order.
     pub fn secrets(&self) -> Vec<SecretStatus> {
         let Sources {
             config,

@@ -57,6 +57,7 @@ fn compile(text: &str, separator: bool, case_insensitive: bool) -> Result<GlobMa
 }
 
 impl NodePattern {
+    /// Compiles a node id pattern (`*` and `?` over the whole id); the error says what is wrong.
     pub fn new(text: &str) -> Result<Self, String> {
         if text.is_empty() {
             return Err("empty pattern".into());
@@ -67,16 +68,19 @@ impl NodePattern {
         })
     }
 
+    /// Whether `node_id` matches.
     pub fn matches(&self, node_id: &str) -> bool {
         self.matcher.is_match(node_id)
     }
 
+    /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
     }
 }
 
 impl ClientPattern {
+    /// Compiles a client identity pattern (`spiffe://...` against URI SANs, anything else against DNS SANs); the error says what is wrong.
     pub fn new(text: &str) -> Result<Self, String> {
         if text.is_empty() {
             return Err("empty pattern".into());
@@ -112,6 +116,7 @@ impl ClientPattern {
         }
     }
 
+    /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
     }

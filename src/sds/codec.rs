@@ -18,6 +18,7 @@ const BUFFER: usize = 1024;
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
 #[derive(Debug, Clone)]
+/// The SDS messages' codec: prost's, with small per-stream buffers.
 pub struct SdsCodec<T, U>(PhantomData<(T, U)>);
 
 impl<T, U> Default for SdsCodec<T, U> {

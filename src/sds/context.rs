@@ -40,7 +40,9 @@ pub(crate) struct Throttles {
 /// The node a stream's first request described, as kept.
 #[derive(Debug, Clone, Default)]
 pub struct NodeInfo {
+    /// `node.id`, clipped.
     pub id: String,
+    /// `node.cluster`, clipped.
     pub cluster: String,
     /// The id was longer than [`MAX_NODE_FIELD_BYTES`]: `id` holds its beginning, for logs only.
     pub truncated: bool,
@@ -61,9 +63,13 @@ pub(crate) fn clip(s: &str, max: usize) -> &str {
 /// Who is on the other end of a stream, for quotas, access checks and logs.
 #[derive(Debug)]
 pub struct StreamContext {
+    /// This stream's number, for logs.
     pub id: u64,
+    /// The RPC (`StreamSecrets`, `DeltaSecrets`, `FetchSecrets`).
     pub rpc: &'static str,
+    /// Who called.
     pub peer: Peer,
+    /// The node it said it is, once it said.
     pub node: Option<NodeInfo>,
     policy: Arc<Policy>,
     /// The generation of rules every subscribed name was last checked against.

@@ -60,6 +60,7 @@ pub struct Delta {
 }
 
 impl Delta {
+    /// A delta stream for the caller `ctx` describes.
     pub fn new(registry: Arc<Registry>, ctx: StreamContext) -> Self {
         Delta {
             registry,

@@ -27,6 +27,7 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// The rules' generation: bumped by every change.
     pub fn generation(&self) -> u64 {
         self.generation
     }

@@ -38,6 +38,7 @@ pub struct Sotw {
 }
 
 impl Sotw {
+    /// A SotW stream for the caller `ctx` describes.
     pub fn new(registry: Arc<Registry>, ctx: StreamContext) -> Self {
         Sotw {
             registry,

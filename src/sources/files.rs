@@ -160,6 +160,7 @@ pub struct FileSource {
 }
 
 impl FileSource {
+    /// The file-backed secrets of `config`, not loaded yet.
     pub fn from_config(config: &Config) -> Self {
         let certs = config.certificates.iter().filter_map(|c| {
             let CertificateSource::Files {

@@ -39,24 +39,37 @@ const RETRY: Duration = Duration::from_secs(60);
 use crate::sources::keys;
 
 #[derive(Debug, thiserror::Error)]
+/// Why the internal CA could not issue.
 pub enum InternalError {
     #[error(transparent)]
+    /// The store failed.
     Store(#[from] StoreError),
     #[error("cannot sign a certificate for {name}: {reason}")]
-    Sign { name: String, reason: String },
+    /// A leaf could not be signed.
+    Sign {
+        /// The secret whose certificate was being signed.
+        name: String,
+        /// What failed (key generation, signing, the task running it).
+        reason: String,
+    },
     #[error("cannot create the local CA: {0}")]
+    /// The CA could not be created.
     CreateCa(String),
 }
 
 /// One certificate of the internal CA, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InternalCert {
+    /// The secret name.
     pub name: SecretName,
+    /// The names on the certificate.
     pub domains: Vec<SubjectName>,
+    /// The key type.
     pub key_type: KeyType,
 }
 
 impl InternalCert {
+    /// The internal CA's certificates of `config`.
     pub fn from_config(config: &Config) -> Vec<InternalCert> {
         config
             .certificates

@@ -23,6 +23,7 @@ pub struct AcmeKeys {
 }
 
 impl AcmeKeys {
+    /// The keys of the CA at `directory`.
     pub fn for_directory(directory: &str) -> Self {
         let host = directory
             .trim_start_matches("https://")
@@ -49,14 +50,17 @@ impl AcmeKeys {
         }
     }
 
+    /// The ACME account (key and URL).
     pub fn account(&self) -> String {
         format!("acme/{}/account", self.ca)
     }
 
+    /// An issued certificate.
     pub fn cert(&self, name: &str) -> String {
         format!("acme/{}/certs/{}", self.ca, key_segment(name))
     }
 
+    /// A certificate's renewal plan and failure backoff.
     pub fn state(&self, name: &str) -> String {
         format!("acme/{}/state/{}", self.ca, key_segment(name))
     }

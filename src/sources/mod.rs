@@ -14,8 +14,11 @@ pub mod keys;
 /// A certificate's schedule and last failure, as an issuing source (ACME, the internal CA) reports them.
 #[derive(Debug, Clone, Default)]
 pub struct IssuerStatus {
+    /// When the certificate is planned to be renewed.
     pub next_renewal: Option<time::OffsetDateTime>,
+    /// The last failure, if the latest attempt failed.
     pub last_error: Option<String>,
+    /// When the next attempt is due after that failure.
     pub next_retry: Option<time::OffsetDateTime>,
 }
 

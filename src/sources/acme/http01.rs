@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::store::SharedStore;
 
+/// The path prefix of HTTP-01 challenges (RFC 8555 section 8.3).
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
 use crate::sources::keys;

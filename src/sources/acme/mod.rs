@@ -83,14 +83,18 @@ const FIRST_RETRY_UNREACHABLE: Duration = Duration::from_secs(2);
 /// One ACME-managed certificate, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagedCert {
+    /// The secret name.
     pub name: SecretName,
+    /// The names to validate and put on the certificate.
     pub domains: Vec<DnsName>,
+    /// The key type.
     pub key_type: KeyType,
     /// Serve a temporary self-signed certificate until the first issuance.
     pub temporary: bool,
 }
 
 impl ManagedCert {
+    /// The ACME certificates of `config`.
     pub fn from_config(config: &Config) -> Vec<ManagedCert> {
         let default_temporary = config
             .acme
@@ -119,9 +123,13 @@ impl ManagedCert {
 /// An issued certificate as stored: chain and key in one value, so they can never be half-replaced.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct StoredCert {
+    /// The names it was issued for.
     pub domains: Vec<String>,
+    /// The key type it was issued with.
     pub key_type: KeyType,
+    /// The chain, leaf first (PEM).
     pub chain_pem: String,
+    /// The private key (PEM), zeroed when dropped.
     pub key_pem: zeroize::Zeroizing<String>,
     /// Unix time of issuance.
     pub issued_at: i64,
@@ -142,6 +150,7 @@ impl StoredCert {
         same_names(&self.domains, &cert.domains) && self.key_type == cert.key_type
     }
 
+    /// The stored chain and key, checked as a file pair would be.
     pub fn checked(&self) -> Result<CertifiedPem, MaterialError> {
         certs::certified_pem(self.chain_pem.as_bytes(), self.key_pem.as_bytes())
     }
@@ -152,6 +161,7 @@ impl StoredCert {
 pub struct CertState {
     /// Failed orders since the last issuance.
     pub failures: u32,
+    /// The last failure, if the latest attempt failed.
     pub last_error: Option<String>,
     /// Unix time.
     pub last_error_at: Option<i64>,
@@ -228,8 +238,10 @@ mod tests {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]
+    /// The store failed.
     Store(#[from] StoreError),
     #[error("stored value is not valid: {0}")]
+    /// The stored value cannot be read.
     Corrupt(String),
 }
 
@@ -253,6 +265,7 @@ struct Current {
 }
 
 impl AcmeManager {
+    /// A manager for the `[acme]` CA, storing in `store` and publishing to `registry`.
     pub fn new(
         config: AcmeConfig,
         store: SharedStore,
@@ -272,6 +285,7 @@ impl AcmeManager {
         })
     }
 
+    /// Where this CA's records are kept.
     pub fn keys(&self) -> &AcmeKeys {
         &self.keys
     }

@@ -46,40 +46,52 @@ pub enum OrderError {
     /// The CA answered with a problem document (RFC 8555 section 6.7).
     #[error("{stage}: {source}")]
     Refused {
+        /// What was being asked.
         stage: &'static str,
         #[source]
+        /// The CA's answer.
         source: instant_acme::Error,
     },
     /// No answer from the CA: connection refused or reset, DNS, TLS, an HTTP error without a problem
     /// document.
     #[error("{stage}: {source}")]
     Unreachable {
+        /// What was being asked.
         stage: &'static str,
         #[source]
+        /// What went wrong on the way.
         source: instant_acme::Error,
     },
     /// A request to the CA, or the wait for it to validate or issue, ran past its deadline.
     #[error("{stage}: {source}")]
     TimedOut {
+        /// What was being waited for.
         stage: &'static str,
         #[source]
+        /// The timeout.
         source: instant_acme::Error,
     },
     /// The whole order ran past its deadline (20 request timeouts).
     #[error("the CA did not complete the order within {}s", .0.as_secs_f32())]
     OrderTimedOut(Duration),
     #[error("{domain}: validation failed: {detail}")]
+    /// A name did not validate.
     Invalid {
+        /// The name.
         domain: String,
+        /// What the CA said.
         detail: String,
         /// The validation could not reach the name at all (the CA's `connection` problem).
         unreachable: bool,
     },
     #[error("generating the {0} key: {1}")]
+    /// The certificate key could not be generated (key type, why).
     Key(&'static str, String),
     #[error("storage: {0}")]
+    /// The store failed.
     Store(#[from] StoreError),
     #[error("the CA returned an unusable certificate: {0}")]
+    /// The CA sent a certificate that does not check out.
     Material(#[from] MaterialError),
     /// Building the certificate signing request failed.
     #[error("CSR: {0}")]
@@ -88,6 +100,7 @@ pub enum OrderError {
     #[error("shutting down")]
     ShuttingDown,
     #[error("{0}")]
+    /// Anything else (an order the CA left in an unexpected state).
     Other(String),
     /// Loading or creating the account failed (shared by every task that was waiting for it).
     #[error("{0}")]
