@@ -48,11 +48,11 @@ macro_rules! write_through {
     };
 }
 
-pub mod accept;
+mod accept;
 pub mod authority;
 mod batching;
-pub mod http1;
+pub(crate) mod http1;
 pub mod listen;
 pub mod peer;
 pub mod preface;
-pub mod throttle;
+pub(crate) mod throttle;

@@ -18,12 +18,12 @@
 //! appears, an empty name list never enumerates secrets, and `sds://NAME` is the same secret as `NAME`.
 
 pub mod access;
-pub mod codec;
+pub(crate) mod codec;
 mod context;
-pub mod delta;
+mod delta;
 pub mod grpc;
-pub mod policy;
-pub mod sotw;
+mod policy;
+mod sotw;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -52,7 +52,7 @@ mod account;
 mod http;
 pub mod http01;
 mod order;
-pub mod schedule;
+mod schedule;
 pub mod temporary;
 
 use std::sync::Arc;
