@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use crate::net::listen::TlsFiles;
-pub use crate::values::{DnsName, KeyType, ListenAddr, SecretName, SubjectName};
+use crate::values::ListenAddr;
 
 mod acme;
 mod certificate;
@@ -118,8 +117,6 @@ impl Config {
             .any(|c| matches!(c.source, CertificateSource::Acme { .. }))
     }
 }
-
-pub use crate::sds::access::Access;
 
 /// One thing wrong with a configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

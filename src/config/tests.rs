@@ -1,4 +1,5 @@
 use super::*;
+use crate::values::{KeyType, ListenAddr};
 
 fn parse_str(text: &str) -> Result<Config, ConfigError> {
     parse(text, Path::new("/etc/acme-sds/acme-sds.toml"))

@@ -29,7 +29,8 @@ pub fn check_open_files_limit(config: &Config, limit: u64) {
 /// asks for, and read the ACME server's root. `run` does each of these for real and names the path, group
 /// or port when it fails; `check` says so beforehand.
 pub fn preflight(config: &Config) -> Vec<crate::config::Problem> {
-    use crate::config::{ListenAddr, Problem};
+    use crate::config::Problem;
+    use crate::values::ListenAddr;
     let mut out = Vec::new();
     let uid = nix::unistd::geteuid();
     let root = uid.is_root();

@@ -45,7 +45,6 @@ use crate::proto::envoy::service::discovery::v3::{
 use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use crate::registry::{Registry, SECRET_TYPE_URL, Subscription};
 
-pub use crate::values::ISTIO_PREFIX;
 pub use context::{
     MAX_NAME_BYTES, MAX_NAMES_PER_STREAM, MAX_NODE_FIELD_BYTES, NodeInfo, StreamContext,
 };
