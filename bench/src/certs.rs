@@ -77,18 +77,14 @@ impl Certs {
 /// Writes (rename over) `dir/NAME.key`, then `dir/NAME.crt`.
 pub fn install_pair(dir: &Path, name: &str, issued: &Issued) -> Result<()> {
     for (ext, body) in [("key", &issued.key_pem), ("crt", &issued.chain_pem)] {
-        let path = dir.join(format!("{name}.{ext}"));
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, body)?;
-        std::fs::rename(&tmp, &path)?;
+        testkit::replace_by_rename(&dir.join(format!("{name}.{ext}")), body.as_bytes());
     }
     Ok(())
 }
 
 /// Writes (rename over) the key and chain of an issued certificate as one PEM file.
 pub fn install_combined(path: &Path, issued: &Issued) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{}{}", issued.key_pem, issued.chain_pem))?;
-    std::fs::rename(&tmp, path)?;
+    let pem = format!("{}{}", issued.key_pem, issued.chain_pem);
+    testkit::replace_by_rename(path, pem.as_bytes());
     Ok(())
 }

@@ -8,7 +8,7 @@ use testkit::pebble::free_port;
 use crate::Sizes;
 use crate::certs::Certs;
 use crate::client::{h2_connections, open_streams};
-use crate::daemon::{Daemon, cpu_seconds};
+use crate::daemon::{Daemon, own_cpu_seconds};
 use crate::report::{Csv, percentile};
 
 pub async fn run(a: &Sizes, csv: &mut Csv) -> Result<()> {
@@ -23,8 +23,8 @@ pub async fn run(a: &Sizes, csv: &mut Csv) -> Result<()> {
     let (mut rx, tasks) = open_streams(&conns, &names, a.streams).await?;
     let mut completions = Vec::new();
     let mut per_stream = Vec::new();
-    let cpu_before = daemon.cpu_seconds()?;
-    let client_cpu_before = cpu_seconds("self")?;
+    let cpu_before = daemon.cpu_seconds();
+    let client_cpu_before = own_cpu_seconds();
     for _ in 0..a.rotations {
         // Issuing (key generation, signing) is the renewal tool's work, not part of the fan-out.
         let issued = names
@@ -55,8 +55,8 @@ pub async fn run(a: &Sizes, csv: &mut Csv) -> Result<()> {
         }
         completions.push((last - t0).as_secs_f64() * 1000.0);
     }
-    let server_cpu = daemon.cpu_seconds()? - cpu_before;
-    let client_cpu = cpu_seconds("self")? - client_cpu_before;
+    let server_cpu = daemon.cpu_seconds() - cpu_before;
+    let client_cpu = own_cpu_seconds() - client_cpu_before;
     completions.sort_by(f64::total_cmp);
     per_stream.sort_by(f64::total_cmp);
     let param = format!(

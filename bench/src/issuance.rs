@@ -1,5 +1,6 @@
 //! `issuance`: from process start with empty storage until every certificate Pebble issues is served, and
-//! the same issuance by Caddy when it is installed.
+//! the same issuance by Caddy when it is installed. Temporary certificates are off here: the first response
+//! a stream gets is then the issued certificate, which is what is timed.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -31,7 +32,7 @@ pub async fn run(a: &Sizes, csv: &mut Csv) -> Result<()> {
         let port = free_port();
         let storage = d.join(format!("storage-{n}"));
         let mut text = format!(
-            "[sds]\nlisten = [\"127.0.0.1:{port}\"]\n[storage]\npath = \"{}\"\n[http01]\nlisten = \"127.0.0.1:{http}\"\n[acme]\ndirectory = \"{}\"\ndirectory_ca = \"{}\"\naccept_terms_of_service = true\nmax_concurrent_orders = 16\n\n",
+            "[sds]\nlisten = [\"127.0.0.1:{port}\"]\n[storage]\npath = \"{}\"\n[http01]\nlisten = \"127.0.0.1:{http}\"\n[acme]\ndirectory = \"{}\"\ndirectory_ca = \"{}\"\naccept_terms_of_service = true\nmax_concurrent_orders = 16\ntemporary_certificates = false\n\n",
             storage.display(),
             pebble.directory,
             pebble.directory_ca.display()
