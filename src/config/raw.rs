@@ -66,6 +66,7 @@ pub(super) struct RawCertificate {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStorage {
     pub(super) path: Option<Spanned<String>>,
+    pub(super) encryption_key_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -134,7 +134,13 @@ const TRUST_BUNDLE: &[(&str, Kind)] = &[
 /// The whole file.
 pub(super) const ROOT: &[(&str, Kind)] = &[
     ("sds", Kind::Table(SDS)),
-    ("storage", Kind::Table(&[("path", Kind::Str(PATH))])),
+    (
+        "storage",
+        Kind::Table(&[
+            ("path", Kind::Str(PATH)),
+            ("encryption_key_file", Kind::Str(PATH)),
+        ]),
+    ),
     (
         "http01",
         Kind::Table(&[("listen", Kind::Str("\"IP:PORT\", such as \"0.0.0.0:8089\""))]),

@@ -24,7 +24,7 @@ use crate::sources::acme::http01;
 use crate::sources::acme::{AcmeManager, ManagedCert};
 use crate::sources::files::FileSource;
 use crate::sources::internal::{InternalCert, InternalIssuer};
-use crate::store::{FsStore, SharedStore};
+use crate::store::SharedStore;
 use crate::values::{ListenAddr, SecretName};
 
 mod preflight;
@@ -134,9 +134,9 @@ pub enum DaemonError {
         /// What the system said.
         source: std::io::Error,
     },
-    #[error("storage.path")]
+    #[error(transparent)]
     /// The storage directory could not be opened (or is locked by another acme-sds).
-    Store(#[source] crate::store::StoreError),
+    Store(crate::sources::OpenStoreError),
     #[error("the internal CA (storage.path)")]
     /// The internal CA could not be loaded or created.
     Internal(#[source] crate::sources::internal::InternalError),
@@ -336,13 +336,14 @@ impl Running {
     }
 
     /// The store, opened (and locked) the first time a source needs it.
-    fn open_store(&mut self, config: &Config) -> Result<SharedStore, DaemonError> {
+    async fn open_store(&mut self, config: &Config) -> Result<SharedStore, DaemonError> {
         if let Some(s) = &self.store {
             return Ok(s.clone());
         }
-        let fs = FsStore::open(&config.storage.path).map_err(DaemonError::Store)?;
-        self.store_dir = Some(fs.root().to_owned());
-        let s: SharedStore = Arc::new(fs);
+        let s = crate::sources::open_store(&config.storage, false)
+            .await
+            .map_err(DaemonError::Store)?;
+        self.store_dir = Some(config.storage.path.clone());
         self.store = Some(s.clone());
         Ok(s)
     }
@@ -365,7 +366,7 @@ impl Running {
         let issuer = match &self.internal {
             Some(i) => i.issuer.clone(),
             None => {
-                let store = self.open_store(config)?;
+                let store = self.open_store(config).await?;
                 let issuer = InternalIssuer::open(store, self.registry.clone())
                     .await
                     .map_err(DaemonError::Internal)?;
@@ -416,7 +417,7 @@ impl Running {
         else {
             return Ok(());
         };
-        let store = self.open_store(config)?;
+        let store = self.open_store(config).await?;
         if self.http01_addr.is_none() {
             let (listener, addr) = http01::bind(config.http01.listen)
                 .await

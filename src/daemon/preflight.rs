@@ -100,6 +100,16 @@ pub fn preflight(config: &Config) -> Vec<crate::config::Problem> {
             ));
         }
     }
+    if let Some(key_file) = &config.storage.encryption_key_file
+        && let Err(e) = crate::store::sealed::Sealer::load(key_file)
+    {
+        // The error names the key and the file itself.
+        let message = e.to_string();
+        let message = message
+            .strip_prefix("storage.encryption_key_file: ")
+            .unwrap_or(&message);
+        out.push(Problem::new("storage.encryption_key_file", None, message));
+    }
     if config.has_acme_certificates() {
         if let Some(why) = privileged_port(config.http01.listen.port()) {
             out.push(Problem::new(

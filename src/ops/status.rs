@@ -204,8 +204,8 @@ impl StatusView {
 
 /// Why the stored state could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("storage.path: {0}")]
-pub struct OfflineError(#[from] crate::store::StoreError);
+#[error(transparent)]
+pub struct OfflineError(#[from] crate::sources::OpenStoreError);
 
 /// The status read from the files and the store, for when no daemon answers: what a daemon started now
 /// would serve (temporary certificates aside) and what it had planned. The store is opened read-only and
@@ -236,7 +236,7 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
         }
     }
     if config.storage.path.is_dir() {
-        let store = crate::store::FsStore::open_read_only(&config.storage.path)?;
+        let store = crate::sources::open_store(&config.storage, true).await?;
         let keys = config
             .acme
             .as_ref()
@@ -246,7 +246,7 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
                 CertificateSource::Acme { .. } => {
                     let Some(keys) = &keys else { continue };
                     let (cert, plan) =
-                        crate::sources::acme::stored_status(&store, keys, &c.name).await;
+                        crate::sources::acme::stored_status(store.as_ref(), keys, &c.name).await;
                     if let Some(pem) = cert {
                         registry.publish(&c.name, &SecretContent::TlsCertificate(pem));
                     }
@@ -254,7 +254,7 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
                 }
                 CertificateSource::Internal { .. } => {
                     if let Some(pem) =
-                        crate::sources::internal::stored_status(&store, &c.name).await
+                        crate::sources::internal::stored_status(store.as_ref(), &c.name).await
                     {
                         let plan = IssuerStatus {
                             next_renewal: Some(crate::sources::internal::renewal_time(&pem.leaf)),

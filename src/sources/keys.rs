@@ -71,6 +71,22 @@ impl AcmeKeys {
     }
 }
 
+/// Whether the value at `key` holds a private key (the ACME account key, a certificate's key, an order's
+/// key, the internal CA's key): what `storage.encryption_key_file` seals. Certificates, renewal plans,
+/// challenges and the root certificate stay in clear.
+pub fn holds_private_key(key: &str) -> bool {
+    let acme = |kind: &str| {
+        key.strip_prefix("acme/")
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(_, rest)| rest == kind || rest.starts_with(&format!("{kind}/")))
+    };
+    acme("account")
+        || acme("certs")
+        || acme("orders")
+        || key == INTERNAL_CA
+        || key.starts_with("internal/certs/")
+}
+
 /// A pending HTTP-01 challenge's key authorization, by token.
 pub fn challenge(token: &str) -> String {
     format!("challenges/{token}")

@@ -3,8 +3,71 @@
 //! [`acme`] (an RFC 8555 CA, with its HTTP-01 responder), [`internal`] (acme-sds's own local CA). What
 //! they keep in the store is laid out in [`keys`].
 
+use std::sync::Arc;
+
 use crate::certs;
+use crate::config::StorageConfig;
 use crate::registry::SecretContent;
+use crate::store::sealed::{KeyFileError, SealedStore, Sealer};
+use crate::store::{FsStore, SharedStore, StoreError};
+
+/// Why the configured store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStoreError {
+    /// The storage directory (`storage.path`).
+    #[error("storage.path: {0}")]
+    Store(#[from] StoreError),
+    /// The key file (`storage.encryption_key_file`).
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+}
+
+/// The configured store: the storage directory (locked; or read-only, taking no lock, for
+/// `acme-sds status`), with the values that hold private keys ([`keys::holds_private_key`]) sealed when
+/// `storage.encryption_key_file` is set. A daemon refuses to start when a stored private key does not open
+/// with the configured keys (or none is configured): ordering afresh would overwrite it.
+pub async fn open_store(
+    config: &StorageConfig,
+    read_only: bool,
+) -> Result<SharedStore, OpenStoreError> {
+    let sealer = match &config.encryption_key_file {
+        Some(path) => Some(Arc::new(Sealer::load(path)?)),
+        None => None,
+    };
+    let fs = if read_only {
+        FsStore::open_read_only(&config.path)?
+    } else {
+        FsStore::open(&config.path)?
+    };
+    if let Some(s) = &sealer
+        && !read_only
+    {
+        tracing::info!(key = %s.key_id(), "stored private keys are sealed (storage.encryption_key_file)");
+    }
+    let store: SharedStore = Arc::new(SealedStore::new(
+        Arc::new(fs),
+        sealer,
+        keys::holds_private_key,
+    ));
+    if !read_only {
+        for prefix in ["acme", "internal"] {
+            for key in store.list(prefix).await? {
+                // Values moved aside (`KEY.corrupt-TIME`) are kept for inspection only.
+                let aside = key
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|s| s.contains(".corrupt-"));
+                if keys::holds_private_key(&key)
+                    && !aside
+                    && let Err(e @ StoreError::Sealed { .. }) = store.get(&key).await
+                {
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    Ok(store)
+}
 
 pub mod acme;
 pub mod files;

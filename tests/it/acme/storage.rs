@@ -1,6 +1,7 @@
 //! The storage under ACME: corrupt values, kill -9 mid-issuance, a store that refuses writes, read-only
 //! and shared volumes, a second daemon on the same directory.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -422,4 +423,109 @@ async fn storage_on_a_group_owned_volume_works_for_a_non_root_user() {
         String::from_utf8_lossy(&out.stdout).contains("site"),
         "{out:?}"
     );
+}
+
+/// `storage.encryption_key_file`: the account key and certificate keys are sealed at rest (no private key
+/// in any stored file), a restart opens them and orders nothing, `acme-sds status` reads them offline, and
+/// without the key the daemon refuses to start rather than order afresh over them.
+#[test]
+fn stored_private_keys_are_sealed_with_the_configured_key() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), PebbleOptions::new(http)) else {
+        return;
+    };
+    let key_file = dir.path().join("storage.key");
+    let key: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
+    std::fs::write(
+        &key_file,
+        base64::engine::general_purpose::STANDARD.encode(key) + "\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let storage = dir.path().join("storage");
+    let sealed_table = format!(
+        "[storage]\npath = \"{}\"\nencryption_key_file = \"{}\"\n\n",
+        storage.display(),
+        key_file.display()
+    );
+    let tables = acme_tables(&pebble, http, &[("site", &["a.example.com"])]);
+    let config = write_config(dir.path(), &format!("{sealed_table}{tables}"));
+    let args = ["run", "--config", config.to_str().unwrap()];
+    issue_then_stop(&args);
+
+    // No stored file holds a private key in clear; the account and the certificate are sealed.
+    let mut files = Vec::new();
+    let mut dirs = vec![storage.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    let sealed = |p: &Path| std::fs::read(p).unwrap().starts_with(b"ASDS1");
+    let mut seen = (false, false);
+    for f in &files {
+        let text = String::from_utf8_lossy(&std::fs::read(f).unwrap()).into_owned();
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{} holds a key in clear",
+            f.display()
+        );
+        let rel = f
+            .strip_prefix(&storage)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if rel.ends_with("/account") {
+            assert!(sealed(f), "{rel}");
+            seen.0 = true;
+        }
+        if rel.ends_with("/certs/site") {
+            assert!(sealed(f), "{rel}");
+            seen.1 = true;
+        }
+    }
+    assert_eq!(seen, (true, true), "{files:?}");
+
+    // Offline status opens them.
+    let out = std::process::Command::new(bin())
+        .args(["status", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("site"),
+        "{out:?}"
+    );
+
+    // A restart opens the stored certificate and orders nothing.
+    let mut again = Process::spawn(&args, &[]);
+    again.wait_for_line("next renewal at");
+    assert!(!again.log().contains("order created"), "{}", again.log());
+    again.signal("TERM");
+    assert_eq!(again.wait_exit(), Some(0));
+
+    // Without the key: refused at start, naming what is missing; nothing stored is touched.
+    let cert_file = files.iter().find(|f| f.ends_with("certs/site")).unwrap();
+    let before = std::fs::read(cert_file).unwrap();
+    let keyless = write_config(
+        dir.path(),
+        &format!("[storage]\npath = \"{}\"\n\n{tables}", storage.display()),
+    );
+    let out = std::process::Command::new(bin())
+        .args(["run", "--config", keyless.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("set storage.encryption_key_file"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(cert_file).unwrap(), before);
 }

@@ -14,6 +14,8 @@
 //! even temp-file clean-up. Temp files have unpredictable names and are created exclusively (`O_EXCL`), so
 //! nothing else on the host can pre-create or race them.
 
+pub mod sealed;
+
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -57,6 +59,14 @@ pub enum StoreError {
         path: PathBuf,
         /// What the system said.
         source: std::io::Error,
+    },
+    /// A sealed value (see [`sealed`]) could not be opened, or a value could not be sealed.
+    #[error("storage value at {key} is sealed: {reason}")]
+    Sealed {
+        /// The store key.
+        key: String,
+        /// Why it cannot be opened (which key it needs, or that it was moved or altered).
+        reason: String,
     },
     #[error(
         "storage value at {key} changed concurrently (expected revision {expected}, found {found})"
