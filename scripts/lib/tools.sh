@@ -18,6 +18,11 @@ missing_tools() {
   /usr/bin/python3 -c 'import seccomp' >/dev/null 2>&1 || echo python3-seccomp
   # The Istio sidecar kit is applied with `kubectl patch --local` (no cluster needed).
   command -v kubectl >/dev/null 2>&1 || echo kubernetes-client
+  # Several replicas share an etcd cluster (three members on loopback in the tests); the etcd client crate's
+  # build script compiles etcd's protos with protoc.
+  command -v etcd >/dev/null 2>&1 || echo etcd-server
+  command -v etcdctl >/dev/null 2>&1 || echo etcd-client
+  command -v protoc >/dev/null 2>&1 || echo protobuf-compiler
   if [ -z "${ENVOY_BIN:-}" ] && [ -z "$(find_envoy)" ]; then echo envoy; fi
   python3 -c 'import grpc' >/dev/null 2>&1 || echo grpcio
 }

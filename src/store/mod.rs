@@ -14,6 +14,7 @@
 //! even temp-file clean-up. Temp files have unpredictable names and are created exclusively (`O_EXCL`), so
 //! nothing else on the host can pre-create or race them.
 
+pub mod etcd;
 pub mod sealed;
 
 use std::io::Write;
@@ -59,6 +60,16 @@ pub enum StoreError {
         path: PathBuf,
         /// What the system said.
         source: std::io::Error,
+    },
+    /// An etcd request failed (no quorum, unreachable, refused).
+    #[error("etcd {op} {key}: {reason}")]
+    Etcd {
+        /// What was being done (`get`, `put`, `compare-and-swap`, ...).
+        op: &'static str,
+        /// The store key (or the endpoints, for `connect`).
+        key: String,
+        /// What the client said.
+        reason: String,
     },
     /// A sealed value (see [`sealed`]) could not be opened, or a value could not be sealed.
     #[error("storage value at {key} is sealed: {reason}")]

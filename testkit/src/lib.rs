@@ -12,6 +12,7 @@ pub fn in_ci() -> bool {
 }
 
 pub mod envoy;
+pub mod etcd;
 pub mod pebble;
 
 mod daemon;

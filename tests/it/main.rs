@@ -15,3 +15,4 @@ mod readme;
 mod reload;
 mod sds;
 mod security;
+mod store;

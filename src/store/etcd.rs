@@ -1,0 +1,250 @@
+//! The store on etcd (v3 API), for several replicas sharing one state: every key lives under a prefix,
+//! reads are linearizable (etcd's default), and a compare-and-swap is one transaction comparing the key's
+//! `mod_revision` (or, for "must not exist", its `create_revision` being 0). A revision here is the key's
+//! `mod_revision`, so the same interface serves both backends. Requests need a leader
+//! (`require_leader`): without quorum they fail at once instead of waiting, and callers keep serving what
+//! they have.
+//!
+//! This is the storage layer only; which replica orders a certificate (per-certificate locks with fencing)
+//! and how replicas learn of each other's writes (a watch on the prefix) are built on top of it.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
+
+use super::{Entry, Store, StoreError};
+
+/// How long connecting to a member, and any one request, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request is retried through transient failures (a member gone and the client still picking
+/// it, a leader election under way) before its failure is reported.
+const RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Whether a failed request may succeed if sent again: the member or the path to it failed, or the cluster
+/// was between leaders; not a refusal of the request itself.
+fn transient(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown
+        ),
+        _ => false,
+    }
+}
+
+/// Runs `f` until it succeeds, fails for good, or [`RETRY_FOR`] has passed (backing off 50 ms to 1 s).
+/// Every operation here is safe to repeat: puts and deletes are idempotent, and a compare-and-swap whose
+/// first attempt did land reports a conflict on the second, which its caller resolves by reading again.
+async fn retrying<T, F, Fut>(op: &'static str, key: &str, mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) && tokio::time::Instant::now() + wait < deadline => {
+                tracing::debug!(op, key, error = %e, "etcd request failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(etcd(op, key, e)),
+        }
+    }
+}
+
+/// A store under `prefix` in an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    /// `PREFIX/`: every key acme-sds writes starts with it.
+    prefix: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn etcd(op: &'static str, key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Etcd {
+        op,
+        key: key.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl EtcdStore {
+    /// Connects to the cluster at `endpoints` (`http://host:port`, several members), keeping everything
+    /// under `prefix` (`/acme-sds`).
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_require_leader(true);
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| etcd("connect", &endpoints.join(","), e))?;
+        Ok(EtcdStore {
+            client,
+            prefix: format!("{}/", prefix.trim_end_matches('/')),
+        })
+    }
+
+    fn full(&self, key: &str) -> Result<String, StoreError> {
+        super::check_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    async fn current(&self, full: &str, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let resp = retrying("get", key, || {
+            let mut kv = self.client.kv_client();
+            let full = full.to_owned();
+            async move { kv.get(full, None).await }
+        })
+        .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+}
+
+fn revision(r: i64) -> u64 {
+    u64::try_from(r).unwrap_or(0)
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let full = self.full(key)?;
+        Ok(self.current(&full, key).await?.map(|(value, rev)| Entry {
+            value,
+            revision: revision(rev),
+        }))
+    }
+
+    async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
+        let full = self.full(key)?;
+        let resp = retrying("put", key, || {
+            let mut kv = self.client.kv_client();
+            let (full, value) = (full.clone(), value.to_vec());
+            async move { kv.put(full, value, None).await }
+        })
+        .await?;
+        Ok(resp.header().map(|h| revision(h.revision())).unwrap_or(0))
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<u64, StoreError> {
+        let full = self.full(key)?;
+        let compare = if expected == 0 {
+            Compare::create_revision(full.clone(), CompareOp::Equal, 0)
+        } else {
+            let expected = i64::try_from(expected).map_err(|e| etcd("compare", key, e))?;
+            Compare::mod_revision(full.clone(), CompareOp::Equal, expected)
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(full.clone(), value, None)])
+            .or_else([TxnOp::get(full, None)]);
+        let resp = retrying("compare-and-swap", key, || {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
+        if resp.succeeded() {
+            return Ok(resp.header().map(|h| revision(h.revision())).unwrap_or(0));
+        }
+        let found = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g.kvs().first().map_or(0, |kv| kv.mod_revision())),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Err(StoreError::Conflict {
+            key: key.to_owned(),
+            expected,
+            found: revision(found),
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let full = self.full(key)?;
+        retrying("delete", key, || {
+            let mut kv = self.client.kv_client();
+            let full = full.clone();
+            async move { kv.delete(full, None::<DeleteOptions>).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let dir = format!("{}/", self.full(prefix)?);
+        let resp = retrying("list", prefix, || {
+            let mut kv = self.client.kv_client();
+            let dir = dir.clone();
+            async move {
+                kv.get(dir, Some(GetOptions::new().with_prefix().with_keys_only()))
+                    .await
+            }
+        })
+        .await?;
+        let mut keys: Vec<String> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let k = std::str::from_utf8(kv.key()).ok()?;
+                k.strip_prefix(&self.prefix).map(str::to_owned)
+            })
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn quarantine(&self, key: &str) -> Result<String, StoreError> {
+        let full = self.full(key)?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let new_key = format!("{key}.corrupt-{stamp}");
+        let new_full = self.full(&new_key)?;
+        let Some((value, rev)) = self.current(&full, key).await? else {
+            return Ok(new_key);
+        };
+        // Moved only if nobody changed it meanwhile: a replica may just have stored a good value.
+        let txn = Txn::new()
+            .when([Compare::mod_revision(full.clone(), CompareOp::Equal, rev)])
+            .and_then([
+                TxnOp::put(new_full, value, None),
+                TxnOp::delete(full, None::<DeleteOptions>),
+            ]);
+        retrying("quarantine", key, || {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
+        Ok(new_key)
+    }
+}

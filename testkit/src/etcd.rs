@@ -1,0 +1,165 @@
+//! A real etcd cluster for tests (Debian `etcd-server`): members on free loopback ports, data in a temp
+//! directory, each member's log in `DIR/etcd-N.log`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{WAIT, in_ci};
+use crate::pebble::free_port;
+
+/// The `etcd` and `etcdctl` binaries, or `None` to skip; under CI a missing etcd fails instead.
+pub fn etcd_bins() -> Option<(PathBuf, PathBuf)> {
+    let find = |name: &str| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+    };
+    match (find("etcd"), find("etcdctl")) {
+        (Some(a), Some(b)) => Some((a, b)),
+        _ => {
+            assert!(
+                !in_ci(),
+                "etcd not found: scripts/setup installs it (apt-get install etcd-server etcd-client)"
+            );
+            eprintln!("SKIPPED: etcd not found (apt-get install etcd-server etcd-client)");
+            None
+        }
+    }
+}
+
+/// One member: its process (None once killed) and its client URL.
+struct Member {
+    child: Option<Child>,
+    client_url: String,
+}
+
+/// An etcd cluster of `n` members on loopback.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    etcdctl: PathBuf,
+    dir: PathBuf,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members in `dir` and waits (bounded) until the cluster is healthy.
+    pub fn start(dir: &Path, n: usize) -> Option<EtcdCluster> {
+        let (etcd, etcdctl) = etcd_bins()?;
+        std::fs::create_dir_all(dir).unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let client_url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let log = std::fs::File::create(dir.join(format!("etcd-{i}.log"))).unwrap();
+            let child = Command::new(&etcd)
+                .args(["--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(dir.join(format!("m{i}.etcd")))
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "acme-sds-test"])
+                // Elections in a test's time, not a datacentre's.
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd");
+            members.push(Member {
+                child: Some(child),
+                client_url,
+            });
+        }
+        let cluster = EtcdCluster {
+            members,
+            etcdctl,
+            dir: dir.to_owned(),
+        };
+        cluster.wait_healthy();
+        Some(cluster)
+    }
+
+    /// The client URLs of every member (killed ones included, as a client configured once would have).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// Runs `etcdctl` against the live members; its stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
+        let live: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client_url.clone())
+            .collect();
+        Command::new(&self.etcdctl)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", live.join(",")))
+            .args(["--dial-timeout=2s", "--command-timeout=5s"])
+            .args(args)
+            .output()
+            .expect("run etcdctl")
+    }
+
+    /// Waits (bounded) until every live member reports healthy.
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = self.etcdctl(&["endpoint", "health"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy within {WAIT:?}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every member's log, for a failing test.
+    pub fn logs(&self) -> String {
+        (0..self.members.len())
+            .map(|i| {
+                let log = std::fs::read_to_string(self.dir.join(format!("etcd-{i}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                format!(
+                    "== etcd member {i}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The store contract, the same assertions against both backends: the storage directory and a real
+//! three-member etcd cluster (which must keep working with one member lost, and fail fast without quorum).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use acme_sds::store::etcd::EtcdStore;
+use acme_sds::store::sealed::{SealedStore, Sealer};
+use acme_sds::store::{FsStore, SharedStore, Store, StoreError};
+use testkit::etcd::EtcdCluster;
+
+/// What every backend must do: whole-value writes, compare-and-swap by revision (0: must not exist),
+/// sorted listing under a prefix, deletion, quarantine beside the key, and invalid keys refused.
+async fn contract(store: &dyn Store) {
+    assert!(store.get("acme/ca/certs/web").await.unwrap().is_none());
+    let r1 = store
+        .compare_and_swap("acme/ca/certs/web", 0, b"one")
+        .await
+        .unwrap();
+    let got = store.get("acme/ca/certs/web").await.unwrap().unwrap();
+    assert_eq!((got.value.as_slice(), got.revision), (&b"one"[..], r1));
+    match store
+        .compare_and_swap("acme/ca/certs/web", 0, b"again")
+        .await
+    {
+        Err(StoreError::Conflict { found, .. }) => assert_eq!(found, r1),
+        other => panic!("a second create must conflict: {other:?}"),
+    }
+    let r2 = store
+        .compare_and_swap("acme/ca/certs/web", r1, b"two")
+        .await
+        .unwrap();
+    assert_ne!(r2, r1);
+    match store
+        .compare_and_swap("acme/ca/certs/web", r1, b"stale")
+        .await
+    {
+        Err(StoreError::Conflict {
+            expected, found, ..
+        }) => assert_eq!((expected, found), (r1, r2)),
+        other => panic!("a stale revision must conflict: {other:?}"),
+    }
+    store.put("acme/ca/certs/api", b"a").await.unwrap();
+    store.put("acme/ca/state/web", b"s").await.unwrap();
+    store.put("challenges/tok", b"t").await.unwrap();
+    assert_eq!(
+        store.list("acme/ca/certs").await.unwrap(),
+        ["acme/ca/certs/api", "acme/ca/certs/web"]
+    );
+    assert_eq!(store.list("acme").await.unwrap().len(), 3);
+    store.delete("challenges/tok").await.unwrap();
+    store.delete("challenges/tok").await.unwrap();
+    assert!(store.get("challenges/tok").await.unwrap().is_none());
+    let aside = store.quarantine("acme/ca/certs/api").await.unwrap();
+    assert!(aside.starts_with("acme/ca/certs/api.corrupt-"), "{aside}");
+    assert!(store.get("acme/ca/certs/api").await.unwrap().is_none());
+    assert_eq!(store.get(&aside).await.unwrap().unwrap().value, b"a");
+    for bad in ["../x", "a//b", "/abs", ".hidden"] {
+        assert!(
+            matches!(store.get(bad).await, Err(StoreError::BadKey(_))),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_storage_directory_keeps_the_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    contract(&FsStore::open(&dir.path().join("data")).unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_keeps_the_store_contract_seals_keys_and_survives_losing_a_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut cluster) = EtcdCluster::start(&dir.path().join("etcd"), 3) else {
+        return;
+    };
+    let store = EtcdStore::connect(&cluster.endpoints(), "/acme-sds")
+        .await
+        .unwrap();
+    contract(&store).await;
+
+    // Another prefix is another store.
+    let other = EtcdStore::connect(&cluster.endpoints(), "/other")
+        .await
+        .unwrap();
+    assert!(other.list("acme").await.unwrap().is_empty());
+
+    // Sealed on etcd: `etcdctl get --prefix` shows no private key.
+    let key_file = dir.path().join("storage.key");
+    std::fs::write(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    let sealer = Arc::new(Sealer::load(&key_file).unwrap());
+    let inner: SharedStore = Arc::new(store.clone());
+    let sealed = SealedStore::new(
+        inner,
+        Some(sealer),
+        acme_sds::sources::keys::holds_private_key,
+    );
+    let pem = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAw\n-----END PRIVATE KEY-----\n";
+    sealed.put("acme/ca/account", pem).await.unwrap();
+    assert_eq!(
+        sealed.get("acme/ca/account").await.unwrap().unwrap().value,
+        pem
+    );
+    let dump = cluster.etcdctl(&["get", "--prefix", "/acme-sds/"]);
+    assert!(dump.status.success(), "{dump:?}");
+    assert!(!String::from_utf8_lossy(&dump.stdout).contains("PRIVATE KEY"));
+
+    // One member of three lost: the store works on.
+    cluster.kill(0);
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        store.put("acme/ca/certs/web", b"three"),
+    )
+    .await
+    .expect("a write with two of three members does not hang");
+    r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert_eq!(
+        store.get("acme/ca/certs/web").await.unwrap().unwrap().value,
+        b"three"
+    );
+
+    // Two lost: no quorum, and requests fail within bounded time instead of waiting for one.
+    cluster.kill(1);
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        store.put("acme/ca/certs/web", b"four"),
+    )
+    .await
+    .expect("without quorum a write fails within its timeout");
+    assert!(matches!(r, Err(StoreError::Etcd { .. })), "{r:?}");
+}
