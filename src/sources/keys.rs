@@ -11,6 +11,7 @@
 //! internal/ca                  the internal CA's certificate and key
 //! internal/root.crt            its root certificate alone, as PEM: what clients trust
 //! internal/certs/<name>        a leaf the internal CA signed
+//! locks/<key>                  etcd only: the replica working on `<key>` (a lease; writes fenced by it)
 //! ```
 
 use crate::store::key_segment;

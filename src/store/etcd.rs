@@ -5,13 +5,19 @@
 //! (`require_leader`): without quorum they fail at once instead of waiting, and callers keep serving what
 //! they have.
 //!
-//! This is the storage layer only; which replica orders a certificate (per-certificate locks with fencing)
-//! and how replicas learn of each other's writes (a watch on the prefix) are built on top of it.
+//! Locks ([`EtcdStore::lock`]) decide which replica works on a resource (orders one certificate): a lock
+//! is a key under `PREFIX/locks/` attached to a lease the holder keeps alive. A holder that stops renewing
+//! (paused past its lease, cut off) loses the lock when the lease expires, and may not know it: so every
+//! write made under a lock is fenced ([`EtcdStore::fenced_put`]), one transaction that writes only if the
+//! lock key still has the `create_revision` it had when this holder took it.
+//! How replicas learn of each other's writes (a watch on the prefix) is built on top of this.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
     TxnOpResponse,
 };
 
@@ -119,6 +125,178 @@ impl EtcdStore {
             .first()
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
+}
+
+/// A lock held on a lease; see [`EtcdStore::lock`]. Dropping it stops renewing the lease (the lock then
+/// lapses when the lease expires); [`EtcdStore::release`] gives it up at once.
+pub struct EtcdLock {
+    /// The lock key, in full.
+    key: String,
+    /// The lock's name, for messages.
+    name: String,
+    lease: i64,
+    /// The lock key's `create_revision` when taken: the fencing token.
+    fence: i64,
+    renewing: Arc<AtomicBool>,
+    /// Renews the lease; stopped when the lock is dropped.
+    keeper: AbortOnDrop,
+}
+
+impl EtcdLock {
+    /// The fencing token: every write under this lock compares it.
+    pub fn fence(&self) -> u64 {
+        revision(self.fence)
+    }
+
+    /// Whether the lease is still being renewed (false once a renewal failed or renewing was stopped).
+    pub fn renewing(&self) -> bool {
+        self.renewing.load(Ordering::SeqCst) && !self.keeper.0.is_finished()
+    }
+
+    /// Stops renewing the lease, as a process paused or cut off would: the lock lapses when it expires.
+    pub fn stop_renewing(&self) {
+        self.renewing.store(false, Ordering::SeqCst);
+        self.keeper.0.abort();
+    }
+}
+
+impl EtcdStore {
+    /// Takes the lock `name` (store-key syntax, such as the certificate's key), waiting while another
+    /// holder has it (polling, 50 ms to 1 s apart; bound the wait with a timeout). The lock lives on a
+    /// lease of `ttl` (at least 1 s) renewed every third of it while the lock is held.
+    pub async fn lock(&self, name: &str, ttl: Duration) -> Result<EtcdLock, StoreError> {
+        let key = self.full(&format!("locks/{name}"))?;
+        let ttl_secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(60);
+        let lease = retrying("lock", name, || {
+            let mut client = self.client.clone();
+            async move { client.lease_grant(ttl_secs, None).await }
+        })
+        .await?
+        .id();
+        // The lease is renewed from now on, while this replica waits for the lock too (a lease left to age
+        // while waiting would be gone by the time the lock is free).
+        let renewing = Arc::new(AtomicBool::new(true));
+        let keeper = AbortOnDrop({
+            let mut client = self.client.clone();
+            let renewing = renewing.clone();
+            let every = Duration::from_secs(u64::try_from(ttl_secs).unwrap_or(1)) / 3;
+            let name = name.to_owned();
+            tokio::spawn(async move {
+                let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await else {
+                    renewing.store(false, Ordering::SeqCst);
+                    return;
+                };
+                loop {
+                    let renewed = match keeper.keep_alive().await {
+                        Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
+                        Err(_) => false,
+                    };
+                    if !renewed {
+                        tracing::warn!(
+                            lock = name,
+                            "cannot renew the lock's lease: it lapses when the lease expires"
+                        );
+                        renewing.store(false, Ordering::SeqCst);
+                        return;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            })
+        });
+        let holder = format!("{}:{}", hostname(), std::process::id());
+        let mut wait = Duration::from_millis(50);
+        let fence = loop {
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    holder.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let resp = retrying("lock", name, || {
+                let mut kv = self.client.kv_client();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+            if resp.succeeded() {
+                break resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(1));
+        };
+        Ok(EtcdLock {
+            key,
+            name: name.to_owned(),
+            lease,
+            fence,
+            renewing,
+            keeper,
+        })
+    }
+
+    /// Gives the lock up at once (revoking its lease deletes the lock key).
+    pub async fn release(&self, lock: EtcdLock) -> Result<(), StoreError> {
+        lock.keeper.0.abort();
+        let lease = lock.lease;
+        retrying("unlock", &lock.name, || {
+            let mut client = self.client.clone();
+            async move { client.lease_revoke(lease).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Writes `value` at `key` only while `lock` is still this holder's: one transaction comparing the
+    /// lock key's `create_revision` with the lock's fence. A holder whose lease lapsed (and whose lock
+    /// another replica may hold now) gets [`StoreError::Fenced`] and changes nothing.
+    pub async fn fenced_put(
+        &self,
+        lock: &EtcdLock,
+        key: &str,
+        value: &[u8],
+    ) -> Result<u64, StoreError> {
+        let full = self.full(key)?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                lock.key.clone(),
+                CompareOp::Equal,
+                lock.fence,
+            )])
+            .and_then([TxnOp::put(full, value, None)]);
+        let resp = retrying("fenced put", key, || {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
+        if resp.succeeded() {
+            Ok(resp.header().map(|h| revision(h.revision())).unwrap_or(0))
+        } else {
+            Err(StoreError::Fenced {
+                key: key.to_owned(),
+                lock: lock.name.clone(),
+            })
+        }
+    }
+}
+
+/// A renewal task that stops with its owner: a lock attempt given up (timed out, cancelled) stops renewing
+/// its lease, which then expires by itself.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// This host's name, for the lock holder's record.
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown-host".into())
 }
 
 fn revision(r: i64) -> u64 {

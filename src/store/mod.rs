@@ -71,6 +71,15 @@ pub enum StoreError {
         /// What the client said.
         reason: String,
     },
+    /// A write made under a lock was refused because the lock is no longer this process's (its lease
+    /// expired while it was paused or cut off, and another replica may hold it now).
+    #[error("write to {key} refused: the lock {lock} is no longer held here (its lease expired)")]
+    Fenced {
+        /// The key written.
+        key: String,
+        /// The lock it was written under.
+        lock: String,
+    },
     /// A sealed value (see [`sealed`]) could not be opened, or a value could not be sealed.
     #[error("storage value at {key} is sealed: {reason}")]
     Sealed {

@@ -130,3 +130,53 @@ async fn etcd_keeps_the_store_contract_seals_keys_and_survives_losing_a_member()
     .expect("without quorum a write fails within its timeout");
     assert!(matches!(r, Err(StoreError::Etcd { .. })), "{r:?}");
 }
+
+/// Which replica works on a certificate: a lock on an etcd lease keeps a second replica out while held; a
+/// holder that stops renewing (paused, cut off) loses it when the lease expires, and its late write under
+/// the lost lock is refused (fenced) while the new holder's goes through; a released lock is free at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_locks_exclude_and_fence_a_holder_whose_lease_lapsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start(&dir.path().join("etcd"), 3) else {
+        return;
+    };
+    let a = EtcdStore::connect(&cluster.endpoints(), "/acme-sds")
+        .await
+        .unwrap();
+    let b = EtcdStore::connect(&cluster.endpoints(), "/acme-sds")
+        .await
+        .unwrap();
+    let name = "acme/ca/certs/site";
+    let ttl = Duration::from_secs(2);
+
+    let held = a.lock(name, ttl).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), b.lock(name, ttl))
+            .await
+            .is_err(),
+        "a second replica waits while the lock is held"
+    );
+    a.fenced_put(&held, name, b"from a").await.unwrap();
+
+    // A pauses past its lease: B gets the lock, A's late write is refused, B's goes through.
+    held.stop_renewing();
+    let taken = tokio::time::timeout(Duration::from_secs(15), b.lock(name, ttl))
+        .await
+        .expect("the lock lapses with its lease")
+        .unwrap();
+    assert_ne!(taken.fence(), held.fence());
+    match a.fenced_put(&held, name, b"stale").await {
+        Err(StoreError::Fenced { .. }) => {}
+        other => panic!("a write under a lapsed lock must be refused: {other:?}"),
+    }
+    b.fenced_put(&taken, name, b"from b").await.unwrap();
+    assert_eq!(a.get(name).await.unwrap().unwrap().value, b"from b");
+
+    // Released: free at once.
+    b.release(taken).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(2), a.lock(name, ttl))
+        .await
+        .expect("a released lock is free at once")
+        .unwrap();
+    assert!(again.renewing());
+}
