@@ -52,13 +52,8 @@ pub async fn open_store(
     if !read_only {
         for prefix in ["acme", "internal"] {
             for key in store.list(prefix).await? {
-                // Values moved aside (`KEY.corrupt-TIME`) are kept for inspection only.
-                let aside = key
-                    .rsplit('/')
-                    .next()
-                    .is_some_and(|s| s.contains(".corrupt-"));
                 if keys::holds_private_key(&key)
-                    && !aside
+                    && !crate::store::is_quarantined(&key)
                     && let Err(e @ StoreError::Sealed { .. }) = store.get(&key).await
                 {
                     return Err(e.into());

@@ -401,11 +401,7 @@ impl Store for EtcdStore {
 
     async fn quarantine(&self, key: &str) -> Result<String, StoreError> {
         let full = self.full(key)?;
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let new_key = format!("{key}.corrupt-{stamp}");
+        let new_key = super::quarantine_key(key);
         let new_full = self.full(&new_key)?;
         let Some((value, rev)) = self.current(&full, key).await? else {
             return Ok(new_key);

@@ -174,6 +174,22 @@ fn revision(value: &[u8]) -> u64 {
     u64::from_be_bytes(b).max(1)
 }
 
+/// Where [`Store::quarantine`] moves `key`'s value: `KEY.corrupt-<unix time>`.
+fn quarantine_key(key: &str) -> String {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{key}.corrupt-{stamp}")
+}
+
+/// Whether `key` holds a value moved aside by [`Store::quarantine`] (kept for inspection only).
+pub fn is_quarantined(key: &str) -> bool {
+    key.rsplit('/')
+        .next()
+        .is_some_and(|s| s.contains(".corrupt-"))
+}
+
 fn check_key(key: &str) -> Result<(), StoreError> {
     let ok = !key.is_empty()
         && key.len() <= 512
@@ -427,11 +443,7 @@ impl Store for FsStore {
     async fn quarantine(&self, key: &str) -> Result<String, StoreError> {
         self.writable()?;
         let path = self.path(key)?;
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let new_key = format!("{key}.corrupt-{stamp}");
+        let new_key = quarantine_key(key);
         let new_path = self.path(&new_key)?;
         let _guard = self.write_lock.lock().await;
         tokio::task::spawn_blocking(move || {

@@ -5,29 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{WAIT, in_ci};
+use super::WAIT;
 use crate::pebble::free_port;
 
 /// The `etcd` and `etcdctl` binaries, or `None` to skip; under CI a missing etcd fails instead.
 pub fn etcd_bins() -> Option<(PathBuf, PathBuf)> {
-    let find = |name: &str| {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-    };
-    match (find("etcd"), find("etcdctl")) {
-        (Some(a), Some(b)) => Some((a, b)),
-        _ => {
-            assert!(
-                !in_ci(),
-                "etcd not found: scripts/setup installs it (apt-get install etcd-server etcd-client)"
-            );
-            eprintln!("SKIPPED: etcd not found (apt-get install etcd-server etcd-client)");
-            None
-        }
-    }
+    crate::tools_on_path(
+        ["etcd", "etcdctl"],
+        "apt-get install etcd-server etcd-client",
+    )
 }
 
 /// One member: its process (None once killed) and its client URL.

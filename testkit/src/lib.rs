@@ -26,3 +26,30 @@ pub use files::*;
 pub use pki::*;
 pub use process::*;
 pub use sds::*;
+
+/// Two programs a test needs (`pebble` and `pebble-challtestsrv`, `etcd` and `etcdctl`) found on PATH, or
+/// `None` to skip the test; under CI a missing one fails instead, saying what installs it.
+pub fn tools_on_path(
+    names: [&str; 2],
+    install: &str,
+) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let find = |name: &str| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+    };
+    match (find(names[0]), find(names[1])) {
+        (Some(a), Some(b)) => Some((a, b)),
+        _ => {
+            assert!(
+                !in_ci(),
+                "{} not found: scripts/setup installs it ({install})",
+                names[0]
+            );
+            eprintln!("SKIPPED: {} not found ({install})", names[0]);
+            None
+        }
+    }
+}

@@ -8,28 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use super::{Pki, WAIT, in_ci};
+use super::{Pki, WAIT};
 
 /// `(pebble, pebble-challtestsrv)`, or `None` to skip; under CI a missing Pebble fails instead.
 pub fn pebble_bins() -> Option<(PathBuf, PathBuf)> {
-    let find = |name: &str| {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-    };
-    match (find("pebble"), find("pebble-challtestsrv")) {
-        (Some(a), Some(b)) => Some((a, b)),
-        _ => {
-            assert!(
-                !in_ci(),
-                "pebble not found: .ci/run installs it (apt-get install pebble)"
-            );
-            eprintln!("SKIPPED: pebble not found (apt-get install pebble)");
-            None
-        }
-    }
+    crate::tools_on_path(["pebble", "pebble-challtestsrv"], "apt-get install pebble")
 }
 
 /// Ports handed out by this test process: the kernel readily gives a just-released port again, and two
