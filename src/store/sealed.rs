@@ -11,6 +11,7 @@
 //! sealed again as they are next written). A value written in clear before a key was configured is still
 //! read; one sealed without a key configured is refused with an error saying which key it needs.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -191,7 +192,8 @@ impl Sealer {
         let mut at = MAGIC.len() + KEY_ID_LEN;
         let n1 = &sealed[at..at + NONCE_LEN];
         at += NONCE_LEN;
-        let mut wrapped = sealed[at..at + KEY_LEN + TAG_LEN].to_vec();
+        // Opened in place: the data key ends up in this buffer, zeroed when it drops.
+        let mut wrapped = Zeroizing::new(sealed[at..at + KEY_LEN + TAG_LEN].to_vec());
         at += KEY_LEN + TAG_LEN;
         let n2 = &sealed[at..at + NONCE_LEN];
         at += NONCE_LEN;
@@ -202,15 +204,11 @@ impl Sealer {
             )
         };
         let nonce = |n: &[u8]| Nonce::try_assume_unique_for_key(n).map_err(|_| refused());
-        let data_key = Zeroizing::new(
-            master
-                .key
-                .open_in_place(nonce(n1)?, Aad::from(&aad), &mut wrapped)
-                .map_err(|_| refused())?
-                .to_vec(),
-        );
-        wrapped.iter_mut().for_each(|b| *b = 0);
-        let dk = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &data_key).map_err(|_| refused())?);
+        let data_key = master
+            .key
+            .open_in_place(nonce(n1)?, Aad::from(&aad), wrapped.as_mut_slice())
+            .map_err(|_| refused())?;
+        let dk = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, data_key).map_err(|_| refused())?);
         let mut body = Zeroizing::new(sealed[at..].to_vec());
         let len = dk
             .open_in_place(nonce(n2)?, Aad::from(&aad), &mut body)
@@ -252,10 +250,11 @@ impl SealedStore {
         }
     }
 
-    fn seal(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+    /// `value` as stored at `key`: sealed when `key` is secret and a key is configured, else as it is.
+    fn seal<'a>(&self, key: &str, value: &'a [u8]) -> Result<Cow<'a, [u8]>, StoreError> {
         match &self.sealer {
-            Some(s) if (self.secret)(key) => s.seal(key, value),
-            _ => Ok(value.to_vec()),
+            Some(s) if (self.secret)(key) => s.seal(key, value).map(Cow::Owned),
+            _ => Ok(Cow::Borrowed(value)),
         }
     }
 }
@@ -282,9 +281,9 @@ impl Store for SealedStore {
                 ),
             ));
         };
-        let value = sealer.open(key, &entry.value)?;
+        let mut value = sealer.open(key, &entry.value)?;
         Ok(Some(Entry {
-            value: value.to_vec(),
+            value: std::mem::take(&mut *value),
             revision: entry.revision,
         }))
     }
