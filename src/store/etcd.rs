@@ -10,18 +10,27 @@
 //! (paused past its lease, cut off) loses the lock when the lease expires, and may not know it: so every
 //! write made under a lock is fenced ([`EtcdStore::fenced_put`]), one transaction that writes only if the
 //! lock key still has the `create_revision` it had when this holder took it.
-//! How replicas learn of each other's writes (a watch on the prefix) is built on top of this.
+//!
+//! Replicas learn of each other's writes through [`Store::watch`]: one watch on a prefix per consumer,
+//! resumed from the revision after the last event it delivered when the stream breaks (a member lost, a
+//! leader change), so no write is missed; when that revision was compacted away the consumer is told to
+//! read everything again ([`Change::Resync`]). The watch is also the health signal: while it is down (no
+//! quorum, etcd unreachable) [`Store::health`] says why, and nothing else polls etcd.
+//! Pending challenges are written on leases ([`Store::put_expiring`]): a crashed replica's expire.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
-use super::{Entry, Store, StoreError};
+use super::{Change, Entry, Lock, Store, StoreError, StoreHealth};
 
 /// How long connecting to a member, and any one request, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,10 +53,16 @@ fn transient(e: &etcd_client::Error) -> bool {
     }
 }
 
-/// Runs `f` until it succeeds, fails for good, or [`RETRY_FOR`] has passed (backing off 50 ms to 1 s).
-/// Every operation here is safe to repeat: puts and deletes are idempotent, and a compare-and-swap whose
-/// first attempt did land reports a conflict on the second, which its caller resolves by reading again.
-async fn retrying<T, F, Fut>(op: &'static str, key: &str, mut f: F) -> Result<T, StoreError>
+/// Runs `f` until it succeeds, fails for good, or [`RETRY_FOR`] has passed (backing off 50 ms to 1 s),
+/// recording a final failure in `health`. Every operation here is safe to repeat: puts and deletes are
+/// idempotent, and a compare-and-swap whose first attempt did land reports a conflict on the second, which
+/// its caller resolves by reading again.
+async fn retrying<T, F, Fut>(
+    health: &Health,
+    op: &'static str,
+    key: &str,
+    mut f: F,
+) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -62,8 +77,64 @@ where
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(1));
             }
-            Err(e) => return Err(etcd(op, key, e)),
+            Err(e) => {
+                let e = etcd(op, key, e);
+                health.failed(&e);
+                return Err(e);
+            }
         }
+    }
+}
+
+/// What [`Store::health`] reports: whether the watch is up (the store usable), and the last failure.
+#[derive(Clone, Default)]
+struct Health(Arc<Mutex<StoreHealth>>);
+
+impl Health {
+    fn update(&self, f: impl FnOnce(&mut StoreHealth)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn failed(&self, e: &StoreError) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.update(|h| {
+            h.last_error = Some(e.to_string());
+            h.last_error_at = i64::try_from(now).ok();
+        });
+    }
+
+    fn get(&self) -> StoreHealth {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// How to reach the cluster.
+#[derive(Default)]
+pub struct EtcdSettings {
+    /// Member URLs (`http://host:2379`, or `https://` with `ca_pem`).
+    pub endpoints: Vec<String>,
+    /// Everything acme-sds writes lives under it (`/acme-sds`).
+    pub prefix: String,
+    /// The CA that signed the members' certificates (PEM), for `https://` endpoints.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and its key (PEM), when the cluster asks for one.
+    pub identity: Option<(Vec<u8>, Zeroizing<Vec<u8>>)>,
+    /// etcd user name and password, when the cluster has authentication on.
+    pub user: Option<(String, Zeroizing<String>)>,
+}
+
+impl std::fmt::Debug for EtcdSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSettings")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("tls", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .field("user", &self.user.as_ref().map(|u| &u.0))
+            .finish()
     }
 }
 
@@ -73,6 +144,7 @@ pub struct EtcdStore {
     client: Client,
     /// `PREFIX/`: every key acme-sds writes starts with it.
     prefix: String,
+    health: Health,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -95,16 +167,41 @@ impl EtcdStore {
     /// Connects to the cluster at `endpoints` (`http://host:port`, several members), keeping everything
     /// under `prefix` (`/acme-sds`).
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
-        let options = ConnectOptions::new()
+        EtcdStore::connect_with(&EtcdSettings {
+            endpoints: endpoints.to_vec(),
+            prefix: prefix.to_owned(),
+            ..EtcdSettings::default()
+        })
+        .await
+    }
+
+    /// Connects as `settings` say (TLS, client certificate, user). Fails when no member answers.
+    pub async fn connect_with(settings: &EtcdSettings) -> Result<EtcdStore, StoreError> {
+        let endpoints = settings.endpoints.join(",");
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_require_leader(true);
-        let client = Client::connect(endpoints, Some(options))
+        if settings.ca_pem.is_some() || settings.identity.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &settings.ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &settings.identity {
+                tls = tls.identity(Identity::from_pem(cert, key.as_slice()));
+            }
+            options = options.with_tls(tls);
+        }
+        if let Some((user, password)) = &settings.user {
+            options = options.with_user(user.clone(), password.as_str());
+        }
+        let client = Client::connect(&settings.endpoints, Some(options))
             .await
-            .map_err(|e| etcd("connect", &endpoints.join(","), e))?;
+            .map_err(|e| etcd("connect", &endpoints, e))?;
         Ok(EtcdStore {
             client,
-            prefix: format!("{}/", prefix.trim_end_matches('/')),
+            prefix: format!("{}/", settings.prefix.trim_end_matches('/')),
+            health: Health::default(),
         })
     }
 
@@ -113,8 +210,17 @@ impl EtcdStore {
         Ok(format!("{}{key}", self.prefix))
     }
 
+    /// The cluster's present revision (one count-only read of `dir`, a full key prefix).
+    async fn present(&self, dir: &str) -> Result<i64, etcd_client::Error> {
+        let mut kv = self.client.kv_client();
+        let r = kv
+            .get(dir, Some(GetOptions::new().with_prefix().with_count_only()))
+            .await?;
+        Ok(r.header().map_or(0, |h| h.revision()))
+    }
+
     async fn current(&self, full: &str, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
-        let resp = retrying("get", key, || {
+        let resp = retrying(&self.health, "get", key, || {
             let mut kv = self.client.kv_client();
             let full = full.to_owned();
             async move { kv.get(full, None).await }
@@ -127,8 +233,8 @@ impl EtcdStore {
     }
 }
 
-/// A lock held on a lease; see [`EtcdStore::lock`]. Dropping it stops renewing the lease (the lock then
-/// lapses when the lease expires); [`EtcdStore::release`] gives it up at once.
+/// A lock held on a lease; see [`Store::lock`]. Dropping it stops renewing the lease (the lock then
+/// lapses when the lease expires); [`Store::unlock`] gives it up at once.
 pub struct EtcdLock {
     /// The lock key, in full.
     key: String,
@@ -164,10 +270,10 @@ impl EtcdStore {
     /// Takes the lock `name` (store-key syntax, such as the certificate's key), waiting while another
     /// holder has it (polling, 50 ms to 1 s apart; bound the wait with a timeout). The lock lives on a
     /// lease of `ttl` (at least 1 s) renewed every third of it while the lock is held.
-    pub async fn lock(&self, name: &str, ttl: Duration) -> Result<EtcdLock, StoreError> {
+    async fn take_lock(&self, name: &str, ttl: Duration) -> Result<EtcdLock, StoreError> {
         let key = self.full(&format!("locks/{name}"))?;
         let ttl_secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(60);
-        let lease = retrying("lock", name, || {
+        let lease = retrying(&self.health, "lock", name, || {
             let mut client = self.client.clone();
             async move { client.lease_grant(ttl_secs, None).await }
         })
@@ -213,7 +319,7 @@ impl EtcdStore {
                     holder.clone(),
                     Some(PutOptions::new().with_lease(lease)),
                 )]);
-            let resp = retrying("lock", name, || {
+            let resp = retrying(&self.health, "lock", name, || {
                 let mut kv = self.client.kv_client();
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
@@ -236,10 +342,10 @@ impl EtcdStore {
     }
 
     /// Gives the lock up at once (revoking its lease deletes the lock key).
-    pub async fn release(&self, lock: EtcdLock) -> Result<(), StoreError> {
+    async fn release(&self, lock: EtcdLock) -> Result<(), StoreError> {
         lock.keeper.0.abort();
         let lease = lock.lease;
-        retrying("unlock", &lock.name, || {
+        retrying(&self.health, "unlock", &lock.name, || {
             let mut client = self.client.clone();
             async move { client.lease_revoke(lease).await }
         })
@@ -247,24 +353,30 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Writes `value` at `key` only while `lock` is still this holder's: one transaction comparing the
-    /// lock key's `create_revision` with the lock's fence. A holder whose lease lapsed (and whose lock
-    /// another replica may hold now) gets [`StoreError::Fenced`] and changes nothing.
-    pub async fn fenced_put(
+    /// Runs `op` only while `lock` is still this holder's: one transaction comparing the lock key's
+    /// `create_revision` with the lock's fence. A holder whose lease lapsed (and whose lock another
+    /// replica may hold now) gets [`StoreError::Fenced`] and changes nothing.
+    async fn fenced(
         &self,
-        lock: &EtcdLock,
+        lock: &Lock,
+        what: &'static str,
         key: &str,
-        value: &[u8],
+        op: TxnOp,
     ) -> Result<u64, StoreError> {
-        let full = self.full(key)?;
+        let Some(held) = &lock.etcd else {
+            return Err(StoreError::Fenced {
+                key: key.to_owned(),
+                lock: lock.name.clone(),
+            });
+        };
         let txn = Txn::new()
             .when([Compare::create_revision(
-                lock.key.clone(),
+                held.key.clone(),
                 CompareOp::Equal,
-                lock.fence,
+                held.fence,
             )])
-            .and_then([TxnOp::put(full, value, None)]);
-        let resp = retrying("fenced put", key, || {
+            .and_then([op]);
+        let resp = retrying(&self.health, what, key, || {
             let mut kv = self.client.kv_client();
             let txn = txn.clone();
             async move { kv.txn(txn).await }
@@ -275,7 +387,7 @@ impl EtcdStore {
         } else {
             Err(StoreError::Fenced {
                 key: key.to_owned(),
-                lock: lock.name.clone(),
+                lock: held.name.clone(),
             })
         }
     }
@@ -315,7 +427,7 @@ impl Store for EtcdStore {
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
         let full = self.full(key)?;
-        let resp = retrying("put", key, || {
+        let resp = retrying(&self.health, "put", key, || {
             let mut kv = self.client.kv_client();
             let (full, value) = (full.clone(), value.to_vec());
             async move { kv.put(full, value, None).await }
@@ -341,7 +453,7 @@ impl Store for EtcdStore {
             .when([compare])
             .and_then([TxnOp::put(full.clone(), value, None)])
             .or_else([TxnOp::get(full, None)]);
-        let resp = retrying("compare-and-swap", key, || {
+        let resp = retrying(&self.health, "compare-and-swap", key, || {
             let mut kv = self.client.kv_client();
             let txn = txn.clone();
             async move { kv.txn(txn).await }
@@ -367,7 +479,7 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let full = self.full(key)?;
-        retrying("delete", key, || {
+        retrying(&self.health, "delete", key, || {
             let mut kv = self.client.kv_client();
             let full = full.clone();
             async move { kv.delete(full, None::<DeleteOptions>).await }
@@ -378,7 +490,7 @@ impl Store for EtcdStore {
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let dir = format!("{}/", self.full(prefix)?);
-        let resp = retrying("list", prefix, || {
+        let resp = retrying(&self.health, "list", prefix, || {
             let mut kv = self.client.kv_client();
             let dir = dir.clone();
             async move {
@@ -413,12 +525,256 @@ impl Store for EtcdStore {
                 TxnOp::put(new_full, value, None),
                 TxnOp::delete(full, None::<DeleteOptions>),
             ]);
-        retrying("quarantine", key, || {
+        retrying(&self.health, "quarantine", key, || {
             let mut kv = self.client.kv_client();
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
         .await?;
         Ok(new_key)
+    }
+
+    async fn scan(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
+        let dir = format!("{}/", self.full(prefix)?);
+        let resp = retrying(&self.health, "scan", prefix, || {
+            let mut kv = self.client.kv_client();
+            let dir = dir.clone();
+            async move { kv.get(dir, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await?;
+        let mut out: Vec<(String, Entry)> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = std::str::from_utf8(kv.key()).ok()?;
+                let key = key.strip_prefix(&self.prefix)?.to_owned();
+                let entry = Entry {
+                    value: kv.value().to_vec(),
+                    revision: revision(kv.mod_revision()),
+                };
+                Some((key, entry))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn lock(&self, name: &str, ttl: Duration) -> Result<Lock, StoreError> {
+        let held = self.take_lock(name, ttl).await?;
+        Ok(Lock {
+            name: name.to_owned(),
+            etcd: Some(held),
+        })
+    }
+
+    async fn unlock(&self, lock: Lock) -> Result<(), StoreError> {
+        match lock.etcd {
+            Some(held) => self.release(held).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn put_locked(&self, lock: &Lock, key: &str, value: &[u8]) -> Result<u64, StoreError> {
+        let op = TxnOp::put(self.full(key)?, value, None);
+        self.fenced(lock, "fenced put", key, op).await
+    }
+
+    async fn delete_locked(&self, lock: &Lock, key: &str) -> Result<(), StoreError> {
+        let op = TxnOp::delete(self.full(key)?, None::<DeleteOptions>);
+        self.fenced(lock, "fenced delete", key, op)
+            .await
+            .map(|_| ())
+    }
+
+    async fn put_expiring(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        let full = self.full(key)?;
+        let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(3600);
+        let lease = retrying(&self.health, "lease", key, || {
+            let mut client = self.client.clone();
+            async move { client.lease_grant(ttl, None).await }
+        })
+        .await?
+        .id();
+        let resp = retrying(&self.health, "put", key, || {
+            let mut kv = self.client.kv_client();
+            let (full, value) = (full.clone(), value.to_vec());
+            async move {
+                kv.put(full, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
+        Ok(resp.header().map(|h| revision(h.revision())).unwrap_or(0))
+    }
+
+    async fn watch(
+        &self,
+        prefix: &str,
+        shutdown: CancellationToken,
+    ) -> Option<mpsc::Receiver<Change>> {
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let dir = format!("{}{}/", self.prefix, prefix.trim_end_matches('/'));
+        // The present revision: the watch starts after it. When it cannot be read, the watch starts when
+        // etcd answers and its consumer is told to read everything then.
+        let start = self.present(&dir).await.ok();
+        tokio::spawn(watch_loop(self.clone(), dir, start, tx, shutdown));
+        Some(rx)
+    }
+
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            backend: "etcd",
+            ..self.health.get()
+        }
+    }
+}
+
+/// Changes a watch may hold before its consumer takes them (it then waits: nothing is dropped).
+const WATCH_BUFFER: usize = 1024;
+
+/// Keeps one watch on `dir` (a full key prefix) open until `shutdown`, sending what changes to `tx`. A
+/// broken stream is opened again from the revision after the last event sent, so nothing is missed; if
+/// that revision was compacted, the consumer is told to resync and the watch starts from the present.
+/// While the watch is down, the store's health says why.
+async fn watch_loop(
+    store: EtcdStore,
+    dir: String,
+    start: Option<i64>,
+    tx: mpsc::Sender<Change>,
+    shutdown: CancellationToken,
+) {
+    // 0: "from the present", learnt with a read before the watch is opened (and a resync then).
+    let mut next: i64 = start.map_or(0, |r| r + 1);
+    let mut resync = start.is_none();
+    let mut wait = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let down = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = watch_once(&store, &dir, &tx, &mut next, &mut resync) => r,
+        };
+        if tx.is_closed() {
+            return;
+        }
+        let reason = down.to_string();
+        if store.health.get().unavailable.is_none() {
+            tracing::warn!(
+                error = reason,
+                "etcd watch lost; serving what is loaded, storing nothing until it is back"
+            );
+        }
+        store.health.update(|h| h.unavailable = Some(reason));
+        if down.progressed {
+            wait = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Why a watch stream ended.
+struct WatchDown {
+    reason: String,
+    /// Whether it was up (created) before it ended: the retry starts quickly again.
+    progressed: bool,
+}
+
+impl std::fmt::Display for WatchDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "etcd watch: {}", self.reason)
+    }
+}
+
+/// One watch stream, from open to end.
+async fn watch_once(
+    store: &EtcdStore,
+    dir: &str,
+    tx: &mpsc::Sender<Change>,
+    next: &mut i64,
+    resync: &mut bool,
+) -> WatchDown {
+    let down = |reason: String, progressed| WatchDown { reason, progressed };
+    if *next == 0 {
+        // The watch starts after the present revision, and a consumer told to resync reads at or after
+        // it, so a write lands either in what it reads or in what the watch sends.
+        match store.present(dir).await {
+            Ok(r) => *next = r + 1,
+            Err(e) => return down(e.to_string(), false),
+        }
+    }
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(*next)
+        .with_progress_notify();
+    let mut client = store.client.clone();
+    let mut stream = match client.watch(dir, Some(options)).await {
+        Ok(s) => s,
+        Err(e) => return down(e.to_string(), false),
+    };
+    let mut progressed = false;
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return down("the stream ended".into(), progressed),
+            Err(e) => return down(e.to_string(), progressed),
+        };
+        if resp.compact_revision() > 0 {
+            tracing::warn!(
+                from = *next,
+                compacted = resp.compact_revision(),
+                "etcd compacted the history this watch resumes from; reading everything again"
+            );
+            *next = 0;
+            *resync = true;
+            return down("history compacted; resyncing".into(), progressed);
+        }
+        if resp.canceled() {
+            return down(format!("cancelled: {}", resp.cancel_reason()), progressed);
+        }
+        if resp.created() {
+            progressed = true;
+            if store.health.get().unavailable.is_some() {
+                tracing::info!("etcd watch is back; storing again");
+            }
+            store.health.update(|h| h.unavailable = None);
+            if std::mem::take(resync) && tx.send(Change::Resync).await.is_err() {
+                return down("nobody watches".into(), progressed);
+            }
+        }
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            *next = kv.mod_revision() + 1;
+            let Some(key) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| k.strip_prefix(&store.prefix))
+            else {
+                continue;
+            };
+            let change = match event.event_type() {
+                EventType::Put => Change::Put(key.to_owned()),
+                EventType::Delete => Change::Deleted(key.to_owned()),
+            };
+            if tx.send(change).await.is_err() {
+                return down("nobody watches".into(), progressed);
+            }
+        }
+        // A progress notification (no events) says every change up to its revision was sent.
+        if resp.events().is_empty()
+            && !resp.created()
+            && let Some(h) = resp.header()
+        {
+            *next = (*next).max(h.revision() + 1);
+        }
     }
 }

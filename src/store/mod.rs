@@ -162,10 +162,143 @@ pub trait Store: Send + Sync + 'static {
     /// Moves an unusable value aside (to `<key>.corrupt-<unix time>`), keeping it for inspection; returns
     /// the key it now has.
     async fn quarantine(&self, key: &str) -> Result<String, StoreError>;
+
+    /// Every value under `prefix/`, sorted by key: one request on etcd (a cold start reads a thousand
+    /// certificates at once), a read per file on a directory.
+    async fn scan(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.list(prefix).await? {
+            if let Some(e) = self.get(&key).await? {
+                out.push((key, e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether other processes share this store (etcd): their challenges and locks are not this
+    /// process's to clear, and their writes arrive through [`Store::watch`].
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Takes the lock `name` (a store key: the resource it guards), waiting while another replica holds
+    /// it; a lock lives on a lease of `ttl` renewed while held. Bound the wait with a timeout.
+    async fn lock(&self, name: &str, _ttl: std::time::Duration) -> Result<Lock, StoreError> {
+        Ok(Lock {
+            name: name.to_owned(),
+            etcd: None,
+        })
+    }
+
+    /// Gives `lock` up (another replica waiting for it takes it at once).
+    async fn unlock(&self, _lock: Lock) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Writes `value` at `key` only while `lock` is still held ([`StoreError::Fenced`] otherwise): a
+    /// holder paused past its lease cannot overwrite what the next holder stored.
+    async fn put_locked(&self, _lock: &Lock, key: &str, value: &[u8]) -> Result<u64, StoreError> {
+        self.put(key, value).await
+    }
+
+    /// Removes `key` only while `lock` is still held.
+    async fn delete_locked(&self, _lock: &Lock, key: &str) -> Result<(), StoreError> {
+        self.delete(key).await
+    }
+
+    /// Writes a value that removes itself after `ttl` if nobody deletes it first (etcd: a lease), for
+    /// pending challenges a crashed replica would leave behind. On a directory it is a plain write (a
+    /// daemon clears what a previous one left at start).
+    async fn put_expiring(
+        &self,
+        key: &str,
+        value: &[u8],
+        _ttl: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        self.put(key, value).await
+    }
+
+    /// Changes under `prefix/` made after this call returns, until `shutdown`, when other processes can
+    /// make them (etcd); `None` for a directory, which only this process writes.
+    async fn watch(
+        &self,
+        _prefix: &str,
+        _shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+        None
+    }
+
+    /// Whether the store can be written now, and its last failure.
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            backend: "directory",
+            ..StoreHealth::default()
+        }
+    }
 }
 
 /// A store shared by the sources that use it.
 pub type SharedStore = Arc<dyn Store>;
+
+/// A lock on one resource (one certificate's orders, the ACME account), taken with [`Store::lock`]: while
+/// it is held, its holder is the only process working on that resource, and the writes it makes with
+/// [`Store::put_locked`] land only while it is still held. On a directory the lock is the directory's own
+/// (one daemon per directory), so taking one never waits.
+pub struct Lock {
+    name: String,
+    etcd: Option<etcd::EtcdLock>,
+}
+
+impl Lock {
+    /// The resource locked (a store key).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// False once the lock's lease could not be renewed: it may have lapsed, and another replica may take
+    /// it (writes made under it are refused from then on).
+    pub fn held(&self) -> bool {
+        self.etcd.as_ref().is_none_or(|l| l.renewing())
+    }
+
+    /// Stops renewing the lock's lease, as a paused or cut-off process would (for fault tests).
+    pub fn stop_renewing(&self) {
+        if let Some(l) = &self.etcd {
+            l.stop_renewing();
+        }
+    }
+}
+
+impl std::fmt::Debug for Lock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lock").field("name", &self.name).finish()
+    }
+}
+
+/// A change to the store seen by [`Store::watch`], whoever made it (this process or another replica).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `key` was written.
+    Put(String),
+    /// `key` was removed (or its lease expired).
+    Deleted(String),
+    /// Changes may have been missed (the history the watch would have resumed from was compacted): read
+    /// everything under the watched prefix again.
+    Resync,
+}
+
+/// Whether the store can be written now, as the readiness check and `/status` report it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreHealth {
+    /// The backend: `directory` or `etcd`.
+    pub backend: &'static str,
+    /// Why nothing can be stored now (no quorum, unreachable); `None` when the store works.
+    pub unavailable: Option<String>,
+    /// The last failed request, if any.
+    pub last_error: Option<String>,
+    /// When it failed (Unix time).
+    pub last_error_at: Option<i64>,
+}
 
 fn revision(value: &[u8]) -> u64 {
     let d = ring::digest::digest(&ring::digest::SHA256, value);

@@ -20,7 +20,7 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use super::{Entry, SharedStore, Store, StoreError};
+use super::{Change, Entry, Lock, SharedStore, Store, StoreError, StoreHealth};
 
 /// What every sealed value starts with.
 const MAGIC: &[u8] = b"ASDS1";
@@ -262,30 +262,10 @@ impl SealedStore {
 #[async_trait::async_trait]
 impl Store for SealedStore {
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let Some(entry) = self.inner.get(key).await? else {
-            return Ok(None);
-        };
-        if !is_sealed(&entry.value) {
-            return Ok(Some(entry));
+        match self.inner.get(key).await? {
+            Some(entry) => self.open(key, entry).map(Some),
+            None => Ok(None),
         }
-        let Some(sealer) = &self.sealer else {
-            let id = entry
-                .value
-                .get(MAGIC.len()..MAGIC.len() + KEY_ID_LEN)
-                .map(hex);
-            return Err(sealing(
-                Some(key),
-                &format!(
-                    "sealed with key {}: set storage.encryption_key_file to the file holding it",
-                    id.unwrap_or_default()
-                ),
-            ));
-        };
-        let mut value = sealer.open(key, &entry.value)?;
-        Ok(Some(Entry {
-            value: std::mem::take(&mut *value),
-            revision: entry.revision,
-        }))
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<u64, StoreError> {
@@ -313,6 +293,90 @@ impl Store for SealedStore {
 
     async fn quarantine(&self, key: &str) -> Result<String, StoreError> {
         self.inner.quarantine(key).await
+    }
+
+    /// Values that do not open are left out (a caller reads each one again with `get` to learn why).
+    async fn scan(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
+        Ok(self
+            .inner
+            .scan(prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(key, entry)| {
+                let entry = self.open(&key, entry).ok()?;
+                Some((key, entry))
+            })
+            .collect())
+    }
+
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
+    async fn lock(&self, name: &str, ttl: std::time::Duration) -> Result<Lock, StoreError> {
+        self.inner.lock(name, ttl).await
+    }
+
+    async fn unlock(&self, lock: Lock) -> Result<(), StoreError> {
+        self.inner.unlock(lock).await
+    }
+
+    async fn put_locked(&self, lock: &Lock, key: &str, value: &[u8]) -> Result<u64, StoreError> {
+        let value = self.seal(key, value)?;
+        self.inner.put_locked(lock, key, &value).await
+    }
+
+    async fn delete_locked(&self, lock: &Lock, key: &str) -> Result<(), StoreError> {
+        self.inner.delete_locked(lock, key).await
+    }
+
+    async fn put_expiring(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let value = self.seal(key, value)?;
+        self.inner.put_expiring(key, &value, ttl).await
+    }
+
+    async fn watch(
+        &self,
+        prefix: &str,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+        self.inner.watch(prefix, shutdown).await
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.inner.health()
+    }
+}
+
+impl SealedStore {
+    /// A value as read from the backend, opened when sealed.
+    fn open(&self, key: &str, entry: Entry) -> Result<Entry, StoreError> {
+        if !is_sealed(&entry.value) {
+            return Ok(entry);
+        }
+        let Some(sealer) = &self.sealer else {
+            let id = entry
+                .value
+                .get(MAGIC.len()..MAGIC.len() + KEY_ID_LEN)
+                .map(hex);
+            return Err(sealing(
+                Some(key),
+                &format!(
+                    "sealed with key {}: set storage.encryption_key_file to the file holding it",
+                    id.unwrap_or_default()
+                ),
+            ));
+        };
+        let mut value = sealer.open(key, &entry.value)?;
+        Ok(Entry {
+            value: std::mem::take(&mut *value),
+            revision: entry.revision,
+        })
     }
 }
 

@@ -16,15 +16,17 @@ pub fn etcd_bins() -> Option<(PathBuf, PathBuf)> {
     )
 }
 
-/// One member: its process (None once killed) and its client URL.
+/// One member: its process (None once killed), its client URL and how it was started.
 struct Member {
     child: Option<Child>,
     client_url: String,
+    args: Vec<std::ffi::OsString>,
 }
 
 /// An etcd cluster of `n` members on loopback.
 pub struct EtcdCluster {
     members: Vec<Member>,
+    etcd: PathBuf,
     etcdctl: PathBuf,
     dir: PathBuf,
 }
@@ -40,41 +42,90 @@ impl EtcdCluster {
             .enumerate()
             .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
             .collect();
-        let mut members = Vec::new();
-        for (i, (client, peer)) in ports.iter().enumerate() {
-            let client_url = format!("http://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let log = std::fs::File::create(dir.join(format!("etcd-{i}.log"))).unwrap();
-            let child = Command::new(&etcd)
-                .args(["--name", &format!("m{i}")])
-                .arg("--data-dir")
-                .arg(dir.join(format!("m{i}.etcd")))
-                .args(["--listen-client-urls", &client_url])
-                .args(["--advertise-client-urls", &client_url])
-                .args(["--listen-peer-urls", &peer_url])
-                .args(["--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &initial.join(",")])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "acme-sds-test"])
-                // Elections in a test's time, not a datacentre's.
-                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("start etcd");
-            members.push(Member {
-                child: Some(child),
-                client_url,
-            });
-        }
-        let cluster = EtcdCluster {
-            members,
+        let mut cluster = EtcdCluster {
+            members: Vec::new(),
+            etcd,
             etcdctl,
             dir: dir.to_owned(),
         };
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let client_url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let data = dir.join(format!("m{i}.etcd"));
+            let args: Vec<std::ffi::OsString> = [
+                "--name",
+                &format!("m{i}"),
+                "--data-dir",
+                &data.to_string_lossy(),
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "acme-sds-test",
+                // Elections in a test's time, not a datacentre's.
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ]
+            .iter()
+            .map(Into::into)
+            .collect();
+            cluster.members.push(Member {
+                child: None,
+                client_url,
+                args,
+            });
+            cluster.spawn(i);
+        }
         cluster.wait_healthy();
         Some(cluster)
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("etcd-{i}.log")))
+            .unwrap();
+        let child = Command::new(&self.etcd)
+            .args(&self.members[i].args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.members[i].child = Some(child);
+    }
+
+    /// Starts member `i` again after [`EtcdCluster::kill`], on its data, and waits (bounded) until the
+    /// cluster is healthy.
+    pub fn restart(&mut self, i: usize) {
+        if self.members[i].child.is_none() {
+            self.spawn(i);
+        }
+        self.wait_healthy();
+    }
+
+    /// The index of the member that leads now, if one does.
+    pub fn leader(&self) -> Option<usize> {
+        let out = self.etcdctl(&["endpoint", "status", "-w", "json"]);
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let leader = all.as_array()?.iter().find_map(|s| {
+            let status = s.get("Status")?;
+            let me = status.get("header")?.get("member_id")?.as_u64()?;
+            (status.get("leader")?.as_u64()? == me).then(|| s.get("Endpoint")?.as_str())?
+        })?;
+        self.members.iter().position(|m| m.client_url == leader)
     }
 
     /// The client URLs of every member (killed ones included, as a client configured once would have).

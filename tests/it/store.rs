@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use acme_sds::store::etcd::EtcdStore;
 use acme_sds::store::sealed::{SealedStore, Sealer};
-use acme_sds::store::{FsStore, SharedStore, Store, StoreError};
+use acme_sds::store::{Change, FsStore, SharedStore, Store, StoreError};
 use testkit::etcd::EtcdCluster;
 
 /// What every backend must do: whole-value writes, compare-and-swap by revision (0: must not exist),
@@ -156,7 +156,7 @@ async fn etcd_locks_exclude_and_fence_a_holder_whose_lease_lapsed() {
             .is_err(),
         "a second replica waits while the lock is held"
     );
-    a.fenced_put(&held, name, b"from a").await.unwrap();
+    a.put_locked(&held, name, b"from a").await.unwrap();
 
     // A pauses past its lease: B gets the lock, A's late write is refused, B's goes through.
     held.stop_renewing();
@@ -164,19 +164,132 @@ async fn etcd_locks_exclude_and_fence_a_holder_whose_lease_lapsed() {
         .await
         .expect("the lock lapses with its lease")
         .unwrap();
-    assert_ne!(taken.fence(), held.fence());
-    match a.fenced_put(&held, name, b"stale").await {
+    assert!(!held.held());
+    match a.put_locked(&held, name, b"stale").await {
         Err(StoreError::Fenced { .. }) => {}
         other => panic!("a write under a lapsed lock must be refused: {other:?}"),
     }
-    b.fenced_put(&taken, name, b"from b").await.unwrap();
+    match a.delete_locked(&held, name).await {
+        Err(StoreError::Fenced { .. }) => {}
+        other => panic!("a delete under a lapsed lock must be refused: {other:?}"),
+    }
+    b.put_locked(&taken, name, b"from b").await.unwrap();
     assert_eq!(a.get(name).await.unwrap().unwrap().value, b"from b");
 
     // Released: free at once.
-    b.release(taken).await.unwrap();
+    b.unlock(taken).await.unwrap();
     let again = tokio::time::timeout(Duration::from_secs(2), a.lock(name, ttl))
         .await
         .expect("a released lock is free at once")
         .unwrap();
-    assert!(again.renewing());
+    assert!(again.held());
+}
+
+/// The next change a watch sends, within a bound.
+async fn next(rx: &mut tokio::sync::mpsc::Receiver<Change>) -> Change {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("a change arrives in time")
+        .expect("the watch goes on")
+}
+
+/// How replicas learn of each other's writes: a watch on the prefix sees every write another replica
+/// makes, in order, across the loss of the member it was connected to (resumed from its revision, nothing
+/// missed), says the store is unavailable while it cannot watch, and asks for a full read when the history
+/// it would resume from was compacted. Challenges written on a lease remove themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_watch_sees_other_replicas_writes_resumes_after_a_member_loss_and_resyncs_after_compaction()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut cluster) = EtcdCluster::start(&dir.path().join("etcd"), 3) else {
+        return;
+    };
+    let endpoints = cluster.endpoints();
+    // The watcher talks to the first member only, so that losing it breaks the stream.
+    let a = EtcdStore::connect(&endpoints[..1], "/acme-sds")
+        .await
+        .unwrap();
+    let b = EtcdStore::connect(&endpoints[1..], "/acme-sds")
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut changes = a
+        .watch("acme", shutdown.clone())
+        .await
+        .expect("etcd watches");
+    b.put("acme/ca/certs/one", b"1").await.unwrap();
+    b.put("challenges/tok", b"not watched").await.unwrap();
+    b.put("acme/ca/certs/two", b"2").await.unwrap();
+    assert_eq!(
+        next(&mut changes).await,
+        Change::Put("acme/ca/certs/one".into())
+    );
+    assert_eq!(
+        next(&mut changes).await,
+        Change::Put("acme/ca/certs/two".into())
+    );
+    assert_eq!(a.health().unavailable, None);
+
+    // Scans read values in one go.
+    let scanned = b.scan("acme/ca/certs").await.unwrap();
+    let keys: Vec<&str> = scanned.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["acme/ca/certs/one", "acme/ca/certs/two"]);
+    assert_eq!(scanned[1].1.value, b"2");
+
+    // The watcher's member dies, and writes go on meanwhile: the watch reports it is down, and once the
+    // member is back it resumes where it stopped.
+    cluster.kill(0);
+    b.put("acme/ca/certs/three", b"3").await.unwrap();
+    b.delete("acme/ca/certs/one").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while a.health().unavailable.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watch never noticed it was cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.restart(0);
+    assert_eq!(
+        next(&mut changes).await,
+        Change::Put("acme/ca/certs/three".into())
+    );
+    assert_eq!(
+        next(&mut changes).await,
+        Change::Deleted("acme/ca/certs/one".into())
+    );
+    assert_eq!(a.health().unavailable, None, "{:?}", a.health());
+
+    // Cut off again; meanwhile the history it would resume from is compacted: it asks for a full read.
+    cluster.kill(0);
+    while a.health().unavailable.is_none() {
+        assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.put("acme/ca/certs/four", b"4").await.unwrap();
+    let rev = b.put("acme/ca/certs/five", b"5").await.unwrap();
+    let compact = cluster.etcdctl(&["compaction", &rev.to_string()]);
+    assert!(compact.status.success(), "{compact:?}");
+    cluster.restart(0);
+    assert_eq!(next(&mut changes).await, Change::Resync);
+    b.put("acme/ca/certs/six", b"6").await.unwrap();
+    assert_eq!(
+        next(&mut changes).await,
+        Change::Put("acme/ca/certs/six".into())
+    );
+
+    // A challenge on a lease removes itself.
+    b.put_expiring("challenges/gone", b"x", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(b.get("challenges/gone").await.unwrap().is_some());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.get("challenges/gone").await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
 }
