@@ -609,7 +609,19 @@ fn summary(config: &Config, loaded: &[(SecretName, SecretContent)]) -> String {
         .iter()
         .any(|c| c.source.issued_domains().is_some())
     {
-        let _ = writeln!(out, "Storage: {}", config.storage.path.display());
+        match &config.storage.etcd {
+            Some(etcd) => {
+                let _ = writeln!(
+                    out,
+                    "Storage: etcd {} under {}",
+                    etcd.endpoints.join(", "),
+                    etcd.prefix
+                );
+            }
+            None => {
+                let _ = writeln!(out, "Storage: {}", config.storage.path.display());
+            }
+        }
     }
     out
 }

@@ -73,6 +73,9 @@ pub struct Metrics {
     /// Everything about names that are not configured, in one series.
     sds_unconfigured_names: Counter,
     http01_requests: Family<ResultLabel, Counter>,
+    store_locks_held: Gauge,
+    store_lock_wait: Histogram,
+    store_watch_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,6 +94,10 @@ impl Default for Metrics {
             sds_nacks: Family::default(),
             sds_unconfigured_names: Counter::default(),
             http01_requests: Family::default(),
+            store_locks_held: Gauge::default(),
+            // 1 ms .. ~65 s
+            store_lock_wait: Histogram::new(exponential_buckets(0.001, 4.0, 9)),
+            store_watch_lag: Gauge::default(),
         }
     }
 }
@@ -153,6 +160,23 @@ impl Metrics {
             .inc_by(delta);
     }
 
+    /// A certificate's lock in the store was taken after waiting since `started`.
+    pub fn lock_taken(&self, started: Instant) {
+        self.store_lock_wait
+            .observe(started.elapsed().as_secs_f64());
+        self.store_locks_held.inc();
+    }
+
+    /// A lock taken with [`Metrics::lock_taken`] was given up.
+    pub fn lock_released(&self) {
+        self.store_locks_held.dec();
+    }
+
+    /// How long a certificate another replica stored took to reach this one (from its issuance).
+    pub fn watch_lag(&self, seconds: f64) {
+        self.store_watch_lag.set(seconds);
+    }
+
     /// Registers every counter and histogram in `registry`, for an exposition (the admin listener adds the
     /// per-certificate gauges).
     pub fn register(&self, registry: &mut Registry) {
@@ -191,6 +215,21 @@ impl Metrics {
             "acme_sds_http01_requests",
             "HTTP-01 responder requests, by result",
             m.http01_requests.clone(),
+        );
+        registry.register(
+            "acme_sds_store_locks_held",
+            "Certificate locks this replica holds in the store now (one per order in progress)",
+            m.store_locks_held.clone(),
+        );
+        registry.register(
+            "acme_sds_store_lock_wait_seconds",
+            "Time waited to take a certificate's lock (another replica was ordering it), per lock taken",
+            m.store_lock_wait.clone(),
+        );
+        registry.register(
+            "acme_sds_store_watch_lag_seconds",
+            "For the last certificate another replica stored: seconds from its issuance there to its push here",
+            m.store_watch_lag.clone(),
         );
     }
 }

@@ -33,7 +33,7 @@ pub use certificate::{
 pub use http01::{DEFAULT_HTTP01_LISTEN, Http01Config};
 use raw::RawConfig;
 pub use sds::{DEFAULT_SOCKET_MODE, SdsConfig};
-pub use storage::StorageConfig;
+pub use storage::{DEFAULT_ETCD_PREFIX, DEFAULT_LOCK_TTL, EtcdConfig, StorageConfig};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]

@@ -67,6 +67,20 @@ pub(super) struct RawCertificate {
 pub(super) struct RawStorage {
     pub(super) path: Option<Spanned<String>>,
     pub(super) encryption_key_file: Option<Spanned<String>>,
+    pub(super) etcd: Option<Spanned<RawEtcd>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEtcd {
+    pub(super) endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) cert_file: Option<Spanned<String>>,
+    pub(super) key_file: Option<Spanned<String>>,
+    pub(super) username: Option<Spanned<String>>,
+    pub(super) password_file: Option<Spanned<String>>,
+    pub(super) lock_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -131,6 +131,23 @@ const TRUST_BUNDLE: &[(&str, Kind)] = &[
     ("allowed_clients", Kind::StrList(GLOBS)),
 ];
 
+const ETCD: &[(&str, Kind)] = &[
+    (
+        "endpoints",
+        Kind::StrList("a list of URLs in quotes, such as [\"http://127.0.0.1:2379\"]"),
+    ),
+    (
+        "prefix",
+        Kind::Str("a key prefix in quotes, such as \"/acme-sds\""),
+    ),
+    ("ca_file", Kind::Str(PATH)),
+    ("cert_file", Kind::Str(PATH)),
+    ("key_file", Kind::Str(PATH)),
+    ("username", Kind::Str("an etcd user name in quotes")),
+    ("password_file", Kind::Str(PATH)),
+    ("lock_ttl", Kind::Str(DURATION)),
+];
+
 /// The whole file.
 pub(super) const ROOT: &[(&str, Kind)] = &[
     ("sds", Kind::Table(SDS)),
@@ -139,6 +156,7 @@ pub(super) const ROOT: &[(&str, Kind)] = &[
         Kind::Table(&[
             ("path", Kind::Str(PATH)),
             ("encryption_key_file", Kind::Str(PATH)),
+            ("etcd", Kind::Table(ETCD)),
         ]),
     ),
     (

@@ -1,34 +1,261 @@
-//! `[storage]`: where the account, keys, certificates and ACME state are kept.
+//! `[storage]`: where the account, keys, certificates and ACME state are kept: a directory, or an etcd
+//! cluster (`[storage.etcd]`) that several replicas share.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use toml::Spanned;
 
 use super::Validator;
-use super::raw::RawStorage;
+use super::raw::{RawEtcd, RawStorage};
 
 /// `[storage]`: where account, keys, certificates and ACME state are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageConfig {
-    /// The storage directory (created if missing; 0700).
+    /// The storage directory (created if missing; 0700); unused with `[storage.etcd]`.
     pub path: PathBuf,
-    /// `encryption_key_file`: the keys that seal the stored private keys (`store::sealed`); off when absent.
+    /// `encryption_key_file`: the keys that seal the stored private keys (`store::sealed`); off when absent
+    /// (required with etcd).
     pub encryption_key_file: Option<PathBuf>,
+    /// `[storage.etcd]`: a cluster shared by several replicas, instead of the directory.
+    pub etcd: Option<EtcdConfig>,
 }
+
+/// `[storage.etcd]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `endpoints`: member URLs, `http://` or `https://` (then with `ca_file`).
+    pub endpoints: Vec<String>,
+    /// `prefix`: everything acme-sds writes lives under it.
+    pub prefix: String,
+    /// `ca_file`: the CA of the members' certificates (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// `cert_file` and `key_file`: a client certificate, when the cluster asks for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// `username` and the file holding its password (`password_file`).
+    pub user: Option<(String, PathBuf)>,
+    /// `lock_ttl`: how long a replica that stopped (crashed, paused, cut off) keeps a certificate's lock.
+    pub lock_ttl: Duration,
+}
+
+/// The etcd key prefix when none is configured.
+pub const DEFAULT_ETCD_PREFIX: &str = "/acme-sds";
+/// `lock_ttl` when not configured: a crashed replica's order is taken over within about this long.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(10);
+const MIN_LOCK_TTL: Duration = Duration::from_secs(2);
+const MAX_LOCK_TTL: Duration = Duration::from_secs(300);
 
 impl Validator<'_> {
     pub(super) fn storage(&mut self, raw: Option<Spanned<RawStorage>>) -> StorageConfig {
         let raw = raw.map(|r| r.into_inner());
-        let (path, key_file) = match raw {
-            Some(r) => (r.path, r.encryption_key_file),
-            None => (None, None),
+        let (path, key_file, etcd) = match raw {
+            Some(r) => (r.path, r.encryption_key_file, r.etcd),
+            None => (None, None, None),
         };
+        let etcd = etcd.map(|e| {
+            let line = self.line(&e);
+            if let Some(p) = &path {
+                let l = self.line(p);
+                self.problem(
+                    "storage.path",
+                    l,
+                    "storage.path and [storage.etcd] are two places for the same state: keep one (to move a directory's state into etcd, run `acme-sds storage migrate --from DIR`)",
+                );
+            }
+            if key_file.is_none() {
+                self.problem(
+                    "storage.encryption_key_file",
+                    line,
+                    "is required with [storage.etcd]: private keys are sealed before they leave this host (make one with `head -c 32 /dev/urandom | base64 > storage.key`; every replica needs the same file)",
+                );
+            }
+            self.etcd(e.into_inner(), line)
+        });
         let path = path
             .map(|p| p.into_inner())
             .unwrap_or_else(|| "acme-sds-data".to_owned());
         StorageConfig {
             path: self.path(&path),
             encryption_key_file: key_file.map(|f| self.path(f.get_ref())),
+            etcd,
         }
     }
+
+    fn etcd(&mut self, raw: RawEtcd, line: Option<usize>) -> EtcdConfig {
+        let mut endpoints = Vec::new();
+        match raw.endpoints {
+            None => self.problem(
+                "storage.etcd.endpoints",
+                line,
+                "is required: the members' URLs, such as [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]",
+            ),
+            Some(list) => {
+                let list_line = self.line(&list);
+                if list.get_ref().is_empty() {
+                    self.problem(
+                        "storage.etcd.endpoints",
+                        list_line,
+                        "names no member; list at least one URL",
+                    );
+                }
+                for (i, e) in list.into_inner().into_iter().enumerate() {
+                    let l = self.line(&e);
+                    let url = e.into_inner();
+                    match check_endpoint(&url) {
+                        Ok(()) => endpoints.push(url),
+                        Err(msg) => {
+                            self.problem(format!("storage.etcd.endpoints[{i}]"), l, msg);
+                        }
+                    }
+                }
+            }
+        }
+        let prefix = match raw.prefix {
+            None => DEFAULT_ETCD_PREFIX.to_owned(),
+            Some(p) => {
+                let l = self.line(&p);
+                let p = p.into_inner();
+                let trimmed = p.trim_end_matches('/');
+                if !p.starts_with('/') || trimmed.is_empty() || p.chars().any(char::is_whitespace) {
+                    self.problem(
+                        "storage.etcd.prefix",
+                        l,
+                        format!(
+                            "{p:?} is not a key prefix such as \"/acme-sds\": it starts with '/', has no spaces, and is not '/' alone"
+                        ),
+                    );
+                }
+                trimmed.to_owned()
+            }
+        };
+        let tls = endpoints.iter().any(|e| e.starts_with("https://"));
+        let plain = endpoints.iter().any(|e| e.starts_with("http://"));
+        if tls && plain {
+            self.problem(
+                "storage.etcd.endpoints",
+                line,
+                "mixes http:// and https:// members; one cluster speaks one of them",
+            );
+        }
+        let ca_file = raw.ca_file.map(|f| {
+            if plain && !tls {
+                let l = self.line(&f);
+                self.problem(
+                    "storage.etcd.ca_file",
+                    l,
+                    "is for https:// endpoints, and these are http://",
+                );
+            }
+            self.path(f.get_ref())
+        });
+        if tls && ca_file.is_none() {
+            self.problem(
+                "storage.etcd.ca_file",
+                line,
+                "is required with https:// endpoints: the CA that signed the members' certificates",
+            );
+        }
+        let client_cert = match (raw.cert_file, raw.key_file) {
+            (Some(c), Some(k)) => Some((self.path(c.get_ref()), self.path(k.get_ref()))),
+            (None, None) => None,
+            (Some(c), None) => {
+                let l = self.line(&c);
+                self.problem(
+                    "storage.etcd.key_file",
+                    l,
+                    "is required with storage.etcd.cert_file",
+                );
+                None
+            }
+            (None, Some(k)) => {
+                let l = self.line(&k);
+                self.problem(
+                    "storage.etcd.cert_file",
+                    l,
+                    "is required with storage.etcd.key_file",
+                );
+                None
+            }
+        };
+        if client_cert.is_some() && !tls {
+            self.problem(
+                "storage.etcd.cert_file",
+                line,
+                "a client certificate needs https:// endpoints",
+            );
+        }
+        let user = match (raw.username, raw.password_file) {
+            (Some(u), Some(p)) => Some((u.into_inner(), self.path(p.get_ref()))),
+            (None, None) => None,
+            (Some(u), None) => {
+                let l = self.line(&u);
+                self.problem(
+                    "storage.etcd.password_file",
+                    l,
+                    "is required with storage.etcd.username (a file holding the password, so that it is not in the configuration)",
+                );
+                None
+            }
+            (None, Some(p)) => {
+                let l = self.line(&p);
+                self.problem(
+                    "storage.etcd.username",
+                    l,
+                    "is required with storage.etcd.password_file",
+                );
+                None
+            }
+        };
+        let lock_ttl = match raw.lock_ttl {
+            None => DEFAULT_LOCK_TTL,
+            Some(d) => {
+                let l = self.line(&d);
+                match super::parse_duration(d.get_ref()) {
+                    Ok(v) if (MIN_LOCK_TTL..=MAX_LOCK_TTL).contains(&v) => v,
+                    Ok(_) => {
+                        self.problem(
+                            "storage.etcd.lock_ttl",
+                            l,
+                            "must be between 2s and 5m (a replica that stops keeps its certificates locked this long)",
+                        );
+                        DEFAULT_LOCK_TTL
+                    }
+                    Err(msg) => {
+                        self.problem("storage.etcd.lock_ttl", l, msg);
+                        DEFAULT_LOCK_TTL
+                    }
+                }
+            }
+        };
+        EtcdConfig {
+            endpoints,
+            prefix,
+            ca_file,
+            client_cert,
+            user,
+            lock_ttl,
+        }
+    }
+}
+
+/// An etcd member URL: `http://` or `https://`, a host and a port, nothing after.
+fn check_endpoint(url: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        format!("{url:?} is not an etcd member URL such as \"http://10.0.0.1:2379\": {why}")
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| bad("it starts with http:// or https://"))?;
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('/') || rest.contains('?') || rest.contains('@') {
+        return Err(bad("it has a host and a port, and no path or credentials"));
+    }
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| bad("it names the port (etcd's is 2379)"))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad("it has a host and a port between 1 and 65535"));
+    }
+    Ok(())
 }

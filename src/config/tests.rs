@@ -475,3 +475,69 @@ fn syntax_error_has_line() {
     let err = parse_str("[sds]\nlisten = [\n\"a\"\n=\n").unwrap_err();
     assert!(err.problems[0].line.is_some());
 }
+
+#[test]
+fn etcd_storage_is_checked_key_by_key() {
+    let cfg = parse_str(
+        r#"
+[sds]
+listen = ["127.0.0.1:1"]
+[storage]
+encryption_key_file = "storage.key"
+[storage.etcd]
+endpoints = ["https://10.0.0.1:2379", "https://etcd-2.internal:2379/"]
+prefix = "/edge/acme-sds/"
+ca_file = "etcd-ca.pem"
+cert_file = "client.pem"
+key_file = "client.key"
+username = "acme-sds"
+password_file = "/run/secrets/etcd-password"
+lock_ttl = "15s"
+"#,
+    )
+    .unwrap();
+    let etcd = cfg.storage.etcd.unwrap();
+    assert_eq!(etcd.endpoints.len(), 2);
+    assert_eq!(etcd.prefix, "/edge/acme-sds");
+    assert_eq!(
+        etcd.ca_file.unwrap(),
+        Path::new("/etc/acme-sds/etcd-ca.pem")
+    );
+    assert_eq!(etcd.user.unwrap().0, "acme-sds");
+    assert_eq!(etcd.lock_ttl, std::time::Duration::from_secs(15));
+
+    let minimal = parse_str("[sds]\nlisten = [\"127.0.0.1:1\"]\n[storage]\nencryption_key_file = \"k\"\n[storage.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n").unwrap();
+    let etcd = minimal.storage.etcd.unwrap();
+    assert_eq!(etcd.prefix, DEFAULT_ETCD_PREFIX);
+    assert_eq!(etcd.lock_ttl, DEFAULT_LOCK_TTL);
+
+    let err = parse_str(
+        r#"
+[sds]
+listen = ["127.0.0.1:1"]
+[storage]
+path = "/var/lib/acme-sds"
+[storage.etcd]
+endpoints = ["127.0.0.1:2379", "https://a:2379"]
+prefix = "acme"
+cert_file = "c.pem"
+username = "u"
+lock_ttl = "1s"
+"#,
+    )
+    .unwrap_err();
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "storage.path",
+        "storage.encryption_key_file",
+        "storage.etcd.endpoints[0]",
+        "storage.etcd.prefix",
+        "storage.etcd.ca_file",
+        "storage.etcd.key_file",
+        "storage.etcd.password_file",
+        "storage.etcd.lock_ttl",
+    ] {
+        assert!(keys.contains(&key), "{key} not in {keys:?}\n{err}");
+    }
+    assert!(err.problems.iter().all(|p| p.line.is_some()), "{err}");
+}

@@ -332,6 +332,7 @@ impl Running {
             config: Arc::new(config.clone()),
             acme: self.acme.as_ref().map(|a| a.manager.clone()),
             internal: self.internal.as_ref().map(|i| i.issuer.clone()),
+            store: self.store.clone(),
         }
     }
 
@@ -343,7 +344,11 @@ impl Running {
         let s = crate::sources::open_store(&config.storage, false)
             .await
             .map_err(DaemonError::Store)?;
-        self.store_dir = Some(config.storage.path.clone());
+        self.store_dir = config
+            .storage
+            .etcd
+            .is_none()
+            .then(|| config.storage.path.clone());
         self.store = Some(s.clone());
         Ok(s)
     }
@@ -441,6 +446,11 @@ impl Running {
             store,
             self.registry.clone(),
             self.metrics.clone(),
+            config
+                .storage
+                .etcd
+                .as_ref()
+                .map_or(crate::config::DEFAULT_LOCK_TTL, |e| e.lock_ttl),
         );
         let token = self.shutdown.child_token();
         for handle in manager

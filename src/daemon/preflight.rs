@@ -85,7 +85,17 @@ pub fn preflight(config: &Config) -> Vec<crate::config::Problem> {
         .certificates
         .iter()
         .any(|c| c.source.issued_domains().is_some());
-    if issued {
+    if let Some(etcd) = &config.storage.etcd {
+        if let Err(crate::sources::OpenStoreError::EtcdFile { key, path, source }) =
+            crate::sources::etcd_settings(etcd)
+        {
+            out.push(Problem::new(
+                format!("storage.etcd.{key}"),
+                None,
+                format!("{}: {source}", path.display()),
+            ));
+        }
+    } else if issued {
         let path = &config.storage.path;
         let problem = match std::fs::metadata(path) {
             Ok(m) if !m.is_dir() => Some("exists and is not a directory".to_owned()),

@@ -29,7 +29,11 @@ pub struct Admin {
 
 /// The Prometheus exposition: the counters, plus per-certificate gauges (expiry, next renewal, readiness)
 /// made from the status at scrape time, so that they can never disagree with `/status`.
-pub fn metrics_text(metrics: &Metrics, secrets: &[crate::ops::status::SecretStatus]) -> String {
+pub fn metrics_text(
+    metrics: &Metrics,
+    secrets: &[crate::ops::status::SecretStatus],
+    storage: Option<&crate::store::StoreHealth>,
+) -> String {
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
     use std::sync::atomic::AtomicU64;
@@ -70,6 +74,24 @@ pub fn metrics_text(metrics: &Metrics, secrets: &[crate::ops::status::SecretStat
         "1 when a valid (unexpired) certificate is being served",
         ready,
     );
+    if let Some(h) = storage {
+        let available = Gauge::<i64>::default();
+        available.set(i64::from(h.unavailable.is_none()));
+        registry.register(
+            "acme_sds_store_available",
+            "1 while the store can be written (etcd: the watch is up, so there is a quorum), else 0",
+            available,
+        );
+        if let Some(at) = h.last_error_at {
+            let last = Gauge::<f64, AtomicU64>::default();
+            last.set(at as f64);
+            registry.register(
+                "acme_sds_store_last_error_timestamp_seconds",
+                "When a store request last failed (after its retries), as a Unix time",
+                last,
+            );
+        }
+    }
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
         out.clear();
@@ -98,6 +120,23 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         // not wait for certificates to be issued: the CA validates through Envoy, which needs acme-sds
         // reachable (a central acme-sds behind a Service must be ready for its own HTTP-01 to pass). The
         // body says how many certificates are issued and how many are temporary stand-ins.
+        // Not ready while the store is unavailable (etcd without quorum or unreachable): what is loaded
+        // is still served, but nothing can be issued or stored, and the reason says why.
+        "/readyz" if view.storage().is_some_and(|h| h.unavailable.is_some()) => {
+            let why = view
+                .storage()
+                .and_then(|h| h.unavailable)
+                .unwrap_or_default();
+            let mut r = Response::new(Full::new(Bytes::from(format!(
+                "not ready: storage unavailable: {why}\n(certificates already loaded are still served; nothing is issued until the store is back)\n"
+            ))));
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain"),
+            );
+            r
+        }
         "/readyz" => {
             let secrets = view.secrets();
             let temporary = secrets.iter().filter(|s| s.temporary).count();
@@ -117,6 +156,7 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let mut r = Response::new(Full::new(Bytes::from(metrics_text(
                 &admin.metrics,
                 &view.secrets(),
+                view.storage().as_ref(),
             ))));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -130,6 +170,7 @@ fn route(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let body = serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "sds_streams": view.open_streams(),
+                "storage": view.storage(),
                 "secrets": view.secrets(),
             });
             let mut r = Response::new(Full::new(Bytes::from(body.to_string())));

@@ -154,6 +154,8 @@ pub struct Sources {
     pub acme: Option<Arc<AcmeManager>>,
     /// The internal CA, when certificates are issued by it.
     pub internal: Option<Arc<InternalIssuer>>,
+    /// The store, once a source opened it: its health is the daemon's readiness.
+    pub store: Option<crate::store::SharedStore>,
 }
 
 /// A running daemon's status; cheap to clone. A configuration reload swaps what it looks at.
@@ -179,6 +181,12 @@ impl StatusView {
         *self.sources.write().unwrap_or_else(|e| e.into_inner()) = sources;
     }
 
+    /// The store's health, when one is open (`None`: no source uses the store).
+    pub fn storage(&self) -> Option<crate::store::StoreHealth> {
+        let sources = self.sources.read().unwrap_or_else(|e| e.into_inner());
+        sources.store.as_ref().map(|s| s.health())
+    }
+
     /// SDS streams open now, all callers together.
     pub fn open_streams(&self) -> usize {
         self.limits.open_streams()
@@ -190,6 +198,7 @@ impl StatusView {
             config,
             acme,
             internal,
+            ..
         } = self
             .sources
             .read()
@@ -235,7 +244,7 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
             }
         }
     }
-    if config.storage.path.is_dir() {
+    if config.storage.etcd.is_some() || config.storage.path.is_dir() {
         let store = crate::sources::open_store(&config.storage, true).await?;
         let keys = config
             .acme

@@ -56,6 +56,11 @@ impl AcmeKeys {
         format!("acme/{}/account", self.ca)
     }
 
+    /// Where the issued certificates are (what replicas watch).
+    pub fn certs_dir(&self) -> String {
+        format!("acme/{}/certs", self.ca)
+    }
+
     /// An issued certificate.
     pub fn cert(&self, name: &str) -> String {
         format!("acme/{}/certs/{}", self.ca, key_segment(name))

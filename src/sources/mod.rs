@@ -6,26 +6,85 @@
 use std::sync::Arc;
 
 use crate::certs;
-use crate::config::StorageConfig;
+use crate::config::{EtcdConfig, StorageConfig};
 use crate::registry::SecretContent;
+use crate::store::etcd::{EtcdSettings, EtcdStore};
 use crate::store::sealed::{KeyFileError, SealedStore, Sealer};
 use crate::store::{FsStore, SharedStore, StoreError};
 
 /// Why the configured store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenStoreError {
-    /// The storage directory (`storage.path`).
-    #[error("storage.path: {0}")]
-    Store(#[from] StoreError),
+    /// The storage directory (`storage.path`), or the etcd cluster.
+    #[error("{}: {source}", if *.etcd { "storage.etcd" } else { "storage.path" })]
+    Store {
+        /// Whether the store is etcd.
+        etcd: bool,
+        /// What failed.
+        source: StoreError,
+    },
+    /// A file `[storage.etcd]` names (`ca_file`, `password_file`, ...) cannot be read.
+    #[error("storage.etcd.{key}: {}: {source}", .path.display())]
+    EtcdFile {
+        /// The configuration key.
+        key: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What reading it said.
+        source: std::io::Error,
+    },
     /// The key file (`storage.encryption_key_file`).
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
 }
 
+/// How to reach the configured etcd cluster: its settings with the files they name read (`check` uses it
+/// to say which file cannot be read).
+pub fn etcd_settings(config: &EtcdConfig) -> Result<EtcdSettings, OpenStoreError> {
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| OpenStoreError::EtcdFile {
+            key,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let ca_pem = config
+        .ca_file
+        .as_deref()
+        .map(|p| read("ca_file", p))
+        .transpose()?;
+    let identity = match &config.client_cert {
+        Some((cert, key)) => Some((
+            read("cert_file", cert)?,
+            zeroize::Zeroizing::new(read("key_file", key)?),
+        )),
+        None => None,
+    };
+    let user = match &config.user {
+        Some((name, file)) => {
+            let bytes = zeroize::Zeroizing::new(read("password_file", file)?);
+            let text = String::from_utf8_lossy(&bytes);
+            Some((
+                name.clone(),
+                zeroize::Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned()),
+            ))
+        }
+        None => None,
+    };
+    Ok(EtcdSettings {
+        endpoints: config.endpoints.clone(),
+        prefix: config.prefix.clone(),
+        ca_pem,
+        identity,
+        user,
+    })
+}
+
 /// The configured store: the storage directory (locked; or read-only, taking no lock, for
-/// `acme-sds status`), with the values that hold private keys ([`keys::holds_private_key`]) sealed when
-/// `storage.encryption_key_file` is set. A daemon refuses to start when a stored private key does not open
-/// with the configured keys (or none is configured): ordering afresh would overwrite it.
+/// `acme-sds status`) or the etcd cluster of `[storage.etcd]`, with the values that hold private keys
+/// ([`keys::holds_private_key`]) sealed when `storage.encryption_key_file` is set. A daemon refuses to
+/// start when a stored private key does not open with the configured keys (or none is configured):
+/// ordering afresh would overwrite it.
 pub async fn open_store(
     config: &StorageConfig,
     read_only: bool,
@@ -34,31 +93,40 @@ pub async fn open_store(
         Some(path) => Some(Arc::new(Sealer::load(path)?)),
         None => None,
     };
-    let fs = if read_only {
-        FsStore::open_read_only(&config.path)?
-    } else {
-        FsStore::open(&config.path)?
+    let backend: SharedStore = match &config.etcd {
+        Some(etcd) => {
+            let store = EtcdStore::connect_with(&etcd_settings(etcd)?)
+                .await
+                .map_err(|source| OpenStoreError::Store { etcd: true, source })?;
+            Arc::new(store)
+        }
+        None => {
+            let fs = if read_only {
+                FsStore::open_read_only(&config.path)
+            } else {
+                FsStore::open(&config.path)
+            };
+            Arc::new(fs.map_err(|source| OpenStoreError::Store {
+                etcd: false,
+                source,
+            })?)
+        }
     };
     if let Some(s) = &sealer
         && !read_only
     {
         tracing::info!(key = %s.key_id(), "stored private keys are sealed (storage.encryption_key_file)");
     }
-    let store: SharedStore = Arc::new(SealedStore::new(
-        Arc::new(fs),
-        sealer,
-        keys::holds_private_key,
-    ));
+    let store: SharedStore = Arc::new(SealedStore::new(backend, sealer, keys::holds_private_key));
     if !read_only {
         for prefix in ["acme", "internal"] {
-            for key in store.list(prefix).await? {
-                if keys::holds_private_key(&key)
-                    && !crate::store::is_quarantined(&key)
-                    && let Err(e @ StoreError::Sealed { .. }) = store.get(&key).await
-                {
-                    return Err(e.into());
-                }
-            }
+            store
+                .scan(prefix)
+                .await
+                .map_err(|source| OpenStoreError::Store {
+                    etcd: config.etcd.is_some(),
+                    source,
+                })?;
         }
     }
     Ok(store)

@@ -288,24 +288,41 @@ impl EtcdStore {
             let every = Duration::from_secs(u64::try_from(ttl_secs).unwrap_or(1)) / 3;
             let name = name.to_owned();
             tokio::spawn(async move {
-                let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await else {
-                    renewing.store(false, Ordering::SeqCst);
-                    return;
-                };
+                // A renewal that fails (the member it went to died, a leader election) is tried again,
+                // on a new stream, until the lease would have expired: only then is the lock lost.
+                let ttl = Duration::from_secs(u64::try_from(ttl_secs).unwrap_or(1));
+                let mut renewed_at = tokio::time::Instant::now();
                 loop {
-                    let renewed = match keeper.keep_alive().await {
-                        Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
-                        Err(_) => false,
-                    };
-                    if !renewed {
+                    if let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await {
+                        loop {
+                            let renewed = match keeper.keep_alive().await {
+                                Ok(()) => match stream.message().await {
+                                    Ok(Some(r)) if r.ttl() > 0 => true,
+                                    Ok(Some(_)) => {
+                                        // The lease is gone (expired): the lock is lost for good.
+                                        renewed_at = tokio::time::Instant::now() - ttl;
+                                        false
+                                    }
+                                    _ => false,
+                                },
+                                Err(_) => false,
+                            };
+                            if !renewed {
+                                break;
+                            }
+                            renewed_at = tokio::time::Instant::now();
+                            tokio::time::sleep(every).await;
+                        }
+                    }
+                    if renewed_at.elapsed() >= ttl {
                         tracing::warn!(
                             lock = name,
-                            "cannot renew the lock's lease: it lapses when the lease expires"
+                            "cannot renew the lock's lease: it lapsed, and another replica may hold the lock now"
                         );
                         renewing.store(false, Ordering::SeqCst);
                         return;
                     }
-                    tokio::time::sleep(every).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             })
         });

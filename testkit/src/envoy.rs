@@ -213,6 +213,115 @@ static_resources:
     )
 }
 
+/// The bootstrap of one edge in front of a replica: Envoy gets the TLS certificate of each of `secrets`
+/// from acme-sds at the Unix socket `sds_socket` (default SDS settings, SotW), serving each on its own
+/// listener `https-NAME` (an echo filter behind), and routes `/.well-known/acme-challenge/` arriving on
+/// `127.0.0.1:port80` to the HTTP-01 responders at `challenge` (`IP:PORT`s), which need not include its
+/// own replica's; a responder that refuses the connection, fails or hangs (a paused process) is skipped for
+/// another (as behind a Service).
+///
+/// `challenge_delay` holds every challenge request that long first (Envoy's fault filter): an order is then
+/// in progress for at least that long, a window for fault tests.
+pub fn edge_bootstrap(
+    sds_socket: &Path,
+    secrets: &[&str],
+    port80: u16,
+    challenge: &[String],
+    challenge_delay: Duration,
+) -> String {
+    let delay = if challenge_delay.is_zero() {
+        String::new()
+    } else {
+        format!(
+            r#"          - name: envoy.filters.http.fault
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
+              delay: {{ fixed_delay: {}s, percentage: {{ numerator: 100, denominator: HUNDRED }} }}
+"#,
+            challenge_delay.as_secs_f64()
+        )
+    };
+    let endpoints: Vec<String> = challenge
+        .iter()
+        .map(|c| {
+            let (ip, port) = c.rsplit_once(':').expect("IP:PORT");
+            format!("{{ endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }} }}")
+        })
+        .collect();
+    let endpoints = endpoints.join(", ");
+    let mut listeners = format!(
+        r#"  - name: http
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port80} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          http_filters:
+{delay}          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/.well-known/acme-challenge/" }}
+                route:
+                  cluster: challenge
+                  retry_policy:
+                    retry_on: 5xx
+                    num_retries: 3
+                    per_try_timeout: 1s
+                    retry_host_predicate: [{{ name: envoy.retry_host_predicates.previous_hosts, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate }} }}]
+"#
+    );
+    for name in secrets {
+        listeners.push_str(&format!(
+            r#"  - name: https-{name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificate_sds_secret_configs:
+            - name: {name}
+              sds_config:
+                resource_api_version: V3
+                api_config_source:
+                  api_type: GRPC
+                  transport_api_version: V3
+                  grpc_services: [{{ envoy_grpc: {{ cluster_name: acme_sds }} }}]
+      filters:
+      - name: envoy.filters.network.echo
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo
+"#
+        ));
+    }
+    format!(
+        r#"
+node: {{ id: edge, cluster: edge }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+static_resources:
+  listeners:
+{listeners}{}  - name: challenge
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: challenge
+      endpoints: [{{ lb_endpoints: [{endpoints}] }}]
+"#,
+        envoy_cluster(
+            &format!("{{ pipe: {{ path: \"{}\" }} }}", sds_socket.display()),
+            ""
+        )
+    )
+}
+
 /// The STATIC cluster `acme_sds` (HTTP/2) at `address`, with `transport_socket` (YAML, or empty).
 fn envoy_cluster(address: &str, transport_socket: &str) -> String {
     format!(

@@ -65,6 +65,8 @@ pub struct PebbleOptions {
     pub nonce_reject: u8,
     /// Require External Account Binding with this (key id, base64url MAC key).
     pub eab: Option<(String, String)>,
+    /// `PEBBLE_AUTHZREUSE`: percentage of valid authorizations reused (0: every order is validated).
+    pub authz_reuse: u8,
 }
 
 impl PebbleOptions {
@@ -74,6 +76,7 @@ impl PebbleOptions {
             validity_seconds: None,
             nonce_reject: 5,
             eab: None,
+            authz_reuse: 50,
         }
     }
 }
@@ -84,6 +87,7 @@ pub struct Pebble {
     pebble_bin: PathBuf,
     config: PathBuf,
     nonce_reject: u8,
+    authz_reuse: u8,
     dns: u16,
     /// The ACME directory URL.
     pub directory: String,
@@ -218,6 +222,7 @@ impl Pebble {
             pebble_bin,
             config,
             nonce_reject: opts.nonce_reject,
+            authz_reuse: opts.authz_reuse,
             dns,
             directory: format!("https://{listen}/dir"),
             directory_ca,
@@ -237,7 +242,8 @@ impl Pebble {
             .arg("-dnsserver")
             .arg(format!("127.0.0.1:{}", self.dns))
             .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", self.nonce_reject.to_string());
+            .env("PEBBLE_WFE_NONCEREJECT", self.nonce_reject.to_string())
+            .env("PEBBLE_AUTHZREUSE", self.authz_reuse.to_string());
         let log = self.config.with_file_name("pebble.log");
         let (child, rx) = spawn_logged(cmd, &log);
         wait_line(&rx, "ACME directory available", &log);

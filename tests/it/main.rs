@@ -13,6 +13,7 @@ mod keys;
 mod limits;
 mod readme;
 mod reload;
+mod replicas;
 mod sds;
 mod security;
 mod store;

@@ -85,6 +85,8 @@ fn builder(config: &AcmeConfig) -> Result<instant_acme::AccountBuilder, OrderErr
     Ok(Account::builder_with_http(Box::new(client)))
 }
 
+/// The stored account, or a new one. In a shared store one replica creates it while the others wait on
+/// its lock, then read it: every replica uses the same account.
 async fn load_or_create(
     config: &AcmeConfig,
     keys: &AcmeKeys,
@@ -92,6 +94,22 @@ async fn load_or_create(
     metrics: &Metrics,
 ) -> Result<Account, OrderError> {
     let key = keys.account();
+    let lock = store.lock(&key, crate::config::DEFAULT_LOCK_TTL).await?;
+    let result = load_or_create_locked(config, &key, store, &lock, metrics).await;
+    if let Err(e) = store.unlock(lock).await {
+        tracing::debug!(error = %e, "cannot release the account's lock; it lapses with its lease");
+    }
+    result
+}
+
+async fn load_or_create_locked(
+    config: &AcmeConfig,
+    key: &str,
+    store: &SharedStore,
+    lock: &crate::store::Lock,
+    metrics: &Metrics,
+) -> Result<Account, OrderError> {
+    let key = key.to_owned();
     if let Some(entry) = store.get(&key).await? {
         match serde_json::from_slice::<AccountCredentials>(&entry.value) {
             Ok(_) => {
@@ -134,7 +152,7 @@ async fn load_or_create(
     )
     .map_err(|e| OrderError::acme("creating the ACME account", e))?;
     let value = serde_json::to_vec(&creds).map_err(|e| OrderError::Other(e.to_string()))?;
-    store.put(&key, &value).await?;
+    store.put_locked(lock, &key, &value).await?;
     tracing::info!(account = account.id(), directory = %config.directory, "ACME account created and stored");
     Ok(account)
 }

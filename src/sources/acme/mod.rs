@@ -13,6 +13,14 @@
 //! loop can place orders faster than that. A semaphore bounds concurrent orders, and one certificate's
 //! failure never delays another's.
 //!
+//! Several replicas may share one store (etcd). Exactly one of them orders a certificate at a time: a task
+//! whose certificate is due takes the certificate's lock ([`Store::lock`]), then reads the store again
+//! (another replica may just have stored a fresh certificate, failed and set a backoff, or left an order
+//! to resume), and makes every write of the order under that lock, so a replica paused past its lease
+//! cannot overwrite what the next holder stored. Every replica follows the stored certificates
+//! ([`Store::watch`]) and pushes one another replica stored to its own Envoys at once. Pending challenges
+//! live in the store on short leases, so any replica's HTTP-01 responder answers them.
+//!
 //! Store layout, per CA (so that state never mixes CAs): `acme/<ca>/account` (credentials),
 //! `acme/<ca>/certs/<name>` (chain, key, domains, key type), `acme/<ca>/state/<name>` (failures, next
 //! attempt), `acme/<ca>/orders/<name>` (the order in progress: URL, and key once made). Pending challenges
@@ -66,16 +74,20 @@ use tokio_util::sync::CancellationToken;
 use crate::certs::{self, CertifiedPem, MaterialError};
 use crate::config::{AcmeConfig, CertificateSource, Config};
 use crate::metrics::Metrics;
+use crate::registry::Published;
 use crate::registry::{Registry, SecretContent};
 use crate::sources::IssuerStatus;
 use crate::sources::keys::AcmeKeys;
-use crate::store::{SharedStore, StoreError};
+use crate::store::{Change, Lock, SharedStore, StoreError};
 use crate::values::{DnsName, KeyType, SecretName, same_names, to_strings};
 
 pub use order::OrderError;
 
 /// How many `request_timeout`s one order may take, end to end, before it counts as failed.
 const ORDER_TIMEOUTS: u32 = 20;
+
+/// How long a task waits before trying the store again when it cannot take a lock (etcd unavailable).
+const STORE_RETRY: Duration = Duration::from_secs(5);
 
 /// The retry after a first order that could not reach the name (see `run_cert`).
 const FIRST_RETRY_UNREACHABLE: Duration = Duration::from_secs(2);
@@ -133,6 +145,10 @@ pub struct StoredCert {
     pub key_pem: zeroize::Zeroizing<String>,
     /// Unix time of issuance.
     pub issued_at: i64,
+    /// The same in milliseconds (absent in certificates stored by earlier versions): how long another
+    /// replica took to push it is measured from it.
+    #[serde(default)]
+    pub issued_at_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for StoredCert {
@@ -256,7 +272,12 @@ pub struct AcmeManager {
     orders: Arc<Semaphore>,
     account: account::AccountSlot,
     tasks: tokio_util::task::TaskTracker,
+    /// How long a certificate's lock outlives a replica that stopped renewing it.
+    lock_ttl: Duration,
 }
+
+/// Where a certificate's task hears that another replica stored it.
+type Changed = Arc<tokio::sync::Notify>;
 
 /// An issued certificate, and whether the store has it yet.
 struct Current {
@@ -265,12 +286,14 @@ struct Current {
 }
 
 impl AcmeManager {
-    /// A manager for the `[acme]` CA, storing in `store` and publishing to `registry`.
+    /// A manager for the `[acme]` CA, storing in `store` and publishing to `registry`; certificate locks
+    /// in a shared store live `lock_ttl` past a replica that stopped.
     pub fn new(
         config: AcmeConfig,
         store: SharedStore,
         registry: Arc<Registry>,
         metrics: Metrics,
+        lock_ttl: Duration,
     ) -> Arc<Self> {
         Arc::new(AcmeManager {
             status: Default::default(),
@@ -282,6 +305,7 @@ impl AcmeManager {
             registry,
             metrics,
             tasks: tokio_util::task::TaskTracker::new(),
+            lock_ttl,
         })
     }
 
@@ -349,9 +373,13 @@ impl AcmeManager {
         }
     }
 
-    /// Removes challenges a previous process left in the store: one daemon per store, so none of them is
-    /// being validated now (an order that is resumed publishes its own again).
+    /// Removes challenges a previous process left in a directory: one daemon per directory, so none of
+    /// them is being validated now (an order that is resumed publishes its own again). In a shared store
+    /// they may be another replica's, and expire by themselves.
     async fn clear_stale_challenges(&self) {
+        if self.store.shared() {
+            return;
+        }
         let Ok(keys) = self.store.list("challenges").await else {
             return;
         };
@@ -368,8 +396,16 @@ impl AcmeManager {
         shutdown: CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         self.clear_stale_challenges().await;
+        // Followed from before the stored certificates are read, so that none stored meanwhile is missed.
+        let changes = self
+            .store
+            .watch(&self.keys.certs_dir(), shutdown.clone())
+            .await;
+        let mut followed = std::collections::HashMap::new();
         let mut tasks = Vec::new();
         for cert in certs {
+            let changed = Changed::default();
+            followed.insert(self.keys.cert(&cert.name), (cert.clone(), changed.clone()));
             let stored = self.load_stored(&cert).await;
             if let Some((s, pem)) = &stored {
                 let v = self
@@ -405,10 +441,150 @@ impl AcmeManager {
                 saved: true,
             });
             tasks.push(self.tasks.spawn(http::with_retry_after(async move {
-                manager.run_cert(cert, current, state, token).await;
+                manager.run_cert(cert, current, state, changed, token).await;
             })));
         }
+        if let Some(changes) = changes {
+            let manager = self.clone();
+            tasks.push(
+                self.tasks
+                    .spawn(manager.follow(changes, followed, shutdown.clone())),
+            );
+        }
         tasks
+    }
+
+    /// Pushes what other replicas store: a certificate written to the store (by any replica) is published
+    /// if it is not what this replica serves already, and its task plans from it.
+    async fn follow(
+        self: Arc<Self>,
+        mut changes: tokio::sync::mpsc::Receiver<Change>,
+        followed: std::collections::HashMap<String, (ManagedCert, Changed)>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let change = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = changes.recv() => match c {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            let which: Vec<&(ManagedCert, Changed)> = match &change {
+                Change::Put(key) => followed.get(key).into_iter().collect(),
+                Change::Resync => followed.values().collect(),
+                Change::Deleted(_) => continue,
+            };
+            for (cert, changed) in which {
+                self.adopt(cert).await;
+                changed.notify_one();
+            }
+        }
+    }
+
+    /// Publishes `cert`'s stored certificate when it is for its current configuration and is not what
+    /// this replica serves (another replica stored it).
+    async fn adopt(&self, cert: &ManagedCert) {
+        let Some((stored, pem)) = self.load_stored(cert).await else {
+            return;
+        };
+        if !stored.matches(cert) {
+            return;
+        }
+        let content = SecretContent::TlsCertificate(pem.clone());
+        if let Published::New(v) = self.registry.publish(&cert.name, &content) {
+            if let Some(at) = stored.issued_at_ms {
+                let now = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+                let lag = i64::try_from(now).unwrap_or(i64::MAX).saturating_sub(at);
+                self.metrics.watch_lag(lag.max(0) as f64 / 1000.0);
+            }
+            tracing::info!(
+                secret = %cert.name,
+                version = v.version(),
+                serial = %pem.leaf.serial,
+                not_after = %certs::format_time(pem.leaf.not_after),
+                "certificate stored by another replica: pushed to subscribers"
+            );
+        }
+    }
+
+    /// Takes `cert`'s lock, waiting while another replica orders it. `None` at shutdown, or when the
+    /// store cannot be reached (logged, after a pause: the caller plans again, and nothing is ordered
+    /// while etcd is unavailable).
+    async fn acquire(&self, cert: &ManagedCert, shutdown: &CancellationToken) -> Option<Lock> {
+        let started = std::time::Instant::now();
+        let key = self.keys.cert(&cert.name);
+        let taken = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = self.store.lock(&key, self.lock_ttl) => r,
+        };
+        match taken {
+            Ok(lock) => {
+                self.metrics.lock_taken(started);
+                Some(lock)
+            }
+            Err(e) => {
+                tracing::warn!(secret = %cert.name, error = %e, "cannot take the certificate's lock in the store: ordering nothing until the store is back (the current certificate keeps being served)");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(STORE_RETRY) => {}
+                }
+                None
+            }
+        }
+    }
+
+    /// Gives a certificate's lock up.
+    async fn release(&self, lock: Lock) {
+        self.metrics.lock_released();
+        let name = lock.name().to_owned();
+        if let Err(e) = self.store.unlock(lock).await {
+            tracing::debug!(lock = name, error = %e, "cannot release a lock; it lapses with its lease");
+        }
+    }
+
+    /// Reads `cert`'s certificate, plan and order again (after taking its lock, in a shared store): another
+    /// replica may have stored a certificate, failed and set a backoff, or left an order to resume. True
+    /// when anything changed, and the task must plan again.
+    async fn refresh(
+        &self,
+        cert: &ManagedCert,
+        current: &mut Option<Current>,
+        state: &mut CertState,
+        resume: &mut bool,
+    ) -> bool {
+        let mut changed = false;
+        if let Some((stored, pem)) = self.load_stored(cert).await
+            && stored.matches(cert)
+            && current
+                .as_ref()
+                .is_none_or(|c| c.stored.chain_pem != stored.chain_pem)
+        {
+            let content = SecretContent::TlsCertificate(pem);
+            self.registry.publish(&cert.name, &content);
+            *current = Some(Current {
+                stored,
+                saved: true,
+            });
+            changed = true;
+        }
+        if let Ok(Some(stored)) = self
+            .load_json::<CertState>(&self.keys.state(&cert.name))
+            .await
+            && (stored.failures, stored.next_attempt_at) != (state.failures, state.next_attempt_at)
+        {
+            *state = stored;
+            changed = true;
+        }
+        if !*resume
+            && order::load_record(&self.store, &self.keys, cert)
+                .await
+                .is_some()
+        {
+            *resume = true;
+            changed = true;
+        }
+        changed
     }
 
     /// Waits until every certificate task has ended (after `shutdown` was cancelled): a new manager on the
@@ -449,11 +625,16 @@ impl AcmeManager {
         }
     }
 
-    async fn save_state(&self, name: &str, state: &CertState) {
+    /// Stores a certificate's plan (under its lock when one is held).
+    async fn save_state(&self, name: &str, state: &CertState, lock: Option<&Lock>) {
         let key = self.keys.state(name);
         match serde_json::to_vec(state) {
             Ok(v) => {
-                if let Err(e) = self.store.put(&key, &v).await {
+                let written = match lock {
+                    Some(lock) => self.store.put_locked(lock, &key, &v).await,
+                    None => self.store.put(&key, &v).await,
+                };
+                if let Err(e) = written {
                     tracing::error!(secret = name, error = %e, "cannot store certificate state");
                 }
             }
@@ -461,9 +642,11 @@ impl AcmeManager {
         }
     }
 
-    /// Stores an issued certificate (chain and key as one value) and forgets its order; `false` when the
-    /// store refused (the certificate is then served from memory and the write retried).
-    async fn save_cert(&self, name: &str, stored: &StoredCert) -> bool {
+    /// Stores an issued certificate (chain and key as one value) under its lock and forgets its order;
+    /// `false` when the store refused (the certificate is then served from memory and the write retried).
+    /// A write refused because the lock lapsed counts as done: another replica holds the certificate now,
+    /// and what it stores is pushed here through the watch.
+    async fn save_cert(&self, name: &str, stored: &StoredCert, lock: &Lock) -> bool {
         let value = match serde_json::to_vec(stored) {
             Ok(v) => zeroize::Zeroizing::new(v),
             Err(e) => {
@@ -471,9 +654,17 @@ impl AcmeManager {
                 return false;
             }
         };
-        match self.store.put(&self.keys.cert(name), &value).await {
+        match self
+            .store
+            .put_locked(lock, &self.keys.cert(name), &value)
+            .await
+        {
             Ok(_) => {
-                order::drop_record(&self.store, &self.keys, name).await;
+                order::drop_record(&self.store, &self.keys, lock, name).await;
+                true
+            }
+            Err(e @ StoreError::Fenced { .. }) => {
+                tracing::warn!(secret = name, error = %e, "the certificate's lock lapsed while it was ordered (this replica was paused or cut off): it is served here until the certificate another replica stores arrives");
                 true
             }
             Err(e) => {
@@ -489,8 +680,10 @@ impl AcmeManager {
         cert: ManagedCert,
         mut current: Option<Current>,
         mut state: CertState,
+        changed: Changed,
         shutdown: CancellationToken,
     ) {
+        let shared = self.store.shared();
         // An order left in progress (by a crash, or a certificate that could not be stored) is resumed at
         // once: resuming places no new order.
         let mut resume = order::load_record(&self.store, &self.keys, &cert)
@@ -519,9 +712,10 @@ impl AcmeManager {
                 s.next_retry = not_before.filter(|_| retrying);
             });
             let planned = current.as_ref().map(|_| due.unix_timestamp());
-            if state.next_renewal_at != planned {
+            // In a shared store the plan is written only under the lock (below), with the rest of it.
+            if state.next_renewal_at != planned && !shared {
                 state.next_renewal_at = planned;
-                self.save_state(&cert.name, &state).await;
+                self.save_state(&cert.name, &state, None).await;
             }
             if current.is_none() {
                 self.serve_temporary(&cert);
@@ -540,18 +734,50 @@ impl AcmeManager {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
-                }
-                if let Some(c) = current.as_mut().filter(|c| !c.saved) {
-                    c.saved = self.save_cert(&cert.name, &c.stored).await;
-                    if c.saved {
-                        tracing::info!(secret = %cert.name, "the issued certificate is stored now");
-                    } else {
-                        save_retry = (save_retry * 2).min(self.config.retry_max);
+                    _ = changed.notified() => {
+                        // Another replica stored this certificate (or its plan): plan from the store.
+                        if let Some(lock) = self.acquire(&cert, &shutdown).await {
+                            self.refresh(&cert, &mut current, &mut state, &mut resume).await;
+                            self.release(lock).await;
+                        }
+                        continue;
                     }
+                }
+                if current.as_ref().is_some_and(|c| !c.saved)
+                    && let Some(lock) = self.acquire(&cert, &shutdown).await
+                {
+                    if shared {
+                        self.refresh(&cert, &mut current, &mut state, &mut resume)
+                            .await;
+                    }
+                    if let Some(c) = current.as_mut().filter(|c| !c.saved) {
+                        c.saved = self.save_cert(&cert.name, &c.stored, &lock).await;
+                        if c.saved {
+                            tracing::info!(secret = %cert.name, "the issued certificate is stored now");
+                        } else {
+                            save_retry = (save_retry * 2).min(self.config.retry_max);
+                        }
+                    }
+                    self.release(lock).await;
                 }
                 if OffsetDateTime::now_utc() < at {
                     continue;
                 }
+            }
+            // One replica orders a certificate at a time; the one that waited reads what the other did.
+            let Some(lock) = self.acquire(&cert, &shutdown).await else {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
+            };
+            if shared
+                && self
+                    .refresh(&cert, &mut current, &mut state, &mut resume)
+                    .await
+            {
+                self.release(lock).await;
+                continue;
             }
             if !resume {
                 // Before the order: the time it would be retried at if it failed. A crash during the order
@@ -563,22 +789,25 @@ impl AcmeManager {
                     None,
                 );
                 state.next_attempt_at = Some((OffsetDateTime::now_utc() + delay).unix_timestamp());
-                self.save_state(&cert.name, &state).await;
+                self.save_state(&cert.name, &state, Some(&lock)).await;
             }
             resume = false;
             let mut tokens = Vec::new();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => None,
-                r = self.obtain(&cert, issued_ref(&current, &cert), &mut tokens) => Some(r),
+                r = self.obtain(&cert, issued_ref(&current, &cert), &lock, &mut tokens) => Some(r),
             };
             order::withdraw_challenges(&self.store, &tokens).await;
-            let Some(result) = result else { return };
+            let Some(result) = result else {
+                self.release(lock).await;
+                return;
+            };
             match result {
                 Ok((stored, pem)) => {
                     self.metrics.count_order(&cert.name, "issued");
                     // Stored first (a crash after this serves it at the next start); published whatever
                     // the store said (an issued certificate is never thrown away).
-                    let saved = self.save_cert(&cert.name, &stored).await;
+                    let saved = self.save_cert(&cert.name, &stored, &lock).await;
                     // The status never shows an issued certificate without its schedule: the lifetime
                     // rule until the next turn of the loop refines it (ARI).
                     let due = schedule::lifetime_renewal(
@@ -609,7 +838,8 @@ impl AcmeManager {
                     );
                     save_retry = self.config.retry_initial;
                     state = self.after_issuance(&cert, &pem, &state);
-                    self.save_state(&cert.name, &state).await;
+                    state.next_renewal_at = Some(due.unix_timestamp());
+                    self.save_state(&cert.name, &state, Some(&lock)).await;
                     current = Some(Current { stored, saved });
                 }
                 Err(e) => {
@@ -653,9 +883,10 @@ impl AcmeManager {
                     state.last_error = Some(e.to_string());
                     state.last_error_at = Some(now.unix_timestamp());
                     state.next_attempt_at = Some(next.unix_timestamp());
-                    self.save_state(&cert.name, &state).await;
+                    self.save_state(&cert.name, &state, Some(&lock)).await;
                 }
             }
+            self.release(lock).await;
         }
     }
 
@@ -746,6 +977,7 @@ impl AcmeManager {
         &self,
         cert: &ManagedCert,
         current: Option<&StoredCert>,
+        lock: &Lock,
         tokens: &mut Vec<String>,
     ) -> Result<(StoredCert, CertifiedPem), OrderError> {
         let _permit = self
@@ -764,9 +996,14 @@ impl AcmeManager {
                 &account,
                 cert,
                 current,
-                &self.store,
-                &self.keys,
-                &self.metrics,
+                &order::OrderCtx {
+                    store: &self.store,
+                    keys: &self.keys,
+                    metrics: &self.metrics,
+                    lock,
+                    // A crashed replica's challenges outlive its order by little.
+                    challenge_ttl: limit,
+                },
                 tokens,
             ),
         )
@@ -778,18 +1015,20 @@ impl AcmeManager {
             Err(e) => {
                 // An order that itself failed cannot be resumed: the next attempt places a new one.
                 if !e.resumable() {
-                    order::drop_record(&self.store, &self.keys, &cert.name).await;
+                    order::drop_record(&self.store, &self.keys, lock, &cert.name).await;
                 }
                 return Err(e);
             }
         };
         let pem = certs::certified_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
+        let now = OffsetDateTime::now_utc();
         let stored = StoredCert {
             domains: to_strings(&cert.domains),
             key_type: cert.key_type,
             chain_pem,
             key_pem: zeroize::Zeroizing::new(key_pem),
-            issued_at: OffsetDateTime::now_utc().unix_timestamp(),
+            issued_at: now.unix_timestamp(),
+            issued_at_ms: i64::try_from(now.unix_timestamp_nanos() / 1_000_000).ok(),
         };
         Ok((stored, pem))
     }

@@ -26,7 +26,7 @@ use crate::certs::MaterialError;
 use crate::metrics::Metrics;
 use crate::sources::keys;
 use crate::sources::keys::AcmeKeys;
-use crate::store::{SharedStore, StoreError};
+use crate::store::{Lock, SharedStore, StoreError};
 use crate::values::{KeyType, same_names, to_strings};
 
 /// Attempts per request to the CA.
@@ -255,11 +255,22 @@ impl OrderRecord {
     }
 }
 
+/// What an order works with: the store (written only under `lock`, the certificate's), its key layout,
+/// the metrics, and how long a published challenge may outlive a replica that crashed.
+pub(super) struct OrderCtx<'a> {
+    pub store: &'a SharedStore,
+    pub keys: &'a AcmeKeys,
+    pub metrics: &'a Metrics,
+    pub lock: &'a Lock,
+    pub challenge_ttl: Duration,
+}
+
 /// Stores the order record; a failure is logged and the order goes on (it just cannot be resumed).
-async fn save_record(store: &SharedStore, keys: &AcmeKeys, name: &str, record: &OrderRecord) {
+async fn save_record(ctx: &OrderCtx<'_>, name: &str, record: &OrderRecord) {
     let written = match serde_json::to_vec(record) {
-        Ok(v) => store
-            .put(&keys.order(name), &zeroize::Zeroizing::new(v))
+        Ok(v) => ctx
+            .store
+            .put_locked(ctx.lock, &ctx.keys.order(name), &zeroize::Zeroizing::new(v))
             .await
             .map(|_| ()),
         Err(e) => {
@@ -283,9 +294,9 @@ pub(super) async fn load_record(
     record.matches(cert).then_some(record)
 }
 
-/// Forgets the order record (the order ended, or cannot be resumed).
-pub(super) async fn drop_record(store: &SharedStore, keys: &AcmeKeys, name: &str) {
-    if let Err(e) = store.delete(&keys.order(name)).await {
+/// Forgets the order record (the order ended, or cannot be resumed), while `lock` is held.
+pub(super) async fn drop_record(store: &SharedStore, keys: &AcmeKeys, lock: &Lock, name: &str) {
+    if let Err(e) = store.delete_locked(lock, &keys.order(name)).await {
         tracing::warn!(secret = name, error = %e, "cannot remove the finished order's record");
     }
 }
@@ -355,11 +366,10 @@ pub(super) async fn run(
     account: &Account,
     cert: &ManagedCert,
     current: Option<&StoredCert>,
-    store: &SharedStore,
-    keys: &AcmeKeys,
-    metrics: &Metrics,
+    ctx: &OrderCtx<'_>,
     tokens: &mut Vec<String>,
 ) -> Result<(String, String), OrderError> {
+    let (store, keys, metrics) = (ctx.store, ctx.keys, ctx.metrics);
     let mut record = load_record(store, keys, cert).await;
     let mut order = None;
     if let Some(r) = &record {
@@ -370,7 +380,7 @@ pub(super) async fn run(
                     // this attempt's failure, with its backoff. Placing a new order at once would let a crash
                     // loop order as fast as it restarts.
                     tracing::info!(secret = %cert.name, order = r.url, "the stored order has failed");
-                    drop_record(store, keys, &cert.name).await;
+                    drop_record(store, keys, ctx.lock, &cert.name).await;
                     return Err(invalid_detail(&mut o).await);
                 }
                 tracing::info!(secret = %cert.name, order = r.url, "resuming the order in progress");
@@ -378,7 +388,7 @@ pub(super) async fn run(
             }
             Err(e) => {
                 tracing::info!(secret = %cert.name, order = r.url, error = %e, "the stored order cannot be resumed; placing a new one");
-                drop_record(store, keys, &cert.name).await;
+                drop_record(store, keys, ctx.lock, &cert.name).await;
                 record = None;
             }
         }
@@ -393,7 +403,7 @@ pub(super) async fn run(
                 key_type: cert.key_type,
                 key_pem: None,
             };
-            save_record(store, keys, &cert.name, &r).await;
+            save_record(ctx, &cert.name, &r).await;
             record = Some(r);
             tracing::info!(secret = %cert.name, domains = ?cert.domains, order = o.url(), "order created");
             o
@@ -403,7 +413,7 @@ pub(super) async fn run(
 
     let mut status = order.state().status;
     if status == OrderStatus::Pending {
-        authorize(&mut order, cert, store, metrics, tokens).await?;
+        authorize(&mut order, cert, ctx, tokens).await?;
         status = retrying!(metrics, "validation", order.poll_ready(&POLL))
             .map_err(|e| OrderError::acme("waiting for validation", e))?;
         if status == OrderStatus::Ready {
@@ -412,7 +422,7 @@ pub(super) async fn run(
     }
     match status {
         OrderStatus::Invalid => {
-            drop_record(store, keys, &cert.name).await;
+            drop_record(store, keys, ctx.lock, &cert.name).await;
             return Err(invalid_detail(&mut order).await);
         }
         OrderStatus::Ready => {
@@ -428,7 +438,7 @@ pub(super) async fn run(
                 .map_err(|e| OrderError::Csr(e.to_string()))?;
             // The certificate will be for this key: it is stored before the CA is asked for it.
             record.key_pem = Some(zeroize::Zeroizing::new(key.serialize_pem()));
-            save_record(store, keys, &cert.name, &record).await;
+            save_record(ctx, &cert.name, &record).await;
             if let Err(e) = retrying!(metrics, "finalize", order.finalize_csr(csr.der())) {
                 // An earlier attempt may have reached the CA with its answer lost on the way back.
                 let state = retrying!(metrics, "order", order.refresh())
@@ -502,14 +512,13 @@ fn is_rate_limit(e: &instant_acme::Error) -> bool {
 async fn authorize(
     order: &mut instant_acme::Order,
     cert: &ManagedCert,
-    store: &SharedStore,
-    metrics: &Metrics,
+    ctx: &OrderCtx<'_>,
     tokens: &mut Vec<String>,
 ) -> Result<(), OrderError> {
     let mut done = std::collections::HashSet::new();
     let mut attempt = 1u32;
     loop {
-        let Err(e) = authorize_pass(order, cert, store, metrics, tokens, &mut done).await else {
+        let Err(e) = authorize_pass(order, cert, ctx, tokens, &mut done).await else {
             return Ok(());
         };
         match e.ca_error() {
@@ -527,8 +536,7 @@ async fn authorize(
 async fn authorize_pass(
     order: &mut instant_acme::Order,
     cert: &ManagedCert,
-    store: &SharedStore,
-    metrics: &Metrics,
+    ctx: &OrderCtx<'_>,
     tokens: &mut Vec<String>,
     done: &mut std::collections::HashSet<String>,
 ) -> Result<(), OrderError> {
@@ -563,8 +571,13 @@ async fn authorize_pass(
                 })?;
         let token = challenge.token.clone();
         let key_auth = challenge.key_authorization();
-        store
-            .put(&keys::challenge(&token), key_auth.as_str().as_bytes())
+        // On a lease: a replica that crashes mid-order leaves nothing behind for long.
+        ctx.store
+            .put_expiring(
+                &keys::challenge(&token),
+                key_auth.as_str().as_bytes(),
+                ctx.challenge_ttl,
+            )
             .await?;
         if !tokens.contains(&token) {
             tokens.push(token.clone());
@@ -572,7 +585,7 @@ async fn authorize_pass(
         tracing::info!(secret = %cert.name, domain, token, "HTTP-01 challenge published");
         // A resumed order's challenge may already be on its way: asking again is not needed.
         if challenge.status == ChallengeStatus::Pending {
-            retrying!(metrics, "challenge", challenge.set_ready())
+            retrying!(ctx.metrics, "challenge", challenge.set_ready())
                 .map_err(|e| OrderError::acme("asking the CA to validate", e))?;
         }
         done.insert(domain);

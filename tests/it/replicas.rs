@@ -1,0 +1,516 @@
+//! Several replicas on one etcd prefix, end to end: a real three-member etcd cluster, real Pebble, and a
+//! real Envoy in front of each replica. Pebble validates through Envoy A only, and Envoy A routes
+//! `/.well-known/acme-challenge/` to replica B, never to A: whichever replica orders, B answers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use acme_sds::store::Store;
+use acme_sds::store::etcd::EtcdStore;
+use testkit::envoy::{Envoy, edge_bootstrap, envoy_bin, https_get};
+use testkit::etcd::EtcdCluster;
+use testkit::pebble::{Pebble, PebbleOptions, free_port, verify_chain};
+use testkit::*;
+
+/// Issuance, lock take-overs and pushes take seconds; generous bounds absorb a loaded CI machine.
+const BOUND: Duration = Duration::from_secs(90);
+
+/// How long Envoy holds each challenge request in the fault tests: the order is in progress that long.
+const HOLD: Duration = Duration::from_secs(1);
+
+/// One replica: its process, its own Envoy, and its admin address.
+struct Replica {
+    p: Process,
+    envoy: Option<Envoy>,
+    dir: PathBuf,
+    admin: SocketAddr,
+}
+
+/// A replica's HTTP-01 and admin addresses, chosen before any replica starts (their Envoys cross-route).
+#[derive(Clone, Copy)]
+struct Ports {
+    http01: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Ports {
+    fn new() -> Ports {
+        let at = |p: u16| format!("127.0.0.1:{p}").parse().unwrap();
+        Ports {
+            http01: at(free_port()),
+            admin: at(free_port()),
+        }
+    }
+}
+
+/// The world of a test: etcd, Pebble (validating through `port80`, Envoy A's), the key file.
+struct World {
+    dir: tempfile::TempDir,
+    etcd: EtcdCluster,
+    pebble: Pebble,
+    port80: u16,
+    key_file: PathBuf,
+    envoy: PathBuf,
+}
+
+impl World {
+    fn start() -> Option<World> {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = EtcdCluster::start(&dir.path().join("etcd"), 3)?;
+        let port80 = free_port();
+        let mut opts = PebbleOptions::new(port80);
+        // Every order validated afresh, no nonce noise: the orders counted are the orders placed.
+        opts.authz_reuse = 0;
+        opts.nonce_reject = 0;
+        let pebble = Pebble::start(&dir.path().join("pebble"), opts)?;
+        let envoy = envoy_bin()?;
+        let key_file = dir.path().join("storage.key");
+        std::fs::write(
+            &key_file,
+            "# shared by every replica\nMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n",
+        )
+        .unwrap();
+        Some(World {
+            dir,
+            etcd,
+            pebble,
+            port80,
+            key_file,
+            envoy,
+        })
+    }
+
+    /// A replica's configuration: the same certificates and etcd prefix for all, its own ports.
+    fn config(&self, name: &str, certs: &[(&str, &[&str])], ports: Ports) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let endpoints: Vec<String> = self
+            .etcd
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        let mut text = format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\nencryption_key_file = \"{}\"\n\n[storage.etcd]\nendpoints = [{}]\nprefix = \"/acme-sds\"\nlock_ttl = \"2s\"\n\n[http01]\nlisten = \"{}\"\n\n[admin]\nlisten = \"{}\"\n\n{}",
+            dir.join("sds.sock").display(),
+            self.key_file.display(),
+            endpoints.join(", "),
+            ports.http01,
+            ports.admin,
+            self.pebble.acme_table(),
+        );
+        for (secret, domains) in certs {
+            let list: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+            text.push_str(&format!(
+                "[[certificate]]\nname = \"{secret}\"\ndomains = [{}]\n\n",
+                list.join(", ")
+            ));
+        }
+        let path = dir.join("acme-sds.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts a replica and its Envoy (HTTP-01 on `port80` goes to the responders at `challenge`);
+    /// returns when Envoy is live (serving the temporary certificates).
+    fn replica(
+        &self,
+        name: &str,
+        certs: &[(&str, &[&str])],
+        ports: Ports,
+        port80: u16,
+        challenge: &[SocketAddr],
+        challenge_delay: Duration,
+    ) -> Replica {
+        let config = self.config(name, certs, ports);
+        let dir = config.parent().unwrap().to_owned();
+        let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+        p.wait_for_line("acme-sds started");
+        let secrets: Vec<&str> = certs.iter().map(|(n, _)| *n).collect();
+        let challenge: Vec<String> = challenge.iter().map(ToString::to_string).collect();
+        let bootstrap = edge_bootstrap(
+            &dir.join("sds.sock"),
+            &secrets,
+            port80,
+            &challenge,
+            challenge_delay,
+        );
+        let mut envoy = Envoy::start(&self.envoy, &bootstrap, &dir);
+        envoy.wait_live();
+        Replica {
+            p,
+            envoy: Some(envoy),
+            dir,
+            admin: ports.admin,
+        }
+    }
+
+    /// Holds the locks of `certs` (as a replica ordering them would), so that replicas started now order
+    /// nothing until [`World::release`]: every Envoy is up by then, and the replicas race from there.
+    async fn hold(&self, certs: &[(&str, &[&str])]) -> (EtcdStore, Vec<acme_sds::store::Lock>) {
+        let raw = EtcdStore::connect(&self.etcd.endpoints(), "/acme-sds")
+            .await
+            .unwrap();
+        let keys = acme_sds::sources::keys::AcmeKeys::for_directory(&self.pebble.directory);
+        let mut held = Vec::new();
+        for (name, _) in certs {
+            held.push(
+                raw.lock(&keys.cert(name), Duration::from_secs(60))
+                    .await
+                    .unwrap(),
+            );
+        }
+        (raw, held)
+    }
+
+    async fn release(&self, (raw, held): (EtcdStore, Vec<acme_sds::store::Lock>)) {
+        for lock in held {
+            raw.unlock(lock).await.unwrap();
+        }
+    }
+
+    fn orders(&self) -> usize {
+        self.pebble.log().matches("Added order").count()
+    }
+}
+
+impl Replica {
+    /// The leaf `secret`'s listener serves for `domain`, once it chains to Pebble's root.
+    async fn issued_leaf(&mut self, secret: &str, domain: &str, root: &[u8]) -> Option<Vec<u8>> {
+        let envoy = self.envoy.as_mut().expect("envoy started");
+        let port = envoy.listener_port(&format!("https-{secret}"));
+        let (leaf, _) = https_get(port, domain, root).await.ok()?;
+        verify_chain(std::slice::from_ref(&leaf), root, domain).ok();
+        Some(leaf)
+    }
+
+    /// Waits (bounded) until this replica's Envoy serves a certificate for `domain` from Pebble; its leaf.
+    async fn wait_issued(&mut self, secret: &str, domain: &str, root: &[u8]) -> Vec<u8> {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            if let Some(leaf) = self.issued_leaf(secret, domain, root).await {
+                return leaf;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never served an issued certificate for {secret}; log:\n{}",
+                self.dir.display(),
+                self.p.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits (bounded) until this replica's Envoy serves `leaf` for `secret`.
+    async fn wait_serves(&mut self, secret: &str, domain: &str, root: &[u8], leaf: &[u8]) {
+        let deadline = Instant::now() + BOUND;
+        while self.issued_leaf(secret, domain, root).await.as_deref() != Some(leaf) {
+            assert!(
+                Instant::now() < deadline,
+                "{} never served the stored certificate of {secret}; log:\n{}",
+                self.dir.display(),
+                self.p.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `/readyz`: (ready, body).
+    fn ready(&self) -> (bool, String) {
+        let body = http_get(self.admin, "/readyz");
+        (body.starts_with("HTTP/1.1 200"), body)
+    }
+}
+
+/// Waits (bounded) until one of `replicas` logs `needle`; its index.
+fn first_to_log(replicas: &[&Replica], needle: &str) -> usize {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        for (i, r) in replicas.iter().enumerate() {
+            if r.p.line_within(needle, Duration::from_millis(20)).is_some() {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "nobody logged {needle:?}");
+    }
+}
+
+/// The issuing root, once Pebble is up.
+async fn root(w: &World) -> Vec<u8> {
+    w.pebble.root_der().await
+}
+
+/// Two replicas asked for the same certificates at once: one order per certificate at Pebble, both
+/// Envoys serve the same serial, and B (the only replica Pebble's validation reaches) answered every
+/// challenge, including those of the orders A placed (A alone has `solo`, so A orders at least that one).
+/// In etcd no private key is readable, and a sealed value moved to another certificate's key is refused,
+/// not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_order_each_certificate_once_and_answer_each_others_challenges() {
+    let Some(w) = World::start() else { return };
+    let shared: &[(&str, &[&str])] = &[
+        ("one", &["one.example.com"]),
+        ("two", &["two.example.com", "www.two.example.com"]),
+    ];
+    let mut certs = shared.to_vec();
+    certs.push(("solo", &["solo.example.com"]));
+    let certs = certs.as_slice();
+    // Both replicas start before either may order; then they race.
+    let held = w.hold(certs).await;
+    let (pa, pb) = (Ports::new(), Ports::new());
+    let mut a = w.replica("a", certs, pa, w.port80, &[pb.http01], Duration::ZERO);
+    let mut b = w.replica("b", shared, pb, free_port(), &[pa.http01], Duration::ZERO);
+    w.release(held).await;
+    let root = root(&w).await;
+
+    for (secret, domains) in shared {
+        let on_a = a.wait_issued(secret, domains[0], &root).await;
+        b.wait_serves(secret, domains[0], &root, &on_a).await;
+    }
+    a.wait_issued("solo", "solo.example.com", &root).await;
+    assert_eq!(
+        w.orders(),
+        certs.len(),
+        "one order per certificate:\n{}",
+        w.pebble.log()
+    );
+    let ordered_by_a = a.p.log().matches("order created").count();
+    let ordered_by_b = b.p.log().matches("order created").count();
+    assert_eq!(ordered_by_a + ordered_by_b, certs.len());
+    eprintln!("orders placed: {ordered_by_a} by A, {ordered_by_b} by B");
+    // Every challenge published, by either replica, was answered by B (the only one Pebble reaches).
+    let token = |l: &str| {
+        l.split("token=")
+            .nth(1)
+            .map(|t| t.trim_matches('"').to_owned())
+    };
+    let published: std::collections::BTreeSet<String> = [&a, &b]
+        .iter()
+        .flat_map(|r| {
+            r.p.log()
+                .lines()
+                .filter(|l| l.contains("HTTP-01 challenge published"))
+                .filter_map(token)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let answered: std::collections::BTreeSet<String> =
+        b.p.log()
+            .lines()
+            .filter(|l| l.contains("HTTP-01 challenge answered"))
+            .filter_map(token)
+            .collect();
+    let domains: usize = certs.iter().map(|(_, d)| d.len()).sum();
+    assert_eq!(published.len(), domains);
+    assert_eq!(
+        answered, published,
+        "B answers every challenge, A's orders' too"
+    );
+    assert!(!a.p.log().contains("HTTP-01 challenge answered"));
+
+    // etcd holds no private key in clear: not the account's, not a certificate's.
+    let dump = w.etcd.etcdctl(&["get", "--prefix", "/acme-sds/"]);
+    assert!(dump.status.success(), "{dump:?}");
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(text.contains("/certs/one"), "{text}");
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "a private key in clear in etcd"
+    );
+
+    // One certificate's sealed value copied over another's: refused, never served.
+    let raw = EtcdStore::connect(&w.etcd.endpoints(), "/acme-sds")
+        .await
+        .unwrap();
+    let keys = raw.list("acme").await.unwrap();
+    let key_of = |name: &str| {
+        keys.iter()
+            .find(|k| k.ends_with(&format!("/certs/{name}")))
+            .unwrap()
+            .clone()
+    };
+    let one = raw.get(&key_of("one")).await.unwrap().unwrap().value;
+    let two_before = a
+        .issued_leaf("two", "two.example.com", &root)
+        .await
+        .unwrap();
+    raw.put(&key_of("two"), &one).await.unwrap();
+    let config = w.config("c", certs, Ports::new());
+    let mut c = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    assert_ne!(
+        c.wait_exit(),
+        Some(0),
+        "a replica must not start on a swapped value"
+    );
+    assert!(
+        c.log().contains(&key_of("two")) && c.log().contains("sealed"),
+        "{}",
+        c.log()
+    );
+    // The running replicas read it (the watch) and keep serving what they had.
+    a.p.wait_for_line_within("cannot read the stored certificate", BOUND);
+    assert_eq!(
+        a.issued_leaf("two", "two.example.com", &root)
+            .await
+            .unwrap(),
+        two_before
+    );
+}
+
+/// The replica placing an order is killed with -9 mid-order: the other takes the certificate's lock once
+/// its lease lapses, resumes the same order (one order at Pebble), and serves the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_order_is_taken_over_without_a_second_order() {
+    let Some(w) = World::start() else { return };
+    let certs: &[(&str, &[&str])] = &[("site", &["site.example.com"])];
+    // Challenges go to either replica (a dead one is skipped), as to a Service.
+    let (pa, pb) = (Ports::new(), Ports::new());
+    let both = [pa.http01, pb.http01];
+    let held = w.hold(certs).await;
+    let a = w.replica("a", certs, pa, w.port80, &both, HOLD);
+    let b = w.replica("b", certs, pb, free_port(), &both, HOLD);
+    w.release(held).await;
+    let root = root(&w).await;
+    // Whoever orders is killed as soon as the CA has the order.
+    let orderer = first_to_log(&[&a, &b], "order created");
+    let (mut victim, mut survivor) = if orderer == 0 { (a, b) } else { (b, a) };
+    victim.p.child.kill().unwrap();
+    victim.p.child.wait().unwrap();
+    survivor
+        .wait_issued("site", "site.example.com", &root)
+        .await;
+    assert_eq!(
+        w.orders(),
+        1,
+        "the order is resumed, not placed again:\n{}",
+        w.pebble.log()
+    );
+}
+
+/// The replica placing an order is paused (SIGSTOP) past its lock's lease: the other takes the lock,
+/// resumes the order and stores the certificate. Resumed (SIGCONT), the paused one's late writes are
+/// refused, the stored certificate stays the other's, and the paused replica ends up serving it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_paused_past_its_lease_cannot_overwrite_what_the_next_holder_stored() {
+    let Some(w) = World::start() else { return };
+    let certs: &[(&str, &[&str])] = &[("site", &["site.example.com"])];
+    let (pa, pb) = (Ports::new(), Ports::new());
+    let both = [pa.http01, pb.http01];
+    let held = w.hold(certs).await;
+    let a = w.replica("a", certs, pa, w.port80, &both, HOLD);
+    let b = w.replica("b", certs, pb, free_port(), &both, HOLD);
+    w.release(held).await;
+    let root = root(&w).await;
+    let orderer = first_to_log(&[&a, &b], "order created");
+    let (mut paused, mut other) = if orderer == 0 { (a, b) } else { (b, a) };
+    paused.p.signal("STOP");
+    let leaf = other.wait_issued("site", "site.example.com", &root).await;
+    paused.p.signal("CONT");
+    paused
+        .p
+        .wait_for_line_within("is no longer held here", BOUND);
+    // What etcd holds is the other replica's certificate, and the paused one serves it as well.
+    let sealer = std::sync::Arc::new(acme_sds::store::sealed::Sealer::load(&w.key_file).unwrap());
+    let store = acme_sds::store::sealed::SealedStore::new(
+        std::sync::Arc::new(
+            EtcdStore::connect(&w.etcd.endpoints(), "/acme-sds")
+                .await
+                .unwrap(),
+        ),
+        Some(sealer),
+        acme_sds::sources::keys::holds_private_key,
+    );
+    let keys = acme_sds::sources::keys::AcmeKeys::for_directory(&w.pebble.directory);
+    let stored = store.get(&keys.cert("site")).await.unwrap().unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
+    use rustls_pki_types::pem::PemObject;
+    let stored_leaf = rustls_pki_types::CertificateDer::pem_slice_iter(
+        stored["chain_pem"].as_str().unwrap().as_bytes(),
+    )
+    .next()
+    .unwrap()
+    .unwrap()
+    .to_vec();
+    assert_eq!(stored_leaf, leaf);
+    paused
+        .wait_serves("site", "site.example.com", &root, &leaf)
+        .await;
+    assert_eq!(w.orders(), 1, "{}", w.pebble.log());
+}
+
+/// The etcd leader is killed while an order is in progress: the order completes, one order, and the other
+/// replica's Envoy gets the certificate (its watch resumed on another member). Then quorum is lost: both
+/// replicas keep serving, say they are not ready and why, and are ready again by themselves once etcd is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_leader_lost_mid_order_loses_nothing_and_a_lost_quorum_is_reported_and_recovered() {
+    let Some(mut w) = World::start() else { return };
+    let certs: &[(&str, &[&str])] = &[("site", &["site.example.com"])];
+    let (pa, pb) = (Ports::new(), Ports::new());
+    let both = [pa.http01, pb.http01];
+    let held = w.hold(certs).await;
+    let mut a = w.replica("a", certs, pa, w.port80, &both, HOLD);
+    let mut b = w.replica("b", certs, pb, free_port(), &both, HOLD);
+    w.release(held).await;
+    let root = root(&w).await;
+    first_to_log(&[&a, &b], "order created");
+    let leader = w.etcd.leader().expect("a leader");
+    w.etcd.kill(leader);
+    let leaf = a.wait_issued("site", "site.example.com", &root).await;
+    b.wait_serves("site", "site.example.com", &root, &leaf)
+        .await;
+    assert_eq!(w.orders(), 1, "{}", w.pebble.log());
+    assert!(a.ready().0 && b.ready().0);
+
+    // A second member lost: no quorum.
+    let second = (0..3).find(|&i| i != leader).unwrap();
+    w.etcd.kill(second);
+    for r in [&a, &b] {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let (ready, body) = r.ready();
+            if !ready {
+                assert!(
+                    body.contains("503") && body.contains("storage unavailable"),
+                    "{body}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still ready without quorum: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let status = http_get(r.admin, "/status");
+        assert!(status.contains("\"unavailable\":\"etcd watch"), "{status}");
+    }
+    // What was loaded is still served.
+    assert_eq!(
+        a.issued_leaf("site", "site.example.com", &root)
+            .await
+            .unwrap(),
+        leaf
+    );
+    assert_eq!(
+        b.issued_leaf("site", "site.example.com", &root)
+            .await
+            .unwrap(),
+        leaf
+    );
+
+    // etcd back: ready again, without a restart.
+    w.etcd.restart(second);
+    w.etcd.restart(leader);
+    for r in [&a, &b] {
+        let deadline = Instant::now() + BOUND;
+        while !r.ready().0 {
+            assert!(
+                Instant::now() < deadline,
+                "not ready again: {}",
+                r.ready().1
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
