@@ -24,6 +24,7 @@ mod fanout;
 mod first_cert;
 mod issuance;
 mod memory;
+mod replicas;
 mod rotation;
 
 #[derive(Parser)]
@@ -64,6 +65,9 @@ enum Scenario {
     Authority,
     /// The first certificate through Envoy with its default SDS settings. Needs Envoy and pebble.
     FirstCert,
+    /// Replicas on one etcd prefix: a certificate another replica stored until Envoy presents it, and a
+    /// cold start on `--certs` certificates in etcd. Needs etcd, Envoy and pebble.
+    Replicas,
     /// Everything above (the chart only with `--svg`).
     All,
 }
@@ -120,6 +124,7 @@ async fn main() -> Result<()> {
         Scenario::Rotation => rotation::run(&a, &mut csv).await?,
         Scenario::Authority => authority::run(&a, &mut csv).await?,
         Scenario::FirstCert => first_cert::run(&a, &mut csv).await?,
+        Scenario::Replicas => replicas::run(&a, &mut csv).await?,
         Scenario::Chart => {
             let svg = cli.svg.unwrap_or_else(|| PathBuf::from("fanout.svg"));
             chart::run(&a, &mut csv, &svg).await?
@@ -137,6 +142,7 @@ async fn main() -> Result<()> {
             rotation::run(&a, &mut csv).await?;
             authority::run(&a, &mut csv).await?;
             first_cert::run(&a, &mut csv).await?;
+            replicas::run(&a, &mut csv).await?;
             if let Some(svg) = &cli.svg {
                 chart::run(&a, &mut csv, svg).await?;
             }

@@ -285,9 +285,25 @@ impl InternalIssuer {
                     serde_json::to_vec(&stored)
                         .map_err(|e| InternalError::CreateCa(e.to_string()))?,
                 );
-                store.put(keys::INTERNAL_CA, &value).await?;
-                tracing::info!(root = keys::INTERNAL_ROOT_CERT, "created the local CA");
-                ca
+                // Only if there is none: in a shared store another replica may have just created one,
+                // and every replica must sign with the same CA.
+                match store.compare_and_swap(keys::INTERNAL_CA, 0, &value).await {
+                    Ok(_) => {
+                        tracing::info!(root = keys::INTERNAL_ROOT_CERT, "created the local CA");
+                        ca
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        let theirs = store.get(keys::INTERNAL_CA).await?.ok_or_else(|| {
+                            InternalError::CreateCa(
+                                "the local CA another replica created is gone".into(),
+                            )
+                        })?;
+                        let stored = serde_json::from_slice::<StoredCa>(&theirs.value)
+                            .map_err(|e| InternalError::CreateCa(e.to_string()))?;
+                        LocalCa::from_stored(&stored).map_err(InternalError::CreateCa)?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
         // Always rewritten, so that it is there (and current) whatever happened to it.

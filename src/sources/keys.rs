@@ -56,6 +56,11 @@ impl AcmeKeys {
         format!("acme/{}/account", self.ca)
     }
 
+    /// Everything kept for this CA (account, certificates, plans, orders).
+    pub fn dir(&self) -> String {
+        format!("acme/{}", self.ca)
+    }
+
     /// Where the issued certificates are (what replicas watch).
     pub fn certs_dir(&self) -> String {
         format!("acme/{}/certs", self.ca)

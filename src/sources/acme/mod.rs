@@ -351,6 +351,8 @@ impl AcmeManager {
 
     /// Loads a certificate's stored copy; a corrupt one is moved aside (it will be re-obtained).
     pub async fn load_stored(&self, cert: &ManagedCert) -> Option<(StoredCert, CertifiedPem)> {
+        // (`start` reads every certificate at once with `parse_stored`, and comes here for those that
+        // do not parse.)
         let key = self.keys.cert(&cert.name);
         let stored: StoredCert = match self.load_json(&key).await {
             Ok(Some(s)) => s,
@@ -401,12 +403,29 @@ impl AcmeManager {
             .store
             .watch(&self.keys.certs_dir(), shutdown.clone())
             .await;
+        // Everything this CA's certificates keep, in one read (one request on etcd: a replica with a
+        // thousand certificates serves them all within a second); what does not parse is read again, one
+        // key at a time, by the code that sets unusable values aside.
+        let prefetched: Option<std::collections::HashMap<String, crate::store::Entry>> = self
+            .store
+            .scan(&self.keys.dir())
+            .await
+            .ok()
+            .map(|all| all.into_iter().collect());
         let mut followed = std::collections::HashMap::new();
         let mut tasks = Vec::new();
         for cert in certs {
             let changed = Changed::default();
-            followed.insert(self.keys.cert(&cert.name), (cert.clone(), changed.clone()));
-            let stored = self.load_stored(&cert).await;
+            let cert_key = self.keys.cert(&cert.name);
+            followed.insert(cert_key.clone(), (cert.clone(), changed.clone()));
+            let stored = match prefetched.as_ref().map(|p| p.get(&cert_key)) {
+                Some(None) => None,
+                Some(Some(entry)) => match parse_stored(entry) {
+                    Some(parsed) => Some(parsed),
+                    None => self.load_stored(&cert).await,
+                },
+                None => self.load_stored(&cert).await,
+            };
             if let Some((s, pem)) = &stored {
                 let v = self
                     .registry
@@ -426,7 +445,15 @@ impl AcmeManager {
                 self.serve_temporary(&cert);
             }
             let state_key = self.keys.state(&cert.name);
-            let state: CertState = match self.load_json(&state_key).await {
+            let loaded = match prefetched.as_ref().map(|p| p.get(&state_key)) {
+                Some(None) => Ok(None),
+                Some(Some(e)) => match serde_json::from_slice::<CertState>(&e.value) {
+                    Ok(state) => Ok(Some(state)),
+                    Err(_) => self.load_json(&state_key).await,
+                },
+                None => self.load_json(&state_key).await,
+            };
+            let state: CertState = match loaded {
                 Ok(s) => s.unwrap_or_default(),
                 Err(LoadError::Corrupt(e)) => {
                     self.set_aside(&state_key, &cert.name, &e).await;
@@ -440,8 +467,20 @@ impl AcmeManager {
                 stored,
                 saved: true,
             });
+            // An order left in progress (by a crash, or a certificate that could not be stored) is
+            // resumed at once: resuming places no new order.
+            let resume = match prefetched.as_ref() {
+                Some(p) => p
+                    .get(&self.keys.order(&cert.name))
+                    .is_some_and(|e| order::record_matches(&e.value, &cert)),
+                None => order::load_record(&self.store, &self.keys, &cert)
+                    .await
+                    .is_some(),
+            };
             tasks.push(self.tasks.spawn(http::with_retry_after(async move {
-                manager.run_cert(cert, current, state, changed, token).await;
+                manager
+                    .run_cert(cert, current, state, resume, changed, token)
+                    .await;
             })));
         }
         if let Some(changes) = changes {
@@ -680,15 +719,11 @@ impl AcmeManager {
         cert: ManagedCert,
         mut current: Option<Current>,
         mut state: CertState,
+        mut resume: bool,
         changed: Changed,
         shutdown: CancellationToken,
     ) {
         let shared = self.store.shared();
-        // An order left in progress (by a crash, or a certificate that could not be stored) is resumed at
-        // once: resuming places no new order.
-        let mut resume = order::load_record(&self.store, &self.keys, &cert)
-            .await
-            .is_some();
         let mut save_retry = self.config.retry_initial;
         loop {
             let now = OffsetDateTime::now_utc();
@@ -1032,6 +1067,13 @@ impl AcmeManager {
         };
         Ok((stored, pem))
     }
+}
+
+/// A stored certificate, parsed and checked; `None` when it is not usable.
+fn parse_stored(entry: &crate::store::Entry) -> Option<(StoredCert, CertifiedPem)> {
+    let stored: StoredCert = serde_json::from_slice(&entry.value).ok()?;
+    let pem = stored.checked().ok()?;
+    Some((stored, pem))
 }
 
 /// The issued certificate that an order for `cert` replaces (ARI), if it is still `cert`'s.

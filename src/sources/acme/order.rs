@@ -294,6 +294,11 @@ pub(super) async fn load_record(
     record.matches(cert).then_some(record)
 }
 
+/// Whether `value` is an order record for `cert`'s current domains and key type.
+pub(super) fn record_matches(value: &[u8], cert: &ManagedCert) -> bool {
+    serde_json::from_slice::<OrderRecord>(value).is_ok_and(|r| r.matches(cert))
+}
+
 /// Forgets the order record (the order ended, or cannot be resumed), while `lock` is held.
 pub(super) async fn drop_record(store: &SharedStore, keys: &AcmeKeys, lock: &Lock, name: &str) {
     if let Err(e) = store.delete_locked(lock, &keys.order(name)).await {
