@@ -89,12 +89,32 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0")]
         address: std::net::IpAddr,
     },
+    /// Storage maintenance.
+    Storage {
+        #[command(subcommand)]
+        action: StorageCommand,
+    },
     /// Print a configuration to start from: the built-in one (what `run` uses when there is no file), or
     /// with --letsencrypt one for Let's Encrypt (save it as acme-sds.toml and edit the domains and contact).
     ExampleConfig {
         /// A configuration for Let's Encrypt (HTTP-01 through Envoy) instead of the built-in one.
         #[arg(long)]
         letsencrypt: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StorageCommand {
+    /// Copy a storage directory (a single node's) into the etcd cluster of the configuration's
+    /// [storage.etcd]: account, certificates, plans, orders, the internal CA. Keys already in etcd are kept.
+    /// Stop the daemon using the directory first.
+    Migrate {
+        /// The storage directory to copy from.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Configuration file naming [storage.etcd] [default: acme-sds.toml in the current directory].
+        #[arg(short, long, env = "ACME_SDS_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -118,6 +138,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(config.as_deref()),
         Command::Status { config } => status(config.as_deref()),
+        Command::Storage {
+            action: StorageCommand::Migrate { from, config },
+        } => migrate(&from, config.as_deref()),
         Command::ExampleConfig { letsencrypt } => {
             print!(
                 "{}",
@@ -351,6 +374,49 @@ fn status_from_daemon(admin: std::net::SocketAddr) -> Option<Vec<SecretStatus>> 
     let body = out.split_once("\r\n\r\n")?.1;
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
     serde_json::from_value(v.get("secrets")?.clone()).ok()
+}
+
+fn migrate(from: &Path, path: Option<&Path>) -> ExitCode {
+    let config = match config::load_or_built_in(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("acme-sds storage migrate: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(acme_sds::ops::migrate::from_directory(
+        from,
+        &config.storage,
+    )) {
+        Ok(done) => {
+            for key in &done.copied {
+                println!("copied  {key}");
+            }
+            for key in &done.kept {
+                println!("kept    {key} (already in etcd)");
+            }
+            println!(
+                "{} copied, {} already there; replicas on this prefix now serve them without ordering",
+                done.copied.len(),
+                done.kept.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("acme-sds storage migrate: {}", daemon::causes(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The status read from the files and the store (no daemon answered), through the daemon's own code.

@@ -514,3 +514,85 @@ async fn an_etcd_leader_lost_mid_order_loses_nothing_and_a_lost_quorum_is_report
         }
     }
 }
+
+/// Runs the acme-sds CLI to completion: (exit code, stdout and stderr).
+fn cli(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(testkit::bin())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// A single node grows into replicas: its storage directory (sealed with the same key file) is copied into
+/// etcd with `acme-sds storage migrate`, which refuses while the node still runs and copies nothing twice;
+/// `check` and `status` work against etcd; and a replica on etcd serves the certificate without ordering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_migrates_into_etcd_and_its_certificate_is_served_without_a_new_order() {
+    let Some(w) = World::start() else { return };
+    let certs: &[(&str, &[&str])] = &[("site", &["site.example.com"])];
+    // The single node answers HTTP-01 itself, on the port Pebble validates.
+    let single = w.dir.path().join("single");
+    std::fs::create_dir_all(&single).unwrap();
+    let data = single.join("data");
+    let single_config = single.join("acme-sds.toml");
+    std::fs::write(
+        &single_config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\nencryption_key_file = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:{}\"\n\n{}[[certificate]]\nname = \"site\"\ndomains = [\"site.example.com\"]\n",
+            single.join("sds.sock").display(),
+            data.display(),
+            w.key_file.display(),
+            w.port80,
+            w.pebble.acme_table()
+        ),
+    )
+    .unwrap();
+    let mut node = Process::spawn(&["run", "--config", single_config.to_str().unwrap()], &[]);
+    node.wait_for_line_within("certificate issued", BOUND);
+    let config = w.config("grown", certs, Ports::new());
+    let config = config.to_str().unwrap();
+    let data_dir = data.to_str().unwrap();
+
+    let (code, out) = cli(&["storage", "migrate", "--from", data_dir, "--config", config]);
+    assert_ne!(code, Some(0), "a directory in use is not copied: {out}");
+    assert!(out.contains("in use by another acme-sds"), "{out}");
+    node.signal("TERM");
+    assert_eq!(node.wait_exit(), Some(0));
+
+    let (code, out) = cli(&["storage", "migrate", "--from", data_dir, "--config", config]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("/certs/site") && out.contains("/account"),
+        "{out}"
+    );
+    let (code, again) = cli(&["storage", "migrate", "--from", data_dir, "--config", config]);
+    assert_eq!(code, Some(0), "{again}");
+    assert!(again.contains("0 copied"), "{again}");
+    let dump = w.etcd.etcdctl(&["get", "--prefix", "/acme-sds/"]);
+    assert!(!String::from_utf8_lossy(&dump.stdout).contains("PRIVATE KEY"));
+
+    let (code, out) = cli(&["check", "--config", config]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Storage: etcd"), "{out}");
+    let (code, out) = cli(&["status", "--config", config]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("from files and storage")
+            && out.contains("days)")
+            && !out.contains("not issued"),
+        "the offline status reads the certificate from etcd: {out}"
+    );
+
+    // A replica on etcd serves it at once, and orders nothing.
+    let mut r = w.replica("r", certs, Ports::new(), free_port(), &[], Duration::ZERO);
+    let root = root(&w).await;
+    r.wait_issued("site", "site.example.com", &root).await;
+    assert!(!r.p.log().contains("order created"), "{}", r.p.log());
+    assert_eq!(w.orders(), 1);
+}
