@@ -71,6 +71,80 @@ fn kubernetes_manifests() {
     assert_eq!(dep["spec"]["replicas"].as_i64(), Some(1));
 }
 
+/// The several-replicas variant: etcd instead of a volume, the storage key from a Secret, replicas spread
+/// over nodes, a disruption budget, and a Service that keeps sending Envoys to a replica that etcd's outage
+/// made not-ready (it still serves what it has).
+#[test]
+fn kubernetes_replicas_manifests() {
+    let d = docs("kubernetes/acme-sds-replicas.yaml");
+    let cm = of_kind(&d, "ConfigMap")[0];
+    check_embedded_config(cm);
+    let config = acme_sds::config::parse(
+        s(&cm["data"]["acme-sds.toml"]),
+        Path::new("/etc/acme-sds/acme-sds.toml"),
+    )
+    .unwrap();
+    let etcd = config.storage.etcd.as_ref().expect("[storage.etcd]");
+    assert!(etcd.endpoints.len() >= 3, "every member listed");
+    let key_file = config.storage.encryption_key_file.clone().unwrap();
+    assert!(of_kind(&d, "PersistentVolumeClaim").is_empty(), "no volume");
+
+    let dep = of_kind(&d, "Deployment")[0];
+    assert!(dep["spec"]["replicas"].as_i64().unwrap() >= 2);
+    assert_eq!(s(&dep["spec"]["strategy"]["type"]), "RollingUpdate");
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(
+        s(&pod["topologySpreadConstraints"][0]["topologyKey"]),
+        "kubernetes.io/hostname"
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(
+        c["securityContext"]["readOnlyRootFilesystem"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(s(&c["readinessProbe"]["httpGet"]["path"]), "/readyz");
+    // The key file named in the configuration is the Secret's, mounted where the configuration says.
+    let secret_volume = pod["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|v| !v["secret"].is_badvalue())
+        .expect("a Secret volume");
+    let name = s(&secret_volume["name"]);
+    let mount = c["volumeMounts"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|m| s(&m["name"]) == name)
+        .expect("the Secret mounted");
+    assert_eq!(
+        key_file.parent().unwrap(),
+        Path::new(s(&mount["mountPath"]))
+    );
+    assert_eq!(secret_volume["secret"]["defaultMode"].as_i64(), Some(0o400));
+
+    let pdb = of_kind(&d, "PodDisruptionBudget")[0];
+    assert_eq!(
+        s(&pdb["spec"]["selector"]["matchLabels"]["app"]),
+        s(&dep["spec"]["selector"]["matchLabels"]["app"])
+    );
+    let svc = of_kind(&d, "Service")[0];
+    assert_eq!(
+        svc["spec"]["publishNotReadyAddresses"].as_bool(),
+        Some(true)
+    );
+    let ports: Vec<&str> = svc["spec"]["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| s(&p["name"]))
+        .collect();
+    assert!(
+        ports.contains(&"grpc-sds") && ports.contains(&"http-acme"),
+        "{ports:?}"
+    );
+}
+
 #[test]
 fn istio_central_provider_gateway_routes_and_policy() {
     let d = docs("istio/central.yaml");
@@ -307,6 +381,7 @@ fn container_image_and_systemd_unit() {
     // No image from a registry that does not exist: the kits name the image the user builds.
     for kit in [
         "kubernetes/acme-sds.yaml",
+        "kubernetes/acme-sds-replicas.yaml",
         "istio/sidecar-patch.yaml",
         "istio/sidecar-resources.yaml",
     ] {

@@ -770,11 +770,9 @@ impl AcmeManager {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                     _ = changed.notified() => {
-                        // Another replica stored this certificate (or its plan): plan from the store.
-                        if let Some(lock) = self.acquire(&cert, &shutdown).await {
-                            self.refresh(&cert, &mut current, &mut state, &mut resume).await;
-                            self.release(lock).await;
-                        }
+                        // A certificate was stored (by another replica, or this one): plan from the
+                        // store. Reading needs no lock; anything written is written under one, below.
+                        self.refresh(&cert, &mut current, &mut state, &mut resume).await;
                         continue;
                     }
                 }
