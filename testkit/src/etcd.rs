@@ -29,11 +29,30 @@ pub struct EtcdCluster {
     etcd: PathBuf,
     etcdctl: PathBuf,
     dir: PathBuf,
+    /// With [`EtcdCluster::start_tls`]: the files a client needs.
+    pub tls: Option<ClientTls>,
+}
+
+/// What a client of a TLS cluster needs: the CA of the members' certificates, and a client certificate
+/// (clients must present one).
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl EtcdCluster {
     /// Starts `n` members in `dir` and waits (bounded) until the cluster is healthy.
     pub fn start(dir: &Path, n: usize) -> Option<EtcdCluster> {
+        Self::start_with(dir, n, false)
+    }
+
+    /// The same with clients served over TLS only (`https://`), client certificates required.
+    pub fn start_tls(dir: &Path, n: usize) -> Option<EtcdCluster> {
+        Self::start_with(dir, n, true)
+    }
+
+    fn start_with(dir: &Path, n: usize, tls: bool) -> Option<EtcdCluster> {
         let (etcd, etcdctl) = etcd_bins()?;
         std::fs::create_dir_all(dir).unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
@@ -42,14 +61,36 @@ impl EtcdCluster {
             .enumerate()
             .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
             .collect();
+        let mut server_tls = Vec::new();
+        let client_tls = tls.then(|| {
+            let pki = crate::Pki::new();
+            let ca = dir.join("etcd-ca.pem");
+            std::fs::write(&ca, pki.ca_pem()).unwrap();
+            let (server_cert, server_key) = pki
+                .leaf(&["127.0.0.1", "localhost"])
+                .write(dir, "etcd-server");
+            let (cert, key) = pki.leaf(&["acme-sds"]).write(dir, "etcd-client");
+            for (flag, path) in [
+                ("--cert-file", &server_cert),
+                ("--key-file", &server_key),
+                ("--trusted-ca-file", &ca),
+            ] {
+                server_tls.push(std::ffi::OsString::from(flag));
+                server_tls.push(path.into());
+            }
+            server_tls.push("--client-cert-auth".into());
+            ClientTls { ca, cert, key }
+        });
+        let scheme = if tls { "https" } else { "http" };
         let mut cluster = EtcdCluster {
             members: Vec::new(),
             etcd,
             etcdctl,
             dir: dir.to_owned(),
+            tls: client_tls,
         };
         for (i, (client, peer)) in ports.iter().enumerate() {
-            let client_url = format!("http://127.0.0.1:{client}");
+            let client_url = format!("{scheme}://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let data = dir.join(format!("m{i}.etcd"));
             let args: Vec<std::ffi::OsString> = [
@@ -79,6 +120,7 @@ impl EtcdCluster {
             ]
             .iter()
             .map(Into::into)
+            .chain(server_tls.iter().cloned())
             .collect();
             cluster.members.push(Member {
                 child: None,
@@ -141,8 +183,16 @@ impl EtcdCluster {
             .filter(|m| m.child.is_some())
             .map(|m| m.client_url.clone())
             .collect();
-        Command::new(&self.etcdctl)
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new(&self.etcdctl);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.cert)
+                .arg("--key")
+                .arg(&tls.key);
+        }
+        cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", live.join(",")))
             .args(["--dial-timeout=2s", "--command-timeout=5s"])
             .args(args)

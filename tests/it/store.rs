@@ -293,3 +293,96 @@ async fn etcd_watch_sees_other_replicas_writes_resumes_after_a_member_loss_and_r
     }
     shutdown.cancel();
 }
+
+/// `[storage.etcd]` with everything a secured cluster asks for: https endpoints with the members' CA, a
+/// client certificate, and an etcd user limited to the prefix (password from a file). The store works
+/// through it (values, locks, a watch), and a wrong password is refused with a message saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_a_client_certificate_and_a_user_limited_to_the_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start_tls(&dir.path().join("etcd"), 1) else {
+        return;
+    };
+    let ctl = |args: &[&str]| {
+        let out = cluster.etcdctl(args);
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+    };
+    ctl(&[
+        "user",
+        "add",
+        "root",
+        "--new-user-password=root-pw",
+        "--interactive=false",
+    ]);
+    ctl(&["role", "add", "acme"]);
+    ctl(&[
+        "role",
+        "grant-permission",
+        "acme",
+        "--prefix=true",
+        "readwrite",
+        "/acme-sds/",
+    ]);
+    ctl(&[
+        "user",
+        "add",
+        "acme-sds",
+        "--new-user-password=s3cret",
+        "--interactive=false",
+    ]);
+    ctl(&["user", "grant-role", "acme-sds", "acme"]);
+    ctl(&["auth", "enable"]);
+    let tls = cluster.tls.as_ref().unwrap();
+    std::fs::write(dir.path().join("password"), "s3cret\n").unwrap();
+    std::fs::write(dir.path().join("wrong"), "guess\n").unwrap();
+    std::fs::write(
+        dir.path().join("storage.key"),
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n",
+    )
+    .unwrap();
+    let config = |password: &str| {
+        let text = format!(
+            "[sds]\nlisten = [\"127.0.0.1:1\"]\n\n[storage]\nencryption_key_file = \"storage.key\"\n\n[storage.etcd]\nendpoints = [\"{}\"]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nusername = \"acme-sds\"\npassword_file = \"{password}\"\n",
+            cluster.endpoints()[0],
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display(),
+        );
+        acme_sds::config::parse(&text, &dir.path().join("acme-sds.toml")).unwrap()
+    };
+    let good = config("password");
+    let store = acme_sds::sources::open_store(&good.storage, false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut changes = store.watch("acme", shutdown.clone()).await.unwrap();
+    let lock = store
+        .lock("acme/ca/certs/web", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let pem = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAw\n-----END PRIVATE KEY-----\n";
+    store
+        .put_locked(&lock, "acme/ca/certs/web", pem)
+        .await
+        .unwrap();
+    store.unlock(lock).await.unwrap();
+    assert_eq!(
+        next(&mut changes).await,
+        Change::Put("acme/ca/certs/web".into())
+    );
+    assert_eq!(
+        store.get("acme/ca/certs/web").await.unwrap().unwrap().value,
+        pem
+    );
+    shutdown.cancel();
+
+    let bad = config("wrong");
+    let err = match acme_sds::sources::open_store(&bad.storage, false).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a wrong password must not open the store"),
+    };
+    assert!(
+        err.starts_with("storage.etcd:") && err.contains("authentication failed"),
+        "{err}"
+    );
+}

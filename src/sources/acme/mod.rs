@@ -593,11 +593,13 @@ impl AcmeManager {
         resume: &mut bool,
     ) -> bool {
         let mut changed = false;
+        // Taken unless this replica holds a newer one the store refused so far (it is stored next).
         if let Some((stored, pem)) = self.load_stored(cert).await
             && stored.matches(cert)
-            && current
-                .as_ref()
-                .is_none_or(|c| c.stored.chain_pem != stored.chain_pem)
+            && current.as_ref().is_none_or(|c| {
+                c.stored.chain_pem != stored.chain_pem
+                    && (c.saved || stored.issued_at >= c.stored.issued_at)
+            })
         {
             let content = SecretContent::TlsCertificate(pem);
             self.registry.publish(&cert.name, &content);
