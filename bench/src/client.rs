@@ -54,6 +54,17 @@ pub async fn channels(port: u16, n: usize) -> Result<Vec<Channel>> {
     Ok(out)
 }
 
+/// One FetchSecrets of every one of `names` from the acme-sds at `port` (TCP, plaintext).
+pub async fn fetch_all(port: u16, names: &[String]) -> Result<DiscoveryResponse> {
+    use acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    let chans = channels(port, 1).await?;
+    let mut client =
+        SecretDiscoveryServiceClient::new(chans[0].clone()).max_decoding_message_size(64 << 20);
+    let mut req = request("", None);
+    req.resource_names = names.to_vec();
+    Ok(client.fetch_secrets(req).await?.into_inner())
+}
+
 /// One HTTP/2 connection for SDS streams, as one Envoy holds it.
 pub type H2Conn = h2::client::SendRequest<Bytes>;
 

@@ -1,12 +1,11 @@
 //! `cold-start`: from process start until one fetch returns every one of many file-backed certificates.
 
-use acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use anyhow::{Result, bail};
 use testkit::pebble::free_port;
 
 use crate::Sizes;
 use crate::certs::Certs;
-use crate::client::{channels, request};
+use crate::client::fetch_all;
 use crate::daemon::Daemon;
 use crate::report::Csv;
 
@@ -20,12 +19,7 @@ pub async fn run(a: &Sizes, csv: &mut Csv) -> Result<()> {
     let config = certs.config(&names, port)?;
     let (daemon, started, ready) = Daemon::start(&config)?;
     // Everything is served once one fetch of every name succeeds.
-    let chans = channels(port, 1).await?;
-    let mut client =
-        SecretDiscoveryServiceClient::new(chans[0].clone()).max_decoding_message_size(64 << 20);
-    let mut req = request("", None);
-    req.resource_names = names.clone();
-    let resp = client.fetch_secrets(req).await?.into_inner();
+    let resp = fetch_all(port, &names).await?;
     let all = started.elapsed();
     if resp.resources.len() != names.len() {
         bail!(

@@ -11,7 +11,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use acme_sds::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use acme_sds::sources::acme::StoredCert;
 use acme_sds::sources::keys::{AcmeKeys, holds_private_key};
 use acme_sds::store::Store;
@@ -19,13 +18,13 @@ use acme_sds::store::etcd::EtcdStore;
 use acme_sds::store::sealed::{SealedStore, Sealer};
 use acme_sds::values::KeyType;
 use anyhow::{Context, Result, bail};
-use testkit::envoy::{Envoy, envoy_bin};
+use testkit::envoy::{Envoy, SdsClient, envoy_bin, one_secret_bootstrap};
 use testkit::etcd::EtcdCluster;
 use testkit::pebble::{Pebble, PebbleOptions, free_port};
 
 use crate::Sizes;
 use crate::certs::{Certs, Issued};
-use crate::client::{channels, request};
+use crate::client::fetch_all;
 use crate::daemon::Daemon;
 use crate::prober::Prober;
 use crate::report::{Csv, percentile};
@@ -81,19 +80,13 @@ struct World<'a> {
 impl World<'_> {
     /// A replica's configuration serving `names` over TCP on `port`.
     fn config(&self, file: &str, names: &[String], port: u16) -> Result<std::path::PathBuf> {
-        let endpoints: Vec<String> = self
-            .etcd
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect();
         let mut text = format!(
             "[sds]\nlisten = [\"127.0.0.1:{port}\"]\nmax_names_per_peer = 1000000\n\n\
              [storage]\nencryption_key_file = \"{}\"\n\n\
-             [storage.etcd]\nendpoints = [{}]\nprefix = \"{PREFIX}\"\n\n\
+             [storage.etcd]\nendpoints = {}\nprefix = \"{PREFIX}\"\n\n\
              [http01]\nlisten = \"127.0.0.1:{}\"\n\n{}",
             self.key_file.display(),
-            endpoints.join(", "),
+            self.etcd.endpoints_toml(),
             free_port(),
             self.pebble.acme_table()
         );
@@ -136,44 +129,15 @@ impl World<'_> {
         let sds = free_port();
         let config = self.config("push.toml", std::slice::from_ref(&name), sds)?;
         let (_replica, _, _) = Daemon::start(&config)?;
-        let port = free_port();
-        let bootstrap = format!(
-            r#"node: {{ id: bench, cluster: bench }}
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-static_resources:
-  listeners:
-  - name: https
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          common_tls_context:
-            tls_certificate_sds_secret_configs:
-            - name: web
-              sds_config: {{ resource_api_version: V3, api_config_source: {{ api_type: GRPC, transport_api_version: V3, set_node_on_first_message_only: true, grpc_services: [{{ envoy_grpc: {{ cluster_name: acme_sds }} }}] }} }}
-      filters:
-      - name: envoy.filters.network.echo
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo
-  clusters:
-  - name: acme_sds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: acme_sds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {sds} }} }} }}
-"#
+        // Envoy as the kit runs it (SotW, Envoy's default SDS settings) over TCP to the replica.
+        let bootstrap = one_secret_bootstrap(
+            SdsClient::EnvoyGrpc(&format!(
+                "{{ socket_address: {{ address: 127.0.0.1, port_value: {sds} }} }}"
+            )),
+            "GRPC",
         );
-        let _envoy = Envoy::start(&envoy, &bootstrap, self.certs.dir.path());
+        let mut envoy = Envoy::start(&envoy, &bootstrap, self.certs.dir.path());
+        let port = envoy.listener_port("https");
         let probe = Prober::new()?;
         let up = Instant::now();
         while probe.presented(port).is_err() {
@@ -209,20 +173,8 @@ static_resources:
         let port = free_port();
         let config = self.config("cold.toml", &names, port)?;
         let (daemon, started, ready) = Daemon::start(&config)?;
-        let chans = channels(port, 1).await?;
-        let mut client =
-            SecretDiscoveryServiceClient::new(chans[0].clone()).max_decoding_message_size(64 << 20);
-        let mut req = request("", None);
-        req.resource_names = names.clone();
-        let resp = client.fetch_secrets(req).await?.into_inner();
+        let resp = fetch_all(port, &names).await?;
         let all = started.elapsed();
-        if resp.resources.len() != names.len() {
-            bail!(
-                "served {} of {} certificates",
-                resp.resources.len(),
-                names.len()
-            );
-        }
         // The stored certificates, not stand-ins: the first and the last one served are the stored ones.
         for i in [0, names.len() - 1] {
             let secret = testkit::decode_secret(&resp.resources[i]);

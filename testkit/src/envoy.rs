@@ -189,7 +189,17 @@ admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
 static_resources:
   listeners:
-  - name: https
+{}{cluster}"#,
+        sds_tls_listener("https", "web", api_type, &service)
+    )
+}
+
+/// A TLS listener `listener` (port 0) whose certificate is SDS secret `secret`, fetched with the
+/// `api_type` (`GRPC`, `DELTA_GRPC`) through the gRPC service `service` (YAML of one `grpc_services`
+/// entry), Envoy's default SDS settings otherwise; an echo filter behind it.
+fn sds_tls_listener(listener: &str, secret: &str, api_type: &str, service: &str) -> String {
+    format!(
+        r#"  - name: {listener}
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
     filter_chains:
     - transport_socket:
@@ -198,7 +208,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
           common_tls_context:
             tls_certificate_sds_secret_configs:
-            - name: web
+            - name: {secret}
               sds_config:
                 resource_api_version: V3
                 api_config_source:
@@ -209,7 +219,7 @@ static_resources:
       - name: envoy.filters.network.echo
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo
-{cluster}"#
+"#
     )
 }
 
@@ -277,28 +287,11 @@ pub fn edge_bootstrap(
 "#
     );
     for name in secrets {
-        listeners.push_str(&format!(
-            r#"  - name: https-{name}
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          common_tls_context:
-            tls_certificate_sds_secret_configs:
-            - name: {name}
-              sds_config:
-                resource_api_version: V3
-                api_config_source:
-                  api_type: GRPC
-                  transport_api_version: V3
-                  grpc_services: [{{ envoy_grpc: {{ cluster_name: acme_sds }} }}]
-      filters:
-      - name: envoy.filters.network.echo
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo
-"#
+        listeners.push_str(&sds_tls_listener(
+            &format!("https-{name}"),
+            name,
+            "GRPC",
+            "envoy_grpc: { cluster_name: acme_sds }",
         ));
     }
     format!(

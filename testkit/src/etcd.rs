@@ -175,6 +175,16 @@ impl EtcdCluster {
         self.members.iter().map(|m| m.client_url.clone()).collect()
     }
 
+    /// The client URLs as a TOML list, for `[storage.etcd] endpoints`.
+    pub fn endpoints_toml(&self) -> String {
+        let quoted: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
     /// Runs `etcdctl` against the live members; its stdout.
     pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
         let live: Vec<String> = self

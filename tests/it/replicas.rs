@@ -85,17 +85,11 @@ impl World {
     fn config(&self, name: &str, certs: &[(&str, &[&str])], ports: Ports) -> PathBuf {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let endpoints: Vec<String> = self
-            .etcd
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect();
         let mut text = format!(
-            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\nencryption_key_file = \"{}\"\n\n[storage.etcd]\nendpoints = [{}]\nprefix = \"/acme-sds\"\nlock_ttl = \"2s\"\n\n[http01]\nlisten = \"{}\"\n\n[admin]\nlisten = \"{}\"\n\n{}",
+            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\nencryption_key_file = \"{}\"\n\n[storage.etcd]\nendpoints = {}\nprefix = \"/acme-sds\"\nlock_ttl = \"2s\"\n\n[http01]\nlisten = \"{}\"\n\n[admin]\nlisten = \"{}\"\n\n{}",
             dir.join("sds.sock").display(),
             self.key_file.display(),
-            endpoints.join(", "),
+            self.etcd.endpoints_toml(),
             ports.http01,
             ports.admin,
             self.pebble.acme_table(),
@@ -170,6 +164,19 @@ impl World {
         }
     }
 
+    /// Replicas A and B of `certs`, started before either may order (then they race), each with its
+    /// Envoy; Pebble validates through A's, which sends challenges to either replica (a dead or paused one
+    /// is skipped, as behind a Service), each held `HOLD` first so that an order stays in progress a while.
+    async fn pair(&self, certs: &[(&str, &[&str])]) -> (Replica, Replica) {
+        let (pa, pb) = (Ports::new(), Ports::new());
+        let both = [pa.http01, pb.http01];
+        let held = self.hold(certs).await;
+        let a = self.replica("a", certs, pa, self.port80, &both, HOLD);
+        let b = self.replica("b", certs, pb, free_port(), &both, HOLD);
+        self.release(held).await;
+        (a, b)
+    }
+
     fn orders(&self) -> usize {
         self.pebble.log().matches("Added order").count()
     }
@@ -213,6 +220,22 @@ impl Replica {
                 self.p.log()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits (bounded) until `/readyz` says `ready` (or not); its response.
+    fn wait_ready(&self, ready: bool) -> String {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let (now, body) = self.ready();
+            if now == ready {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never became {ready}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -364,13 +387,7 @@ async fn two_replicas_order_each_certificate_once_and_answer_each_others_challen
 async fn a_replica_killed_mid_order_is_taken_over_without_a_second_order() {
     let Some(w) = World::start() else { return };
     let certs: &[(&str, &[&str])] = &[("site", &["site.example.com"])];
-    // Challenges go to either replica (a dead one is skipped), as to a Service.
-    let (pa, pb) = (Ports::new(), Ports::new());
-    let both = [pa.http01, pb.http01];
-    let held = w.hold(certs).await;
-    let a = w.replica("a", certs, pa, w.port80, &both, HOLD);
-    let b = w.replica("b", certs, pb, free_port(), &both, HOLD);
-    w.release(held).await;
+    let (a, b) = w.pair(certs).await;
     let root = root(&w).await;
     // Whoever orders is killed as soon as the CA has the order.
     let orderer = first_to_log(&[&a, &b], "order created");
@@ -395,12 +412,7 @@ async fn a_replica_killed_mid_order_is_taken_over_without_a_second_order() {
 async fn a_replica_paused_past_its_lease_cannot_overwrite_what_the_next_holder_stored() {
     let Some(w) = World::start() else { return };
     let certs: &[(&str, &[&str])] = &[("site", &["site.example.com"])];
-    let (pa, pb) = (Ports::new(), Ports::new());
-    let both = [pa.http01, pb.http01];
-    let held = w.hold(certs).await;
-    let a = w.replica("a", certs, pa, w.port80, &both, HOLD);
-    let b = w.replica("b", certs, pb, free_port(), &both, HOLD);
-    w.release(held).await;
+    let (a, b) = w.pair(certs).await;
     let root = root(&w).await;
     let orderer = first_to_log(&[&a, &b], "order created");
     let (mut paused, mut other) = if orderer == 0 { (a, b) } else { (b, a) };
@@ -446,12 +458,7 @@ async fn a_replica_paused_past_its_lease_cannot_overwrite_what_the_next_holder_s
 async fn an_etcd_leader_lost_mid_order_loses_nothing_and_a_lost_quorum_is_reported_and_recovered() {
     let Some(mut w) = World::start() else { return };
     let certs: &[(&str, &[&str])] = &[("site", &["site.example.com"])];
-    let (pa, pb) = (Ports::new(), Ports::new());
-    let both = [pa.http01, pb.http01];
-    let held = w.hold(certs).await;
-    let mut a = w.replica("a", certs, pa, w.port80, &both, HOLD);
-    let mut b = w.replica("b", certs, pb, free_port(), &both, HOLD);
-    w.release(held).await;
+    let (mut a, mut b) = w.pair(certs).await;
     let root = root(&w).await;
     first_to_log(&[&a, &b], "order created");
     let leader = w.etcd.leader().expect("a leader");
@@ -466,22 +473,11 @@ async fn an_etcd_leader_lost_mid_order_loses_nothing_and_a_lost_quorum_is_report
     let second = (0..3).find(|&i| i != leader).unwrap();
     w.etcd.kill(second);
     for r in [&a, &b] {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            let (ready, body) = r.ready();
-            if !ready {
-                assert!(
-                    body.contains("503") && body.contains("storage unavailable"),
-                    "{body}"
-                );
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still ready without quorum: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let body = r.wait_ready(false);
+        assert!(
+            body.contains("503") && body.contains("storage unavailable"),
+            "{body}"
+        );
         let status = http_get(r.admin, "/status");
         assert!(status.contains("\"unavailable\":\"etcd watch"), "{status}");
     }
@@ -503,15 +499,7 @@ async fn an_etcd_leader_lost_mid_order_loses_nothing_and_a_lost_quorum_is_report
     w.etcd.restart(second);
     w.etcd.restart(leader);
     for r in [&a, &b] {
-        let deadline = Instant::now() + BOUND;
-        while !r.ready().0 {
-            assert!(
-                Instant::now() < deadline,
-                "not ready again: {}",
-                r.ready().1
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        r.wait_ready(true);
     }
 }
 
