@@ -19,29 +19,14 @@ const BOUND: Duration = Duration::from_secs(90);
 /// How long Envoy holds each challenge request in the fault tests: the order is in progress that long.
 const HOLD: Duration = Duration::from_secs(1);
 
-/// One replica: its process, its own Envoy, and its admin address.
+/// One replica: its process, its own Envoy, and the addresses its listeners bound (port 0: no port is
+/// picked ahead and raced for).
 struct Replica {
     p: Process,
     envoy: Option<Envoy>,
     dir: PathBuf,
     admin: SocketAddr,
-}
-
-/// A replica's HTTP-01 and admin addresses, chosen before any replica starts (their Envoys cross-route).
-#[derive(Clone, Copy)]
-struct Ports {
     http01: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Ports {
-    fn new() -> Ports {
-        let at = |p: u16| format!("127.0.0.1:{p}").parse().unwrap();
-        Ports {
-            http01: at(free_port()),
-            admin: at(free_port()),
-        }
-    }
 }
 
 /// The world of a test: etcd, Pebble (validating through `port80`, Envoy A's), the key file.
@@ -81,17 +66,15 @@ impl World {
         })
     }
 
-    /// A replica's configuration: the same certificates and etcd prefix for all, its own ports.
-    fn config(&self, name: &str, certs: &[(&str, &[&str])], ports: Ports) -> PathBuf {
+    /// A replica's configuration: the same certificates and etcd prefix for all, its own listeners.
+    fn config(&self, name: &str, certs: &[(&str, &[&str])]) -> PathBuf {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let mut text = format!(
-            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\nencryption_key_file = \"{}\"\n\n[storage.etcd]\nendpoints = {}\nprefix = \"/acme-sds\"\nlock_ttl = \"2s\"\n\n[http01]\nlisten = \"{}\"\n\n[admin]\nlisten = \"{}\"\n\n{}",
+            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\nencryption_key_file = \"{}\"\n\n[storage.etcd]\nendpoints = {}\nprefix = \"/acme-sds\"\nlock_ttl = \"2s\"\n\n[http01]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
             dir.join("sds.sock").display(),
             self.key_file.display(),
             self.etcd.endpoints_toml(),
-            ports.http01,
-            ports.admin,
             self.pebble.acme_table(),
         );
         for (secret, domains) in certs {
@@ -106,38 +89,44 @@ impl World {
         path
     }
 
-    /// Starts a replica and its Envoy (HTTP-01 on `port80` goes to the responders at `challenge`);
-    /// returns when Envoy is live (serving the temporary certificates).
-    fn replica(
-        &self,
-        name: &str,
-        certs: &[(&str, &[&str])],
-        ports: Ports,
-        port80: u16,
-        challenge: &[SocketAddr],
-        challenge_delay: Duration,
-    ) -> Replica {
-        let config = self.config(name, certs, ports);
+    /// Starts a replica (without its Envoy: see [`World::edge`]), once its listeners are bound.
+    fn replica(&self, name: &str, certs: &[(&str, &[&str])]) -> Replica {
+        let config = self.config(name, certs);
         let dir = config.parent().unwrap().to_owned();
         let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
         p.wait_for_line("acme-sds started");
+        Replica {
+            http01: p.listen_addr("HTTP-01 responder"),
+            admin: p.listen_addr("admin"),
+            p,
+            envoy: None,
+            dir,
+        }
+    }
+
+    /// Starts `r`'s Envoy for `certs`: HTTP-01 arriving on `port80` (any free port when `None`) goes to
+    /// the responders at `challenge`, each request held `challenge_delay` first; returns when Envoy is live
+    /// (serving the temporary certificates).
+    fn edge(
+        &self,
+        r: &mut Replica,
+        certs: &[(&str, &[&str])],
+        port80: Option<u16>,
+        challenge: &[SocketAddr],
+        challenge_delay: Duration,
+    ) {
         let secrets: Vec<&str> = certs.iter().map(|(n, _)| *n).collect();
         let challenge: Vec<String> = challenge.iter().map(ToString::to_string).collect();
         let bootstrap = edge_bootstrap(
-            &dir.join("sds.sock"),
+            &r.dir.join("sds.sock"),
             &secrets,
-            port80,
+            port80.unwrap_or(0),
             &challenge,
             challenge_delay,
         );
-        let mut envoy = Envoy::start(&self.envoy, &bootstrap, &dir);
+        let mut envoy = Envoy::start(&self.envoy, &bootstrap, &r.dir);
         envoy.wait_live();
-        Replica {
-            p,
-            envoy: Some(envoy),
-            dir,
-            admin: ports.admin,
-        }
+        r.envoy = Some(envoy);
     }
 
     /// Holds the locks of `certs` (as a replica ordering them would), so that replicas started now order
@@ -168,11 +157,12 @@ impl World {
     /// Envoy; Pebble validates through A's, which sends challenges to either replica (a dead or paused one
     /// is skipped, as behind a Service), each held `HOLD` first so that an order stays in progress a while.
     async fn pair(&self, certs: &[(&str, &[&str])]) -> (Replica, Replica) {
-        let (pa, pb) = (Ports::new(), Ports::new());
-        let both = [pa.http01, pb.http01];
         let held = self.hold(certs).await;
-        let a = self.replica("a", certs, pa, self.port80, &both, HOLD);
-        let b = self.replica("b", certs, pb, free_port(), &both, HOLD);
+        let mut a = self.replica("a", certs);
+        let mut b = self.replica("b", certs);
+        let both = [a.http01, b.http01];
+        self.edge(&mut a, certs, Some(self.port80), &both, HOLD);
+        self.edge(&mut b, certs, None, &both, HOLD);
         self.release(held).await;
         (a, b)
     }
@@ -281,9 +271,11 @@ async fn two_replicas_order_each_certificate_once_and_answer_each_others_challen
     let certs = certs.as_slice();
     // Both replicas start before either may order; then they race.
     let held = w.hold(certs).await;
-    let (pa, pb) = (Ports::new(), Ports::new());
-    let mut a = w.replica("a", certs, pa, w.port80, &[pb.http01], Duration::ZERO);
-    let mut b = w.replica("b", shared, pb, free_port(), &[pa.http01], Duration::ZERO);
+    let mut a = w.replica("a", certs);
+    let mut b = w.replica("b", shared);
+    let (a_http01, b_http01) = (a.http01, b.http01);
+    w.edge(&mut a, certs, Some(w.port80), &[b_http01], Duration::ZERO);
+    w.edge(&mut b, shared, None, &[a_http01], Duration::ZERO);
     w.release(held).await;
     let root = root(&w).await;
 
@@ -359,7 +351,7 @@ async fn two_replicas_order_each_certificate_once_and_answer_each_others_challen
         .await
         .unwrap();
     raw.put(&key_of("two"), &one).await.unwrap();
-    let config = w.config("c", certs, Ports::new());
+    let config = w.config("c", certs);
     let mut c = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
     assert_ne!(
         c.wait_exit(),
@@ -543,7 +535,7 @@ async fn a_single_node_migrates_into_etcd_and_its_certificate_is_served_without_
     .unwrap();
     let mut node = Process::spawn(&["run", "--config", single_config.to_str().unwrap()], &[]);
     node.wait_for_line_within("certificate issued", BOUND);
-    let config = w.config("grown", certs, Ports::new());
+    let config = w.config("grown", certs);
     let config = config.to_str().unwrap();
     let data_dir = data.to_str().unwrap();
 
@@ -578,7 +570,8 @@ async fn a_single_node_migrates_into_etcd_and_its_certificate_is_served_without_
     );
 
     // A replica on etcd serves it at once, and orders nothing.
-    let mut r = w.replica("r", certs, Ports::new(), free_port(), &[], Duration::ZERO);
+    let mut r = w.replica("r", certs);
+    w.edge(&mut r, certs, None, &[], Duration::ZERO);
     let root = root(&w).await;
     r.wait_issued("site", "site.example.com", &root).await;
     assert!(!r.p.log().contains("order created"), "{}", r.p.log());
