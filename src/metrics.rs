@@ -76,6 +76,7 @@ pub struct Metrics {
     store_locks_held: Gauge,
     store_lock_wait: Histogram,
     store_watch_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    on_demand: Family<ResultLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -98,6 +99,7 @@ impl Default for Metrics {
             // 1 ms .. ~65 s
             store_lock_wait: Histogram::new(exponential_buckets(0.001, 4.0, 9)),
             store_watch_lag: Gauge::default(),
+            on_demand: Family::default(),
         }
     }
 }
@@ -177,6 +179,15 @@ impl Metrics {
         self.store_watch_lag.set(seconds);
     }
 
+    /// Counts an on-demand decision: `admitted`, or the reason of a refusal.
+    pub fn count_on_demand(&self, result: &str) {
+        self.on_demand
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
     /// Registers every counter and histogram in `registry`, for an exposition (the admin listener adds the
     /// per-certificate gauges).
     pub fn register(&self, registry: &mut Registry) {
@@ -215,6 +226,11 @@ impl Metrics {
             "acme_sds_http01_requests",
             "HTTP-01 responder requests, by result",
             m.http01_requests.clone(),
+        );
+        registry.register(
+            "acme_sds_on_demand_decisions",
+            "On-demand names decided: admitted (a new certificate), or refused by reason (not_in_allow, ask_denied, hourly_cap, malformed, node_not_allowed, order_failed, refused_recently)",
+            m.on_demand.clone(),
         );
         registry.register(
             "acme_sds_store_locks_held",

@@ -212,6 +212,19 @@ pub struct Registry {
     /// Secrets no longer offered (removed by a reload): streams that hold them keep them and keep hearing
     /// about them; new subscriptions see them as unknown until they are published again.
     withdrawn: RwLock<std::collections::HashSet<String>>,
+    /// Names a source is obtaining now (on demand): a stream waits for them instead of reporting them
+    /// missing.
+    expected: RwLock<std::collections::HashSet<String>>,
+    /// Secrets also published under other spellings (an on-demand certificate under every SNI spelling
+    /// Envoy asked for: the resource name must be exactly the one requested): the spellings, and the
+    /// content last published, to publish a spelling added later.
+    aliases: RwLock<HashMap<String, Aliased>>,
+}
+
+#[derive(Default)]
+struct Aliased {
+    spellings: std::collections::BTreeSet<String>,
+    last: Option<(SecretContent, bool)>,
 }
 
 impl Registry {
@@ -244,6 +257,26 @@ impl Registry {
     }
 
     fn publish_as(&self, name: &str, content: &SecretContent, temporary: bool) -> Published {
+        let spellings = {
+            let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
+            aliases.get_mut(name).map(|a| {
+                a.last = Some((content.clone(), temporary));
+                a.spellings.clone()
+            })
+        };
+        for spelling in spellings.into_iter().flatten() {
+            self.publish_one(&spelling, content, temporary);
+        }
+        self.publish_one(name, content, temporary)
+    }
+
+    fn publish_one(&self, name: &str, content: &SecretContent, temporary: bool) -> Published {
+        if self.is_expected(name) {
+            self.expected
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
+        }
         let plain = encode(&content.to_secret(name.to_owned()));
         let version = content_version(&plain.value);
         let was_withdrawn = self
@@ -342,6 +375,71 @@ impl Registry {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains(name)
+    }
+
+    /// Publishes whatever is published as `name` under other spellings as well, from now on (see
+    /// [`Registry::alias`]).
+    pub fn follow_aliases(&self, name: &str) {
+        self.aliases
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_owned())
+            .or_default();
+    }
+
+    /// Publishes `name` (followed with [`Registry::follow_aliases`]) as `spelling` too, at once when it has
+    /// a version and at every publication after. A spelling equal to the name changes nothing.
+    pub fn alias(&self, spelling: &str, name: &str) {
+        if spelling == name {
+            return;
+        }
+        let last = {
+            let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
+            let a = aliases.entry(name.to_owned()).or_default();
+            a.spellings.insert(spelling.to_owned());
+            a.last.clone()
+        };
+        if let Some((content, temporary)) = last {
+            self.publish_one(spelling, &content, temporary);
+        }
+    }
+
+    /// The other spellings `name` is published under.
+    pub fn spellings(&self, name: &str) -> Vec<String> {
+        self.aliases
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|a| a.spellings.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Marks `name` as being obtained (on demand): streams wait for it rather than report it missing.
+    pub fn expect(&self, name: &str) {
+        self.expected
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned());
+    }
+
+    /// Whether `name` is being obtained (see [`Registry::expect`]).
+    pub fn is_expected(&self, name: &str) -> bool {
+        self.expected
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    /// `name` will not be obtained (it was refused): streams waiting for it are woken, and report it missing
+    /// (for Envoy's on-demand selector, a delta `removed_resources` fails the waiting handshake at once).
+    pub fn refuse(&self, name: &str) {
+        self.expected
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(slot) = self.read().get(canonical_name(name)) {
+            slot.send_modify(|_| {});
+        }
     }
 
     /// How many SDS streams watch a secret now.

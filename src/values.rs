@@ -148,6 +148,52 @@ impl DnsName {
     }
 }
 
+/// An `[on_demand] allow` entry: an exact DNS name, or `*.` and a DNS name, which matches names with exactly
+/// one more label in front (`*.customers.example.com` matches `a.customers.example.com`, neither
+/// `customers.example.com` nor `a.b.customers.example.com`), as a wildcard certificate would.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DomainPattern {
+    /// The name, or what follows `*.`.
+    base: DnsName,
+    wildcard: bool,
+}
+
+impl DomainPattern {
+    /// Checks `raw`; the error says what is wrong with it.
+    pub fn new(raw: &str) -> Result<Self, String> {
+        let (rest, wildcard) = match raw.strip_prefix("*.") {
+            Some(rest) => (rest, true),
+            None => (raw, false),
+        };
+        if rest.contains('*') {
+            return Err(format!(
+                "{raw:?}: a pattern is a name, or \"*.\" and a name (one label, in front)"
+            ));
+        }
+        let base = DnsName::new(rest).map_err(|e| format!("{raw:?}: {e}"))?;
+        Ok(DomainPattern { base, wildcard })
+    }
+
+    /// Whether `name` is allowed by this pattern.
+    pub fn matches(&self, name: &DnsName) -> bool {
+        if !self.wildcard {
+            return *name == self.base;
+        }
+        name.strip_suffix(self.base.as_str())
+            .and_then(|front| front.strip_suffix('.'))
+            .is_some_and(|label| !label.is_empty() && !label.contains('.'))
+    }
+}
+
+impl fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.wildcard {
+            f.write_str("*.")?;
+        }
+        f.write_str(&self.base)
+    }
+}
+
 /// A name on a certificate of the internal CA: a DNS name as for ACME, and also a single label
 /// (`localhost`, `db`), a wildcard (`*.svc.internal`) or an IP address (written canonically).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -289,6 +335,31 @@ impl fmt::Display for ListenAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_patterns_match_a_name_or_one_label_in_front() {
+        let name = |n: &str| DnsName::new(n).unwrap();
+        let star = DomainPattern::new("*.customers.example.com").unwrap();
+        assert!(star.matches(&name("a.customers.example.com")));
+        assert!(star.matches(&name("A.Customers.Example.com.")));
+        assert!(!star.matches(&name("customers.example.com")));
+        assert!(!star.matches(&name("a.b.customers.example.com")));
+        assert!(!star.matches(&name("evilcustomers.example.com")));
+        let exact = DomainPattern::new("Shop.Example.org").unwrap();
+        assert!(exact.matches(&name("shop.example.org")));
+        assert!(!exact.matches(&name("www.shop.example.org")));
+        for bad in [
+            "*",
+            "*.com.*",
+            "a.*.example.com",
+            "**.example.com",
+            "*.1.2.3.4",
+            "not a name",
+        ] {
+            assert!(DomainPattern::new(bad).is_err(), "{bad}");
+        }
+        assert_eq!(star.to_string(), "*.customers.example.com");
+    }
 
     #[test]
     fn names_check_themselves() {

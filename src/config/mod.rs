@@ -19,6 +19,7 @@ use crate::values::ListenAddr;
 mod acme;
 mod certificate;
 mod http01;
+mod on_demand;
 mod raw;
 mod schema;
 mod sds;
@@ -31,6 +32,9 @@ pub use certificate::{
     CertificateConfig, CertificateSource, ISSUER_ACME, ISSUER_INTERNAL, TrustBundleConfig,
 };
 pub use http01::{DEFAULT_HTTP01_LISTEN, Http01Config};
+pub use on_demand::{
+    DEFAULT_ASK_TIMEOUT, DEFAULT_MAX_NEW_PER_HOUR, DEFAULT_MAX_PENDING, OnDemandConfig,
+};
 use raw::RawConfig;
 pub use sds::{DEFAULT_SOCKET_MODE, SdsConfig};
 pub use storage::{DEFAULT_ETCD_PREFIX, DEFAULT_LOCK_TTL, EtcdConfig, StorageConfig};
@@ -52,6 +56,8 @@ pub struct Config {
     pub acme: Option<AcmeConfig>,
     /// `[admin] listen`: health, readiness and status endpoints; off when absent.
     pub admin: Option<SocketAddr>,
+    /// `[on_demand]`: certificates obtained for names Envoy asks for; off when absent.
+    pub on_demand: Option<OnDemandConfig>,
     /// `[[certificate]]`, in file order.
     pub certificates: Vec<CertificateConfig>,
     /// `[[trust_bundle]]`, in file order.
@@ -112,9 +118,11 @@ impl Config {
 
     /// Whether any certificate is obtained over ACME.
     pub fn has_acme_certificates(&self) -> bool {
-        self.certificates
-            .iter()
-            .any(|c| matches!(c.source, CertificateSource::Acme { .. }))
+        self.on_demand.is_some()
+            || self
+                .certificates
+                .iter()
+                .any(|c| matches!(c.source, CertificateSource::Acme { .. }))
     }
 }
 
@@ -286,6 +294,23 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     });
     let acme_line = raw.acme.as_ref().map(|a| v.lines.line(a.span().start));
     let acme = raw.acme.map(|a| v.acme(a.into_inner(), acme_line));
+    let on_demand_line = raw.on_demand.as_ref().map(|a| v.lines.line(a.span().start));
+    let on_demand = raw.on_demand.map(|o| v.on_demand(o));
+    if on_demand.is_some() {
+        match &acme {
+            None => v.problem(
+                "on_demand",
+                on_demand_line,
+                "on-demand certificates need an [acme] table (directory, contact, accept_terms_of_service)",
+            ),
+            Some(a) if !a.accept_terms_of_service => v.problem(
+                "acme.accept_terms_of_service",
+                acme_line,
+                "must be true before any certificate is ordered: read the CA's terms of service, then set it",
+            ),
+            Some(_) => {}
+        }
+    }
     let (certificates, dup_allowed) = v.certificates(raw.certificate);
     let trust_bundles = v.trust_bundles(raw.trust_bundle);
     v.unique_names(&certificates, &trust_bundles);
@@ -315,6 +340,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             http01,
             acme,
             admin,
+            on_demand,
             certificates,
             trust_bundles,
             locations,

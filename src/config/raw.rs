@@ -12,6 +12,7 @@ pub(super) struct RawConfig {
     pub(super) http01: Option<Spanned<RawHttp01>>,
     pub(super) acme: Option<Spanned<RawAcme>>,
     pub(super) admin: Option<Spanned<RawAdmin>>,
+    pub(super) on_demand: Option<Spanned<RawOnDemand>>,
     #[serde(default)]
     pub(super) certificate: Vec<Spanned<RawCertificate>>,
     #[serde(default)]
@@ -68,6 +69,19 @@ pub(super) struct RawStorage {
     pub(super) path: Option<Spanned<String>>,
     pub(super) encryption_key_file: Option<Spanned<String>>,
     pub(super) etcd: Option<Spanned<RawEtcd>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOnDemand {
+    pub(super) allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) ask: Option<Spanned<String>>,
+    pub(super) ask_timeout: Option<Spanned<String>>,
+    pub(super) max_new_per_hour: Option<Spanned<i64>>,
+    pub(super) max_pending: Option<Spanned<i64>>,
+    pub(super) key_type: Option<Spanned<String>>,
+    pub(super) allowed_nodes: Option<Spanned<Vec<String>>>,
+    pub(super) drop_unused_after: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -131,6 +131,28 @@ const TRUST_BUNDLE: &[(&str, Kind)] = &[
     ("allowed_clients", Kind::StrList(GLOBS)),
 ];
 
+const ON_DEMAND: &[(&str, Kind)] = &[
+    (
+        "allow",
+        Kind::StrList(
+            "a list of names or \"*.\" patterns in quotes, such as [\"*.customers.example.com\"]",
+        ),
+    ),
+    (
+        "ask",
+        Kind::Str("a URL in quotes, such as \"http://127.0.0.1:9123/allowed\""),
+    ),
+    ("ask_timeout", Kind::Str(DURATION)),
+    ("max_new_per_hour", Kind::Int("a whole number, such as 100")),
+    ("max_pending", Kind::Int("a whole number, such as 16")),
+    (
+        "key_type",
+        Kind::Str("\"ecdsa-p256\", \"ecdsa-p384\", \"rsa-2048\", \"rsa-3072\" or \"rsa-4096\""),
+    ),
+    ("allowed_nodes", Kind::StrList(GLOBS)),
+    ("drop_unused_after", Kind::Str(DURATION)),
+];
+
 const ETCD: &[(&str, Kind)] = &[
     (
         "endpoints",
@@ -164,6 +186,7 @@ pub(super) const ROOT: &[(&str, Kind)] = &[
         Kind::Table(&[("listen", Kind::Str("\"IP:PORT\", such as \"0.0.0.0:8089\""))]),
     ),
     ("acme", Kind::Table(ACME)),
+    ("on_demand", Kind::Table(ON_DEMAND)),
     (
         "admin",
         Kind::Table(&[(
@@ -240,7 +263,7 @@ impl Walk<'_> {
                     let msg = match (close_match(name, &known), prefix.is_empty()) {
                     (Some(k), true) => format!("unknown table (did you mean [{k}]?)"),
                     (Some(k), false) => format!("unknown key (did you mean `{k}`?)"),
-                    (None, true) => "unknown table; the file has [sds], [storage], [http01], [acme], [admin], [[certificate]] and [[trust_bundle]]".to_owned(),
+                    (None, true) => "unknown table; the file has [sds], [storage], [http01], [acme], [on_demand], [admin], [[certificate]] and [[trust_bundle]]".to_owned(),
                     (None, false) => format!("unknown key; {prefix} has {}", known.join(", ")),
                 };
                     self.out.push(Problem::new(path, line, msg));

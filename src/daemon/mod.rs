@@ -21,6 +21,7 @@ use crate::registry::{Published, Registry, SecretContent};
 use crate::sds::access::Access;
 use crate::sds::{Policy, SdsService};
 use crate::sources::acme::http01;
+use crate::sources::acme::on_demand::OnDemand;
 use crate::sources::acme::{AcmeManager, ManagedCert};
 use crate::sources::files::FileSource;
 use crate::sources::internal::{InternalCert, InternalIssuer};
@@ -403,6 +404,7 @@ impl Running {
 
     /// Starts (or restarts) the ACME side for `config`; stops it when no certificate needs it.
     async fn apply_acme(&mut self, config: &Config) -> Result<(), DaemonError> {
+        self.policy.set_demand(None);
         if let Some(old) = self.acme.take() {
             old.token.cancel();
             // Its tasks withdraw their challenges as they end: wait (bounded), so that they cannot withdraw
@@ -463,6 +465,18 @@ impl Running {
                     .map_err(|e| DaemonError::Panicked("an ACME certificate task", e))
             });
         }
+        if let Some(on_demand) = config.on_demand.clone() {
+            let on_demand = OnDemand::start(
+                on_demand,
+                manager.clone(),
+                self.registry.clone(),
+                self.open_store(config).await?,
+                self.metrics.clone(),
+                token.clone(),
+            )
+            .await;
+            self.policy.set_demand(Some(Arc::new(on_demand)));
+        }
         self.acme = Some(AcmeRuntime { manager, token });
         Ok(())
     }
@@ -502,7 +516,9 @@ impl Running {
 
         // ACME: restart the manager when anything ACME changed (stored certificates are served again at
         // once and nothing valid is re-ordered).
-        if old.acme != new.acme || ManagedCert::from_config(&old) != ManagedCert::from_config(&new)
+        if old.acme != new.acme
+            || old.on_demand != new.on_demand
+            || ManagedCert::from_config(&old) != ManagedCert::from_config(&new)
         {
             self.apply_acme(&new).await?;
         }

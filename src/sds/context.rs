@@ -238,9 +238,18 @@ impl StreamContext {
     }
 
     /// Counts names this stream asked for that are not configured (one series for all of them).
-    pub(crate) fn count_unconfigured(&self, n: usize) {
+    /// Counts the names of `requested` that are not configured, and tells the on-demand issuer (if any) of
+    /// each: it publishes, expects or refuses them before the stream answers.
+    pub(crate) fn unconfigured<'a>(&self, requested: impl IntoIterator<Item = &'a str>) {
+        let mut n = 0u64;
+        for name in requested {
+            if !self.is_configured(name) {
+                n += 1;
+                self.policy.demand(name, self.usable_node_id());
+            }
+        }
         if n > 0 {
-            self.metrics.count_unconfigured(n as u64);
+            self.metrics.count_unconfigured(n);
         }
     }
 
@@ -266,7 +275,9 @@ impl StreamContext {
                 unconfigured += 1;
             }
         }
-        self.count_unconfigured(unconfigured);
+        if unconfigured > 0 {
+            self.metrics.count_unconfigured(unconfigured);
+        }
         let Some(held_back) = self.throttles.nacks.allow() else {
             return;
         };

@@ -2,7 +2,8 @@
 //!
 //! Subscribe and unsubscribe are honoured on every request, whatever its nonce. Names the client says it
 //! holds (`initial_resource_versions`, on a reconnect) are not resent when the version matches. A subscribed
-//! name that does not exist is reported once in `removed_resources` and pushed as soon as it appears; a name
+//! name that does not exist is reported once in `removed_resources` (unless it is being obtained on demand:
+//! then only if it is refused) and pushed as soon as it appears; a name
 //! the client already holds is never reported removed, so a missing secret here never takes one away from
 //! Envoy. Subscription changes cost O(n) in the names they carry (sets, not list scans), and every push is
 //! authorised against the access rules in force at that moment.
@@ -93,7 +94,11 @@ impl Delta {
                     }
                 }
                 None => {
-                    if matches!(w.held, Held::Nothing) && !w.reported_missing {
+                    // A name being obtained on demand is waited for; one refused is reported.
+                    if matches!(w.held, Held::Nothing)
+                        && !w.reported_missing
+                        && !self.registry.is_expected(&w.requested)
+                    {
                         removed.push(w.requested.clone());
                         w.reported_missing = true;
                     }
@@ -196,8 +201,7 @@ impl Protocol for Delta {
         }
         self.ctx
             .authorize(adding(), self.watched.iter().map(|w| w.requested.as_str()))?;
-        let unconfigured = adding().filter(|n| !self.ctx.is_configured(n)).count();
-        self.ctx.count_unconfigured(unconfigured);
+        self.ctx.unconfigured(adding());
         self.ctx.set_name_count(total)?;
         for i in again {
             // Subscribing again asks for the resource again.

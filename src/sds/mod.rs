@@ -49,7 +49,7 @@ pub use context::{
     MAX_NAME_BYTES, MAX_NAMES_PER_STREAM, MAX_NODE_FIELD_BYTES, NodeInfo, StreamContext,
 };
 pub(crate) use context::{Throttles, checked_names};
-pub use policy::Policy;
+pub use policy::{Demand, Policy};
 
 /// The gRPC service. Cheap to clone.
 #[derive(Clone)]
@@ -177,8 +177,7 @@ impl SecretDiscoveryService for SdsService {
             ));
         }
         ctx.authorize(names.iter().map(String::as_str), [])?;
-        let unconfigured = names.iter().filter(|n| !ctx.is_configured(n)).count();
-        ctx.count_unconfigured(unconfigured);
+        ctx.unconfigured(names.iter().map(String::as_str));
         let mut resources = Vec::new();
         let mut versions = Vec::new();
         let mut missing = Vec::new();

@@ -45,12 +45,23 @@ impl Rules {
     }
 }
 
+/// Certificates obtained on demand (`[on_demand]`): told of every name a caller subscribes to or fetches
+/// that no certificate is configured for, with the caller's node id. It answers through the registry: it
+/// publishes the name, expects it (streams wait for it), or refuses it (streams report it missing, which
+/// fails Envoy's waiting handshake at once over delta SDS). It must answer quickly: what takes time (an
+/// `ask` request, the order) happens in its own tasks.
+pub trait Demand: Send + Sync + std::fmt::Debug {
+    /// `name` was requested by the node `node_id` (none when it sent no usable one).
+    fn requested(&self, name: &str, node_id: Option<&str>);
+}
+
 /// The rules in force; see the module docs. Shared by the service and every stream.
 #[derive(Debug)]
 pub struct Policy {
     current: RwLock<Arc<Rules>>,
     generation: AtomicU64,
     changed: watch::Sender<u64>,
+    demand: RwLock<Option<Arc<dyn Demand>>>,
 }
 
 impl Default for Policy {
@@ -69,6 +80,25 @@ impl Policy {
             })),
             generation: AtomicU64::new(0),
             changed: watch::Sender::new(0),
+            demand: RwLock::new(None),
+        }
+    }
+
+    /// Who is told of requests for names that are not configured (`None`: nobody; they are just waited
+    /// for, or reported missing over delta SDS).
+    pub fn set_demand(&self, demand: Option<Arc<dyn Demand>>) {
+        *self.demand.write().unwrap_or_else(|e| e.into_inner()) = demand;
+    }
+
+    /// Tells the on-demand issuer, if there is one, that `name` (not configured) was requested.
+    pub fn demand(&self, name: &str, node_id: Option<&str>) {
+        let demand = self
+            .demand
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(d) = demand {
+            d.requested(name, node_id);
         }
     }
 

@@ -169,8 +169,7 @@ impl Protocol for Sotw {
                 .collect();
             self.ctx
                 .authorize(adding.iter().copied(), held.iter().copied())?;
-            let unconfigured = adding.iter().filter(|n| !self.ctx.is_configured(n)).count();
-            self.ctx.count_unconfigured(unconfigured);
+            self.ctx.unconfigured(adding.iter().copied());
             self.ctx.set_name_count(names.len())?;
             self.subscribe(names);
         }

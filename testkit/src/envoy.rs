@@ -43,6 +43,8 @@ impl Envoy {
         let config = dir.join("envoy.yaml");
         std::fs::write(&config, bootstrap).unwrap();
         let admin_path = dir.join("envoy-admin.txt");
+        // A previous Envoy's address must not be taken for this one's.
+        let _ = std::fs::remove_file(&admin_path);
         let log = dir.join("envoy.log");
         // In `dir`: relative paths in a bootstrap (a Unix socket) resolve there.
         let child = Command::new(bin)
@@ -239,6 +241,70 @@ pub fn edge_bootstrap(
     challenge: &[String],
     challenge_delay: Duration,
 ) -> String {
+    let mut listeners = String::new();
+    for name in secrets {
+        listeners.push_str(&sds_tls_listener(
+            &format!("https-{name}"),
+            name,
+            "GRPC",
+            "envoy_grpc: { cluster_name: acme_sds }",
+        ));
+    }
+    edge(sds_socket, &listeners, port80, challenge, challenge_delay)
+}
+
+/// The edge of [`edge_bootstrap`] with one TLS listener, `https`, whose certificates come from Envoy's
+/// on-demand selector (`envoy.tls.certificate_selectors.on_demand_secret`, SNI mapper, `default` when the
+/// client sends no SNI) over delta SDS: a handshake for a name Envoy has no certificate for waits while
+/// acme-sds obtains it.
+pub fn on_demand_bootstrap(
+    sds_socket: &Path,
+    default: &str,
+    port80: u16,
+    challenge: &[String],
+) -> String {
+    let listener = format!(
+        r#"  - name: https
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          disable_stateless_session_resumption: true
+          disable_stateful_session_resumption: true
+          common_tls_context:
+            custom_tls_certificate_selector:
+              name: envoy.tls.certificate_selectors.on_demand_secret
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_selectors.on_demand_secret.v3.Config
+                config_source:
+                  resource_api_version: V3
+                  api_config_source:
+                    api_type: DELTA_GRPC
+                    transport_api_version: V3
+                    grpc_services: [{{ envoy_grpc: {{ cluster_name: acme_sds }} }}]
+                certificate_mapper:
+                  name: envoy.tls.certificate_mappers.sni
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_mappers.sni.v3.SNI
+                    default_value: {default}
+      filters:
+      - name: envoy.filters.network.echo
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.echo.v3.Echo
+"#
+    );
+    edge(sds_socket, &listener, port80, challenge, Duration::ZERO)
+}
+
+fn edge(
+    sds_socket: &Path,
+    tls_listeners: &str,
+    port80: u16,
+    challenge: &[String],
+    challenge_delay: Duration,
+) -> String {
     let delay = if challenge_delay.is_zero() {
         String::new()
     } else {
@@ -286,14 +352,7 @@ pub fn edge_bootstrap(
                     retry_host_predicate: [{{ name: envoy.retry_host_predicates.previous_hosts, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate }} }}]
 "#
     );
-    for name in secrets {
-        listeners.push_str(&sds_tls_listener(
-            &format!("https-{name}"),
-            name,
-            "GRPC",
-            "envoy_grpc: { cluster_name: acme_sds }",
-        ));
-    }
+    listeners.push_str(tls_listeners);
     format!(
         r#"
 node: {{ id: edge, cluster: edge }}
@@ -483,4 +542,77 @@ pub fn default_sds_settings(yaml: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The certificate chain a TLS server on `127.0.0.1:port` presents for `sni` (none: no SNI is sent), leaf
+/// first, verified by nothing (the caller checks what it needs); the error when the handshake fails.
+pub async fn presented_chain(port: u16, sni: Option<&str>) -> std::io::Result<Vec<Vec<u8>>> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    // An IP address as the server name: rustls then sends no SNI.
+    let name = match sni {
+        Some(s) => ServerName::try_from(s.to_owned()).map_err(std::io::Error::other)?,
+        None => ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let tls = connector.connect(name, tcp).await?;
+    Ok(tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.to_vec())
+        .collect())
 }

@@ -11,6 +11,7 @@ mod envoy;
 mod files;
 mod keys;
 mod limits;
+mod on_demand;
 mod readme;
 mod reload;
 mod replicas;

@@ -59,6 +59,7 @@ macro_rules! retrying {
 mod account;
 mod http;
 pub mod http01;
+pub mod on_demand;
 mod order;
 mod schedule;
 pub mod temporary;
@@ -274,7 +275,15 @@ pub struct AcmeManager {
     tasks: tokio_util::task::TaskTracker,
     /// How long a certificate's lock outlives a replica that stopped renewing it.
     lock_ttl: Duration,
+    /// Every certificate task's certificate and wake-up, by store key: what the watch follows.
+    followed: std::sync::Mutex<std::collections::HashMap<String, (ManagedCert, Changed)>>,
+    /// The token `start` was given: certificates added later stop with it.
+    shutdown: std::sync::OnceLock<CancellationToken>,
+    outcomes: tokio::sync::broadcast::Sender<(String, Result<(), String>)>,
 }
+
+/// Everything under the CA's prefix, read at once at start.
+type Prefetched = std::collections::HashMap<String, crate::store::Entry>;
 
 /// Where a certificate's task hears that another replica stored it.
 type Changed = Arc<tokio::sync::Notify>;
@@ -306,6 +315,9 @@ impl AcmeManager {
             metrics,
             tasks: tokio_util::task::TaskTracker::new(),
             lock_ttl,
+            followed: Default::default(),
+            shutdown: Default::default(),
+            outcomes: tokio::sync::broadcast::Sender::new(256),
         })
     }
 
@@ -397,6 +409,7 @@ impl AcmeManager {
         certs: Vec<ManagedCert>,
         shutdown: CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
+        let _ = self.shutdown.set(shutdown.clone());
         self.clear_stale_challenges().await;
         // Followed from before the stored certificates are read, so that none stored meanwhile is missed.
         let changes = self
@@ -406,91 +419,123 @@ impl AcmeManager {
         // Everything this CA's certificates keep, in one read (one request on etcd: a replica with a
         // thousand certificates serves them all within a second); what does not parse is read again, one
         // key at a time, by the code that sets unusable values aside.
-        let prefetched: Option<std::collections::HashMap<String, crate::store::Entry>> = self
+        let prefetched: Option<Prefetched> = self
             .store
             .scan(&self.keys.dir())
             .await
             .ok()
             .map(|all| all.into_iter().collect());
-        let mut followed = std::collections::HashMap::new();
         let mut tasks = Vec::new();
         for cert in certs {
-            let changed = Changed::default();
-            let cert_key = self.keys.cert(&cert.name);
-            followed.insert(cert_key.clone(), (cert.clone(), changed.clone()));
-            let stored = match prefetched.as_ref().map(|p| p.get(&cert_key)) {
-                Some(None) => None,
-                Some(Some(entry)) => match parse_stored(entry) {
-                    Some(parsed) => Some(parsed),
-                    None => self.load_stored(&cert).await,
-                },
-                None => self.load_stored(&cert).await,
-            };
-            if let Some((s, pem)) = &stored {
-                let v = self
-                    .registry
-                    .publish(&cert.name, &SecretContent::TlsCertificate(pem.clone()));
-                let state = if s.matches(&cert) {
-                    "stored"
-                } else {
-                    "stored (configuration changed; ordering a new one)"
-                };
-                crate::sources::log_loaded(
-                    &cert.name,
-                    &SecretContent::TlsCertificate(pem.clone()),
-                    v.version().version(),
-                    state,
-                );
-            } else {
-                self.serve_temporary(&cert);
-            }
-            let state_key = self.keys.state(&cert.name);
-            let loaded = match prefetched.as_ref().map(|p| p.get(&state_key)) {
-                Some(None) => Ok(None),
-                Some(Some(e)) => match serde_json::from_slice::<CertState>(&e.value) {
-                    Ok(state) => Ok(Some(state)),
-                    Err(_) => self.load_json(&state_key).await,
-                },
-                None => self.load_json(&state_key).await,
-            };
-            let state: CertState = match loaded {
-                Ok(s) => s.unwrap_or_default(),
-                Err(LoadError::Corrupt(e)) => {
-                    self.set_aside(&state_key, &cert.name, &e).await;
-                    CertState::default()
-                }
-                Err(_) => CertState::default(),
-            };
-            let manager = self.clone();
-            let token = shutdown.clone();
-            let current = stored.map(|(stored, _)| Current {
-                stored,
-                saved: true,
-            });
-            // An order left in progress (by a crash, or a certificate that could not be stored) is
-            // resumed at once: resuming places no new order.
-            let resume = match prefetched.as_ref() {
-                Some(p) => p
-                    .get(&self.keys.order(&cert.name))
-                    .is_some_and(|e| order::record_matches(&e.value, &cert)),
-                None => order::load_record(&self.store, &self.keys, &cert)
-                    .await
-                    .is_some(),
-            };
-            tasks.push(self.tasks.spawn(http::with_retry_after(async move {
-                manager
-                    .run_cert(cert, current, state, resume, changed, token)
-                    .await;
-            })));
+            tasks.push(
+                self.launch(cert, prefetched.as_ref(), shutdown.clone())
+                    .await,
+            );
         }
         if let Some(changes) = changes {
             let manager = self.clone();
-            tasks.push(
-                self.tasks
-                    .spawn(manager.follow(changes, followed, shutdown.clone())),
-            );
+            tasks.push(self.tasks.spawn(manager.follow(changes, shutdown.clone())));
         }
         tasks
+    }
+
+    /// Adds a certificate while running (one obtained on demand): served at once when stored, else
+    /// ordered, then renewed like the configured ones, until `stop` (or the manager's shutdown). Its
+    /// orders' outcomes are announced on [`AcmeManager::outcomes`].
+    pub async fn add(self: &Arc<Self>, cert: ManagedCert, stop: CancellationToken) {
+        let Some(shutdown) = self.shutdown.get() else {
+            return;
+        };
+        let token = shutdown.child_token();
+        let child = token.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            child.cancel();
+        });
+        self.launch(cert, None, token).await;
+    }
+
+    /// The outcome of every order from now on: (certificate name, `Ok` when issued, else the error).
+    pub fn outcomes(&self) -> tokio::sync::broadcast::Receiver<(String, Result<(), String>)> {
+        self.outcomes.subscribe()
+    }
+
+    /// Serves `cert`'s stored certificate (from `prefetched` when the store was read at once) or its
+    /// temporary stand-in, and starts its task.
+    async fn launch(
+        self: &Arc<Self>,
+        cert: ManagedCert,
+        prefetched: Option<&Prefetched>,
+        token: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let changed = Changed::default();
+        let cert_key = self.keys.cert(&cert.name);
+        if let Ok(mut followed) = self.followed.lock() {
+            followed.insert(cert_key.clone(), (cert.clone(), changed.clone()));
+        }
+        let stored = match prefetched.map(|p| p.get(&cert_key)) {
+            Some(None) => None,
+            Some(Some(entry)) => match parse_stored(entry) {
+                Some(parsed) => Some(parsed),
+                None => self.load_stored(&cert).await,
+            },
+            None => self.load_stored(&cert).await,
+        };
+        if let Some((s, pem)) = &stored {
+            let v = self
+                .registry
+                .publish(&cert.name, &SecretContent::TlsCertificate(pem.clone()));
+            let state = if s.matches(&cert) {
+                "stored"
+            } else {
+                "stored (configuration changed; ordering a new one)"
+            };
+            crate::sources::log_loaded(
+                &cert.name,
+                &SecretContent::TlsCertificate(pem.clone()),
+                v.version().version(),
+                state,
+            );
+        } else {
+            self.serve_temporary(&cert);
+        }
+        let state_key = self.keys.state(&cert.name);
+        let loaded = match prefetched.map(|p| p.get(&state_key)) {
+            Some(None) => Ok(None),
+            Some(Some(e)) => match serde_json::from_slice::<CertState>(&e.value) {
+                Ok(state) => Ok(Some(state)),
+                Err(_) => self.load_json(&state_key).await,
+            },
+            None => self.load_json(&state_key).await,
+        };
+        let state: CertState = match loaded {
+            Ok(s) => s.unwrap_or_default(),
+            Err(LoadError::Corrupt(e)) => {
+                self.set_aside(&state_key, &cert.name, &e).await;
+                CertState::default()
+            }
+            Err(_) => CertState::default(),
+        };
+        let current = stored.map(|(stored, _)| Current {
+            stored,
+            saved: true,
+        });
+        // An order left in progress (by a crash, or a certificate that could not be stored) is resumed at
+        // once: resuming places no new order.
+        let resume = match prefetched {
+            Some(p) => p
+                .get(&self.keys.order(&cert.name))
+                .is_some_and(|e| order::record_matches(&e.value, &cert)),
+            None => order::load_record(&self.store, &self.keys, &cert)
+                .await
+                .is_some(),
+        };
+        let manager = self.clone();
+        self.tasks.spawn(http::with_retry_after(async move {
+            manager
+                .run_cert(cert, current, state, resume, changed, token)
+                .await;
+        }))
     }
 
     /// Pushes what other replicas store: a certificate written to the store (by any replica) is published
@@ -498,7 +543,6 @@ impl AcmeManager {
     async fn follow(
         self: Arc<Self>,
         mut changes: tokio::sync::mpsc::Receiver<Change>,
-        followed: std::collections::HashMap<String, (ManagedCert, Changed)>,
         shutdown: CancellationToken,
     ) {
         loop {
@@ -509,12 +553,17 @@ impl AcmeManager {
                     None => return,
                 },
             };
-            let which: Vec<&(ManagedCert, Changed)> = match &change {
-                Change::Put(key) => followed.get(key).into_iter().collect(),
-                Change::Resync => followed.values().collect(),
-                Change::Deleted(_) => continue,
+            let which: Vec<(ManagedCert, Changed)> = {
+                let Ok(followed) = self.followed.lock() else {
+                    return;
+                };
+                match &change {
+                    Change::Put(key) => followed.get(key).cloned().into_iter().collect(),
+                    Change::Resync => followed.values().cloned().collect(),
+                    Change::Deleted(_) => continue,
+                }
             };
-            for (cert, changed) in which {
+            for (cert, changed) in &which {
                 self.adopt(cert).await;
                 changed.notify_one();
             }
@@ -861,6 +910,7 @@ impl AcmeManager {
                         .is_some_and(|v| v.summary().temporary);
                     let content = SecretContent::TlsCertificate(pem.clone());
                     let v = self.registry.publish(&cert.name, &content);
+                    let _ = self.outcomes.send((cert.name.to_string(), Ok(())));
                     tracing::info!(
                         secret = %cert.name,
                         version = v.version().version(),
@@ -879,6 +929,9 @@ impl AcmeManager {
                 }
                 Err(e) => {
                     self.metrics.count_order(&cert.name, "failed");
+                    let _ = self
+                        .outcomes
+                        .send((cert.name.to_string(), Err(e.to_string())));
                     if e.account_gone() {
                         tracing::warn!(
                             "the CA no longer knows the stored ACME account; a new one will be created"

@@ -1,0 +1,495 @@
+//! On-demand certificates (`[on_demand]`): a name nobody configured, obtained when Envoy first asks for it.
+//!
+//! Envoy's on-demand certificate selector (`envoy.tls.certificate_selectors.on_demand_secret`, with the SNI
+//! mapper) pauses a handshake whose SNI it has no certificate for and subscribes to that name over SDS.
+//! The SDS side tells this module of every such name ([`Demand`]); the answer goes through the registry,
+//! at once: a certificate already obtained is published under the name as Envoy spelled it; a name being
+//! obtained is *expected* (streams wait for it); anything else is decided by the policy below, and a name
+//! refused is *refused* in the registry, which a delta stream reports as removed: Envoy fails the waiting
+//! handshake within milliseconds, and nothing reaches the CA.
+//!
+//! Policy for a new name, in order: the caller's node id against `allowed_nodes`; the name itself
+//! (lower-cased, trailing dot removed; malformed names, IP literals and names over 253 bytes refused);
+//! `allow`; `ask` (Caddy's protocol: `GET ask?domain=NAME`, any 2xx allows; allows cached for an hour,
+//! denials for ten minutes; no answer is a denial, so an `ask` outage stops new names only); the hourly cap
+//! on new certificates. Then the certificate joins the ACME manager like a configured one (stored,
+//! renewed; renewals are not capped) with at most `max_pending` first orders in flight (more wait their
+//! turn). A first order that fails refuses the name (the handshake fails rather than hanging) and the name
+//! is not tried again for `retry_initial`. Every on-demand certificate is recorded under
+//! `acme/<ca>/on-demand/<name>` (how it was allowed, when last requested), so a restart serves and renews
+//! it again without asking anyone.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::{AcmeManager, ManagedCert};
+use crate::config::OnDemandConfig;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::sds::Demand;
+use crate::store::{SharedStore, key_segment};
+use crate::values::{DnsName, SecretName};
+
+/// How long an `ask` allow is trusted.
+const ASK_ALLOW_FOR: Duration = Duration::from_secs(3600);
+/// How long an `ask` denial (or a refusal by `allow`) is remembered, and logged once.
+const DENY_FOR: Duration = Duration::from_secs(600);
+
+/// What is stored about an on-demand certificate (`acme/<ca>/on-demand/<name>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OnDemandRecord {
+    /// The name (lower-case, no trailing dot).
+    pub name: String,
+    /// How it was allowed: `allow PATTERN`, or `allow PATTERN, ask URL`.
+    pub allowed_by: String,
+    /// Unix time it was first requested.
+    pub first_requested: i64,
+}
+
+/// Where one name stands.
+enum Known {
+    /// Its certificate is being obtained, or served (then `task` stops its renewals).
+    Admitted {
+        allowed_by: String,
+        stop: CancellationToken,
+    },
+    /// Refused until then (a denial by `ask`, a refusal by `allow`, a failed first order).
+    Refused { until: Instant },
+}
+
+#[derive(Default)]
+struct State {
+    names: HashMap<DnsName, Known>,
+    /// `ask` allows, until when.
+    ask_allowed: HashMap<DnsName, Instant>,
+    /// Starts of new certificates in the last hour.
+    new_in_last_hour: VecDeque<Instant>,
+}
+
+/// The on-demand issuer of one configuration; see the module docs.
+pub struct OnDemand {
+    config: OnDemandConfig,
+    manager: Arc<AcmeManager>,
+    registry: Arc<Registry>,
+    store: SharedStore,
+    metrics: Metrics,
+    state: Mutex<State>,
+    first_orders: Arc<Semaphore>,
+    ask: Client<HttpConnector, Empty<Bytes>>,
+    /// How long a name whose first order failed is refused.
+    retry_after_failure: Duration,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for OnDemand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnDemand")
+            .field("allow", &self.config.allow)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a name was refused, as the metric's `reason` label says it.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Node,
+    Malformed,
+    NotAllowed,
+    Ask,
+    HourlyCap,
+    OrderFailed,
+    Recently,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Node => "node_not_allowed",
+            Refusal::Malformed => "malformed",
+            Refusal::NotAllowed => "not_in_allow",
+            Refusal::Ask => "ask_denied",
+            Refusal::HourlyCap => "hourly_cap",
+            Refusal::OrderFailed => "order_failed",
+            Refusal::Recently => "refused_recently",
+        }
+    }
+}
+
+impl OnDemand {
+    /// The issuer for `config`, adding its certificates to `manager` (started already). Certificates
+    /// obtained before (recorded in the store) are served and renewed again at once, if `allow` still
+    /// matches them.
+    pub async fn start(
+        config: OnDemandConfig,
+        manager: Arc<AcmeManager>,
+        registry: Arc<Registry>,
+        store: SharedStore,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Arc<OnDemand> {
+        let retry_after_failure = manager.config.retry_initial;
+        let on_demand = Arc::new(OnDemand {
+            first_orders: Arc::new(Semaphore::new(config.max_pending)),
+            config,
+            manager,
+            registry,
+            store,
+            metrics,
+            state: Mutex::default(),
+            ask: Client::builder(TokioExecutor::new()).build_http(),
+            retry_after_failure,
+            shutdown,
+        });
+        on_demand.load_recorded().await;
+        on_demand
+    }
+
+    fn record_key(&self, name: &DnsName) -> String {
+        format!(
+            "{}/on-demand/{}",
+            self.manager.keys.dir(),
+            key_segment(name)
+        )
+    }
+
+    /// Serves and renews every certificate obtained on demand before.
+    async fn load_recorded(self: &Arc<Self>) {
+        let dir = format!("{}/on-demand", self.manager.keys.dir());
+        let Ok(records) = self.store.scan(&dir).await else {
+            tracing::warn!(
+                "cannot read the on-demand certificates obtained before; they are obtained again when requested"
+            );
+            return;
+        };
+        for (_, entry) in records {
+            let Ok(record) = serde_json::from_slice::<OnDemandRecord>(&entry.value) else {
+                continue;
+            };
+            let Ok(name) = DnsName::new(&record.name) else {
+                continue;
+            };
+            if self.allowed_by(&name).is_none() {
+                tracing::info!(name = %name, "on-demand certificate no longer matches [on_demand] allow: not served or renewed");
+                continue;
+            }
+            self.admit(name, record.allowed_by, false).await;
+        }
+    }
+
+    /// The `allow` pattern `name` matches, if any.
+    fn allowed_by(&self, name: &DnsName) -> Option<String> {
+        self.config
+            .allow
+            .iter()
+            .find(|p| p.matches(name))
+            .map(|p| format!("allow {p}"))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses `spelling` (and, for a known name, every spelling it was asked under), with one log line per
+    /// name and refusal period.
+    fn refuse(
+        &self,
+        spelling: &str,
+        name: Option<&DnsName>,
+        why: Refusal,
+        detail: &str,
+        log: bool,
+    ) {
+        self.metrics.count_on_demand(why.label());
+        self.registry.refuse(spelling);
+        if let Some(name) = name {
+            self.registry.refuse(name);
+            for s in self.registry.spellings(name) {
+                self.registry.refuse(&s);
+            }
+        }
+        if log {
+            tracing::warn!(
+                name = spelling,
+                reason = why.label(),
+                "on-demand certificate refused: {detail}"
+            );
+        }
+    }
+
+    /// Starts serving (and, when needed, obtaining) `name`'s certificate.
+    async fn admit(self: &Arc<Self>, name: DnsName, allowed_by: String, new: bool) {
+        let Ok(secret) = SecretName::new(&name) else {
+            return;
+        };
+        let stop = self.shutdown.child_token();
+        self.lock().names.insert(
+            name.clone(),
+            Known::Admitted {
+                allowed_by: allowed_by.clone(),
+                stop: stop.clone(),
+            },
+        );
+        self.registry.follow_aliases(&name);
+        if new {
+            self.metrics.count_on_demand("admitted");
+            let record = OnDemandRecord {
+                name: name.to_string(),
+                allowed_by,
+                first_requested: time::OffsetDateTime::now_utc().unix_timestamp(),
+            };
+            if let Ok(value) = serde_json::to_vec(&record)
+                && let Err(e) = self.store.put(&self.record_key(&name), &value).await
+            {
+                tracing::warn!(name = %name, error = %e, "cannot record the on-demand certificate; after a restart it is obtained again when requested");
+            }
+        }
+        let cert = ManagedCert {
+            name: secret,
+            domains: vec![name],
+            key_type: self.config.key_type,
+            temporary: false,
+        };
+        self.manager.add(cert, stop).await;
+    }
+
+    /// Decides a name that passed `allow` (ask, hourly cap), then obtains it.
+    async fn decide(self: Arc<Self>, spelling: String, name: DnsName, allowed_by: String) {
+        let mut allowed_by = allowed_by;
+        if let Some(url) = self.config.ask.clone() {
+            let cached = self
+                .lock()
+                .ask_allowed
+                .get(&name)
+                .is_some_and(|until| *until > Instant::now());
+            if !cached {
+                match self.ask(&url, &name).await {
+                    Ok(()) => {
+                        self.lock()
+                            .ask_allowed
+                            .insert(name.clone(), Instant::now() + ASK_ALLOW_FOR);
+                    }
+                    Err(why) => {
+                        self.lock().names.insert(
+                            name.clone(),
+                            Known::Refused {
+                                until: Instant::now() + DENY_FOR,
+                            },
+                        );
+                        self.refuse(&spelling, Some(&name), Refusal::Ask, &why, true);
+                        return;
+                    }
+                }
+            }
+            allowed_by = format!("{allowed_by}, ask {url}");
+        }
+        {
+            let mut state = self.lock();
+            let hour_ago = Instant::now().checked_sub(Duration::from_secs(3600));
+            while state
+                .new_in_last_hour
+                .front()
+                .is_some_and(|t| hour_ago.is_some_and(|h| *t < h))
+            {
+                state.new_in_last_hour.pop_front();
+            }
+            if state.new_in_last_hour.len() >= self.config.max_new_per_hour as usize {
+                // Refused for a minute (then decided again: the hour moves on).
+                state.names.insert(
+                    name.clone(),
+                    Known::Refused {
+                        until: Instant::now() + Duration::from_secs(60),
+                    },
+                );
+                drop(state);
+                self.refuse(
+                    &spelling,
+                    Some(&name),
+                    Refusal::HourlyCap,
+                    &format!(
+                        "{} new certificates in the last hour already (on_demand.max_new_per_hour)",
+                        self.config.max_new_per_hour
+                    ),
+                    true,
+                );
+                return;
+            }
+            state.new_in_last_hour.push_back(Instant::now());
+        }
+        // At most max_pending first orders at once; the permit is held until the first outcome.
+        let Ok(_permit) = self.first_orders.clone().acquire_owned().await else {
+            return;
+        };
+        let mut outcomes = self.manager.outcomes();
+        tracing::info!(name = %name, requested_as = spelling, allowed_by, "obtaining an on-demand certificate");
+        self.admit(name.clone(), allowed_by, true).await;
+        if self.registry.get(&name).is_some() {
+            return; // stored already (another replica obtained it): served at once.
+        }
+        loop {
+            let outcome = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                o = outcomes.recv() => o,
+            };
+            match outcome {
+                Ok((n, Ok(()))) if n == name.as_str() => return,
+                Ok((n, Err(e))) if n == name.as_str() => {
+                    // The handshake fails now rather than waiting for the retry; the name is not ordered
+                    // again for a while.
+                    let stop = {
+                        let mut state = self.lock();
+                        let old = state.names.insert(
+                            name.clone(),
+                            Known::Refused {
+                                until: Instant::now() + self.retry_after_failure,
+                            },
+                        );
+                        match old {
+                            Some(Known::Admitted { stop, .. }) => Some(stop),
+                            _ => None,
+                        }
+                    };
+                    if let Some(stop) = stop {
+                        stop.cancel();
+                    }
+                    let _ = self.store.delete(&self.record_key(&name)).await;
+                    self.refuse(
+                        &spelling,
+                        Some(&name),
+                        Refusal::OrderFailed,
+                        &format!("the first order failed: {e}"),
+                        true,
+                    );
+                    return;
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if self.registry.get(&name).is_some() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Asks the `ask` endpoint about `name`: `Ok` for a 2xx answer within `ask_timeout`.
+    async fn ask(&self, url: &str, name: &DnsName) -> Result<(), String> {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let uri: hyper::Uri = format!("{url}{sep}domain={name}")
+            .parse()
+            .map_err(|e| format!("ask URL: {e}"))?;
+        let request = hyper::Request::get(uri)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let answer = tokio::time::timeout(self.config.ask_timeout, async {
+            let resp = self.ask.request(request).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let _ = resp.into_body().collect().await;
+            Ok::<_, String>(status)
+        })
+        .await;
+        match answer {
+            Ok(Ok(status)) if status.is_success() => Ok(()),
+            Ok(Ok(status)) => Err(format!("ask answered {status}")),
+            Ok(Err(e)) => Err(format!("ask failed: {e}")),
+            Err(_) => Err(format!(
+                "ask did not answer within {:?} (on_demand.ask_timeout)",
+                self.config.ask_timeout
+            )),
+        }
+    }
+
+    /// The on-demand certificates and how each was allowed.
+    pub fn admitted(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .lock()
+            .names
+            .iter()
+            .filter_map(|(name, k)| match k {
+                Known::Admitted { allowed_by, .. } => Some((name.to_string(), allowed_by.clone())),
+                Known::Refused { .. } => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Demand for Arc<OnDemand> {
+    fn requested(&self, spelling: &str, node_id: Option<&str>) {
+        if let Some(nodes) = &self.config.allowed_nodes
+            && !node_id.is_some_and(|n| nodes.iter().any(|p| p.matches(n)))
+        {
+            self.refuse(
+                spelling,
+                None,
+                Refusal::Node,
+                "the Envoy's node id does not match on_demand.allowed_nodes",
+                false,
+            );
+            return;
+        }
+        let name = match DnsName::new(spelling) {
+            Ok(n) => n,
+            Err(why) => {
+                self.refuse(spelling, None, Refusal::Malformed, &why, false);
+                return;
+            }
+        };
+        let mut state = self.lock();
+        match state.names.get(&name) {
+            Some(Known::Admitted { .. }) => {
+                self.registry.expect(spelling);
+                self.registry.alias(spelling, &name);
+                return;
+            }
+            Some(Known::Refused { until }) if *until > Instant::now() => {
+                drop(state);
+                self.refuse(spelling, None, Refusal::Recently, "refused recently", false);
+                return;
+            }
+            _ => {}
+        }
+        let Some(allowed_by) = self.allowed_by(&name) else {
+            state.names.insert(
+                name.clone(),
+                Known::Refused {
+                    until: Instant::now() + DENY_FOR,
+                },
+            );
+            drop(state);
+            self.refuse(
+                spelling,
+                Some(&name),
+                Refusal::NotAllowed,
+                "the name matches nothing in on_demand.allow",
+                true,
+            );
+            return;
+        };
+        // Admitted for now (so that concurrent requests wait for this decision rather than repeat it);
+        // `decide` refuses it if `ask` or the cap says no.
+        state.names.insert(
+            name.clone(),
+            Known::Admitted {
+                allowed_by: allowed_by.clone(),
+                stop: CancellationToken::new(),
+            },
+        );
+        drop(state);
+        self.registry.expect(spelling);
+        self.registry.follow_aliases(&name);
+        self.registry.alias(spelling, &name);
+        tokio::spawn(self.clone().decide(spelling.to_owned(), name, allowed_by));
+    }
+}

@@ -1,0 +1,175 @@
+//! On-demand TLS end to end: a real Envoy 1.40 with its on-demand certificate selector (SNI mapper, delta
+//! SDS) in front of acme-sds, real Pebble. A handshake for an allowed name nobody configured waits while
+//! acme-sds obtains the certificate; anything else fails fast and never reaches the CA.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use testkit::envoy::{Envoy, envoy_bin, on_demand_bootstrap, presented_chain};
+use testkit::pebble::{Pebble, PebbleOptions, free_port, verify_chain};
+use testkit::*;
+
+/// Issuance with Pebble takes well under a second; generous bounds absorb a loaded CI machine.
+const BOUND: Duration = Duration::from_secs(60);
+
+struct Edge {
+    dir: tempfile::TempDir,
+    pebble: Pebble,
+    port80: u16,
+    envoy_bin: PathBuf,
+    daemon: Option<Process>,
+    envoy: Option<Envoy>,
+    https: u16,
+}
+
+impl Edge {
+    /// Pebble, then acme-sds with `on_demand` as its `[on_demand]` table, then Envoy.
+    fn start(on_demand: &str) -> Option<Edge> {
+        let dir = tempfile::tempdir().unwrap();
+        let port80 = free_port();
+        let mut opts = PebbleOptions::new(port80);
+        opts.authz_reuse = 0;
+        opts.nonce_reject = 0;
+        let pebble = Pebble::start(&dir.path().join("pebble"), opts)?;
+        let envoy_bin = envoy_bin()?;
+        std::fs::write(
+            dir.path().join("acme-sds.toml"),
+            format!(
+                "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:0\"\n\n{}[on_demand]\n{on_demand}\n\n[[certificate]]\nname = \"fallback\"\ndomains = [\"localhost\"]\nissuer = \"internal\"\n",
+                dir.path().join("sds.sock").display(),
+                dir.path().join("data").display(),
+                pebble.acme_table(),
+            ),
+        )
+        .unwrap();
+        let mut edge = Edge {
+            dir,
+            pebble,
+            port80,
+            envoy_bin,
+            daemon: None,
+            envoy: None,
+            https: 0,
+        };
+        edge.restart();
+        Some(edge)
+    }
+
+    /// (Re)starts acme-sds and Envoy.
+    fn restart(&mut self) {
+        self.envoy = None;
+        if let Some(mut d) = self.daemon.take() {
+            d.signal("TERM");
+            assert_eq!(d.wait_exit(), Some(0));
+        }
+        let config = self.dir.path().join("acme-sds.toml");
+        let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+        daemon.wait_for_line("acme-sds started");
+        let http01: SocketAddr = daemon.listen_addr("HTTP-01 responder");
+        let bootstrap = on_demand_bootstrap(
+            &self.dir.path().join("sds.sock"),
+            "fallback",
+            self.port80,
+            &[http01.to_string()],
+        );
+        let mut envoy = Envoy::start(&self.envoy_bin, &bootstrap, self.dir.path());
+        envoy.wait_live();
+        self.https = envoy.listener_port("https");
+        self.envoy = Some(envoy);
+        self.daemon = Some(daemon);
+    }
+
+    fn orders(&self) -> usize {
+        self.pebble.log().matches("Added order").count()
+    }
+
+    fn log(&self) -> String {
+        self.daemon.as_ref().map(|d| d.log()).unwrap_or_default()
+    }
+
+    /// A handshake for `sni`, bounded: the chain presented, or why it failed.
+    async fn handshake(&self, sni: Option<&str>) -> Result<Vec<Vec<u8>>, String> {
+        match tokio::time::timeout(BOUND, presented_chain(self.https, sni)).await {
+            Ok(Ok(chain)) => Ok(chain),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no handshake within {BOUND:?}")),
+        }
+    }
+}
+
+/// An allowed name: the first handshake waits and completes with the certificate Pebble issued, the second
+/// is served from Envoy's cache, a case variant is the same certificate, many concurrent handshakes for a
+/// new name make one order, and after a restart of acme-sds (and Envoy) the stored certificate is served
+/// without a new order. A name outside `allow` fails fast and never reaches the CA; no SNI gets the
+/// mapper's default certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_name_is_obtained_during_its_first_handshake_and_others_fail_fast() {
+    let Some(mut edge) = Edge::start("allow = [\"*.customers.example.com\", \"shop.example.org\"]")
+    else {
+        return;
+    };
+    let root = edge.pebble.root_der().await;
+
+    let chain = edge
+        .handshake(Some("a.customers.example.com"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+    verify_chain(&chain, &root, "a.customers.example.com")
+        .unwrap_or_else(|e| panic!("not Pebble's certificate for the name: {e}"));
+    assert_eq!(edge.orders(), 1);
+    let again = edge
+        .handshake(Some("a.customers.example.com"))
+        .await
+        .unwrap();
+    assert_eq!(again[0], chain[0]);
+    let variant = edge
+        .handshake(Some("A.Customers.Example.COM"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+    assert_eq!(
+        variant[0], chain[0],
+        "a case variant is the same certificate"
+    );
+    assert_eq!(edge.orders(), 1);
+
+    // Outside allow: fails at once, nothing ordered.
+    let started = Instant::now();
+    let denied = edge.handshake(Some("www.google.com")).await;
+    assert!(denied.is_err(), "{denied:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a refused name fails fast: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(edge.orders(), 1);
+    assert!(edge.log().contains("on-demand certificate refused"));
+
+    // Ten handshakes at once for a new name: one order, all served.
+    let mut handshakes = Vec::new();
+    for _ in 0..10 {
+        let port = edge.https;
+        handshakes.push(tokio::spawn(async move {
+            tokio::time::timeout(BOUND, presented_chain(port, Some("shop.example.org"))).await
+        }));
+    }
+    for h in handshakes {
+        let chain = h.await.unwrap().expect("in time").expect("handshake");
+        verify_chain(&chain, &root, "shop.example.org").unwrap();
+    }
+    assert_eq!(edge.orders(), 2, "{}", edge.pebble.log());
+
+    // No SNI: the mapper's default, a configured certificate.
+    let fallback = edge.handshake(None).await.unwrap();
+    assert!(verify_chain(&fallback, &root, "localhost").is_err());
+    assert_ne!(fallback[0], chain[0]);
+
+    // Restarted: served from storage, no new order.
+    edge.restart();
+    let after = edge
+        .handshake(Some("a.customers.example.com"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+    assert_eq!(after[0], chain[0]);
+    assert_eq!(edge.orders(), 2);
+}
