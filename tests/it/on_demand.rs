@@ -173,3 +173,111 @@ async fn an_allowed_name_is_obtained_during_its_first_handshake_and_others_fail_
     assert_eq!(after[0], chain[0]);
     assert_eq!(edge.orders(), 2);
 }
+
+/// A stub of Caddy's `ask` endpoint: allows names starting with `ok`, counts the calls per name.
+async fn ask_stub() -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let counted = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let domain = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|path| path.split("domain=").nth(1))
+                    .unwrap_or("")
+                    .to_owned();
+                *counted.lock().unwrap().entry(domain.clone()).or_insert(0) += 1;
+                let status = if domain.starts_with("ok") {
+                    "200 OK"
+                } else {
+                    "403 Forbidden"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    (port, calls)
+}
+
+/// `ask` is asked once per name (its denials are cached), a name it denies fails fast and is never
+/// ordered, and the hourly cap refuses the (N+1)-th new name while the first N are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_is_asked_once_per_name_and_the_hourly_cap_holds() {
+    let (port, calls) = ask_stub().await;
+    let Some(edge) = Edge::start(&format!(
+        "allow = [\"*.customers.example.com\"]\nask = \"http://127.0.0.1:{port}/check\"\nmax_new_per_hour = 2"
+    )) else {
+        return;
+    };
+    let root = edge.pebble.root_der().await;
+    for name in ["ok1.customers.example.com", "ok2.customers.example.com"] {
+        let chain = edge
+            .handshake(Some(name))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", edge.log()));
+        verify_chain(&chain, &root, name).unwrap();
+    }
+    // Denied by ask, under two spellings: asked once, never ordered.
+    for spelling in ["no.customers.example.com", "NO.customers.example.com."] {
+        let started = Instant::now();
+        assert!(edge.handshake(Some(spelling)).await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    // The third new name in the hour: refused although ask would allow it.
+    assert!(
+        edge.handshake(Some("ok3.customers.example.com"))
+            .await
+            .is_err()
+    );
+    assert_eq!(edge.orders(), 2, "{}", edge.pebble.log());
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.get("no.customers.example.com"), Some(&1), "{calls:?}");
+    assert_eq!(
+        calls.get("ok1.customers.example.com"),
+        Some(&1),
+        "{calls:?}"
+    );
+    assert!(edge.log().contains("max_new_per_hour"), "{}", edge.log());
+}
+
+/// A certificate no Envoy asks for during `drop_unused_after` is forgotten: not renewed, and asked for again
+/// later it is a new name (a new order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_certificate_is_forgotten_after_drop_unused_after() {
+    let Some(mut edge) =
+        Edge::start("allow = [\"*.customers.example.com\"]\ndrop_unused_after = \"2s\"")
+    else {
+        return;
+    };
+    let root = edge.pebble.root_der().await;
+    let name = "gone.customers.example.com";
+    let chain = edge.handshake(Some(name)).await.unwrap();
+    verify_chain(&chain, &root, name).unwrap();
+    // No Envoy asks for it any more.
+    edge.envoy = None;
+    let daemon = edge.daemon.as_ref().unwrap();
+    daemon.wait_for_line_within("no longer renewed, and forgotten", BOUND);
+    edge.restart();
+    let again = edge.handshake(Some(name)).await.unwrap();
+    verify_chain(&again, &root, name).unwrap();
+    assert_ne!(again[0], chain[0], "obtained again");
+    assert_eq!(edge.orders(), 2);
+}

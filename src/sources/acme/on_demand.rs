@@ -54,14 +54,19 @@ pub struct OnDemandRecord {
     pub allowed_by: String,
     /// Unix time it was first requested.
     pub first_requested: i64,
+    /// Unix time an Envoy was last seen asking for it (updated at most daily).
+    #[serde(default)]
+    pub last_used: i64,
 }
 
 /// Where one name stands.
 enum Known {
-    /// Its certificate is being obtained, or served (then `task` stops its renewals).
+    /// Its certificate is being obtained, or served (`stop` ends its renewals); last asked for at
+    /// `last_used` (Unix time).
     Admitted {
         allowed_by: String,
         stop: CancellationToken,
+        last_used: i64,
     },
     /// Refused until then (a denial by `ask`, a refusal by `allow`, a failed first order).
     Refused { until: Instant },
@@ -151,7 +156,111 @@ impl OnDemand {
             shutdown,
         });
         on_demand.load_recorded().await;
+        tokio::spawn(on_demand.clone().sweep());
         on_demand
+    }
+
+    /// Forgets certificates no Envoy has asked for during `drop_unused_after` (default: their lifetime),
+    /// checking every tenth of that period (at least every second, at most every hour), until shutdown.
+    /// A certificate is in use while an Envoy subscribes to it (the on-demand selector keeps its
+    /// subscription while the certificate is cached).
+    async fn sweep(self: Arc<Self>) {
+        let period = self
+            .config
+            .drop_unused_after
+            .map_or(Duration::from_secs(3600), |d| d / 10)
+            .clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let now = now_unix();
+            let mut used = Vec::new();
+            let mut unused = Vec::new();
+            {
+                let mut state = self.lock();
+                for (name, known) in state.names.iter_mut() {
+                    let Known::Admitted {
+                        last_used, stop, ..
+                    } = known
+                    else {
+                        continue;
+                    };
+                    let asked = std::iter::once(name.to_string())
+                        .chain(self.registry.spellings(name))
+                        .any(|s| self.registry.subscribers(&s) > 0);
+                    if asked {
+                        if now - *last_used > 86_400 {
+                            used.push(name.clone());
+                        }
+                        *last_used = now;
+                        continue;
+                    }
+                    let Some(version) = self.registry.get(name) else {
+                        continue; // not obtained yet
+                    };
+                    let summary = version.summary();
+                    let lifetime = match (summary.not_before, summary.not_after) {
+                        (Some(a), Some(b)) => Duration::try_from(b - a).unwrap_or_default(),
+                        _ => continue,
+                    };
+                    let limit = self.config.drop_unused_after.unwrap_or(lifetime);
+                    let idle = Duration::from_secs(u64::try_from(now - *last_used).unwrap_or(0));
+                    if idle > limit {
+                        stop.cancel();
+                        unused.push((name.clone(), limit));
+                    }
+                }
+                for (name, _) in &unused {
+                    state.names.remove(name);
+                }
+            }
+            for name in used {
+                self.record_use(&name, now).await;
+            }
+            for (name, limit) in unused {
+                self.drop_certificate(&name, limit).await;
+            }
+        }
+    }
+
+    /// Notes in the store that `name` is in use (so that a restart does not take it for unused).
+    async fn record_use(&self, name: &DnsName, now: i64) {
+        let key = self.record_key(name);
+        if let Ok(Some(entry)) = self.store.get(&key).await
+            && let Ok(mut record) = serde_json::from_slice::<OnDemandRecord>(&entry.value)
+        {
+            record.last_used = now;
+            if let Ok(value) = serde_json::to_vec(&record) {
+                let _ = self.store.put(&key, &value).await;
+            }
+        }
+    }
+
+    /// Stops serving and renewing `name` and forgets it (record, certificate, plan, order): asked for
+    /// again, it is a new name.
+    async fn drop_certificate(&self, name: &DnsName, limit: Duration) {
+        for spelling in std::iter::once(name.to_string()).chain(self.registry.spellings(name)) {
+            self.registry.withdraw(&spelling);
+        }
+        let keys = &self.manager.keys;
+        for key in [
+            self.record_key(name),
+            keys.cert(name),
+            keys.state(name),
+            keys.order(name),
+        ] {
+            if let Err(e) = self.store.delete(&key).await {
+                tracing::warn!(name = %name, key, error = %e, "cannot forget an unused on-demand certificate");
+            }
+        }
+        self.metrics.count_on_demand("dropped");
+        tracing::info!(
+            name = %name,
+            unused_for_secs = limit.as_secs(),
+            "on-demand certificate not asked for within on_demand.drop_unused_after: no longer renewed, and forgotten"
+        );
     }
 
     fn record_key(&self, name: &DnsName) -> String {
@@ -182,7 +291,8 @@ impl OnDemand {
                 tracing::info!(name = %name, "on-demand certificate no longer matches [on_demand] allow: not served or renewed");
                 continue;
             }
-            self.admit(name, record.allowed_by, false).await;
+            let last_used = record.last_used.max(record.first_requested);
+            self.admit(name, record.allowed_by, last_used, false).await;
         }
     }
 
@@ -227,7 +337,7 @@ impl OnDemand {
     }
 
     /// Starts serving (and, when needed, obtaining) `name`'s certificate.
-    async fn admit(self: &Arc<Self>, name: DnsName, allowed_by: String, new: bool) {
+    async fn admit(self: &Arc<Self>, name: DnsName, allowed_by: String, last_used: i64, new: bool) {
         let Ok(secret) = SecretName::new(&name) else {
             return;
         };
@@ -237,6 +347,7 @@ impl OnDemand {
             Known::Admitted {
                 allowed_by: allowed_by.clone(),
                 stop: stop.clone(),
+                last_used,
             },
         );
         self.registry.follow_aliases(&name);
@@ -245,7 +356,8 @@ impl OnDemand {
             let record = OnDemandRecord {
                 name: name.to_string(),
                 allowed_by,
-                first_requested: time::OffsetDateTime::now_utc().unix_timestamp(),
+                first_requested: last_used,
+                last_used,
             };
             if let Ok(value) = serde_json::to_vec(&record)
                 && let Err(e) = self.store.put(&self.record_key(&name), &value).await
@@ -331,7 +443,7 @@ impl OnDemand {
         };
         let mut outcomes = self.manager.outcomes();
         tracing::info!(name = %name, requested_as = spelling, allowed_by, "obtaining an on-demand certificate");
-        self.admit(name.clone(), allowed_by, true).await;
+        self.admit(name.clone(), allowed_by, now_unix(), true).await;
         if self.registry.get(&name).is_some() {
             return; // stored already (another replica obtained it): served at once.
         }
@@ -447,8 +559,9 @@ impl Demand for Arc<OnDemand> {
             }
         };
         let mut state = self.lock();
-        match state.names.get(&name) {
-            Some(Known::Admitted { .. }) => {
+        match state.names.get_mut(&name) {
+            Some(Known::Admitted { last_used, .. }) => {
+                *last_used = now_unix();
                 self.registry.expect(spelling);
                 self.registry.alias(spelling, &name);
                 return;
@@ -484,6 +597,7 @@ impl Demand for Arc<OnDemand> {
             Known::Admitted {
                 allowed_by: allowed_by.clone(),
                 stop: CancellationToken::new(),
+                last_used: now_unix(),
             },
         );
         drop(state);
@@ -492,4 +606,8 @@ impl Demand for Arc<OnDemand> {
         self.registry.alias(spelling, &name);
         tokio::spawn(self.clone().decide(spelling.to_owned(), name, allowed_by));
     }
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
 }
