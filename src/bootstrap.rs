@@ -195,6 +195,40 @@ pub fn envoy_bootstrap(
     {
         chains.push((cert, Vec::new()));
     }
+    // With [on_demand], names no chain lists go to the on-demand chain, which becomes the default chain; the
+    // certificate that would have been the default serves clients that send no SNI.
+    let mut no_sni = None;
+    if config.on_demand.is_some() {
+        if let Some(i) = chains.iter().position(|(_, names)| names.is_empty()) {
+            no_sni = Some(chains.remove(i).0.name.to_string());
+        }
+        no_sni = no_sni.or_else(|| config.certificates.first().map(|c| c.name.to_string()));
+    }
+    let write_routes = |w: &mut String, stat_prefix: &str, what: &str| {
+        let _ = writeln!(
+            w,
+            "      filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: {}\n          route_config:\n            virtual_hosts:\n            - name: site\n              domains: [\"*\"]\n              routes:\n              - match: {{ prefix: \"/\" }}",
+            q(stat_prefix)
+        );
+        match opts.upstream {
+            Some(_) => {
+                let _ = writeln!(w, "                route: {{ cluster: upstream }}");
+            }
+            None => {
+                let _ = writeln!(
+                    w,
+                    "                direct_response: {{ status: 200, body: {{ inline_string: {} }} }}",
+                    q(&format!(
+                        "TLS by acme-sds ({what}); point this route at your service\n"
+                    ))
+                );
+            }
+        }
+        let _ = writeln!(
+            w,
+            "          http_filters:\n          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+        );
+    };
     for (cert, names) in chains {
         if names.is_empty() {
             let _ = writeln!(
@@ -215,30 +249,15 @@ pub fn envoy_bootstrap(
             "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            tls_certificate_sds_secret_configs:\n            - name: {}\n              sds_config:\n                resource_api_version: V3\n                initial_fetch_timeout: 1s\n                api_config_source:\n                  api_type: DELTA_GRPC\n                  transport_api_version: V3\n                  set_node_on_first_message_only: true\n                  grpc_services:\n                  - envoy_grpc:\n                      cluster_name: acme_sds\n                      retry_policy: {{ retry_back_off: {{ base_interval: 0.25s, max_interval: 5s }} }}",
             q(&cert.name)
         );
+        write_routes(w, &format!("https_{}", cert.name), &cert.name);
+    }
+    if config.on_demand.is_some() {
         let _ = writeln!(
             w,
-            "      filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: {}\n          route_config:\n            virtual_hosts:\n            - name: site\n              domains: [\"*\"]\n              routes:\n              - match: {{ prefix: \"/\" }}",
-            q(&format!("https_{}", cert.name))
+            "    - # on demand: every name no chain above lists; acme-sds obtains an allowed one during its first\n      # handshake ([on_demand]). Delta SDS: a refused name fails its handshake at once.\n      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          disable_stateless_session_resumption: true\n          disable_stateful_session_resumption: true\n          common_tls_context:\n            custom_tls_certificate_selector:\n              name: envoy.tls.certificate_selectors.on_demand_secret\n              typed_config:\n                \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_selectors.on_demand_secret.v3.Config\n                config_source:\n                  resource_api_version: V3\n                  api_config_source:\n                    api_type: DELTA_GRPC\n                    transport_api_version: V3\n                    set_node_on_first_message_only: true\n                    grpc_services:\n                    - envoy_grpc:\n                        cluster_name: acme_sds\n                        retry_policy: {{ retry_back_off: {{ base_interval: 0.25s, max_interval: 5s }} }}\n                certificate_mapper:\n                  name: envoy.tls.certificate_mappers.sni\n                  typed_config:\n                    \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_mappers.sni.v3.SNI\n                    default_value: {}",
+            q(no_sni.as_deref().unwrap_or("default"))
         );
-        match opts.upstream {
-            Some(_) => {
-                let _ = writeln!(w, "                route: {{ cluster: upstream }}");
-            }
-            None => {
-                let _ = writeln!(
-                    w,
-                    "                direct_response: {{ status: 200, body: {{ inline_string: {} }} }}",
-                    q(&format!(
-                        "TLS by acme-sds ({}); point this route at your service\n",
-                        cert.name
-                    ))
-                );
-            }
-        }
-        let _ = writeln!(
-            w,
-            "          http_filters:\n          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-        );
+        write_routes(w, "https_on_demand", "on demand");
     }
 
     let _ = writeln!(w, "  clusters:");

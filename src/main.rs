@@ -482,7 +482,7 @@ fn status_table(rows: &[SecretStatus], origin: &str, color: bool) -> String {
     let _ = writeln!(out, "acme-sds status, {origin}");
     let _ = writeln!(
         out,
-        "{:<20} {:<7} {:<36} {:<17} {:>7}",
+        "{:<20} {:<9} {:<36} {:<17} {:>7}",
         "NAME", "SOURCE", "EXPIRES", "NEXT RENEWAL", "STREAMS"
     );
     for r in rows {
@@ -509,7 +509,7 @@ fn status_table(rows: &[SecretStatus], origin: &str, color: bool) -> String {
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<20} {:<7} {:<36} {:<17} {:>7}",
+            "{:<20} {:<9} {:<36} {:<17} {:>7}",
             r.name,
             r.source.as_str(),
             expires,
@@ -519,6 +519,9 @@ fn status_table(rows: &[SecretStatus], origin: &str, color: bool) -> String {
         );
         if !r.domains.is_empty() {
             let _ = writeln!(out, "{:<20} names: {}", "", r.domains.join(", "));
+            if let Some(how) = &r.allowed_by {
+                let _ = writeln!(out, "{:<20} on demand: {how}", "");
+            }
         }
         if let Some(p) = status_problem(r) {
             let (on, off) = if color {

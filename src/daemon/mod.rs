@@ -39,6 +39,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 struct AcmeRuntime {
     manager: Arc<AcmeManager>,
     token: CancellationToken,
+    on_demand: Option<Arc<OnDemand>>,
 }
 
 /// The running internal CA: its issuer (the CA is loaded once) and the renewal task of the current set.
@@ -333,6 +334,7 @@ impl Running {
             config: Arc::new(config.clone()),
             acme: self.acme.as_ref().map(|a| a.manager.clone()),
             internal: self.internal.as_ref().map(|i| i.issuer.clone()),
+            on_demand: self.acme.as_ref().and_then(|a| a.on_demand.clone()),
             store: self.store.clone(),
         }
     }
@@ -465,9 +467,10 @@ impl Running {
                     .map_err(|e| DaemonError::Panicked("an ACME certificate task", e))
             });
         }
-        if let Some(on_demand) = config.on_demand.clone() {
-            let on_demand = OnDemand::start(
-                on_demand,
+        let mut on_demand = None;
+        if let Some(od) = config.on_demand.clone() {
+            let started = OnDemand::start(
+                od,
                 manager.clone(),
                 self.registry.clone(),
                 self.open_store(config).await?,
@@ -475,9 +478,14 @@ impl Running {
                 token.clone(),
             )
             .await;
-            self.policy.set_demand(Some(Arc::new(on_demand)));
+            self.policy.set_demand(Some(Arc::new(started.clone())));
+            on_demand = Some(started);
         }
-        self.acme = Some(AcmeRuntime { manager, token });
+        self.acme = Some(AcmeRuntime {
+            manager,
+            token,
+            on_demand,
+        });
         Ok(())
     }
 

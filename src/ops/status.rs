@@ -32,6 +32,8 @@ pub enum Source {
     Files,
     /// A `[[trust_bundle]]`.
     TrustBundle,
+    /// Obtained from the `[acme]` CA for a name Envoy asked for (`[on_demand]`).
+    OnDemand,
 }
 
 impl Source {
@@ -42,6 +44,7 @@ impl Source {
             Source::Internal => "internal",
             Source::Files => "files",
             Source::TrustBundle => "trust_bundle",
+            Source::OnDemand => "on_demand",
         }
     }
 
@@ -86,20 +89,25 @@ pub struct SecretStatus {
     /// SDS streams subscribed to this secret now; `None` when no daemon was asked (`acme-sds status` reading
     /// the files), which is not the same as nobody asking.
     pub subscribed_streams: Option<usize>,
+    /// For an on-demand certificate: how its name was allowed (`allow PATTERN`, `, ask URL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_by: Option<String>,
 }
 
 /// The issuers' plans, by secret name.
 pub type Schedules = HashMap<String, IssuerStatus>;
 
-/// The status of every secret `config` names, as `registry` serves it and `schedules` plan it;
-/// `subscribers` counts the streams of a running daemon.
+/// The status of every secret `config` names, and of the certificates obtained on demand (`on_demand`:
+/// name and how it was allowed), as `registry` serves them and `schedules` plan them; `subscribers` counts
+/// the streams of a running daemon.
 pub fn collect(
     config: &Config,
     registry: &Registry,
     schedules: &Schedules,
     subscribers: Option<&dyn Fn(&str) -> usize>,
+    on_demand: &[(String, String)],
 ) -> Vec<SecretStatus> {
-    let entries = config
+    let configured = config
         .certificates
         .iter()
         .map(|c| {
@@ -108,28 +116,38 @@ pub fn collect(
                 CertificateSource::Internal { .. } => Source::Internal,
                 CertificateSource::Files { .. } => Source::Files,
             };
-            (&c.name, source, c.source.issued_domains())
+            let domains = c
+                .source
+                .issued_domains()
+                .map(|d| d.into_iter().map(str::to_owned).collect());
+            (c.name.to_string(), source, domains, None)
         })
         .chain(
             config
                 .trust_bundles
                 .iter()
-                .map(|b| (&b.name, Source::TrustBundle, None)),
+                .map(|b| (b.name.to_string(), Source::TrustBundle, None, None)),
         );
-    entries
-        .map(|(name, source, domains)| {
-            let current = registry.get(name);
+    let obtained = on_demand.iter().map(|(name, how)| {
+        (
+            name.clone(),
+            Source::OnDemand,
+            Some(vec![name.clone()]),
+            Some(how.clone()),
+        )
+    });
+    configured
+        .chain(obtained)
+        .map(|(name, source, domains, allowed_by)| {
+            let current = registry.get(&name);
             let summary = current.as_ref().map(|v| v.summary().clone());
             let plan = schedules.get(name.as_str());
             let domains = match (domains, &summary) {
-                (Some(d), _) => d.into_iter().map(str::to_owned).collect(),
+                (Some(d), _) => d,
                 (None, Some(s)) => s.dns_names.clone(),
                 (None, None) => Vec::new(),
             };
             SecretStatus {
-                name: name.to_string(),
-                source,
-                domains,
                 serving: current.is_some(),
                 temporary: summary.as_ref().is_some_and(|s| s.temporary),
                 version: current.as_ref().map(|v| v.version().to_owned()),
@@ -139,7 +157,11 @@ pub fn collect(
                 next_renewal: plan.and_then(|p| p.next_renewal),
                 last_error: plan.and_then(|p| p.last_error.clone()),
                 next_retry: plan.and_then(|p| p.next_retry),
-                subscribed_streams: subscribers.map(|count| count(name)),
+                subscribed_streams: subscribers.map(|count| count(&name)),
+                name,
+                source,
+                domains,
+                allowed_by,
             }
         })
         .collect()
@@ -154,6 +176,8 @@ pub struct Sources {
     pub acme: Option<Arc<AcmeManager>>,
     /// The internal CA, when certificates are issued by it.
     pub internal: Option<Arc<InternalIssuer>>,
+    /// The on-demand issuer, with `[on_demand]`.
+    pub on_demand: Option<Arc<crate::sources::acme::on_demand::OnDemand>>,
     /// The store, once a source opened it: its health is the daemon's readiness.
     pub store: Option<crate::store::SharedStore>,
 }
@@ -198,6 +222,7 @@ impl StatusView {
             config,
             acme,
             internal,
+            on_demand,
             ..
         } = self
             .sources
@@ -207,7 +232,14 @@ impl StatusView {
         let mut schedules = acme.as_ref().map(|a| a.status()).unwrap_or_default();
         schedules.extend(internal.as_ref().map(|i| i.status()).unwrap_or_default());
         let subscribers = |name: &str| self.registry.subscribers(name);
-        collect(&config, &self.registry, &schedules, Some(&subscribers))
+        let obtained = on_demand.map(|o| o.admitted()).unwrap_or_default();
+        collect(
+            &config,
+            &self.registry,
+            &schedules,
+            Some(&subscribers),
+            &obtained,
+        )
     }
 }
 
@@ -221,6 +253,7 @@ pub struct OfflineError(#[from] crate::sources::OpenStoreError);
 /// unlocked, so a running daemon is not disturbed.
 pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError> {
     let registry = Registry::new();
+    let mut obtained = Vec::new();
     let mut schedules = Schedules::new();
     match FileSource::from_config(config).load_all() {
         Ok(loaded) => {
@@ -276,6 +309,18 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
                 CertificateSource::Files { .. } => {}
             }
         }
+        if let (Some(keys), Some(_)) = (&keys, &config.on_demand) {
+            for (name, how) in crate::sources::acme::on_demand::recorded(store.as_ref(), keys).await
+            {
+                let (cert, plan) =
+                    crate::sources::acme::stored_status(store.as_ref(), keys, &name).await;
+                if let Some(pem) = cert {
+                    registry.publish(&name, &SecretContent::TlsCertificate(pem));
+                }
+                schedules.insert(name.clone(), plan);
+                obtained.push((name, how));
+            }
+        }
     }
-    Ok(collect(config, &registry, &schedules, None))
+    Ok(collect(config, &registry, &schedules, None, &obtained))
 }

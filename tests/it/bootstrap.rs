@@ -153,3 +153,32 @@ async fn a_generated_bootstrap_serves_each_certificate_on_its_sni() {
     let (leaf, _) = https_get(https, "api.example.com", &ca).await.unwrap();
     assert_eq!(leaf, api.leaf_der, "untouched");
 }
+
+/// With `[on_demand]`, names no chain lists go to a default chain with Envoy's on-demand selector (SNI
+/// mapper, delta SDS, session resumption off, as the selector requires); a certificate without names
+/// serves clients that send no SNI. Envoy accepts it.
+#[test]
+fn an_on_demand_configuration_gets_the_on_demand_selector() {
+    let Some(envoy) = envoy_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        "[sds]\nlisten = [\"unix:/run/acme-sds/sds.sock\"]\n\n[acme]\ncontact = [\"mailto:ops@example.com\"]\naccept_terms_of_service = true\n\n[on_demand]\nallow = [\"*.customers.example.com\"]\n\n[[certificate]]\nname = \"www\"\ndomains = [\"www.example.com\"]\n",
+    )
+    .unwrap();
+    let yaml = bootstrap(&config, &[]);
+    assert!(
+        yaml.contains("envoy.tls.certificate_selectors.on_demand_secret"),
+        "{yaml}"
+    );
+    assert!(yaml.contains("disable_stateful_session_resumption: true"));
+    assert!(yaml.contains("server_names: [\"www.example.com\"]"));
+    let selector = yaml.find("on_demand_secret").unwrap();
+    assert!(yaml[selector..].contains("api_type: DELTA_GRPC"));
+    assert!(
+        yaml[selector..].contains("default_value: \"www\""),
+        "{yaml}"
+    );
+    validate(&envoy, &yaml, dir.path());
+}

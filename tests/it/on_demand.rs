@@ -164,6 +164,24 @@ async fn an_allowed_name_is_obtained_during_its_first_handshake_and_others_fail_
     assert!(verify_chain(&fallback, &root, "localhost").is_err());
     assert_ne!(fallback[0], chain[0]);
 
+    // `/status`-style listing: the on-demand certificates with how they were allowed (offline here).
+    let config = edge.dir.path().join("acme-sds.toml");
+    edge.daemon.as_mut().unwrap().signal("TERM");
+    assert_eq!(edge.daemon.as_mut().unwrap().wait_exit(), Some(0));
+    edge.daemon = None;
+    let out = std::process::Command::new(bin())
+        .args(["status", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("a.customers.example.com")
+            && text.contains("on_demand")
+            && text.contains("on demand: allow *.customers.example.com")
+            && text.contains("on demand: allow shop.example.org"),
+        "{text}"
+    );
+
     // Restarted: served from storage, no new order.
     edge.restart();
     let after = edge

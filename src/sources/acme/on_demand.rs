@@ -59,6 +59,24 @@ pub struct OnDemandRecord {
     pub last_used: i64,
 }
 
+/// The on-demand certificates recorded in `store` for the CA of `keys`: (name, how it was allowed).
+pub async fn recorded(
+    store: &dyn crate::store::Store,
+    keys: &crate::sources::keys::AcmeKeys,
+) -> Vec<(String, String)> {
+    let dir = format!("{}/on-demand", keys.dir());
+    let mut out: Vec<(String, String)> = store
+        .scan(&dir)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(_, e)| serde_json::from_slice::<OnDemandRecord>(&e.value).ok())
+        .map(|r| (r.name, r.allowed_by))
+        .collect();
+    out.sort();
+    out
+}
+
 /// Where one name stands.
 enum Known {
     /// Its certificate is being obtained, or served (`stop` ends its renewals); last asked for at
