@@ -24,6 +24,7 @@ mod fanout;
 mod first_cert;
 mod issuance;
 mod memory;
+mod on_demand;
 mod replicas;
 mod rotation;
 
@@ -68,6 +69,9 @@ enum Scenario {
     /// Replicas on one etcd prefix: a certificate another replica stored until Envoy presents it, and a
     /// cold start on `--certs` certificates in etcd. Needs etcd, Envoy and pebble.
     Replicas,
+    /// On-demand TLS through Envoy's on-demand selector: the first handshake for a new name, and 20 names at
+    /// once (Caddy's on-demand TLS too when installed). Needs Envoy and pebble.
+    OnDemand,
     /// Everything above (the chart only with `--svg`).
     All,
 }
@@ -125,6 +129,7 @@ async fn main() -> Result<()> {
         Scenario::Authority => authority::run(&a, &mut csv).await?,
         Scenario::FirstCert => first_cert::run(&a, &mut csv).await?,
         Scenario::Replicas => replicas::run(&a, &mut csv).await?,
+        Scenario::OnDemand => on_demand::run(&a, &mut csv).await?,
         Scenario::Chart => {
             let svg = cli.svg.unwrap_or_else(|| PathBuf::from("fanout.svg"));
             chart::run(&a, &mut csv, &svg).await?
@@ -143,6 +148,7 @@ async fn main() -> Result<()> {
             authority::run(&a, &mut csv).await?;
             first_cert::run(&a, &mut csv).await?;
             replicas::run(&a, &mut csv).await?;
+            on_demand::run(&a, &mut csv).await?;
             if let Some(svg) = &cli.svg {
                 chart::run(&a, &mut csv, svg).await?;
             }
