@@ -404,6 +404,14 @@ impl Registry {
         }
     }
 
+    /// Stops publishing `name` under other spellings (it was refused, or dropped).
+    pub fn forget_aliases(&self, name: &str) {
+        self.aliases
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
     /// The other spellings `name` is published under.
     pub fn spellings(&self, name: &str) -> Vec<String> {
         self.aliases

@@ -144,6 +144,13 @@ async fn an_allowed_name_is_obtained_during_its_first_handshake_and_others_fail_
     );
     assert_eq!(edge.orders(), 1);
     assert!(edge.log().contains("on-demand certificate refused"));
+    // Malformed (an underscore), and a bare suffix of the pattern: refused the same way.
+    for bad in ["bad_name.customers.example.com", "customers.example.com"] {
+        let started = Instant::now();
+        assert!(edge.handshake(Some(bad)).await.is_err(), "{bad}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{bad}");
+    }
+    assert_eq!(edge.orders(), 1);
 
     // Ten handshakes at once for a new name: one order, all served.
     let mut handshakes = Vec::new();

@@ -40,6 +40,10 @@ use crate::sds::Demand;
 use crate::store::{SharedStore, key_segment};
 use crate::values::{DnsName, SecretName};
 
+/// Names remembered as refused, and refusals remembered as logged, at most: made-up names cannot grow
+/// memory without bound (past it, a refusal is decided again, and not logged).
+const MAX_REMEMBERED: usize = 10_000;
+
 /// How long an `ask` allow is trusted.
 const ASK_ALLOW_FOR: Duration = Duration::from_secs(3600);
 /// How long an `ask` denial (or a refusal by `allow`) is remembered, and logged once.
@@ -93,6 +97,8 @@ enum Known {
 #[derive(Default)]
 struct State {
     names: HashMap<DnsName, Known>,
+    /// Spellings whose refusal was logged, until when (refusals that are not remembered as `Refused`).
+    logged: HashMap<String, Instant>,
     /// `ask` allows, until when.
     ask_allowed: HashMap<DnsName, Instant>,
     /// Starts of new certificates in the last hour.
@@ -233,6 +239,11 @@ impl OnDemand {
                 for (name, _) in &unused {
                     state.names.remove(name);
                 }
+                let now_i = Instant::now();
+                state
+                    .names
+                    .retain(|_, k| !matches!(k, Known::Refused { until } if *until <= now_i));
+                state.ask_allowed.retain(|_, until| *until > now_i);
             }
             for name in used {
                 self.record_use(&name, now).await;
@@ -329,14 +340,7 @@ impl OnDemand {
 
     /// Refuses `spelling` (and, for a known name, every spelling it was asked under), with one log line per
     /// name and refusal period.
-    fn refuse(
-        &self,
-        spelling: &str,
-        name: Option<&DnsName>,
-        why: Refusal,
-        detail: &str,
-        log: bool,
-    ) {
+    fn refuse(&self, spelling: &str, name: Option<&DnsName>, why: Refusal, detail: &str) {
         self.metrics.count_on_demand(why.label());
         self.registry.refuse(spelling);
         if let Some(name) = name {
@@ -344,7 +348,20 @@ impl OnDemand {
             for s in self.registry.spellings(name) {
                 self.registry.refuse(&s);
             }
+            self.registry.forget_aliases(name);
         }
+        // Logged once per spelling and refusal period, whatever a client sends how often (and the
+        // memory of what was logged is bounded: past its size, nothing more is logged until it empties).
+        let log = {
+            let mut state = self.lock();
+            let now = Instant::now();
+            state.logged.retain(|_, until| *until > now);
+            let fresh = !state.logged.contains_key(spelling) && state.logged.len() < MAX_REMEMBERED;
+            if fresh {
+                state.logged.insert(spelling.to_owned(), now + DENY_FOR);
+            }
+            fresh
+        };
         if log {
             tracing::warn!(
                 name = spelling,
@@ -415,7 +432,7 @@ impl OnDemand {
                                 until: Instant::now() + DENY_FOR,
                             },
                         );
-                        self.refuse(&spelling, Some(&name), Refusal::Ask, &why, true);
+                        self.refuse(&spelling, Some(&name), Refusal::Ask, &why);
                         return;
                     }
                 }
@@ -449,7 +466,6 @@ impl OnDemand {
                         "{} new certificates in the last hour already (on_demand.max_new_per_hour)",
                         self.config.max_new_per_hour
                     ),
-                    true,
                 );
                 return;
             }
@@ -497,7 +513,6 @@ impl OnDemand {
                         Some(&name),
                         Refusal::OrderFailed,
                         &format!("the first order failed: {e}"),
-                        true,
                     );
                     return;
                 }
@@ -565,14 +580,13 @@ impl Demand for Arc<OnDemand> {
                 None,
                 Refusal::Node,
                 "the Envoy's node id does not match on_demand.allowed_nodes",
-                false,
             );
             return;
         }
         let name = match DnsName::new(spelling) {
             Ok(n) => n,
             Err(why) => {
-                self.refuse(spelling, None, Refusal::Malformed, &why, false);
+                self.refuse(spelling, None, Refusal::Malformed, &why);
                 return;
             }
         };
@@ -586,25 +600,26 @@ impl Demand for Arc<OnDemand> {
             }
             Some(Known::Refused { until }) if *until > Instant::now() => {
                 drop(state);
-                self.refuse(spelling, None, Refusal::Recently, "refused recently", false);
+                self.refuse(spelling, None, Refusal::Recently, "refused recently");
                 return;
             }
             _ => {}
         }
         let Some(allowed_by) = self.allowed_by(&name) else {
-            state.names.insert(
-                name.clone(),
-                Known::Refused {
-                    until: Instant::now() + DENY_FOR,
-                },
-            );
+            if state.names.len() < MAX_REMEMBERED {
+                state.names.insert(
+                    name.clone(),
+                    Known::Refused {
+                        until: Instant::now() + DENY_FOR,
+                    },
+                );
+            }
             drop(state);
             self.refuse(
                 spelling,
                 Some(&name),
                 Refusal::NotAllowed,
                 "the name matches nothing in on_demand.allow",
-                true,
             );
             return;
         };
