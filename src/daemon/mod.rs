@@ -157,6 +157,18 @@ pub enum Event {
     Shutdown(&'static str),
 }
 
+/// Who may ask for (and read) names that are not configured: with `[on_demand] allowed_nodes`, those
+/// nodes; else anyone (such names are only waited for).
+fn unconfigured_rule(config: &Config) -> crate::sds::access::Access {
+    crate::sds::access::Access {
+        nodes: config
+            .on_demand
+            .as_ref()
+            .and_then(|o| o.allowed_nodes.clone()),
+        clients: None,
+    }
+}
+
 /// Every configured secret with its access rule, for the SDS policy.
 fn access_rules(config: &Config) -> Vec<(SecretName, Access)> {
     config
@@ -219,6 +231,7 @@ pub async fn start(config: &Config) -> Result<Running, DaemonError> {
     let shutdown = CancellationToken::new();
     log_warnings(config);
     let policy = Arc::new(Policy::new(access_rules(config)));
+    policy.replace_unconfigured(unconfigured_rule(config));
     let limits = Limits::new(config.sds.quotas);
     let mut running = Running {
         config: config.clone(),
@@ -512,6 +525,7 @@ impl Running {
         // The new rules are in force before anything new is published, and every open stream checks its
         // subscription against them at once.
         self.policy.replace(access_rules(&new));
+        self.policy.replace_unconfigured(unconfigured_rule(&new));
 
         // Files: publish what is new or changed, then watch the new set.
         self.files_token.cancel();

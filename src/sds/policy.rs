@@ -24,6 +24,9 @@ pub struct Rules {
     generation: u64,
     /// Every configured secret, restricted or not.
     secrets: HashMap<SecretName, Access>,
+    /// The rule of every other name (with `[on_demand] allowed_nodes`: who may ask for, and read,
+    /// certificates obtained on demand); open by default.
+    unconfigured: Access,
 }
 
 impl Rules {
@@ -36,7 +39,8 @@ impl Rules {
     pub fn allows(&self, requested: &str, node_id: Option<&str>, ids: &ClientIdentities) -> bool {
         self.secrets
             .get(canonical_name(requested))
-            .is_none_or(|rule| rule.allows(node_id, ids))
+            .unwrap_or(&self.unconfigured)
+            .allows(node_id, ids)
     }
 
     /// Whether `requested` names a configured secret.
@@ -77,6 +81,7 @@ impl Policy {
             current: RwLock::new(Arc::new(Rules {
                 generation: 0,
                 secrets: secrets.into_iter().collect(),
+                unconfigured: Access::default(),
             })),
             generation: AtomicU64::new(0),
             changed: watch::Sender::new(0),
@@ -106,15 +111,28 @@ impl Policy {
     /// to those in force change nothing (a reload that touched no access rule wakes no stream).
     pub fn replace(&self, secrets: impl IntoIterator<Item = (SecretName, Access)>) {
         let secrets: HashMap<SecretName, Access> = secrets.into_iter().collect();
+        let unconfigured = self.rules().unconfigured.clone();
+        self.put(secrets, unconfigured);
+    }
+
+    /// Puts a new rule in force for every name that is not configured (`[on_demand] allowed_nodes`), as
+    /// [`Policy::replace`] does for configured ones.
+    pub fn replace_unconfigured(&self, rule: Access) {
+        let secrets = self.rules().secrets.clone();
+        self.put(secrets, rule);
+    }
+
+    fn put(&self, secrets: HashMap<SecretName, Access>, unconfigured: Access) {
         let generation = {
             let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-            if current.secrets == secrets {
+            if current.secrets == secrets && current.unconfigured == unconfigured {
                 return;
             }
             let generation = current.generation + 1;
             *current = Arc::new(Rules {
                 generation,
                 secrets,
+                unconfigured,
             });
             self.generation.store(generation, Ordering::Release);
             generation
@@ -161,6 +179,27 @@ mod tests {
             nodes: Some(vec![NodePattern::new("edge-*").unwrap()]),
             clients: None,
         }
+    }
+
+    #[test]
+    fn a_rule_for_unconfigured_names_applies_to_them_only() {
+        let p = Policy::new([(name("web"), Access::default())]);
+        let ids = ClientIdentities::default();
+        assert!(p.rules().allows("anything.example.com", None, &ids));
+        let before = p.generation();
+        p.replace_unconfigured(edge_only());
+        assert!(p.generation() > before, "a new rule wakes the streams");
+        let r = p.rules();
+        assert!(
+            r.allows("web", None, &ids),
+            "configured secrets keep their own rule"
+        );
+        assert!(r.allows("a.example.com", Some("edge-1"), &ids));
+        assert!(!r.allows("a.example.com", Some("other"), &ids));
+        assert!(!r.allows("a.example.com", None, &ids));
+        // Configured rules replaced later keep the unconfigured one.
+        p.replace([(name("web"), edge_only())]);
+        assert!(!p.rules().allows("a.example.com", Some("other"), &ids));
     }
 
     #[test]

@@ -306,3 +306,26 @@ async fn an_unused_certificate_is_forgotten_after_drop_unused_after() {
     assert_ne!(again[0], chain[0], "obtained again");
     assert_eq!(edge.orders(), 2);
 }
+
+/// With `allowed_nodes`, an Envoy whose node id does not match cannot make a name be obtained: it is
+/// refused as for any secret it may not read (PERMISSION_DENIED, logged), and nothing is ordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_outside_allowed_nodes_cannot_trigger_issuance() {
+    let Some(edge) =
+        Edge::start("allow = [\"*.customers.example.com\"]\nallowed_nodes = [\"gateway-*\"]")
+    else {
+        return;
+    };
+    // The handshake waits (Envoy retries its stream) until this client gives up.
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        presented_chain(edge.https, Some("a.customers.example.com")),
+    )
+    .await;
+    assert!(!matches!(r, Ok(Ok(_))), "{r:?}");
+    edge.daemon
+        .as_ref()
+        .unwrap()
+        .wait_for_line_within("SDS access denied", BOUND);
+    assert_eq!(edge.orders(), 0);
+}
