@@ -139,6 +139,9 @@ pub enum DaemonError {
     #[error(transparent)]
     /// The storage directory could not be opened (or is locked by another acme-sds).
     Store(crate::sources::OpenStoreError),
+    #[error("on_demand.ask: no TLS client for https:// URLs")]
+    /// No TLS client could be made for `[on_demand] ask` (no system roots).
+    OnDemand(#[source] rustls::Error),
     #[error("the internal CA (storage.path)")]
     /// The internal CA could not be loaded or created.
     Internal(#[source] crate::sources::internal::InternalError),
@@ -490,7 +493,8 @@ impl Running {
                 self.metrics.clone(),
                 token.clone(),
             )
-            .await;
+            .await
+            .map_err(DaemonError::OnDemand)?;
             self.policy.set_demand(Some(Arc::new(started.clone())));
             on_demand = Some(started);
         }

@@ -118,11 +118,17 @@ async fn an_allowed_name_is_obtained_during_its_first_handshake_and_others_fail_
     verify_chain(&chain, &root, "a.customers.example.com")
         .unwrap_or_else(|e| panic!("not Pebble's certificate for the name: {e}"));
     assert_eq!(edge.orders(), 1);
+    let started = Instant::now();
     let again = edge
         .handshake(Some("a.customers.example.com"))
         .await
         .unwrap();
     assert_eq!(again[0], chain[0]);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the second handshake is served from Envoy's cache: {:?}",
+        started.elapsed()
+    );
     let variant = edge
         .handshake(Some("A.Customers.Example.COM"))
         .await

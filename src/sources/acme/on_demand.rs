@@ -44,6 +44,9 @@ use crate::values::{DnsName, SecretName};
 /// memory without bound (past it, a refusal is decided again, and not logged).
 const MAX_REMEMBERED: usize = 10_000;
 
+/// How long a name is refused after `ask` did not answer (an outage, not a denial).
+const ASK_OUTAGE_FOR: Duration = Duration::from_secs(10);
+
 /// How long an `ask` allow is trusted.
 const ASK_ALLOW_FOR: Duration = Duration::from_secs(3600);
 /// How long an `ask` denial (or a refusal by `allow`) is remembered, and logged once.
@@ -114,7 +117,7 @@ pub struct OnDemand {
     metrics: Metrics,
     state: Mutex<State>,
     first_orders: Arc<Semaphore>,
-    ask: Client<HttpConnector, Empty<Bytes>>,
+    ask: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
     /// How long a name whose first order failed is refused.
     retry_after_failure: Duration,
     shutdown: CancellationToken,
@@ -157,7 +160,7 @@ impl Refusal {
 impl OnDemand {
     /// The issuer for `config`, adding its certificates to `manager` (started already). Certificates
     /// obtained before (recorded in the store) are served and renewed again at once, if `allow` still
-    /// matches them.
+    /// matches them. Fails only when no TLS client can be made for `ask` (no system roots).
     pub async fn start(
         config: OnDemandConfig,
         manager: Arc<AcmeManager>,
@@ -165,7 +168,7 @@ impl OnDemand {
         store: SharedStore,
         metrics: Metrics,
         shutdown: CancellationToken,
-    ) -> Arc<OnDemand> {
+    ) -> Result<Arc<OnDemand>, rustls::Error> {
         let retry_after_failure = manager.config.retry_initial;
         let on_demand = Arc::new(OnDemand {
             first_orders: Arc::new(Semaphore::new(config.max_pending)),
@@ -175,13 +178,13 @@ impl OnDemand {
             store,
             metrics,
             state: Mutex::default(),
-            ask: Client::builder(TokioExecutor::new()).build_http(),
+            ask: Client::builder(TokioExecutor::new()).build(ask_connector()?),
             retry_after_failure,
             shutdown,
         });
         on_demand.load_recorded().await;
         tokio::spawn(on_demand.clone().sweep());
-        on_demand
+        Ok(on_demand)
     }
 
     /// Forgets certificates no Envoy has asked for during `drop_unused_after` (default: their lifetime),
@@ -425,11 +428,14 @@ impl OnDemand {
                             .ask_allowed
                             .insert(name.clone(), Instant::now() + ASK_ALLOW_FOR);
                     }
-                    Err(why) => {
+                    Err((why, answered)) => {
+                        // A denial is remembered ten minutes; an outage only briefly, so that names
+                        // are admitted again soon after `ask` is back.
+                        let hold = if answered { DENY_FOR } else { ASK_OUTAGE_FOR };
                         self.lock().names.insert(
                             name.clone(),
                             Known::Refused {
-                                until: Instant::now() + DENY_FOR,
+                                until: Instant::now() + hold,
                             },
                         );
                         self.refuse(&spelling, Some(&name), Refusal::Ask, &why);
@@ -528,14 +534,15 @@ impl OnDemand {
     }
 
     /// Asks the `ask` endpoint about `name`: `Ok` for a 2xx answer within `ask_timeout`.
-    async fn ask(&self, url: &str, name: &DnsName) -> Result<(), String> {
+    /// `Err((why, answered))`: `answered` when `ask` said no (rather than not answering).
+    async fn ask(&self, url: &str, name: &DnsName) -> Result<(), (String, bool)> {
         let sep = if url.contains('?') { '&' } else { '?' };
         let uri: hyper::Uri = format!("{url}{sep}domain={name}")
             .parse()
-            .map_err(|e| format!("ask URL: {e}"))?;
+            .map_err(|e| (format!("ask URL: {e}"), false))?;
         let request = hyper::Request::get(uri)
             .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| (e.to_string(), false))?;
         let answer = tokio::time::timeout(self.config.ask_timeout, async {
             let resp = self.ask.request(request).await.map_err(|e| e.to_string())?;
             let status = resp.status();
@@ -545,11 +552,14 @@ impl OnDemand {
         .await;
         match answer {
             Ok(Ok(status)) if status.is_success() => Ok(()),
-            Ok(Ok(status)) => Err(format!("ask answered {status}")),
-            Ok(Err(e)) => Err(format!("ask failed: {e}")),
-            Err(_) => Err(format!(
-                "ask did not answer within {:?} (on_demand.ask_timeout)",
-                self.config.ask_timeout
+            Ok(Ok(status)) => Err((format!("ask answered {status}"), true)),
+            Ok(Err(e)) => Err((format!("ask failed: {e}"), false)),
+            Err(_) => Err((
+                format!(
+                    "ask did not answer within {:?} (on_demand.ask_timeout)",
+                    self.config.ask_timeout
+                ),
+                false,
             )),
         }
     }
@@ -643,4 +653,19 @@ impl Demand for Arc<OnDemand> {
 
 fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// The `ask` client: `http://`, or `https://` verified with the system's roots.
+fn ask_connector() -> Result<hyper_rustls::HttpsConnector<HttpConnector>, rustls::Error> {
+    use rustls_platform_verifier::BuilderVerifierExt;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_platform_verifier()?
+        .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build())
 }
