@@ -112,20 +112,25 @@ fn caddy_issuance(d: &Path, names: &[String], pebble: &Pebble, http: u16) -> Res
         ),
     )?;
     let started = Instant::now();
-    let mut caddy = Command::new("caddy")
+    let mut caddy = spawn_caddy(d, &caddyfile)?;
+    let result = caddy_serves_all(&hosts, https, started);
+    let _ = caddy.kill();
+    let _ = caddy.wait();
+    result
+}
+
+/// Starts Caddy on `caddyfile`, its home and data under `d`, quiet.
+pub fn spawn_caddy(d: &Path, caddyfile: &Path) -> Result<std::process::Child> {
+    Ok(Command::new("caddy")
         .args(["run", "--adapter", "caddyfile", "--config"])
-        .arg(&caddyfile)
+        .arg(caddyfile)
         .env("HOME", d)
         .env("XDG_DATA_HOME", d.join("xdg-data"))
         .env("XDG_CONFIG_HOME", d.join("xdg-config"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()?;
-    let result = caddy_serves_all(&hosts, https, started);
-    let _ = caddy.kill();
-    let _ = caddy.wait();
-    result
+        .spawn()?)
 }
 
 /// Waits (bounded) until Caddy's HTTPS port serves every host.

@@ -5,7 +5,7 @@
 //! stub `ask` endpoint (it allows everything), so both pay for one local HTTP request per name.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -202,17 +202,7 @@ async fn caddy(
             pebble.directory_ca.display(),
         ),
     )?;
-    let mut caddy = Command::new("caddy")
-        .args(["run", "--adapter", "caddyfile", "--config"])
-        .arg(&caddyfile)
-        .env("HOME", d)
-        .env("XDG_DATA_HOME", d.join("xdg-data"))
-        .env("XDG_CONFIG_HOME", d.join("xdg-config"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start caddy")?;
+    let mut caddy = crate::issuance::spawn_caddy(d, &caddyfile).context("start caddy")?;
     // Up once its HTTPS port accepts connections.
     let up = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", https)).is_err() {
