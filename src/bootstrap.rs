@@ -160,6 +160,28 @@ pub fn envoy_bootstrap(
         "    listener_filters:\n    - name: envoy.filters.listener.tls_inspector\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
     );
     let _ = writeln!(w, "    filter_chains:");
+    // TLS-ALPN-01: the CA's validation hellos (ALPN acme-tls/1) for these names go to acme-sds's
+    // responder, before (and as specific as) the names' own chains; every other hello is served as usual.
+    let alpn_names: Vec<String> = config
+        .certificates
+        .iter()
+        .filter_map(|c| match &c.source {
+            CertificateSource::Acme {
+                domains,
+                challenge: crate::values::Challenge::TlsAlpn01,
+                ..
+            } => Some(domains.iter().map(|d| q(d))),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if !alpn_names.is_empty() {
+        let _ = writeln!(
+            w,
+            "    - # TLS-ALPN-01 validations (RFC 8737): the CA's ClientHellos offering acme-tls/1, to acme-sds\n      filter_chain_match:\n        server_names: [{}]\n        application_protocols: [\"acme-tls/1\"]\n      filters:\n      - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          stat_prefix: acme_tls_alpn01\n          cluster: acme_tls_alpn01",
+            alpn_names.join(", ")
+        );
+    }
     // Each certificate's SNI names; the first without any is the default chain (no SNI, or no match).
     let mut chains: Vec<(&crate::config::CertificateConfig, Vec<String>)> = Vec::new();
     let mut default_taken = false;
@@ -275,6 +297,18 @@ pub fn envoy_bootstrap(
             "  - name: acme_http01\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: acme_http01\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {} }}",
             q(&h.ip().to_string()),
             h.port()
+        );
+    }
+    if !alpn_names.is_empty() {
+        let mut t = config.tls_alpn01.listen;
+        if t.ip().is_unspecified() {
+            t.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        let _ = writeln!(
+            w,
+            "  - name: acme_tls_alpn01\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: acme_tls_alpn01\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {} }}",
+            q(&t.ip().to_string()),
+            t.port()
         );
     }
     if let Some(up) = opts.upstream {

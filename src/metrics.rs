@@ -77,6 +77,7 @@ pub struct Metrics {
     store_lock_wait: Histogram,
     store_watch_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     on_demand: Family<ResultLabel, Counter>,
+    tls_alpn01: Family<ResultLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -100,6 +101,7 @@ impl Default for Metrics {
             store_lock_wait: Histogram::new(exponential_buckets(0.001, 4.0, 9)),
             store_watch_lag: Gauge::default(),
             on_demand: Family::default(),
+            tls_alpn01: Family::default(),
         }
     }
 }
@@ -179,6 +181,15 @@ impl Metrics {
         self.store_watch_lag.set(seconds);
     }
 
+    /// Counts a TLS-ALPN-01 responder connection by outcome (`answered`, `unknown_name`, `not_acme_tls`, ...).
+    pub fn count_tls_alpn01(&self, result: &str) {
+        self.tls_alpn01
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
     /// Counts an on-demand decision: `admitted`, or the reason of a refusal.
     pub fn count_on_demand(&self, result: &str) {
         self.on_demand
@@ -226,6 +237,11 @@ impl Metrics {
             "acme_sds_http01_requests",
             "HTTP-01 responder requests, by result",
             m.http01_requests.clone(),
+        );
+        registry.register(
+            "acme_sds_tls_alpn01_connections",
+            "TLS-ALPN-01 responder connections, by outcome (answered, unknown_name, not_acme_tls, no_server_name, not_tls, timeout, ...)",
+            m.tls_alpn01.clone(),
         );
         registry.register(
             "acme_sds_on_demand_decisions",

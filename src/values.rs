@@ -285,6 +285,43 @@ impl KeyType {
     }
 }
 
+/// How the CA validates an ACME certificate's names (`challenge`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub enum Challenge {
+    /// HTTP-01 (default): the CA fetches `/.well-known/acme-challenge/TOKEN` on port 80.
+    #[default]
+    #[serde(rename = "http-01")]
+    Http01,
+    /// TLS-ALPN-01 (RFC 8737): the CA opens TLS on port 443 with ALPN `acme-tls/1`, which Envoy forwards
+    /// to acme-sds's `[tls_alpn01]` listener.
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
+impl Challenge {
+    /// The challenge the config file calls `name`; the error lists the choices.
+    pub fn from_name(name: &str) -> Result<Self, String> {
+        match name {
+            "http-01" => Ok(Challenge::Http01),
+            "tls-alpn-01" => Ok(Challenge::TlsAlpn01),
+            "dns-01" => {
+                Err("\"dns-01\" is not available yet: use \"http-01\" or \"tls-alpn-01\"".into())
+            }
+            other => Err(format!("{other:?} is not one of http-01, tls-alpn-01")),
+        }
+    }
+
+    /// As the config file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Challenge::Http01 => "http-01",
+            Challenge::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+}
+
 /// Where an SDS listener listens: a Unix socket (`unix:PATH`) or a TCP address (`IP:PORT`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ListenAddr {

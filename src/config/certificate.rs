@@ -12,6 +12,7 @@ use super::Validator;
 use super::raw::RawCertificate;
 use super::raw::RawTrustBundle;
 use crate::sds::access::Access;
+use crate::values::Challenge;
 use crate::values::DnsName;
 use crate::values::KeyType;
 use crate::values::SecretName;
@@ -49,6 +50,8 @@ pub enum CertificateSource {
         /// `temporary_certificate`: serve a temporary self-signed certificate until the first one is
         /// issued; `None` follows `[acme] temporary_certificates`.
         temporary_certificate: Option<bool>,
+        /// `challenge`: how the CA validates the names (default HTTP-01).
+        challenge: Challenge,
     },
     /// `issuer = "internal"`: signed and renewed by acme-sds's own local CA, for these names (DNS names,
     /// single labels such as `localhost`, IP addresses, wildcards), which no public CA would validate.
@@ -263,22 +266,49 @@ impl Validator<'_> {
                             "empty: list at least one domain",
                         );
                     }
+                    if internal && let Some(c) = &entry.challenge {
+                        let l = self.line(c);
+                        self.problem(
+                            format!("{key}.challenge"),
+                            l,
+                            "an internal certificate is not validated by a CA: `challenge` applies to ACME certificates only",
+                        );
+                    }
                     if internal {
                         CertificateSource::Internal {
                             domains: self.domain_names(&key, &domains, SubjectName::new),
                             key_type,
                         }
                     } else {
+                        let challenge = match &entry.challenge {
+                            None => Challenge::Http01,
+                            Some(c) => {
+                                let l = self.line(c);
+                                Challenge::from_name(c.get_ref()).unwrap_or_else(|msg| {
+                                    self.problem(format!("{key}.challenge"), l, msg);
+                                    Challenge::Http01
+                                })
+                            }
+                        };
                         CertificateSource::Acme {
                             domains: self.domain_names(&key, &domains, DnsName::new),
                             key_type,
                             temporary_certificate: entry
                                 .temporary_certificate
                                 .map(|t| *t.get_ref()),
+                            challenge,
                         }
                     }
                 }
                 (None, _) => {
+                    if let Some(c) = &entry.challenge {
+                        let l = self.line(c);
+                        self.problem(
+                            format!("{key}.challenge"),
+                            l,
+                            "`challenge` applies to ACME certificates (with `domains`) only",
+                        );
+                    }
                     if let Some(t) = &entry.temporary_certificate {
                         let l = self.line(t);
                         self.problem(

@@ -31,7 +31,7 @@ pub use acme::{AcmeConfig, EabKey, LETSENCRYPT, LETSENCRYPT_STAGING};
 pub use certificate::{
     CertificateConfig, CertificateSource, ISSUER_ACME, ISSUER_INTERNAL, TrustBundleConfig,
 };
-pub use http01::{DEFAULT_HTTP01_LISTEN, Http01Config};
+pub use http01::{DEFAULT_HTTP01_LISTEN, DEFAULT_TLS_ALPN01_LISTEN, Http01Config, TlsAlpn01Config};
 pub use on_demand::{
     DEFAULT_ASK_TIMEOUT, DEFAULT_MAX_NEW_PER_HOUR, DEFAULT_MAX_PENDING, OnDemandConfig,
 };
@@ -52,6 +52,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `[http01]`.
     pub http01: Http01Config,
+    /// `[tls_alpn01]`.
+    pub tls_alpn01: TlsAlpn01Config,
     /// `[acme]`; `None` when the table is absent (then no certificate may have `domains`).
     pub acme: Option<AcmeConfig>,
     /// `[admin] listen`: health, readiness and status endpoints; off when absent.
@@ -114,6 +116,19 @@ impl Config {
             path: self.path.clone(),
             problems,
         }
+    }
+
+    /// Whether a certificate is validated over TLS-ALPN-01 (then the `[tls_alpn01]` responder runs).
+    pub fn uses_tls_alpn01(&self) -> bool {
+        self.certificates.iter().any(|c| {
+            matches!(
+                c.source,
+                CertificateSource::Acme {
+                    challenge: crate::values::Challenge::TlsAlpn01,
+                    ..
+                }
+            )
+        })
     }
 
     /// Whether any certificate is obtained over ACME.
@@ -262,6 +277,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let sds = v.sds(raw.sds);
     let storage = v.storage(raw.storage);
     let http01 = v.http01(raw.http01);
+    let tls_alpn01 = v.tls_alpn01(raw.tls_alpn01);
     let admin = raw.admin.and_then(|a| {
         let line = v.line(&a);
         match a.into_inner().listen {
@@ -338,6 +354,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             sds,
             storage,
             http01,
+            tls_alpn01,
             acme,
             admin,
             on_demand,

@@ -13,6 +13,7 @@ pub(super) struct RawConfig {
     pub(super) acme: Option<Spanned<RawAcme>>,
     pub(super) admin: Option<Spanned<RawAdmin>>,
     pub(super) on_demand: Option<Spanned<RawOnDemand>>,
+    pub(super) tls_alpn01: Option<Spanned<RawTlsAlpn01>>,
     #[serde(default)]
     pub(super) certificate: Vec<Spanned<RawCertificate>>,
     #[serde(default)]
@@ -61,6 +62,7 @@ pub(super) struct RawCertificate {
     pub(super) allowed_clients: Option<Spanned<Vec<String>>>,
     pub(super) temporary_certificate: Option<Spanned<bool>>,
     pub(super) issuer: Option<Spanned<String>>,
+    pub(super) challenge: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +71,12 @@ pub(super) struct RawStorage {
     pub(super) path: Option<Spanned<String>>,
     pub(super) encryption_key_file: Option<Spanned<String>>,
     pub(super) etcd: Option<Spanned<RawEtcd>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTlsAlpn01 {
+    pub(super) listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

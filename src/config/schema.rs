@@ -119,6 +119,7 @@ const CERTIFICATE: &[(&str, Kind)] = &[
     ("allowed_clients", Kind::StrList(GLOBS)),
     ("temporary_certificate", Kind::Bool),
     ("issuer", Kind::Str("\"acme\" or \"internal\"")),
+    ("challenge", Kind::Str("\"http-01\" or \"tls-alpn-01\"")),
 ];
 
 const TRUST_BUNDLE: &[(&str, Kind)] = &[
@@ -187,6 +188,13 @@ pub(super) const ROOT: &[(&str, Kind)] = &[
     ),
     ("acme", Kind::Table(ACME)),
     ("on_demand", Kind::Table(ON_DEMAND)),
+    (
+        "tls_alpn01",
+        Kind::Table(&[(
+            "listen",
+            Kind::Str("\"IP:PORT\", such as \"127.0.0.1:8444\""),
+        )]),
+    ),
     (
         "admin",
         Kind::Table(&[(
@@ -263,7 +271,7 @@ impl Walk<'_> {
                     let msg = match (close_match(name, &known), prefix.is_empty()) {
                     (Some(k), true) => format!("unknown table (did you mean [{k}]?)"),
                     (Some(k), false) => format!("unknown key (did you mean `{k}`?)"),
-                    (None, true) => "unknown table; the file has [sds], [storage], [http01], [acme], [on_demand], [admin], [[certificate]] and [[trust_bundle]]".to_owned(),
+                    (None, true) => "unknown table; the file has [sds], [storage], [http01], [tls_alpn01], [acme], [on_demand], [admin], [[certificate]] and [[trust_bundle]]".to_owned(),
                     (None, false) => format!("unknown key; {prefix} has {}", known.join(", ")),
                 };
                     self.out.push(Problem::new(path, line, msg));

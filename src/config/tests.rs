@@ -541,3 +541,38 @@ lock_ttl = "1s"
     }
     assert!(err.problems.iter().all(|p| p.line.is_some()), "{err}");
 }
+
+#[test]
+fn the_challenge_is_chosen_per_certificate() {
+    let acme = "[sds]\nlisten = [\"127.0.0.1:1\"]\n[acme]\ncontact = [\"mailto:a@example.com\"]\naccept_terms_of_service = true\n";
+    let cfg = parse_str(&format!(
+        "{acme}[tls_alpn01]\nlisten = \"127.0.0.1:9444\"\n[[certificate]]\nname = \"a\"\ndomains = [\"a.example.com\"]\nchallenge = \"tls-alpn-01\"\n[[certificate]]\nname = \"b\"\ndomains = [\"b.example.com\"]\n"
+    ))
+    .unwrap();
+    assert!(cfg.uses_tls_alpn01());
+    assert_eq!(cfg.tls_alpn01.listen.port(), 9444);
+    let challenges: Vec<_> = cfg
+        .certificates
+        .iter()
+        .map(|c| match &c.source {
+            CertificateSource::Acme { challenge, .. } => *challenge,
+            _ => panic!("acme"),
+        })
+        .collect();
+    assert_eq!(
+        challenges,
+        [
+            crate::values::Challenge::TlsAlpn01,
+            crate::values::Challenge::Http01
+        ]
+    );
+
+    let err = parse_str(&format!(
+        "{acme}[[certificate]]\nname = \"w\"\ndomains = [\"*.example.com\"]\n[[certificate]]\nname = \"d\"\ndomains = [\"d.example.com\"]\nchallenge = \"dns-01\"\n[[certificate]]\nname = \"i\"\ndomains = [\"localhost\"]\nissuer = \"internal\"\nchallenge = \"tls-alpn-01\"\n"
+    ))
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("DNS-01"), "wildcards need DNS-01: {text}");
+    assert!(text.contains("certificate[1].challenge"), "{text}");
+    assert!(text.contains("certificate[2].challenge"), "{text}");
+}

@@ -68,6 +68,8 @@ pub struct Running {
     addresses: Vec<String>,
     tcp: Vec<SocketAddr>,
     http01_addr: Option<SocketAddr>,
+    /// Where the TLS-ALPN-01 responder listens, once a certificate uses it.
+    tls_alpn01_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
 }
 
@@ -139,6 +141,14 @@ pub enum DaemonError {
     #[error(transparent)]
     /// The storage directory could not be opened (or is locked by another acme-sds).
     Store(crate::sources::OpenStoreError),
+    #[error("tls_alpn01.listen: cannot listen on {addr}")]
+    /// The TLS-ALPN-01 responder's address could not be bound.
+    TlsAlpn01 {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     #[error("on_demand.ask: no TLS client for https:// URLs")]
     /// No TLS client could be made for `[on_demand] ask` (no system roots).
     OnDemand(#[source] rustls::Error),
@@ -253,6 +263,7 @@ pub async fn start(config: &Config) -> Result<Running, DaemonError> {
         addresses: Vec::new(),
         tcp: Vec::new(),
         http01_addr: None,
+        tls_alpn01_addr: None,
         admin_addr: None,
     };
     // Stored ACME certificates and the internal CA's are published here, before any SDS listener opens.
@@ -458,6 +469,24 @@ impl Running {
             let metrics = self.metrics.clone();
             self.tasks.spawn(async move {
                 http01::serve(listener, responder_store, metrics, token).await;
+                Ok(())
+            });
+        }
+        if config.uses_tls_alpn01() && self.tls_alpn01_addr.is_none() {
+            let addr = config.tls_alpn01.listen;
+            let listener = crate::sources::acme::tls_alpn01::bind(addr)
+                .await
+                .and_then(|l| l.local_addr().map(|local| (l, local)))
+                .map_err(|source| DaemonError::TlsAlpn01 { addr, source })?;
+            let (listener, local) = listener;
+            tracing::info!(listen = %local, "TLS-ALPN-01 responder listening");
+            self.tls_alpn01_addr = Some(local);
+            let token = self.shutdown.clone();
+            let responder_store = store.clone();
+            let metrics = self.metrics.clone();
+            self.tasks.spawn(async move {
+                crate::sources::acme::tls_alpn01::serve(listener, responder_store, metrics, token)
+                    .await;
                 Ok(())
             });
         }

@@ -8,6 +8,7 @@
 //! acme/<ca>/state/<name>       its renewal plan and failure backoff
 //! acme/<ca>/orders/<name>      an order in progress (URL, certificate key), to resume after a restart
 //! challenges/<token>           a pending HTTP-01 key authorization, read by the responder
+//! challenges/tls-alpn-01/<name> a pending TLS-ALPN-01 key authorization, read by the TLS-ALPN responder
 //! internal/ca                  the internal CA's certificate and key
 //! internal/root.crt            its root certificate alone, as PEM: what clients trust
 //! internal/certs/<name>        a leaf the internal CA signed
@@ -101,6 +102,11 @@ pub fn holds_private_key(key: &str) -> bool {
 /// A pending HTTP-01 challenge's key authorization, by token.
 pub fn challenge(token: &str) -> String {
     format!("challenges/{token}")
+}
+
+/// A pending TLS-ALPN-01 key authorization for `domain`, read by the `[tls_alpn01]` responder.
+pub fn tls_alpn_challenge(domain: &str) -> String {
+    format!("challenges/tls-alpn-01/{}", key_segment(domain))
 }
 
 /// The internal CA (certificate and key).

@@ -600,8 +600,20 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 /// The certificate chain a TLS server on `127.0.0.1:port` presents for `sni` (none: no SNI is sent), leaf
 /// first, verified by nothing (the caller checks what it needs); the error when the handshake fails.
 pub async fn presented_chain(port: u16, sni: Option<&str>) -> std::io::Result<Vec<Vec<u8>>> {
+    presented_chain_offering(port, sni, &[]).await
+}
+
+/// [`presented_chain`] with a ClientHello offering the ALPN protocols `alpn` (`acme-tls/1`, as a CA
+/// validating TLS-ALPN-01 does).
+pub async fn presented_chain_offering(
+    port: u16,
+    sni: Option<&str>,
+    alpn: &[&[u8]],
+) -> std::io::Result<Vec<Vec<u8>>> {
     use rustls_pki_types::ServerName;
-    let connector = tokio_rustls::TlsConnector::from(probe_config()?);
+    let mut config = (*probe_config()?).clone();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     // An IP address as the server name: rustls then sends no SNI.
     let name = match sni {
         Some(s) => ServerName::try_from(s.to_owned()).map_err(std::io::Error::other)?,

@@ -32,16 +32,23 @@ fn first_time(port: u16) -> bool {
 /// A free loopback TCP port (bound then released), never the same twice in this process. For peers whose
 /// port must be known before they start (Pebble's, and the port Pebble validates on); acme-sds's own
 /// listeners bind port 0 wherever they can.
+///
+/// It is taken below the kernel's ephemeral range (32768 and up on Linux), from which every port-0 bind
+/// and every outgoing connection's source port come: a port picked there could be taken by one of those
+/// (an Envoy's admin listener, a client connection) between the pick and the bind.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000; // 20000..32000
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if first_time(port) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (start + n) % SPAN).unwrap();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && first_time(port) {
             return port;
         }
+        assert!(n < SPAN, "no free port left below the ephemeral range");
     }
 }
 
@@ -67,6 +74,8 @@ pub struct PebbleOptions {
     pub eab: Option<(String, String)>,
     /// `PEBBLE_AUTHZREUSE`: percentage of valid authorizations reused (0: every order is validated).
     pub authz_reuse: u8,
+    /// Pebble's `tlsPort`: where it connects to validate TLS-ALPN-01 (Envoy's port-443 listener).
+    pub tls_port: Option<u16>,
 }
 
 impl PebbleOptions {
@@ -77,6 +86,7 @@ impl PebbleOptions {
             nonce_reject: 5,
             eab: None,
             authz_reuse: 50,
+            tls_port: None,
         }
     }
 }
@@ -177,7 +187,7 @@ impl Pebble {
             "certificate": cert,
             "privateKey": key,
             "httpPort": opts.http_port,
-            "tlsPort": free_port(),
+            "tlsPort": opts.tls_port.unwrap_or_else(free_port),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
         });

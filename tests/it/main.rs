@@ -18,3 +18,4 @@ mod replicas;
 mod sds;
 mod security;
 mod store;
+mod tls_alpn;

@@ -296,16 +296,17 @@ async fn two_replicas_order_each_certificate_once_and_answer_each_others_challen
     eprintln!("orders placed: {ordered_by_a} by A, {ordered_by_b} by B");
     // Every challenge published, by either replica, was answered by B (the only one Pebble reaches).
     let token = |l: &str| {
-        l.split("token=")
+        l.split("token=\"")
             .nth(1)
-            .map(|t| t.trim_matches('"').to_owned())
+            .and_then(|t| t.split('"').next())
+            .map(str::to_owned)
     };
     let published: std::collections::BTreeSet<String> = [&a, &b]
         .iter()
         .flat_map(|r| {
             r.p.log()
                 .lines()
-                .filter(|l| l.contains("HTTP-01 challenge published"))
+                .filter(|l| l.contains("challenge published"))
                 .filter_map(token)
                 .collect::<Vec<_>>()
         })

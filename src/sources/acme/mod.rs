@@ -63,6 +63,7 @@ pub mod on_demand;
 mod order;
 mod schedule;
 pub mod temporary;
+pub mod tls_alpn01;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,7 +81,7 @@ use crate::registry::{Registry, SecretContent};
 use crate::sources::IssuerStatus;
 use crate::sources::keys::AcmeKeys;
 use crate::store::{Change, Lock, SharedStore, StoreError};
-use crate::values::{DnsName, KeyType, SecretName, same_names, to_strings};
+use crate::values::{Challenge, DnsName, KeyType, SecretName, same_names, to_strings};
 
 pub use order::OrderError;
 
@@ -104,6 +105,8 @@ pub struct ManagedCert {
     pub key_type: KeyType,
     /// Serve a temporary self-signed certificate until the first issuance.
     pub temporary: bool,
+    /// How the CA validates the names.
+    pub challenge: Challenge,
 }
 
 impl ManagedCert {
@@ -121,11 +124,13 @@ impl ManagedCert {
                     domains,
                     key_type,
                     temporary_certificate,
+                    challenge,
                 } => Some(ManagedCert {
                     name: c.name.clone(),
                     domains: domains.clone(),
                     key_type: *key_type,
                     temporary: temporary_certificate.unwrap_or(default_temporary),
+                    challenge: *challenge,
                 }),
                 CertificateSource::Files { .. } | CertificateSource::Internal { .. } => None,
             })

@@ -408,6 +408,7 @@ impl OnDemand {
             domains: vec![name],
             key_type: self.config.key_type,
             temporary: false,
+            challenge: crate::values::Challenge::Http01,
         };
         self.manager.add(cert, stop).await;
     }

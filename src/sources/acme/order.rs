@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::sources::keys;
 use crate::sources::keys::AcmeKeys;
 use crate::store::{Lock, SharedStore, StoreError};
-use crate::values::{KeyType, same_names, to_strings};
+use crate::values::{Challenge, KeyType, same_names, to_strings};
 
 /// Attempts per request to the CA.
 const ATTEMPTS: u32 = 6;
@@ -350,11 +350,11 @@ pub(super) fn leaf_der(chain_pem: &str) -> Option<CertificateDer<'static>> {
         .ok()
 }
 
-/// Removes published challenges from the store (after the order ends, however it ends).
-pub(super) async fn withdraw_challenges(store: &SharedStore, tokens: &[String]) {
-    for token in tokens {
-        if let Err(e) = store.delete(&keys::challenge(token)).await {
-            tracing::warn!(token, error = %e, "cannot withdraw a pending challenge");
+/// Removes published challenges (their store keys) from the store (after the order ends, however it ends).
+pub(super) async fn withdraw_challenges(store: &SharedStore, published: &[String]) {
+    for key in published {
+        if let Err(e) = store.delete(key).await {
+            tracing::warn!(key, error = %e, "cannot withdraw a pending challenge");
         }
     }
 }
@@ -566,28 +566,30 @@ async fn authorize_pass(
                 });
             }
         }
-        let mut challenge =
-            authz
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| OrderError::Invalid {
-                    domain: domain.clone(),
-                    detail: "the CA offers no http-01 challenge".into(),
-                    unreachable: false,
-                })?;
+        let kind = match cert.challenge {
+            Challenge::Http01 => ChallengeType::Http01,
+            Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        };
+        let mut challenge = authz.challenge(kind).ok_or_else(|| OrderError::Invalid {
+            domain: domain.clone(),
+            detail: format!("the CA offers no {} challenge", cert.challenge.as_str()),
+            unreachable: false,
+        })?;
         let token = challenge.token.clone();
         let key_auth = challenge.key_authorization();
+        // HTTP-01 is looked up by token, TLS-ALPN-01 by the name the CA connects with (its SNI).
+        let key = match cert.challenge {
+            Challenge::Http01 => keys::challenge(&token),
+            Challenge::TlsAlpn01 => keys::tls_alpn_challenge(&domain),
+        };
         // On a lease: a replica that crashes mid-order leaves nothing behind for long.
         ctx.store
-            .put_expiring(
-                &keys::challenge(&token),
-                key_auth.as_str().as_bytes(),
-                ctx.challenge_ttl,
-            )
+            .put_expiring(&key, key_auth.as_str().as_bytes(), ctx.challenge_ttl)
             .await?;
-        if !tokens.contains(&token) {
-            tokens.push(token.clone());
+        if !tokens.contains(&key) {
+            tokens.push(key);
         }
-        tracing::info!(secret = %cert.name, domain, token, "HTTP-01 challenge published");
+        tracing::info!(secret = %cert.name, domain, token, challenge = cert.challenge.as_str(), "challenge published");
         // A resumed order's challenge may already be on its way: asking again is not needed.
         if challenge.status == ChallengeStatus::Pending {
             retrying!(ctx.metrics, "challenge", challenge.set_ready())
