@@ -474,7 +474,7 @@ impl Running {
         }
         if config.uses_tls_alpn01() && self.tls_alpn01_addr.is_none() {
             let addr = config.tls_alpn01.listen;
-            let listener = crate::sources::acme::tls_alpn01::bind(addr)
+            let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .and_then(|l| l.local_addr().map(|local| (l, local)))
                 .map_err(|source| DaemonError::TlsAlpn01 { addr, source })?;

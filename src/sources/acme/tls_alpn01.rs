@@ -8,7 +8,6 @@
 //! The challenge is read from the store, so any replica answers for any order. Every connection has a
 //! deadline and their number is bounded: the listener is reachable by whatever reaches Envoy's port 443.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +28,6 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections handled at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 256;
-
-/// Binds the responder's listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
 
 /// Answers validation handshakes on `listener` until `shutdown`.
 pub async fn serve(
