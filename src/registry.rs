@@ -423,14 +423,14 @@ impl Registry {
     }
 
     /// Marks `name` as being obtained (on demand): streams wait for it rather than report it missing.
-    pub fn expect(&self, name: &str) {
+    pub fn expect_soon(&self, name: &str) {
         self.expected
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_owned());
     }
 
-    /// Whether `name` is being obtained (see [`Registry::expect`]).
+    /// Whether `name` is being obtained (see [`Registry::expect_soon`]).
     pub fn is_expected(&self, name: &str) -> bool {
         self.expected
             .read()

@@ -249,11 +249,6 @@ pub struct EtcdLock {
 }
 
 impl EtcdLock {
-    /// The fencing token: every write under this lock compares it.
-    pub fn fence(&self) -> u64 {
-        revision(self.fence)
-    }
-
     /// Whether the lease is still being renewed (false once a renewal failed or renewing was stopped).
     pub fn renewing(&self) -> bool {
         self.renewing.load(Ordering::SeqCst) && !self.keeper.0.is_finished()

@@ -445,19 +445,13 @@ impl AcmeManager {
     }
 
     /// Adds a certificate while running (one obtained on demand): served at once when stored, else
-    /// ordered, then renewed like the configured ones, until `stop` (or the manager's shutdown). Its
-    /// orders' outcomes are announced on [`AcmeManager::outcomes`].
-    pub async fn add(self: &Arc<Self>, cert: ManagedCert, stop: CancellationToken) {
-        let Some(shutdown) = self.shutdown.get() else {
-            return;
-        };
-        let token = shutdown.child_token();
-        let child = token.clone();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            child.cancel();
-        });
-        self.launch(cert, None, token).await;
+    /// ordered, then renewed like the configured ones. Returns the token that stops it (it also stops with
+    /// the manager); `None` before [`AcmeManager::start`]. Its orders' outcomes are announced on
+    /// [`AcmeManager::outcomes`].
+    pub async fn add(self: &Arc<Self>, cert: ManagedCert) -> Option<CancellationToken> {
+        let token = self.shutdown.get()?.child_token();
+        self.launch(cert, None, token.clone()).await;
+        Some(token)
     }
 
     /// The outcome of every order from now on: (certificate name, `Ok` when issued, else the error).

@@ -379,21 +379,13 @@ impl OnDemand {
         let Ok(secret) = SecretName::new(&name) else {
             return;
         };
-        let stop = self.shutdown.child_token();
-        self.lock().names.insert(
-            name.clone(),
-            Known::Admitted {
-                allowed_by: allowed_by.clone(),
-                stop: stop.clone(),
-                last_used,
-            },
-        );
+        // Followed before the manager publishes anything, so that every spelling gets the certificate.
         self.registry.follow_aliases(&name);
         if new {
             self.metrics.count_on_demand("admitted");
             let record = OnDemandRecord {
                 name: name.to_string(),
-                allowed_by,
+                allowed_by: allowed_by.clone(),
                 first_requested: last_used,
                 last_used,
             };
@@ -405,12 +397,22 @@ impl OnDemand {
         }
         let cert = ManagedCert {
             name: secret,
-            domains: vec![name],
+            domains: vec![name.clone()],
             key_type: self.config.key_type,
             temporary: false,
             challenge: crate::values::Challenge::Http01,
         };
-        self.manager.add(cert, stop).await;
+        let Some(stop) = self.manager.add(cert).await else {
+            return;
+        };
+        self.lock().names.insert(
+            name,
+            Known::Admitted {
+                allowed_by,
+                stop,
+                last_used,
+            },
+        );
     }
 
     /// Decides a name that passed `allow` (ask, hourly cap), then obtains it.
@@ -605,7 +607,7 @@ impl Demand for Arc<OnDemand> {
         match state.names.get_mut(&name) {
             Some(Known::Admitted { last_used, .. }) => {
                 *last_used = now_unix();
-                self.registry.expect(spelling);
+                self.registry.expect_soon(spelling);
                 self.registry.alias(spelling, &name);
                 return;
             }
@@ -645,8 +647,7 @@ impl Demand for Arc<OnDemand> {
             },
         );
         drop(state);
-        self.registry.expect(spelling);
-        self.registry.follow_aliases(&name);
+        self.registry.expect_soon(spelling);
         self.registry.alias(spelling, &name);
         tokio::spawn(self.clone().decide(spelling.to_owned(), name, allowed_by));
     }
