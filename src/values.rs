@@ -112,8 +112,9 @@ fn label_ok(label: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-/// A DNS name a public CA validates over HTTP-01: at least two labels, ASCII (punycode for IDNs), no
-/// wildcard, not an IP address; stored lower-case without a trailing dot.
+/// A DNS name a public CA validates: at least two labels, ASCII (punycode for IDNs), not an IP address;
+/// stored lower-case without a trailing dot. A wildcard (`*.` and a name) only through
+/// [`DnsName::wildcard_allowed`]: only DNS-01 can validate one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DnsName(String);
 
@@ -125,9 +126,32 @@ impl DnsName {
         let d = raw.trim_end_matches('.').to_ascii_lowercase();
         if d.starts_with("*.") {
             return Err(format!(
-                "{raw:?}: wildcard names need the DNS-01 challenge; acme-sds validates over HTTP-01, so list each name"
+                "{raw:?}: a wildcard name needs challenge = \"dns-01\" (the CA validates wildcards over DNS only)"
             ));
         }
+        Self::plain(raw, d)
+    }
+
+    /// The same, and also a wildcard (`*.example.com`: `*.` before a name of at least two labels).
+    pub fn wildcard_allowed(raw: &str) -> Result<Self, String> {
+        let d = raw.trim_end_matches('.').to_ascii_lowercase();
+        match d.strip_prefix("*.") {
+            Some(base) => Self::plain(raw, base.to_owned()).map(|b| DnsName(format!("*.{}", b.0))),
+            None => Self::plain(raw, d),
+        }
+    }
+
+    /// Whether this is a wildcard (`*.example.com`).
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+
+    /// The name without its `*.` (the name a wildcard's DNS-01 record is under).
+    pub fn base(&self) -> &str {
+        self.0.strip_prefix("*.").unwrap_or(&self.0)
+    }
+
+    fn plain(raw: &str, d: String) -> Result<Self, String> {
         if !d.is_ascii() {
             return Err(format!(
                 "{raw:?}: write internationalised names in their ASCII (punycode, xn--) form"
@@ -298,6 +322,10 @@ pub enum Challenge {
     /// to acme-sds's `[tls_alpn01]` listener.
     #[serde(rename = "tls-alpn-01")]
     TlsAlpn01,
+    /// DNS-01: the CA looks up TXT `_acme-challenge.NAME`, which acme-sds adds to the zone with an RFC 2136
+    /// update (`[dns01]`). The only one that validates wildcards.
+    #[serde(rename = "dns-01")]
+    Dns01,
 }
 
 impl Challenge {
@@ -306,10 +334,10 @@ impl Challenge {
         match name {
             "http-01" => Ok(Challenge::Http01),
             "tls-alpn-01" => Ok(Challenge::TlsAlpn01),
-            "dns-01" => {
-                Err("\"dns-01\" is not available yet: use \"http-01\" or \"tls-alpn-01\"".into())
-            }
-            other => Err(format!("{other:?} is not one of http-01, tls-alpn-01")),
+            "dns-01" => Ok(Challenge::Dns01),
+            other => Err(format!(
+                "{other:?} is not one of http-01, dns-01, tls-alpn-01"
+            )),
         }
     }
 
@@ -318,6 +346,7 @@ impl Challenge {
         match self {
             Challenge::Http01 => "http-01",
             Challenge::TlsAlpn01 => "tls-alpn-01",
+            Challenge::Dns01 => "dns-01",
         }
     }
 }
@@ -369,9 +398,101 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// A server acme-sds connects to, as `HOST:PORT`, `HOST` (the default port), `IP:PORT` or `[IPv6]:PORT`: a
+/// name server for DNS-01. A host name is looked up at each use (a moved server is followed).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerAddr {
+    host: String,
+    port: u16,
+}
+
+impl ServerAddr {
+    /// Parses `raw`, with `default_port` when it names none; the error shows the accepted forms.
+    pub fn new(raw: &str, default_port: u16) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{raw:?} is not \"HOST:PORT\" or \"HOST\" (for example \"ns1.example.com:53\", \"192.0.2.1\" or \"[2001:db8::1]:53\")"
+            )
+        };
+        if let Ok(a) = raw.parse::<SocketAddr>() {
+            return Ok(ServerAddr {
+                host: a.ip().to_string(),
+                port: a.port(),
+            });
+        }
+        if let Ok(ip) = raw
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            return Ok(ServerAddr {
+                host: ip.to_string(),
+                port: default_port,
+            });
+        }
+        let (host, port) = match raw.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
+            None => (raw, default_port),
+        };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if port == 0 || host.is_empty() || !host.split('.').all(label_ok) {
+            return Err(bad());
+        }
+        Ok(ServerAddr { host, port })
+    }
+
+    /// The host: a name, or an IP address without brackets.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_addresses_take_a_name_or_an_address_and_a_default_port() {
+        for (raw, shown) in [
+            ("ns1.example.com:5353", "ns1.example.com:5353"),
+            ("NS1.Example.com.", "ns1.example.com:53"),
+            ("127.0.0.1:8053", "127.0.0.1:8053"),
+            ("192.0.2.1", "192.0.2.1:53"),
+            ("[::1]:53", "[::1]:53"),
+            ("::1", "[::1]:53"),
+            ("localhost", "localhost:53"),
+        ] {
+            assert_eq!(
+                ServerAddr::new(raw, 53).unwrap().to_string(),
+                shown,
+                "{raw}"
+            );
+        }
+        for bad in [
+            "",
+            "ns1.example.com:0",
+            "ns1.example.com:x",
+            "a b:53",
+            ":53",
+        ] {
+            assert!(ServerAddr::new(bad, 53).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn allow_patterns_match_a_name_or_one_label_in_front() {
@@ -412,6 +533,18 @@ mod tests {
             "bücher.de",
         ] {
             assert!(DnsName::new(bad).is_err(), "{bad}");
+        }
+        let wild = DnsName::wildcard_allowed("*.Example.COM.").unwrap();
+        assert_eq!(
+            (&*wild, wild.is_wildcard(), wild.base()),
+            ("*.example.com", true, "example.com")
+        );
+        assert_eq!(
+            DnsName::wildcard_allowed("example.com").unwrap().base(),
+            "example.com"
+        );
+        for bad in ["*.com", "*.*.example.com", "a.*.example.com", "*"] {
+            assert!(DnsName::wildcard_allowed(bad).is_err(), "{bad}");
         }
         for good in ["localhost", "*.svc.internal", "db"] {
             assert_eq!(&*SubjectName::new(good).unwrap(), good);

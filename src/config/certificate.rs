@@ -290,8 +290,14 @@ impl Validator<'_> {
                                 })
                             }
                         };
+                        // Only DNS-01 validates a wildcard.
+                        let make = if challenge == Challenge::Dns01 {
+                            DnsName::wildcard_allowed
+                        } else {
+                            DnsName::new
+                        };
                         CertificateSource::Acme {
-                            domains: self.domain_names(&key, &domains, DnsName::new),
+                            domains: self.domain_names(&key, &domains, make),
                             key_type,
                             temporary_certificate: entry
                                 .temporary_certificate

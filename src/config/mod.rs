@@ -18,6 +18,7 @@ use crate::values::ListenAddr;
 
 mod acme;
 mod certificate;
+mod dns01;
 mod http01;
 mod on_demand;
 mod raw;
@@ -31,6 +32,7 @@ pub use acme::{AcmeConfig, EabKey, LETSENCRYPT, LETSENCRYPT_STAGING};
 pub use certificate::{
     CertificateConfig, CertificateSource, ISSUER_ACME, ISSUER_INTERNAL, TrustBundleConfig,
 };
+pub use dns01::{DEFAULT_PROPAGATION_TIMEOUT, Dns01Config};
 pub use http01::{DEFAULT_HTTP01_LISTEN, DEFAULT_TLS_ALPN01_LISTEN, Http01Config, TlsAlpn01Config};
 pub use on_demand::{
     DEFAULT_ASK_TIMEOUT, DEFAULT_MAX_NEW_PER_HOUR, DEFAULT_MAX_PENDING, OnDemandConfig,
@@ -54,6 +56,8 @@ pub struct Config {
     pub http01: Http01Config,
     /// `[tls_alpn01]`.
     pub tls_alpn01: TlsAlpn01Config,
+    /// `[dns01]`: how DNS-01 records are added; required when a certificate uses `dns-01`.
+    pub dns01: Option<Dns01Config>,
     /// `[acme]`; `None` when the table is absent (then no certificate may have `domains`).
     pub acme: Option<AcmeConfig>,
     /// `[admin] listen`: health, readiness and status endpoints; off when absent.
@@ -125,6 +129,19 @@ impl Config {
                 c.source,
                 CertificateSource::Acme {
                     challenge: crate::values::Challenge::TlsAlpn01,
+                    ..
+                }
+            )
+        })
+    }
+
+    /// Whether a certificate is validated over DNS-01 (then `[dns01]` is set).
+    pub fn uses_dns01(&self) -> bool {
+        self.certificates.iter().any(|c| {
+            matches!(
+                c.source,
+                CertificateSource::Acme {
+                    challenge: crate::values::Challenge::Dns01,
                     ..
                 }
             )
@@ -278,6 +295,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let storage = v.storage(raw.storage);
     let http01 = v.http01(raw.http01);
     let tls_alpn01 = v.tls_alpn01(raw.tls_alpn01);
+    let dns01 = raw.dns01.and_then(|d| v.dns01(d));
     let admin = raw.admin.and_then(|a| {
         let line = v.line(&a);
         match a.into_inner().listen {
@@ -332,6 +350,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     v.unique_names(&certificates, &trust_bundles);
     v.unique_domains(&certificates, &dup_allowed);
     v.acme_requirements(&certificates, acme.as_ref(), acme_line);
+    if dns01.is_none() {
+        for c in &certificates {
+            if let CertificateSource::Acme {
+                challenge: crate::values::Challenge::Dns01,
+                ..
+            } = c.source
+            {
+                v.problem(
+                    format!("{}.challenge", c.key),
+                    locations.line(&format!("{}.challenge", c.key)),
+                    "\"dns-01\" needs a [dns01] table: the zone's primary `server` and a `tsig_key_file`",
+                );
+            }
+        }
+    }
     if sds.tls.is_none() {
         let restricted = certificates
             .iter()
@@ -355,6 +388,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             storage,
             http01,
             tls_alpn01,
+            dns01,
             acme,
             admin,
             on_demand,

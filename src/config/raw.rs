@@ -14,6 +14,7 @@ pub(super) struct RawConfig {
     pub(super) admin: Option<Spanned<RawAdmin>>,
     pub(super) on_demand: Option<Spanned<RawOnDemand>>,
     pub(super) tls_alpn01: Option<Spanned<RawTlsAlpn01>>,
+    pub(super) dns01: Option<Spanned<RawDns01>>,
     #[serde(default)]
     pub(super) certificate: Vec<Spanned<RawCertificate>>,
     #[serde(default)]
@@ -77,6 +78,16 @@ pub(super) struct RawStorage {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTlsAlpn01 {
     pub(super) listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDns01 {
+    pub(super) server: Option<Spanned<String>>,
+    pub(super) tsig_key_file: Option<Spanned<String>>,
+    pub(super) zone: Option<Spanned<String>>,
+    pub(super) propagation_timeout: Option<Spanned<String>>,
+    pub(super) check_nameservers: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]

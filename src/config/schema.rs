@@ -119,7 +119,10 @@ const CERTIFICATE: &[(&str, Kind)] = &[
     ("allowed_clients", Kind::StrList(GLOBS)),
     ("temporary_certificate", Kind::Bool),
     ("issuer", Kind::Str("\"acme\" or \"internal\"")),
-    ("challenge", Kind::Str("\"http-01\" or \"tls-alpn-01\"")),
+    (
+        "challenge",
+        Kind::Str("\"http-01\", \"dns-01\" or \"tls-alpn-01\""),
+    ),
 ];
 
 const TRUST_BUNDLE: &[(&str, Kind)] = &[
@@ -152,6 +155,23 @@ const ON_DEMAND: &[(&str, Kind)] = &[
     ),
     ("allowed_nodes", Kind::StrList(GLOBS)),
     ("drop_unused_after", Kind::Str(DURATION)),
+];
+
+const DNS01: &[(&str, Kind)] = &[
+    (
+        "server",
+        Kind::Str("\"HOST:PORT\" in quotes, such as \"ns1.example.com:53\""),
+    ),
+    ("tsig_key_file", Kind::Str(PATH)),
+    (
+        "zone",
+        Kind::Str("a zone name in quotes, such as \"example.com\""),
+    ),
+    ("propagation_timeout", Kind::Str(DURATION)),
+    (
+        "check_nameservers",
+        Kind::StrList("a list of \"HOST:PORT\" in quotes, such as [\"ns2.example.com:53\"]"),
+    ),
 ];
 
 const ETCD: &[(&str, Kind)] = &[
@@ -188,6 +208,7 @@ pub(super) const ROOT: &[(&str, Kind)] = &[
     ),
     ("acme", Kind::Table(ACME)),
     ("on_demand", Kind::Table(ON_DEMAND)),
+    ("dns01", Kind::Table(DNS01)),
     (
         "tls_alpn01",
         Kind::Table(&[(
@@ -271,7 +292,7 @@ impl Walk<'_> {
                     let msg = match (close_match(name, &known), prefix.is_empty()) {
                     (Some(k), true) => format!("unknown table (did you mean [{k}]?)"),
                     (Some(k), false) => format!("unknown key (did you mean `{k}`?)"),
-                    (None, true) => "unknown table; the file has [sds], [storage], [http01], [tls_alpn01], [acme], [on_demand], [admin], [[certificate]] and [[trust_bundle]]".to_owned(),
+                    (None, true) => "unknown table; the file has [sds], [storage], [http01], [tls_alpn01], [dns01], [acme], [on_demand], [admin], [[certificate]] and [[trust_bundle]]".to_owned(),
                     (None, false) => format!("unknown key; {prefix} has {}", known.join(", ")),
                 };
                     self.out.push(Problem::new(path, line, msg));

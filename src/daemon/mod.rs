@@ -20,6 +20,7 @@ use crate::net::peer::Limits;
 use crate::registry::{Published, Registry, SecretContent};
 use crate::sds::access::Access;
 use crate::sds::{Policy, SdsService};
+use crate::sources::acme::dns01::Dns01;
 use crate::sources::acme::http01;
 use crate::sources::acme::on_demand::OnDemand;
 use crate::sources::acme::{AcmeManager, ManagedCert};
@@ -141,6 +142,9 @@ pub enum DaemonError {
     #[error(transparent)]
     /// The storage directory could not be opened (or is locked by another acme-sds).
     Store(crate::sources::OpenStoreError),
+    /// The `[dns01]` TSIG key cannot be used.
+    #[error("{0}")]
+    Dns01(#[source] crate::sources::acme::dns01::DnsError),
     #[error("tls_alpn01.listen: cannot listen on {addr}")]
     /// The TLS-ALPN-01 responder's address could not be bound.
     TlsAlpn01 {
@@ -490,6 +494,11 @@ impl Running {
                 Ok(())
             });
         }
+        // A key that cannot be used stops the start (or the reload) here, not at the first order.
+        let dns01 = config.dns01.clone().map(Dns01::new);
+        if let Some(d) = &dns01 {
+            d.check_key().map_err(DaemonError::Dns01)?;
+        }
         let manager = AcmeManager::new(
             acme_config,
             store,
@@ -500,6 +509,7 @@ impl Running {
                 .etcd
                 .as_ref()
                 .map_or(crate::config::DEFAULT_LOCK_TTL, |e| e.lock_ttl),
+            dns01,
         );
         let token = self.shutdown.child_token();
         for handle in manager
@@ -573,6 +583,7 @@ impl Running {
         // once and nothing valid is re-ordered).
         if old.acme != new.acme
             || old.on_demand != new.on_demand
+            || old.dns01 != new.dns01
             || ManagedCert::from_config(&old) != ManagedCert::from_config(&new)
         {
             self.apply_acme(&new).await?;

@@ -7,6 +7,7 @@
 //! acme/<ca>/certs/<name>       an issued certificate: chain, key, names, key type
 //! acme/<ca>/state/<name>       its renewal plan and failure backoff
 //! acme/<ca>/orders/<name>      an order in progress (URL, certificate key), to resume after a restart
+//! acme/<ca>/dns-01/<name>      DNS-01 TXT records added for it and not yet deleted (deleted after a crash)
 //! challenges/<token>           a pending HTTP-01 key authorization, read by the responder
 //! challenges/tls-alpn-01/<name> a pending TLS-ALPN-01 key authorization, read by the TLS-ALPN responder
 //! internal/ca                  the internal CA's certificate and key
@@ -80,6 +81,11 @@ impl AcmeKeys {
     /// The order in progress (its URL, and the certificate key once made), for resuming it.
     pub fn order(&self, name: &str) -> String {
         format!("acme/{}/orders/{}", self.ca, key_segment(name))
+    }
+
+    /// The DNS-01 records added for a certificate's order and not yet deleted from the zone.
+    pub fn dns_records(&self, name: &str) -> String {
+        format!("acme/{}/dns-01/{}", self.ca, key_segment(name))
     }
 }
 

@@ -11,6 +11,7 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+pub mod bind;
 pub mod envoy;
 pub mod etcd;
 pub mod pebble;

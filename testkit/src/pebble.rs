@@ -53,7 +53,7 @@ pub fn free_port() -> u16 {
 }
 
 /// A port free for both UDP and TCP (DNS listens on both).
-fn free_dns_port() -> u16 {
+pub(crate) fn free_dns_port() -> u16 {
     loop {
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = udp.local_addr().unwrap().port();
@@ -76,6 +76,9 @@ pub struct PebbleOptions {
     pub authz_reuse: u8,
     /// Pebble's `tlsPort`: where it connects to validate TLS-ALPN-01 (Envoy's port-443 listener).
     pub tls_port: Option<u16>,
+    /// Pebble's `-dnsserver`: a real name server (BIND serving the test zone) instead of challtestsrv, for
+    /// DNS-01.
+    pub dns_server: Option<SocketAddr>,
 }
 
 impl PebbleOptions {
@@ -87,6 +90,7 @@ impl PebbleOptions {
             eab: None,
             authz_reuse: 50,
             tls_port: None,
+            dns_server: None,
         }
     }
 }
@@ -98,7 +102,7 @@ pub struct Pebble {
     config: PathBuf,
     nonce_reject: u8,
     authz_reuse: u8,
-    dns: u16,
+    dns: SocketAddr,
     /// The ACME directory URL.
     pub directory: String,
     /// PEM file of the CA that signed Pebble's own HTTPS certificate (`directory_ca`).
@@ -233,7 +237,9 @@ impl Pebble {
             config,
             nonce_reject: opts.nonce_reject,
             authz_reuse: opts.authz_reuse,
-            dns,
+            dns: opts
+                .dns_server
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], dns))),
             directory: format!("https://{listen}/dir"),
             directory_ca,
             listen,
@@ -250,7 +256,7 @@ impl Pebble {
         cmd.arg("-config")
             .arg(&self.config)
             .arg("-dnsserver")
-            .arg(format!("127.0.0.1:{}", self.dns))
+            .arg(self.dns.to_string())
             .env("PEBBLE_VA_NOSLEEP", "1")
             .env("PEBBLE_WFE_NONCEREJECT", self.nonce_reject.to_string())
             .env("PEBBLE_AUTHZREUSE", self.authz_reuse.to_string());

@@ -7,6 +7,7 @@ mod bootstrap;
 mod cli;
 mod clients;
 mod deploy;
+mod dns01;
 mod envoy;
 mod files;
 mod keys;

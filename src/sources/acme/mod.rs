@@ -57,6 +57,7 @@ macro_rules! retrying {
 }
 
 mod account;
+pub mod dns01;
 mod http;
 pub mod http01;
 pub mod on_demand;
@@ -280,6 +281,8 @@ pub struct AcmeManager {
     tasks: tokio_util::task::TaskTracker,
     /// How long a certificate's lock outlives a replica that stopped renewing it.
     lock_ttl: Duration,
+    /// Where DNS-01 records go (`[dns01]`), when configured.
+    dns01: Option<dns01::Dns01>,
     /// Every certificate task's certificate and wake-up, by store key: what the watch follows.
     followed: std::sync::Mutex<std::collections::HashMap<String, (ManagedCert, Changed)>>,
     /// The token `start` was given: certificates added later stop with it.
@@ -301,13 +304,14 @@ struct Current {
 
 impl AcmeManager {
     /// A manager for the `[acme]` CA, storing in `store` and publishing to `registry`; certificate locks
-    /// in a shared store live `lock_ttl` past a replica that stopped.
+    /// in a shared store live `lock_ttl` past a replica that stopped; DNS-01 records go where `dns01` says.
     pub fn new(
         config: AcmeConfig,
         store: SharedStore,
         registry: Arc<Registry>,
         metrics: Metrics,
         lock_ttl: Duration,
+        dns01: Option<dns01::Dns01>,
     ) -> Arc<Self> {
         Arc::new(AcmeManager {
             status: Default::default(),
@@ -320,6 +324,7 @@ impl AcmeManager {
             metrics,
             tasks: tokio_util::task::TaskTracker::new(),
             lock_ttl,
+            dns01,
             followed: Default::default(),
             shutdown: Default::default(),
             outcomes: tokio::sync::broadcast::Sender::new(256),
@@ -875,12 +880,23 @@ impl AcmeManager {
                 self.save_state(&cert.name, &state, Some(&lock)).await;
             }
             resume = false;
-            let mut tokens = Vec::new();
+            let mut published = order::Published::default();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => None,
-                r = self.obtain(&cert, issued_ref(&current, &cert), &lock, &mut tokens) => Some(r),
+                r = self.obtain(&cert, issued_ref(&current, &cert), &lock, &mut published) => Some(r),
             };
-            order::withdraw_challenges(&self.store, &tokens).await;
+            order::withdraw_challenges(&self.store, &published.keys).await;
+            if !published.txt.is_empty() {
+                order::withdraw_dns_records(
+                    &self.store,
+                    &self.keys,
+                    &lock,
+                    self.dns01.as_ref(),
+                    &cert.name,
+                    &published.txt,
+                )
+                .await;
+            }
             let Some(result) = result else {
                 self.release(lock).await;
                 return;
@@ -1065,13 +1081,23 @@ impl AcmeManager {
         cert: &ManagedCert,
         current: Option<&StoredCert>,
         lock: &Lock,
-        tokens: &mut Vec<String>,
+        published: &mut order::Published,
     ) -> Result<(StoredCert, CertifiedPem), OrderError> {
         let _permit = self
             .orders
             .acquire()
             .await
             .map_err(|_| OrderError::ShuttingDown)?;
+        // DNS-01 records an earlier attempt left (a crash, a server that was down) go first.
+        order::withdraw_dns_records(
+            &self.store,
+            &self.keys,
+            lock,
+            self.dns01.as_ref(),
+            &cert.name,
+            &[],
+        )
+        .await;
         let account = self
             .account
             .get(&self.config, &self.keys, &self.store, &self.metrics)
@@ -1090,8 +1116,9 @@ impl AcmeManager {
                     lock,
                     // A crashed replica's challenges outlive its order by little.
                     challenge_ttl: limit,
+                    dns: self.dns01.as_ref(),
                 },
-                tokens,
+                published,
             ),
         )
         .await

@@ -21,6 +21,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
+use super::dns01::{Dns01, TxtRecord};
 use super::{ManagedCert, StoredCert};
 use crate::certs::MaterialError;
 use crate::metrics::Metrics;
@@ -96,6 +97,12 @@ pub enum OrderError {
     /// Building the certificate signing request failed.
     #[error("CSR: {0}")]
     Csr(String),
+    /// Adding, checking or removing a DNS-01 record failed (the order itself can be resumed).
+    #[error("DNS-01: {0}")]
+    Dns(#[from] super::dns01::DnsError),
+    /// A certificate uses DNS-01 and `[dns01]` is not configured.
+    #[error("challenge = \"dns-01\" needs a [dns01] table")]
+    NoDns01,
     /// acme-sds is shutting down.
     #[error("shutting down")]
     ShuttingDown,
@@ -183,6 +190,8 @@ impl OrderError {
                 transient(source)
             }
             OrderError::Store(_) | OrderError::Other(_) | OrderError::ShuttingDown => true,
+            // The CA was not asked to validate yet (or the record was served): the order is still good.
+            OrderError::Dns(_) | OrderError::NoDns01 => true,
             OrderError::Account(_) => true,
             OrderError::Invalid { .. }
             | OrderError::Key(..)
@@ -256,13 +265,23 @@ impl OrderRecord {
 }
 
 /// What an order works with: the store (written only under `lock`, the certificate's), its key layout,
-/// the metrics, and how long a published challenge may outlive a replica that crashed.
+/// the metrics, how long a published challenge may outlive a replica that crashed, and where DNS-01
+/// records go.
 pub(super) struct OrderCtx<'a> {
     pub store: &'a SharedStore,
     pub keys: &'a AcmeKeys,
     pub metrics: &'a Metrics,
     pub lock: &'a Lock,
     pub challenge_ttl: Duration,
+    pub dns: Option<&'a Dns01>,
+}
+
+/// What an order published, to take back however it ends: store keys (HTTP-01 and TLS-ALPN-01 key
+/// authorizations) and DNS-01 records.
+#[derive(Default)]
+pub(super) struct Published {
+    pub keys: Vec<String>,
+    pub txt: Vec<TxtRecord>,
 }
 
 /// Stores the order record; a failure is logged and the order goes on (it just cannot be resumed).
@@ -372,7 +391,7 @@ pub(super) async fn run(
     cert: &ManagedCert,
     current: Option<&StoredCert>,
     ctx: &OrderCtx<'_>,
-    tokens: &mut Vec<String>,
+    published: &mut Published,
 ) -> Result<(String, String), OrderError> {
     let (store, keys, metrics) = (ctx.store, ctx.keys, ctx.metrics);
     let mut record = load_record(store, keys, cert).await;
@@ -418,7 +437,7 @@ pub(super) async fn run(
 
     let mut status = order.state().status;
     if status == OrderStatus::Pending {
-        authorize(&mut order, cert, ctx, tokens).await?;
+        authorize(&mut order, cert, ctx, published).await?;
         status = retrying!(metrics, "validation", order.poll_ready(&POLL))
             .map_err(|e| OrderError::acme("waiting for validation", e))?;
         if status == OrderStatus::Ready {
@@ -511,19 +530,19 @@ fn is_rate_limit(e: &instant_acme::Error) -> bool {
     matches!(e, instant_acme::Error::Api(p) if p.r#type.as_deref().is_some_and(|t| t.ends_with(":rateLimited")))
 }
 
-/// Publishes every pending authorization's HTTP-01 key authorization and asks the CA to validate it. A
+/// Publishes every pending authorization's key authorization and asks the CA to validate it. A
 /// transient failure starts the pass over (authorizations already fetched are not fetched again, and those
 /// already answered are skipped).
 async fn authorize(
     order: &mut instant_acme::Order,
     cert: &ManagedCert,
     ctx: &OrderCtx<'_>,
-    tokens: &mut Vec<String>,
+    published: &mut Published,
 ) -> Result<(), OrderError> {
     let mut done = std::collections::HashSet::new();
     let mut attempt = 1u32;
     loop {
-        let Err(e) = authorize_pass(order, cert, ctx, tokens, &mut done).await else {
+        let Err(e) = authorize_pass(order, cert, ctx, published, &mut done).await else {
             return Ok(());
         };
         match e.ca_error() {
@@ -542,9 +561,17 @@ async fn authorize_pass(
     order: &mut instant_acme::Order,
     cert: &ManagedCert,
     ctx: &OrderCtx<'_>,
-    tokens: &mut Vec<String>,
+    published: &mut Published,
     done: &mut std::collections::HashSet<String>,
 ) -> Result<(), OrderError> {
+    let kind = match cert.challenge {
+        Challenge::Http01 => ChallengeType::Http01,
+        Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        Challenge::Dns01 => ChallengeType::Dns01,
+    };
+    // DNS-01 records are all added first, and the CA asked once the zone serves them all: an apex and its
+    // wildcard share one name, and each lookup by the CA must find its value.
+    let mut added = Vec::new();
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
         let mut authz = authz.map_err(|e| OrderError::acme("fetching an authorization", e))?;
@@ -566,28 +593,45 @@ async fn authorize_pass(
                 });
             }
         }
-        let kind = match cert.challenge {
-            Challenge::Http01 => ChallengeType::Http01,
-            Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        let base = match &authz.identifier().identifier {
+            Identifier::Dns(d) => d.clone(),
+            _ => domain.clone(),
         };
-        let mut challenge = authz.challenge(kind).ok_or_else(|| OrderError::Invalid {
-            domain: domain.clone(),
-            detail: format!("the CA offers no {} challenge", cert.challenge.as_str()),
-            unreachable: false,
-        })?;
+        let mut challenge = authz
+            .challenge(kind.clone())
+            .ok_or_else(|| OrderError::Invalid {
+                domain: domain.clone(),
+                detail: format!("the CA offers no {} challenge", cert.challenge.as_str()),
+                unreachable: false,
+            })?;
         let token = challenge.token.clone();
         let key_auth = challenge.key_authorization();
-        // HTTP-01 is looked up by token, TLS-ALPN-01 by the name the CA connects with (its SNI).
+        // HTTP-01 is looked up by token, TLS-ALPN-01 by the name the CA connects with (its SNI), DNS-01 in the
+        // zone.
         let key = match cert.challenge {
             Challenge::Http01 => keys::challenge(&token),
             Challenge::TlsAlpn01 => keys::tls_alpn_challenge(&domain),
+            Challenge::Dns01 => {
+                let dns = ctx.dns.ok_or(OrderError::NoDns01)?;
+                let value = key_auth.dns_value();
+                if !published.txt.iter().any(|r| r.value == value) {
+                    let record = dns.add(&base, &value).await?;
+                    published.txt.push(record.clone());
+                    save_dns_records(ctx, &cert.name, &published.txt).await;
+                }
+                if let Some(r) = published.txt.iter().find(|r| r.value == value) {
+                    added.push(r.clone());
+                }
+                tracing::info!(secret = %cert.name, domain, challenge = "dns-01", "challenge published");
+                continue;
+            }
         };
         // On a lease: a replica that crashes mid-order leaves nothing behind for long.
         ctx.store
             .put_expiring(&key, key_auth.as_str().as_bytes(), ctx.challenge_ttl)
             .await?;
-        if !tokens.contains(&key) {
-            tokens.push(key);
+        if !published.keys.contains(&key) {
+            published.keys.push(key);
         }
         tracing::info!(secret = %cert.name, domain, token, challenge = cert.challenge.as_str(), "challenge published");
         // A resumed order's challenge may already be on its way: asking again is not needed.
@@ -597,7 +641,89 @@ async fn authorize_pass(
         }
         done.insert(domain);
     }
+    if added.is_empty() {
+        return Ok(());
+    }
+    let dns = ctx.dns.ok_or(OrderError::NoDns01)?;
+    let started = std::time::Instant::now();
+    dns.wait_served(&added).await?;
+    tracing::info!(secret = %cert.name, records = added.len(), waited_ms = started.elapsed().as_millis() as u64, "DNS-01 records served");
+    let mut authorizations = order.authorizations();
+    while let Some(authz) = authorizations.next().await {
+        let mut authz = authz.map_err(|e| OrderError::acme("fetching an authorization", e))?;
+        let domain = authz.identifier().to_string();
+        if done.contains(&domain) || authz.status != AuthorizationStatus::Pending {
+            continue;
+        }
+        let Some(mut challenge) = authz.challenge(kind.clone()) else {
+            continue;
+        };
+        if challenge.status == ChallengeStatus::Pending {
+            retrying!(ctx.metrics, "challenge", challenge.set_ready())
+                .map_err(|e| OrderError::acme("asking the CA to validate", e))?;
+        }
+        done.insert(domain);
+    }
     Ok(())
+}
+
+/// Stores the DNS-01 records added for `name` and not yet deleted, so that a crash does not leave them in
+/// the zone for good (the next attempt, here or on another replica, deletes them). A failure is logged.
+async fn save_dns_records(ctx: &OrderCtx<'_>, name: &str, records: &[TxtRecord]) {
+    let value = serde_json::to_vec(records).unwrap_or_default();
+    let written = ctx
+        .store
+        .put_locked(ctx.lock, &ctx.keys.dns_records(name), &value)
+        .await;
+    if let Err(e) = written {
+        tracing::warn!(secret = name, error = %e, "cannot store the DNS-01 records added; a crash now would leave them in the zone");
+    }
+}
+
+/// Deletes the DNS-01 records `name`'s orders added (`extra`, and those the store lists from an earlier
+/// attempt that did not finish), then forgets them. What cannot be deleted now stays listed for the next
+/// attempt.
+pub(super) async fn withdraw_dns_records(
+    store: &SharedStore,
+    keys: &AcmeKeys,
+    lock: &Lock,
+    dns: Option<&Dns01>,
+    name: &str,
+    extra: &[TxtRecord],
+) {
+    let key = keys.dns_records(name);
+    let mut records: Vec<TxtRecord> = match store.get(&key).await {
+        Ok(Some(e)) => serde_json::from_slice(&e.value).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    for r in extra {
+        if !records.contains(r) {
+            records.push(r.clone());
+        }
+    }
+    if records.is_empty() {
+        return;
+    }
+    let Some(dns) = dns else {
+        tracing::warn!(secret = name, records = ?records, "DNS-01 records were left in the zone by an earlier order and [dns01] is no longer configured: delete them by hand");
+        return;
+    };
+    let mut left = Vec::new();
+    for r in records {
+        if let Err(e) = dns.remove(&r).await {
+            tracing::warn!(secret = name, name = r.name, error = %e, "cannot delete a DNS-01 record; trying again at the next attempt");
+            left.push(r);
+        }
+    }
+    let written = if left.is_empty() {
+        store.delete_locked(lock, &key).await
+    } else {
+        let value = serde_json::to_vec(&left).unwrap_or_default();
+        store.put_locked(lock, &key, &value).await.map(|_| ())
+    };
+    if let Err(e) = written {
+        tracing::warn!(secret = name, error = %e, "cannot update the list of DNS-01 records to delete");
+    }
 }
 
 /// The most useful reason an invalid order gives: the first failed challenge's error.

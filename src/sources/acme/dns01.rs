@@ -1,0 +1,599 @@
+//! DNS-01 (RFC 8555 section 8.4) by RFC 2136 dynamic update: the TXT record `_acme-challenge.NAME` is added to
+//! the zone on its primary server, with the update signed by a TSIG key (RFC 8945, hmac-sha256/384/512), the
+//! primary (and any `check_nameservers`) polled until it serves the value, and the record deleted by value when
+//! the order ends.
+//!
+//! Records are appended, never replaced: an apex and its wildcard (`example.com`, `*.example.com`) need two
+//! values under the same name at once, and another certificate's order may have one there too. Deleting by
+//! value removes only ours.
+//!
+//! The wire format and TSIG are hickory-proto's. The exchange itself is a plain DNS-over-TCP request written
+//! here (length, message; answer, its length): hickory-net's client checks the TSIG of the answer inside its
+//! transport and turns a server's unsigned refusal (NOTAUTH with BADSIG, BADKEY or BADTIME) into a bare
+//! verification failure, and that answer is what the operator needs to read. TCP also takes the update's
+//! size and the server's retransmission handling out of the picture.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode, update_message};
+use hickory_proto::rr::rdata::TXT;
+use hickory_proto::rr::rdata::tsig::{TsigAlgorithm, TsigError};
+use hickory_proto::rr::{Name, RData, Record, RecordSet, RecordType, TSigner};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::Dns01Config;
+use crate::values::ServerAddr;
+
+/// TTL of the TXT records: short, so that a resolver that cached an earlier value (a retried order) asks
+/// again soon. cert-manager uses 60 too.
+const TXT_TTL: u32 = 60;
+/// How long one exchange with a name server may take.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clock difference a server accepts in a signed update (RFC 8945 recommends 300 s).
+const FUDGE: u16 = 300;
+
+/// What went wrong with DNS-01, in terms an operator acts on.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// The TSIG key file cannot be read or is not a key this client can use.
+    #[error("dns01.tsig_key_file {}: {why}", path.display())]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The server could not be reached, or its answer could not be read.
+    #[error("name server {server}: {why}")]
+    Unreachable {
+        /// The server.
+        server: String,
+        /// What happened.
+        why: String,
+    },
+    /// The server answered the update with an error (wrong key, not allowed, not its zone).
+    #[error("zone {zone}: {server} refused the update: {answer}")]
+    Refused {
+        /// The zone updated.
+        zone: String,
+        /// The server.
+        server: String,
+        /// Its answer (`NOTAUTH (BADSIG)`, `REFUSED`, ...) and what it usually means.
+        answer: String,
+    },
+    /// No zone containing the name was found at the server.
+    #[error("{name}: {why}")]
+    NoZone {
+        /// The record's name.
+        name: String,
+        /// Why not.
+        why: String,
+    },
+    /// A server did not serve the value within the propagation timeout.
+    #[error("{name}: {server} did not serve the TXT value within {}s (dns01.propagation_timeout)", timeout.as_secs())]
+    NotServed {
+        /// The record's name.
+        name: String,
+        /// The server that did not.
+        server: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
+}
+
+/// A TSIG key as BIND writes it (`tsig-keygen`): its name, algorithm and secret.
+pub struct TsigKey {
+    signer: TSigner,
+}
+
+impl std::fmt::Debug for TsigKey {
+    // The secret never appears in a debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TsigKey")
+            .field("name", &self.signer.signer_name().to_string())
+            .field("algorithm", self.signer.algorithm())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TsigKey {
+    /// Reads the first `key "name" { algorithm ...; secret "..."; };` statement of the file at `path`.
+    pub fn read(path: &Path) -> Result<TsigKey, DnsError> {
+        let err = |why: String| DnsError::Key {
+            path: path.to_owned(),
+            why,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        let text = zeroize::Zeroizing::new(text);
+        TsigKey::parse(&text).map_err(err)
+    }
+
+    /// Parses BIND's key statement (comments `#`, `//` and `/* */` allowed); the error says what is wrong.
+    pub fn parse(text: &str) -> Result<TsigKey, String> {
+        let tokens = tokenize(text)?;
+        let mut it = tokens.iter().map(String::as_str).peekable();
+        while let Some(t) = it.next() {
+            if t != "key" {
+                continue;
+            }
+            let name = it.next().ok_or("`key` without a name")?;
+            if it.next() != Some("{") {
+                return Err(format!("expected `{{` after key {name:?}"));
+            }
+            let (mut algorithm, mut secret) = (None, None);
+            loop {
+                match it.next() {
+                    Some("}") => break,
+                    Some("algorithm") => algorithm = it.next(),
+                    Some("secret") => secret = it.next(),
+                    Some(";") => continue,
+                    Some(other) => {
+                        return Err(format!("unexpected {other:?} in key {name:?}"));
+                    }
+                    None => return Err(format!("key {name:?} is not closed with `}};`")),
+                }
+                if it.next() != Some(";") {
+                    return Err(format!("expected `;` in key {name:?}"));
+                }
+            }
+            let algorithm = match algorithm.map(str::to_ascii_lowercase).as_deref() {
+                Some("hmac-sha256") => TsigAlgorithm::HmacSha256,
+                Some("hmac-sha384") => TsigAlgorithm::HmacSha384,
+                Some("hmac-sha512") => TsigAlgorithm::HmacSha512,
+                Some(other) => {
+                    return Err(format!(
+                        "key {name:?}: algorithm {other} is not supported: use hmac-sha256, hmac-sha384 or hmac-sha512 (`tsig-keygen -a hmac-sha256 NAME`)"
+                    ));
+                }
+                None => return Err(format!("key {name:?} has no `algorithm`")),
+            };
+            let secret = secret.ok_or_else(|| format!("key {name:?} has no `secret`"))?;
+            use base64::Engine;
+            let secret = zeroize::Zeroizing::new(
+                base64::engine::general_purpose::STANDARD
+                    .decode(secret)
+                    .map_err(|_| format!("key {name:?}: the secret is not base64"))?,
+            );
+            if secret.is_empty() {
+                return Err(format!("key {name:?}: the secret is empty"));
+            }
+            let key_name = Name::from_ascii(name)
+                .map_err(|e| format!("key name {name:?} is not a DNS name: {e}"))?;
+            let signer = TSigner::new(secret.to_vec(), algorithm, key_name, FUDGE)
+                .map_err(|e| format!("key {name:?}: {e}"))?;
+            return Ok(TsigKey { signer });
+        }
+        Err("no `key \"name\" { algorithm hmac-sha256; secret \"...\"; };` statement".into())
+    }
+}
+
+/// Words, quoted strings and the punctuation `{`, `}`, `;` of a BIND configuration text, comments dropped.
+fn tokenize(text: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {}
+            '#' => while chars.next_if(|&c| c != '\n').is_some() {},
+            '/' if chars.peek() == Some(&'/') => while chars.next_if(|&c| c != '\n').is_some() {},
+            '/' if chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut last = ' ';
+                loop {
+                    match chars.next() {
+                        Some('/') if last == '*' => break,
+                        Some(c) => last = c,
+                        None => return Err("a `/*` comment is not closed".into()),
+                    }
+                }
+            }
+            '{' | '}' | ';' => out.push(c.to_string()),
+            '"' => {
+                let mut s = String::new();
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some(c) => s.push(c),
+                        None => return Err("a quoted string is not closed".into()),
+                    }
+                }
+                out.push(s);
+            }
+            c => {
+                let mut s = c.to_string();
+                while let Some(c) =
+                    chars.next_if(|c| !c.is_whitespace() && !matches!(c, '{' | '}' | ';' | '"'))
+                {
+                    s.push(c);
+                }
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One TXT value acme-sds added: what is deleted when the order ends (also after a crash, from the store).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxtRecord {
+    /// The zone it was added to.
+    pub zone: String,
+    /// `_acme-challenge.NAME.`
+    pub name: String,
+    /// The value (the key authorization's digest; not a secret).
+    pub value: String,
+}
+
+/// Adds, watches and removes DNS-01 records as `[dns01]` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns01 {
+    config: Dns01Config,
+}
+
+impl Dns01 {
+    /// For `config`. Nothing is read or contacted until used.
+    pub fn new(config: Dns01Config) -> Self {
+        Dns01 { config }
+    }
+
+    /// Reads the key file: what `check` and the start of the ACME side do, so that a bad key is reported then
+    /// rather than at the first order.
+    pub fn check_key(&self) -> Result<(), DnsError> {
+        TsigKey::read(&self.config.tsig_key_file).map(|_| ())
+    }
+
+    /// Adds the value for the name `domain` (without `*.`) and returns the record to delete later.
+    pub async fn add(&self, domain: &str, value: &str) -> Result<TxtRecord, DnsError> {
+        let key = TsigKey::read(&self.config.tsig_key_file)?;
+        let name = challenge_name(domain)?;
+        let zone = self.zone_for(&name).await?;
+        let record = TxtRecord {
+            zone: zone.to_ascii(),
+            name: name.to_ascii(),
+            value: value.to_owned(),
+        };
+        let rrset = txt_rrset(&name, value, TXT_TTL);
+        self.update(
+            &key,
+            &record.zone,
+            update_message::append(rrset, zone, false, false),
+        )
+        .await?;
+        tracing::info!(zone = record.zone, name = record.name, server = %self.config.server, "DNS-01 record added");
+        Ok(record)
+    }
+
+    /// Deletes `record` (by value: other values under the name stay).
+    pub async fn remove(&self, record: &TxtRecord) -> Result<(), DnsError> {
+        let key = TsigKey::read(&self.config.tsig_key_file)?;
+        let bad = |e: String| DnsError::NoZone {
+            name: record.name.clone(),
+            why: e,
+        };
+        let name = Name::from_ascii(&record.name).map_err(|e| bad(e.to_string()))?;
+        let zone = Name::from_ascii(&record.zone).map_err(|e| bad(e.to_string()))?;
+        if !zone.zone_of(&name) {
+            return Err(bad(format!("not in zone {}", record.zone)));
+        }
+        let rrset = txt_rrset(&name, &record.value, 0);
+        self.update(
+            &key,
+            &record.zone,
+            update_message::delete_by_rdata(rrset, zone, false),
+        )
+        .await?;
+        tracing::info!(
+            zone = record.zone,
+            name = record.name,
+            "DNS-01 record removed"
+        );
+        Ok(())
+    }
+
+    /// Waits until the primary and every `check_nameservers` entry serve every value of `records`, polling
+    /// (50 ms, doubling to 2 s) up to `propagation_timeout`.
+    pub async fn wait_served(&self, records: &[TxtRecord]) -> Result<(), DnsError> {
+        let timeout = self.config.propagation_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let servers = std::iter::once(&self.config.server).chain(&self.config.check_nameservers);
+        for server in servers {
+            for record in records {
+                let mut pause = Duration::from_millis(50);
+                loop {
+                    let served = self.txt_values(server, &record.name).await;
+                    match served {
+                        Ok(values) if values.contains(&record.value) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(server = %server, name = record.name, error = %e, "asking for the DNS-01 record")
+                        }
+                    }
+                    if tokio::time::Instant::now() + pause > deadline {
+                        return Err(DnsError::NotServed {
+                            name: record.name.clone(),
+                            server: server.to_string(),
+                            timeout,
+                        });
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The zone to update for `name`: the configured one, or the one the primary's SOA answer names.
+    async fn zone_for(&self, name: &Name) -> Result<Name, DnsError> {
+        if let Some(zone) = &self.config.zone {
+            let zone = Name::from_ascii(format!("{zone}.")).map_err(|e| DnsError::NoZone {
+                name: name.to_ascii(),
+                why: e.to_string(),
+            })?;
+            if !zone.zone_of(name) {
+                return Err(DnsError::NoZone {
+                    name: name.to_ascii(),
+                    why: format!("not in dns01.zone {zone}"),
+                });
+            }
+            return Ok(zone);
+        }
+        let mut query = Message::query();
+        query.metadata.recursion_desired = false;
+        query.add_query(Query::query(name.clone(), RecordType::SOA));
+        let answer = self.exchange(&self.config.server, query, None).await?;
+        let soa = answer
+            .answers
+            .iter()
+            .chain(&answer.authorities)
+            .find(|r| matches!(r.data, RData::SOA(_)) && r.name.zone_of(name));
+        match soa {
+            Some(r) => Ok(r.name.clone()),
+            None => Err(DnsError::NoZone {
+                name: name.to_ascii(),
+                why: format!(
+                    "{} named no zone for it (answer {}): is it the zone's primary? Set dns01.zone to say which zone to update",
+                    self.config.server,
+                    mnemonic(answer.metadata.response_code)
+                ),
+            }),
+        }
+    }
+
+    /// The TXT values `server` serves for `name`.
+    async fn txt_values(&self, server: &ServerAddr, name: &str) -> Result<Vec<String>, DnsError> {
+        let name = Name::from_ascii(name).map_err(|e| DnsError::NoZone {
+            name: name.to_owned(),
+            why: e.to_string(),
+        })?;
+        let mut query = Message::query();
+        query.metadata.recursion_desired = false;
+        query.add_query(Query::query(name, RecordType::TXT));
+        let answer = self.exchange(server, query, None).await?;
+        Ok(answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(t) => Some(
+                    t.txt_data
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s))
+                        .collect::<String>(),
+                ),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Sends a signed update to the primary; an answer other than NOERROR is [`DnsError::Refused`].
+    async fn update(&self, key: &TsigKey, zone: &str, message: Message) -> Result<(), DnsError> {
+        let answer = self
+            .exchange(&self.config.server, message, Some(key))
+            .await?;
+        let code = answer.metadata.response_code;
+        let tsig_error = answer.signature.as_ref().and_then(|s| s.data.error);
+        if code == ResponseCode::NoError && tsig_error.is_none() {
+            return Ok(());
+        }
+        Err(DnsError::Refused {
+            zone: zone.trim_end_matches('.').to_owned(),
+            server: self.config.server.to_string(),
+            answer: explain(code, tsig_error, key),
+        })
+    }
+
+    /// One request and its answer over TCP, signed with `key` when given (and then the answer's signature
+    /// checked, unless the server reports a TSIG error, which it sends unsigned).
+    async fn exchange(
+        &self,
+        server: &ServerAddr,
+        mut message: Message,
+        key: Option<&TsigKey>,
+    ) -> Result<Message, DnsError> {
+        let unreachable = |why: String| DnsError::Unreachable {
+            server: server.to_string(),
+            why,
+        };
+        message.metadata.id = rand::random();
+        let verifier = match key {
+            Some(k) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                message
+                    .finalize(&k.signer, now)
+                    .map_err(|e| unreachable(format!("signing the update: {e}")))?
+            }
+            None => None,
+        };
+        let bytes = message
+            .to_vec()
+            .map_err(|e| unreachable(format!("encoding the request: {e}")))?;
+        let len =
+            u16::try_from(bytes.len()).map_err(|_| unreachable("request too large".into()))?;
+        let talk = async {
+            let mut stream = tokio::net::TcpStream::connect((server.host(), server.port())).await?;
+            let mut framed = Vec::with_capacity(bytes.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&bytes);
+            stream.write_all(&framed).await?;
+            let n = stream.read_u16().await?;
+            let mut answer = vec![0u8; usize::from(n)];
+            stream.read_exact(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let raw = tokio::time::timeout(EXCHANGE_TIMEOUT, talk)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {}s", EXCHANGE_TIMEOUT.as_secs())))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let answer =
+            Message::from_vec(&raw).map_err(|e| unreachable(format!("unreadable answer: {e}")))?;
+        if answer.metadata.id != message.metadata.id
+            || answer.metadata.message_type != MessageType::Response
+        {
+            return Err(unreachable("an answer to another request".into()));
+        }
+        let tsig_error = answer.signature.as_ref().and_then(|s| s.data.error);
+        if let Some(mut verifier) = verifier
+            && tsig_error.is_none()
+            && answer.metadata.op_code == OpCode::Update
+        {
+            verifier.verify(&raw).map_err(|e| {
+                unreachable(format!(
+                    "the answer's TSIG signature does not check out: {e}"
+                ))
+            })?;
+        }
+        Ok(answer)
+    }
+}
+
+/// `_acme-challenge.DOMAIN.`
+fn challenge_name(domain: &str) -> Result<Name, DnsError> {
+    Name::from_ascii(format!(
+        "_acme-challenge.{}.",
+        domain.trim_start_matches("*.").trim_end_matches('.')
+    ))
+    .map_err(|e| DnsError::NoZone {
+        name: domain.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+fn txt_rrset(name: &Name, value: &str, ttl: u32) -> RecordSet {
+    RecordSet::from(Record::from_rdata(
+        name.clone(),
+        ttl,
+        RData::TXT(TXT::new(vec![value.to_owned()])),
+    ))
+}
+
+/// A response code as name servers' logs and `nsupdate` write it (RFC 6895's mnemonics).
+fn mnemonic(code: ResponseCode) -> String {
+    match code {
+        ResponseCode::NoError => "NOERROR".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::NXDomain => "NXDOMAIN".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        ResponseCode::YXDomain => "YXDOMAIN".into(),
+        ResponseCode::YXRRSet => "YXRRSET".into(),
+        ResponseCode::NXRRSet => "NXRRSET".into(),
+        ResponseCode::NotAuth => "NOTAUTH".into(),
+        ResponseCode::NotZone => "NOTZONE".into(),
+        other => format!("RCODE {}", u16::from(other)),
+    }
+}
+
+/// A server's refusal, with what it usually means.
+fn explain(code: ResponseCode, tsig: Option<TsigError>, key: &TsigKey) -> String {
+    let code = mnemonic(code);
+    let key_name = key.signer.signer_name().to_string();
+    let key_name = key_name.trim_end_matches('.');
+    match tsig {
+        Some(TsigError::BadSig) => format!(
+            "{code} (BADSIG): the server has a key named {key_name:?} with another secret or algorithm"
+        ),
+        Some(TsigError::BadKey) => {
+            format!("{code} (BADKEY): the server knows no key named {key_name:?}")
+        }
+        Some(TsigError::BadTime) => format!(
+            "{code} (BADTIME): this host's clock and the server's differ by more than {FUDGE}s"
+        ),
+        Some(other) => format!("{code} (TSIG error {})", u16::from(other)),
+        None => match code.as_str() {
+            "REFUSED" => format!(
+                "REFUSED: the key {key_name:?} is not allowed to change TXT records there (update-policy or allow-update)"
+            ),
+            "NOTAUTH" => format!(
+                "NOTAUTH: the server is not authoritative for the zone, or does not accept the key {key_name:?}"
+            ),
+            "NOTZONE" => "NOTZONE: the name is not in the zone".to_owned(),
+            _ => code,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_key_files_are_read_and_bad_ones_named() {
+        let good = "# made by tsig-keygen\nkey \"acme-sds\" {\n\talgorithm hmac-sha256;\n\tsecret \"c2VjcmV0LXNlY3JldC1zZWNyZXQ=\";\n};\n";
+        let key = TsigKey::parse(good).unwrap();
+        assert_eq!(key.signer.signer_name().to_ascii(), "acme-sds.");
+        assert_eq!(*key.signer.algorithm(), TsigAlgorithm::HmacSha256);
+        assert!(
+            !format!("{key:?}").contains("c2Vj"),
+            "the secret is not shown"
+        );
+        let spaced =
+            "/* two */ key acme.example. { algorithm HMAC-SHA512 ; secret \"YWJj\" ; } ; // x";
+        assert_eq!(
+            *TsigKey::parse(spaced).unwrap().signer.algorithm(),
+            TsigAlgorithm::HmacSha512
+        );
+        for (text, says) in [
+            ("", "no `key"),
+            (
+                "key \"k\" { algorithm hmac-md5; secret \"YWJj\"; };",
+                "hmac-md5 is not supported",
+            ),
+            ("key \"k\" { secret \"YWJj\"; };", "no `algorithm`"),
+            ("key \"k\" { algorithm hmac-sha256; };", "no `secret`"),
+            (
+                "key \"k\" { algorithm hmac-sha256; secret \"!!\"; };",
+                "not base64",
+            ),
+            (
+                "key \"k\" { algorithm hmac-sha256 secret \"YWJj\"; };",
+                "expected `;`",
+            ),
+            (
+                "key \"k\" { algorithm hmac-sha256; secret \"YWJj",
+                "not closed",
+            ),
+        ] {
+            let e = TsigKey::parse(text).unwrap_err();
+            assert!(e.contains(says), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn records_are_under_the_base_name() {
+        assert_eq!(
+            challenge_name("*.example.com").unwrap().to_ascii(),
+            "_acme-challenge.example.com."
+        );
+        assert_eq!(
+            challenge_name("example.com").unwrap().to_ascii(),
+            "_acme-challenge.example.com."
+        );
+    }
+}

@@ -1,0 +1,192 @@
+//! DNS-01 over RFC 2136 against a real BIND: a wildcard and its apex issued in one order with Pebble looking the
+//! records up in BIND, another tool's record under the same name untouched, nothing of ours left behind, and
+//! every way the server can say no reported with the zone and the server's answer.
+
+use std::time::Duration;
+
+use acme_sds::config::Dns01Config;
+use acme_sds::sources::acme::dns01::{Dns01, DnsError};
+use acme_sds::values::{DnsName, ServerAddr};
+use testkit::bind::{Bind, key_file_text, tsig_secret};
+use testkit::pebble::{Pebble, PebbleOptions, free_port, verify_chain};
+use testkit::*;
+
+fn dns01(bind: &Bind, key_file: &std::path::Path) -> Dns01 {
+    Dns01::new(Dns01Config {
+        server: ServerAddr::new(&bind.addr.to_string(), 53).unwrap(),
+        tsig_key_file: key_file.to_owned(),
+        zone: None,
+        propagation_timeout: Duration::from_secs(10),
+        check_nameservers: Vec::new(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bind) = Bind::start(&dir.path().join("bind"), "example.test") else {
+        return;
+    };
+    // Another tool's value under the name acme-sds writes to: it must survive.
+    bind.nsupdate_add("_acme-challenge.example.test", "someone-else");
+    let mut opts = PebbleOptions::new(free_port()); // nothing answers HTTP-01: only DNS-01 can pass
+    opts.dns_server = Some(bind.addr);
+    opts.authz_reuse = 0;
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    // First with a key the server does not have: the failure names the zone and the server's answer.
+    let key = dir.path().join("acme-sds.key");
+    std::fs::write(
+        &key,
+        key_file_text(&bind.key_name, "hmac-sha256", &tsig_secret(32)),
+    )
+    .unwrap();
+    let socket = dir.path().join("sds.sock");
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:{}\"\n\n[dns01]\nserver = \"{}\"\ntsig_key_file = \"{}\"\npropagation_timeout = \"20s\"\n\n{}[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.test\", \"example.test\"]\nchallenge = \"dns-01\"\n",
+            socket.display(),
+            dir.path().join("data").display(),
+            free_port(),
+            bind.addr,
+            key.display(),
+            pebble.acme_table()
+        ),
+    )
+    .unwrap();
+    let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    let refused = daemon.wait_for_line_within("refused the update", Duration::from_secs(30));
+    assert!(
+        refused.contains("zone example.test") && refused.contains("NOTAUTH (BADSIG)"),
+        "{refused}"
+    );
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    let secret = key_text.split('"').nth(3).unwrap();
+    assert!(
+        !daemon.log().contains(secret),
+        "the TSIG secret is never logged"
+    );
+
+    // The right key, put in place without a restart: the next attempt uses it.
+    std::fs::copy(&bind.key_file, &key).unwrap();
+    let mut client = uds_client(&socket).await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["wild"])).await;
+    let r = s.recv_issued(Duration::from_secs(60)).await;
+    let chain = chain_ders(&decode_secret(&r.resources[0]));
+    let root = pebble.root_der().await;
+    for name in ["example.test", "www.example.test", "api.example.test"] {
+        verify_chain(&chain, &root, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    assert!(verify_chain(&chain, &root, "a.b.example.test").is_err());
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("order created").count(),
+        1,
+        "one order for both names:\n{log}"
+    );
+    assert_eq!(log.matches("DNS-01 record added").count(), 2, "{log}");
+
+    // Both of our values deleted once the order ended; the other tool's stays.
+    daemon.wait_for_log("both records removed", Duration::from_secs(15), |l| {
+        l.matches("DNS-01 record removed").count() >= 2
+    });
+    assert_eq!(
+        bind.txt("_acme-challenge.example.test"),
+        ["someone-else"],
+        "{}",
+        bind.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bind) = Bind::start(&dir.path().join("bind"), "example.test") else {
+        return;
+    };
+    let dns = dns01(&bind, &bind.key_file);
+    // Two values under one name (an apex and its wildcard), found in the zone by its SOA.
+    let apex = dns
+        .add("example.test", "value-apex")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", bind.log()));
+    let wild = dns.add("*.example.test", "value-wild").await.unwrap();
+    assert_eq!(apex.zone, "example.test.");
+    assert_eq!(wild.name, "_acme-challenge.example.test.");
+    dns.wait_served(&[apex.clone(), wild.clone()])
+        .await
+        .unwrap();
+    let mut both = bind.txt("_acme-challenge.example.test");
+    both.sort();
+    assert_eq!(both, ["value-apex", "value-wild"]);
+    dns.remove(&apex).await.unwrap();
+    assert_eq!(bind.txt("_acme-challenge.example.test"), ["value-wild"]);
+    dns.remove(&wild).await.unwrap();
+    assert!(bind.txt("_acme-challenge.example.test").is_empty());
+    // Deeper names find the same zone.
+    let deep = dns.add("a.b.example.test", "deep").await.unwrap();
+    assert_eq!(deep.zone, "example.test.");
+    dns.remove(&deep).await.unwrap();
+
+    // Each refusal says which zone, and the server's answer in its own words.
+    let wrong_secret = dir.path().join("wrong.key");
+    std::fs::write(
+        &wrong_secret,
+        key_file_text("acme-sds", "hmac-sha256", &tsig_secret(32)),
+    )
+    .unwrap();
+    let unknown = dir.path().join("unknown.key");
+    std::fs::write(
+        &unknown,
+        key_file_text("nobody", "hmac-sha512", &tsig_secret(64)),
+    )
+    .unwrap();
+    for (key, answer) in [
+        (wrong_secret.as_path(), "NOTAUTH (BADSIG)"),
+        (unknown.as_path(), "NOTAUTH (BADKEY)"),
+        (bind.readonly_key_file.as_path(), "REFUSED"),
+    ] {
+        let e = dns01(&bind, key)
+            .add("example.test", "x")
+            .await
+            .expect_err("refused");
+        assert!(matches!(e, DnsError::Refused { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("zone example.test") && text.contains(answer),
+            "{answer}: {text}"
+        );
+    }
+    assert!(bind.txt("_acme-challenge.example.test").is_empty());
+
+    // A name the server has no zone for, and a value that never appears, are errors too, not hangs.
+    let e = dns.add("example.org", "x").await.unwrap_err();
+    assert!(matches!(e, DnsError::NoZone { .. }), "{e:?}");
+    let mut fixed_zone = Dns01Config {
+        server: ServerAddr::new(&bind.addr.to_string(), 53).unwrap(),
+        tsig_key_file: bind.key_file.clone(),
+        zone: Some(DnsName::new("example.test").unwrap()),
+        propagation_timeout: Duration::from_millis(300),
+        check_nameservers: Vec::new(),
+    };
+    let never = acme_sds::sources::acme::dns01::TxtRecord {
+        zone: "example.test.".into(),
+        name: "_acme-challenge.example.test.".into(),
+        value: "never-added".into(),
+    };
+    let e = Dns01::new(fixed_zone.clone())
+        .wait_served(std::slice::from_ref(&never))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DnsError::NotServed { .. }), "{e:?}");
+    fixed_zone.zone = Some(DnsName::new("example.org").unwrap());
+    let e = Dns01::new(fixed_zone)
+        .add("example.test", "x")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not in dns01.zone"), "{e}");
+}
