@@ -54,6 +54,15 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// The `action` and `result` labels of DNS-01 updates.
+pub struct DnsUpdateLabels {
+    /// `add` or `remove`.
+    pub action: String,
+    /// `ok`, `refused`, `unreachable`, `no_zone`, `key`.
+    pub result: String,
+}
+
 type Timings = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 fn request_histogram() -> Histogram {
@@ -78,6 +87,7 @@ pub struct Metrics {
     store_watch_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     on_demand: Family<ResultLabel, Counter>,
     tls_alpn01: Family<ResultLabel, Counter>,
+    dns01_updates: Family<DnsUpdateLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -102,6 +112,7 @@ impl Default for Metrics {
             store_watch_lag: Gauge::default(),
             on_demand: Family::default(),
             tls_alpn01: Family::default(),
+            dns01_updates: Family::default(),
         }
     }
 }
@@ -190,6 +201,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a DNS-01 update (`add` or `remove`) by result.
+    pub fn count_dns01_update(&self, action: &str, result: &str) {
+        self.dns01_updates
+            .get_or_create(&DnsUpdateLabels {
+                action: action.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
     /// Counts an on-demand decision: `admitted`, or the reason of a refusal.
     pub fn count_on_demand(&self, result: &str) {
         self.on_demand
@@ -242,6 +263,11 @@ impl Metrics {
             "acme_sds_tls_alpn01_connections",
             "TLS-ALPN-01 responder connections, by outcome (answered, unknown_name, not_acme_tls, no_server_name, not_tls, timeout, ...)",
             m.tls_alpn01.clone(),
+        );
+        registry.register(
+            "acme_sds_dns01_updates",
+            "DNS-01 record updates sent to the zone's primary, by action (add, remove) and result (ok, refused, unreachable, no_zone, key)",
+            m.dns01_updates.clone(),
         );
         registry.register(
             "acme_sds_on_demand_decisions",

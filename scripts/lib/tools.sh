@@ -23,6 +23,10 @@ missing_tools() {
   command -v etcd >/dev/null 2>&1 || echo etcd-server
   command -v etcdctl >/dev/null 2>&1 || echo etcd-client
   command -v protoc >/dev/null 2>&1 || echo protobuf-compiler
+  # DNS-01 is tested against a real BIND (named, started by the tests on a loopback port) and read with dig;
+  # nsupdate plays another tool sharing the zone. Debian puts named in /usr/sbin.
+  { command -v named || test -x /usr/sbin/named; } >/dev/null 2>&1 || echo bind9
+  { command -v dig && command -v nsupdate; } >/dev/null 2>&1 || echo bind9-dnsutils
   if [ -z "${ENVOY_BIN:-}" ] && [ -z "$(find_envoy)" ]; then echo envoy; fi
   python3 -c 'import grpc' >/dev/null 2>&1 || echo grpcio
 }

@@ -224,7 +224,11 @@ domains = ["c.example.com"]
         ],
         "{err}"
     );
-    assert!(err.problems[0].message.contains("DNS-01"));
+    assert!(
+        err.problems[0]
+            .message
+            .contains("needs challenge = \"dns-01\"")
+    );
 }
 
 #[test]
@@ -572,7 +576,64 @@ fn the_challenge_is_chosen_per_certificate() {
     ))
     .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("DNS-01"), "wildcards need DNS-01: {text}");
-    assert!(text.contains("certificate[1].challenge"), "{text}");
+    assert!(
+        text.contains("certificate[0].domains[0]") && text.contains("needs challenge = \"dns-01\""),
+        "wildcards need DNS-01: {text}"
+    );
+    assert!(
+        text.contains("certificate[1].challenge") && text.contains("needs a [dns01] table"),
+        "{text}"
+    );
     assert!(text.contains("certificate[2].challenge"), "{text}");
+}
+
+#[test]
+fn dns01_takes_a_primary_and_a_key_and_allows_wildcards() {
+    let acme = "[sds]\nlisten = [\"127.0.0.1:1\"]\n[acme]\ncontact = [\"mailto:a@example.com\"]\naccept_terms_of_service = true\n";
+    let cert = "[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.com\", \"example.com\"]\nchallenge = \"dns-01\"\n";
+    let cfg = parse_str(&format!(
+        "{acme}[dns01]\nserver = \"ns1.example.com\"\ntsig_key_file = \"/etc/acme-sds/acme-sds.key\"\n{cert}"
+    ))
+    .unwrap();
+    let d = cfg.dns01.as_ref().unwrap();
+    assert_eq!(d.server.to_string(), "ns1.example.com:53");
+    assert_eq!(
+        d.propagation_timeout,
+        crate::config::DEFAULT_PROPAGATION_TIMEOUT
+    );
+    assert!(d.zone.is_none() && d.check_nameservers.is_empty());
+    assert!(cfg.uses_dns01() && !cfg.uses_tls_alpn01());
+    match &cfg.certificates[0].source {
+        CertificateSource::Acme { domains, .. } => {
+            assert_eq!(&*domains[0], "*.example.com");
+            assert!(domains[0].is_wildcard());
+        }
+        _ => panic!("acme"),
+    }
+
+    let full = parse_str(&format!(
+        "{acme}[dns01]\nserver = \"192.0.2.53:5353\"\ntsig_key_file = \"k.key\"\nzone = \"Example.com.\"\npropagation_timeout = \"30s\"\ncheck_nameservers = [\"ns2.example.com:53\", \"[2001:db8::2]\"]\n{cert}"
+    ))
+    .unwrap();
+    let d = full.dns01.unwrap();
+    assert_eq!(d.zone.as_deref(), Some("example.com"));
+    assert_eq!(d.propagation_timeout, std::time::Duration::from_secs(30));
+    assert_eq!(d.check_nameservers[1].to_string(), "[2001:db8::2]:53");
+    assert!(d.tsig_key_file.is_absolute() || d.tsig_key_file.ends_with("k.key"));
+
+    let err = parse_str(&format!(
+        "{acme}[dns01]\nserver = \"ns1.example.com:x\"\nzone = \"not a zone\"\npropagation_timeout = \"soon\"\ncheck_nameservers = [\":53\"]\n{cert}"
+    ))
+    .unwrap_err();
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "dns01.server",
+        "dns01.tsig_key_file",
+        "dns01.zone",
+        "dns01.propagation_timeout",
+        "dns01.check_nameservers[0]",
+    ] {
+        assert!(keys.contains(&key), "{key} not in {keys:?}\n{err}");
+    }
+    assert!(err.problems.iter().all(|p| p.line.is_some()), "{err}");
 }

@@ -495,7 +495,10 @@ impl Running {
             });
         }
         // A key that cannot be used stops the start (or the reload) here, not at the first order.
-        let dns01 = config.dns01.clone().map(Dns01::new);
+        let dns01 = config
+            .dns01
+            .clone()
+            .map(|d| Dns01::new(d, self.metrics.clone()));
         if let Some(d) = &dns01 {
             d.check_key().map_err(DaemonError::Dns01)?;
         }

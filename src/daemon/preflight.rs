@@ -26,7 +26,7 @@ pub fn check_open_files_limit(config: &Config, limit: u64) {
 
 /// What `acme-sds check` can tell about starting `config` here without doing anything: whether this user
 /// can create the Unix sockets and the storage directory, give the sockets their group, bind the ports it
-/// asks for, and read the ACME server's root. `run` does each of these for real and names the path, group
+/// asks for, read the ACME server's root, and use the DNS-01 TSIG key. `run` does each of these for real and names the path, group
 /// or port when it fails; `check` says so beforehand.
 pub fn preflight(config: &Config) -> Vec<crate::config::Problem> {
     use crate::config::Problem;
@@ -139,6 +139,16 @@ pub fn preflight(config: &Config) -> Vec<crate::config::Problem> {
                     format!("{}: {why}", ca.display()),
                 ));
             }
+        }
+    }
+    if let Some(d) = &config.dns01 {
+        use crate::sources::acme::dns01::{DnsError, TsigKey};
+        if let Err(DnsError::Key { path, why }) = TsigKey::read(&d.tsig_key_file) {
+            out.push(Problem::new(
+                "dns01.tsig_key_file",
+                None,
+                format!("{}: {why}", path.display()),
+            ));
         }
     }
     if let Some(a) = config.admin

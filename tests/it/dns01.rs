@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use acme_sds::config::Dns01Config;
+use acme_sds::metrics::Metrics;
 use acme_sds::sources::acme::dns01::{Dns01, DnsError};
 use acme_sds::values::{DnsName, ServerAddr};
 use testkit::bind::{Bind, key_file_text, tsig_secret};
@@ -12,13 +13,16 @@ use testkit::pebble::{Pebble, PebbleOptions, free_port, verify_chain};
 use testkit::*;
 
 fn dns01(bind: &Bind, key_file: &std::path::Path) -> Dns01 {
-    Dns01::new(Dns01Config {
-        server: ServerAddr::new(&bind.addr.to_string(), 53).unwrap(),
-        tsig_key_file: key_file.to_owned(),
-        zone: None,
-        propagation_timeout: Duration::from_secs(10),
-        check_nameservers: Vec::new(),
-    })
+    Dns01::new(
+        Dns01Config {
+            server: ServerAddr::new(&bind.addr.to_string(), 53).unwrap(),
+            tsig_key_file: key_file.to_owned(),
+            zone: None,
+            propagation_timeout: Duration::from_secs(10),
+            check_nameservers: Vec::new(),
+        },
+        Metrics::default(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,11 +47,12 @@ async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left()
     )
     .unwrap();
     let socket = dir.path().join("sds.sock");
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = dir.path().join("acme-sds.toml");
     std::fs::write(
         &config,
         format!(
-            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:{}\"\n\n[dns01]\nserver = \"{}\"\ntsig_key_file = \"{}\"\npropagation_timeout = \"20s\"\n\n{}[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.test\", \"example.test\"]\nchallenge = \"dns-01\"\n",
+            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:{}\"\n\n[admin]\nlisten = \"{admin}\"\n\n[dns01]\nserver = \"{}\"\ntsig_key_file = \"{}\"\npropagation_timeout = \"20s\"\n\n{}[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.test\", \"example.test\"]\nchallenge = \"dns-01\"\n",
             socket.display(),
             dir.path().join("data").display(),
             free_port(),
@@ -100,6 +105,15 @@ async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left()
         "{}",
         bind.log()
     );
+    // What happened is in the metrics too.
+    let metrics = http_get(admin, "/metrics");
+    for series in [
+        "acme_sds_dns01_updates_total{action=\"add\",result=\"refused\"}",
+        "acme_sds_dns01_updates_total{action=\"add\",result=\"ok\"} 2",
+        "acme_sds_dns01_updates_total{action=\"remove\",result=\"ok\"} 2",
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,11 +124,14 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
     };
     let dns = dns01(&bind, &bind.key_file);
     // Two values under one name (an apex and its wildcard), found in the zone by its SOA.
-    let apex = dns
-        .add("example.test", "value-apex")
+    let add = async |domain: &str, value: &str| {
+        let r = dns.record_for(domain, value).await?;
+        dns.add(&r).await.map(|_| r)
+    };
+    let apex = add("example.test", "value-apex")
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", bind.log()));
-    let wild = dns.add("*.example.test", "value-wild").await.unwrap();
+    let wild = add("*.example.test", "value-wild").await.unwrap();
     assert_eq!(apex.zone, "example.test.");
     assert_eq!(wild.name, "_acme-challenge.example.test.");
     dns.wait_served(&[apex.clone(), wild.clone()])
@@ -128,7 +145,7 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
     dns.remove(&wild).await.unwrap();
     assert!(bind.txt("_acme-challenge.example.test").is_empty());
     // Deeper names find the same zone.
-    let deep = dns.add("a.b.example.test", "deep").await.unwrap();
+    let deep = add("a.b.example.test", "deep").await.unwrap();
     assert_eq!(deep.zone, "example.test.");
     dns.remove(&deep).await.unwrap();
 
@@ -150,10 +167,7 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
         (unknown.as_path(), "NOTAUTH (BADKEY)"),
         (bind.readonly_key_file.as_path(), "REFUSED"),
     ] {
-        let e = dns01(&bind, key)
-            .add("example.test", "x")
-            .await
-            .expect_err("refused");
+        let e = dns01(&bind, key).add(&apex).await.expect_err("refused");
         assert!(matches!(e, DnsError::Refused { .. }), "{e:?}");
         let text = e.to_string();
         assert!(
@@ -164,7 +178,7 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
     assert!(bind.txt("_acme-challenge.example.test").is_empty());
 
     // A name the server has no zone for, and a value that never appears, are errors too, not hangs.
-    let e = dns.add("example.org", "x").await.unwrap_err();
+    let e = add("example.org", "x").await.unwrap_err();
     assert!(matches!(e, DnsError::NoZone { .. }), "{e:?}");
     let mut fixed_zone = Dns01Config {
         server: ServerAddr::new(&bind.addr.to_string(), 53).unwrap(),
@@ -178,15 +192,103 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
         name: "_acme-challenge.example.test.".into(),
         value: "never-added".into(),
     };
-    let e = Dns01::new(fixed_zone.clone())
+    let e = Dns01::new(fixed_zone.clone(), Metrics::default())
         .wait_served(std::slice::from_ref(&never))
         .await
         .unwrap_err();
     assert!(matches!(e, DnsError::NotServed { .. }), "{e:?}");
     fixed_zone.zone = Some(DnsName::new("example.org").unwrap());
-    let e = Dns01::new(fixed_zone)
-        .add("example.test", "x")
+    let e = Dns01::new(fixed_zone, Metrics::default())
+        .record_for("example.test", "x")
         .await
         .unwrap_err();
     assert!(e.to_string().contains("not in dns01.zone"), "{e}");
+}
+
+/// The config of a daemon that validates `*.example.test` and `example.test` over DNS-01 at `bind`, with
+/// `extra` lines in `[dns01]`.
+fn dns01_config(dir: &std::path::Path, bind: &Bind, pebble: &Pebble, extra: &str) -> String {
+    format!(
+        "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:{}\"\n\n[dns01]\nserver = \"{}\"\ntsig_key_file = \"{}\"\n{extra}\n\n{}[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.test\", \"example.test\"]\nchallenge = \"dns-01\"\n",
+        dir.join("sds.sock").display(),
+        dir.join("data").display(),
+        free_port(),
+        bind.addr,
+        bind.key_file.display(),
+        pebble.acme_table()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_deleted_when_the_order_fails_and_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bind) = Bind::start(&dir.path().join("bind"), "example.test") else {
+        return;
+    };
+    let mut opts = PebbleOptions::new(free_port());
+    opts.dns_server = Some(bind.addr);
+    opts.authz_reuse = 0;
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let name = "_acme-challenge.example.test";
+    // A secondary that never answers: the records are added, never confirmed, and the attempt fails.
+    let silent = free_port();
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        dns01_config(
+            dir.path(),
+            &bind,
+            &pebble,
+            &format!("propagation_timeout = \"1s\"\ncheck_nameservers = [\"127.0.0.1:{silent}\"]"),
+        ),
+    )
+    .unwrap();
+    let mut daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    let failed = daemon.wait_for_line_within("certificate order failed", Duration::from_secs(30));
+    assert!(
+        failed.contains(&format!("127.0.0.1:{silent} did not serve the TXT value")),
+        "{failed}"
+    );
+    daemon.wait_for_log("both records removed", WAIT, |l| {
+        l.matches("DNS-01 record removed").count() >= 2
+    });
+    assert!(bind.txt(name).is_empty(), "{}", bind.log());
+
+    // Killed while waiting for the records to be served: they are in the zone, and the store lists them.
+    daemon.signal("KILL");
+    daemon.wait_exit();
+    std::fs::write(
+        &config,
+        dns01_config(
+            dir.path(),
+            &bind,
+            &pebble,
+            &format!("propagation_timeout = \"60s\"\ncheck_nameservers = [\"127.0.0.1:{silent}\"]"),
+        ),
+    )
+    .unwrap();
+    let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    daemon.wait_for_log("both records added", Duration::from_secs(30), |l| {
+        l.matches("DNS-01 record added").count() >= 2
+    });
+    let mut daemon = daemon;
+    daemon.signal("KILL");
+    daemon.wait_exit();
+    assert_eq!(bind.txt(name).len(), 2, "left by the crash");
+
+    // The next start (any replica) deletes them before it orders again; the certificate is then issued and
+    // nothing is left.
+    std::fs::write(&config, dns01_config(dir.path(), &bind, &pebble, "")).unwrap();
+    let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    daemon.wait_for_line("acme-sds started");
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["wild"])).await;
+    s.recv_issued(Duration::from_secs(60)).await;
+    daemon.wait_for_log("the records removed", WAIT, |l| {
+        l.matches("DNS-01 record removed").count() >= 4
+    });
+    assert!(bind.txt(name).is_empty(), "{}", daemon.log());
 }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Dns01Config;
+use crate::metrics::Metrics;
 use crate::values::ServerAddr;
 
 /// TTL of the TXT records: short, so that a resolver that cached an earlier value (a retried order) asks
@@ -227,16 +228,60 @@ pub struct TxtRecord {
     pub value: String,
 }
 
-/// Adds, watches and removes DNS-01 records as `[dns01]` says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Adds, watches and removes DNS-01 records as `[dns01]` says, counting each update in the metrics.
+#[derive(Clone)]
 pub struct Dns01 {
     config: Dns01Config,
+    metrics: Metrics,
+}
+
+impl DnsError {
+    /// The `result` label of a failed update.
+    fn label(&self) -> &'static str {
+        match self {
+            DnsError::Key { .. } => "key",
+            DnsError::Unreachable { .. } => "unreachable",
+            DnsError::Refused { .. } => "refused",
+            DnsError::NoZone { .. } => "no_zone",
+            DnsError::NotServed { .. } => "not_served",
+        }
+    }
 }
 
 impl Dns01 {
     /// For `config`. Nothing is read or contacted until used.
-    pub fn new(config: Dns01Config) -> Self {
-        Dns01 { config }
+    pub fn new(config: Dns01Config, metrics: Metrics) -> Self {
+        Dns01 { config, metrics }
+    }
+
+    /// The record that holds `value` for the name `domain` (`*.` is dropped): its name, and the zone to update
+    /// (the configured one, or found with an SOA query to the primary).
+    pub async fn record_for(&self, domain: &str, value: &str) -> Result<TxtRecord, DnsError> {
+        let name = challenge_name(domain)?;
+        let zone = self.zone_for(&name).await.inspect_err(|e| {
+            self.metrics.count_dns01_update("add", e.label());
+        })?;
+        Ok(TxtRecord {
+            zone: zone.to_ascii(),
+            name: name.to_ascii(),
+            value: value.to_owned(),
+        })
+    }
+
+    /// Adds `record` to its zone (appended: other values under the name stay).
+    pub async fn add(&self, record: &TxtRecord) -> Result<(), DnsError> {
+        let r = self.try_add(record).await;
+        self.metrics
+            .count_dns01_update("add", r.as_ref().map_or_else(DnsError::label, |_| "ok"));
+        r
+    }
+
+    /// Deletes `record` (by value: other values under the name stay).
+    pub async fn remove(&self, record: &TxtRecord) -> Result<(), DnsError> {
+        let r = self.try_remove(record).await;
+        self.metrics
+            .count_dns01_update("remove", r.as_ref().map_or_else(DnsError::label, |_| "ok"));
+        r
     }
 
     /// Reads the key file: what `check` and the start of the ACME side do, so that a bad key is reported then
@@ -245,17 +290,10 @@ impl Dns01 {
         TsigKey::read(&self.config.tsig_key_file).map(|_| ())
     }
 
-    /// Adds the value for the name `domain` (without `*.`) and returns the record to delete later.
-    pub async fn add(&self, domain: &str, value: &str) -> Result<TxtRecord, DnsError> {
+    async fn try_add(&self, record: &TxtRecord) -> Result<(), DnsError> {
         let key = TsigKey::read(&self.config.tsig_key_file)?;
-        let name = challenge_name(domain)?;
-        let zone = self.zone_for(&name).await?;
-        let record = TxtRecord {
-            zone: zone.to_ascii(),
-            name: name.to_ascii(),
-            value: value.to_owned(),
-        };
-        let rrset = txt_rrset(&name, value, TXT_TTL);
+        let (name, zone) = parse_record(record)?;
+        let rrset = txt_rrset(&name, &record.value, TXT_TTL);
         self.update(
             &key,
             &record.zone,
@@ -263,21 +301,12 @@ impl Dns01 {
         )
         .await?;
         tracing::info!(zone = record.zone, name = record.name, server = %self.config.server, "DNS-01 record added");
-        Ok(record)
+        Ok(())
     }
 
-    /// Deletes `record` (by value: other values under the name stay).
-    pub async fn remove(&self, record: &TxtRecord) -> Result<(), DnsError> {
+    async fn try_remove(&self, record: &TxtRecord) -> Result<(), DnsError> {
         let key = TsigKey::read(&self.config.tsig_key_file)?;
-        let bad = |e: String| DnsError::NoZone {
-            name: record.name.clone(),
-            why: e,
-        };
-        let name = Name::from_ascii(&record.name).map_err(|e| bad(e.to_string()))?;
-        let zone = Name::from_ascii(&record.zone).map_err(|e| bad(e.to_string()))?;
-        if !zone.zone_of(&name) {
-            return Err(bad(format!("not in zone {}", record.zone)));
-        }
+        let (name, zone) = parse_record(record)?;
         let rrset = txt_rrset(&name, &record.value, 0);
         self.update(
             &key,
@@ -470,6 +499,20 @@ impl Dns01 {
         }
         Ok(answer)
     }
+}
+
+/// The record's name and zone, checked to nest (hickory's update builders assert that they do).
+fn parse_record(record: &TxtRecord) -> Result<(Name, Name), DnsError> {
+    let bad = |why: String| DnsError::NoZone {
+        name: record.name.clone(),
+        why,
+    };
+    let name = Name::from_ascii(&record.name).map_err(|e| bad(e.to_string()))?;
+    let zone = Name::from_ascii(&record.zone).map_err(|e| bad(e.to_string()))?;
+    if !zone.zone_of(&name) {
+        return Err(bad(format!("not in zone {}", record.zone)));
+    }
+    Ok((name, zone))
 }
 
 /// `_acme-challenge.DOMAIN.`

@@ -615,9 +615,19 @@ async fn authorize_pass(
                 let dns = ctx.dns.ok_or(OrderError::NoDns01)?;
                 let value = key_auth.dns_value();
                 if !published.txt.iter().any(|r| r.value == value) {
-                    let record = dns.add(&base, &value).await?;
+                    // Listed in the store before it is added: a crash in between leaves a listed record that
+                    // is not there (deleting it is harmless), never one in the zone that nobody deletes.
+                    let record = dns.record_for(&base, &value).await?;
                     published.txt.push(record.clone());
                     save_dns_records(ctx, &cert.name, &published.txt).await;
+                    if let Err(e) = dns.add(&record).await {
+                        // Refused (or never sent): it is not in the zone. Without an answer, it may be.
+                        if !matches!(e, super::dns01::DnsError::Unreachable { .. }) {
+                            published.txt.pop();
+                            save_dns_records(ctx, &cert.name, &published.txt).await;
+                        }
+                        return Err(e.into());
+                    }
                 }
                 if let Some(r) = published.txt.iter().find(|r| r.value == value) {
                     added.push(r.clone());
@@ -692,16 +702,22 @@ pub(super) async fn withdraw_dns_records(
     extra: &[TxtRecord],
 ) {
     let key = keys.dns_records(name);
-    let mut records: Vec<TxtRecord> = match store.get(&key).await {
-        Ok(Some(e)) => serde_json::from_slice(&e.value).unwrap_or_default(),
-        _ => Vec::new(),
-    };
+    let stored = store.get(&key).await.ok().flatten();
+    let mut records: Vec<TxtRecord> = stored
+        .as_ref()
+        .and_then(|e| serde_json::from_slice(&e.value).ok())
+        .unwrap_or_default();
     for r in extra {
         if !records.contains(r) {
             records.push(r.clone());
         }
     }
     if records.is_empty() {
+        if stored.is_some()
+            && let Err(e) = store.delete_locked(lock, &key).await
+        {
+            tracing::warn!(secret = name, error = %e, "cannot update the list of DNS-01 records to delete");
+        }
         return;
     }
     let Some(dns) = dns else {
