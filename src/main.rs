@@ -642,12 +642,15 @@ fn summary(config: &Config, loaded: &[(SecretName, SecretContent)]) -> String {
     }
     for c in &config.certificates {
         if let CertificateSource::Acme {
-            domains, key_type, ..
+            domains,
+            key_type,
+            challenge,
+            ..
         } = &c.source
         {
             let _ = writeln!(
                 out,
-                "  {}: tls_certificate over ACME ({}), {}\n    {}",
+                "  {}: tls_certificate over ACME ({}), {}, {}\n    {}",
                 c.name,
                 config
                     .acme
@@ -655,6 +658,7 @@ fn summary(config: &Config, loaded: &[(SecretName, SecretContent)]) -> String {
                     .map(|a| a.directory.as_str())
                     .unwrap_or(""),
                 key_type.as_str(),
+                challenge.as_str(),
                 domains.join(", ")
             );
         }
@@ -672,6 +676,19 @@ fn summary(config: &Config, loaded: &[(SecretName, SecretContent)]) -> String {
     }
     if config.has_acme_certificates() {
         let _ = writeln!(out, "HTTP-01 responder: {}", config.http01.listen);
+    }
+    if config.uses_tls_alpn01() {
+        let _ = writeln!(out, "TLS-ALPN-01 responder: {}", config.tls_alpn01.listen);
+    }
+    if let Some(d) = config.dns01.as_ref().filter(|_| config.uses_dns01()) {
+        let _ = writeln!(
+            out,
+            "DNS-01 updates: to {} in zone {}, signed with {}; records must be served within {}s",
+            d.server,
+            d.zone.as_deref().unwrap_or("(found by an SOA query)"),
+            d.tsig_key_file.display(),
+            d.propagation_timeout.as_secs()
+        );
     }
     if config
         .certificates

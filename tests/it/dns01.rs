@@ -87,6 +87,44 @@ async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left()
         verify_chain(&chain, &root, name).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     assert!(verify_chain(&chain, &root, "a.b.example.test").is_err());
+    // A real Envoy with the bootstrap acme-sds generates serves it for any name under the wildcard.
+    let Some(envoy_bin) = testkit::envoy::envoy_bin() else {
+        return;
+    };
+    let https = free_port();
+    let out = std::process::Command::new(bin())
+        .args(["envoy-bootstrap", "--config", config.to_str().unwrap()])
+        .args(["--address", "127.0.0.1", "--https-port", &https.to_string()])
+        .args(["--http-port", "0", "--admin-port", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bootstrap = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        bootstrap.contains("server_names: [\"*.example.test\", \"example.test\"]"),
+        "{bootstrap}"
+    );
+    let envoy = testkit::envoy::Envoy::start(&envoy_bin, &bootstrap, dir.path());
+    for sni in ["shop.example.test", "example.test"] {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            match testkit::envoy::presented_chain(https, Some(sni)).await {
+                Ok(c) if verify_chain(&c, &root, sni).is_ok() => break,
+                other => assert!(
+                    std::time::Instant::now() < deadline,
+                    "{sni}: {:?}\n{}",
+                    other.err(),
+                    envoy.log_text()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    drop(envoy);
     let log = daemon.log();
     assert_eq!(
         log.matches("order created").count(),
