@@ -1,10 +1,12 @@
-//! The ACME manager: obtains and renews certificates over HTTP-01 and publishes them to the registry.
+//! The ACME manager: obtains and renews certificates (validated over HTTP-01, TLS-ALPN-01 or DNS-01) and
+//! publishes them to the registry.
 //!
 //! Each ACME certificate is one task driven by its schedule ([`schedule`]): at start the stored certificate
 //! is served at once if it still matches its configuration, and nothing is ordered until it is due; a
 //! certificate never issued gets a temporary self-signed stand-in ([`temporary`]) so that Envoy starts. An
-//! order ([`order`]) publishes each challenge's key authorization to the store (where the HTTP-01 responder
-//! reads it) before telling the CA to validate, and withdraws it when the order ends; it is resumed, not
+//! order ([`order`]) publishes each challenge's key authorization to the store (where the HTTP-01 and
+//! TLS-ALPN-01 responders read it), or its DNS-01 record to the zone ([`dns01`]), before telling the CA to
+//! validate, and withdraws it when the order ends; it is resumed, not
 //! placed again, after a crash or a failure. Every request to the CA has a deadline, and transient failures
 //! are retried in seconds ([`http`], [`order`]). The issued chain and its key are checked, published, and
 //! stored atomically as one value; if storing fails, the certificate is served from memory and the write
@@ -23,8 +25,8 @@
 //!
 //! Store layout, per CA (so that state never mixes CAs): `acme/<ca>/account` (credentials),
 //! `acme/<ca>/certs/<name>` (chain, key, domains, key type), `acme/<ca>/state/<name>` (failures, next
-//! attempt), `acme/<ca>/orders/<name>` (the order in progress: URL, and key once made). Pending challenges
-//! live under `challenges/<token>` for every CA.
+//! attempt), `acme/<ca>/orders/<name>` (the order in progress: URL, and key once made), `acme/<ca>/dns-01/<name>`
+//! (DNS-01 records to delete). Pending challenges live under `challenges/` for every CA.
 
 /// Runs one request to the CA (an expression, evaluated again for every attempt), retrying transient
 /// failures as the module docs say; records every attempt's duration and outcome in `$metrics`.

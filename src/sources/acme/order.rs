@@ -1,5 +1,5 @@
-//! One certificate's issuance: new order (or the stored one, resumed), HTTP-01 challenges, finalize with our
-//! own key, download.
+//! One certificate's issuance: new order (or the stored one, resumed), challenges (HTTP-01 and TLS-ALPN-01 key
+//! authorizations in the store, DNS-01 records in the zone), finalize with our own key, download.
 //!
 //! Each request to the CA is retried on its own when the failure is transient (badNonce past instant-acme's
 //! own three tries, a 5xx, a reset connection, a timeout): a few attempts, 0.25 s doubling to 8 s with
@@ -612,26 +612,7 @@ async fn authorize_pass(
             Challenge::Http01 => keys::challenge(&token),
             Challenge::TlsAlpn01 => keys::tls_alpn_challenge(&domain),
             Challenge::Dns01 => {
-                let dns = ctx.dns.ok_or(OrderError::NoDns01)?;
-                let value = key_auth.dns_value();
-                if !published.txt.iter().any(|r| r.value == value) {
-                    // Listed in the store before it is added: a crash in between leaves a listed record that
-                    // is not there (deleting it is harmless), never one in the zone that nobody deletes.
-                    let record = dns.record_for(&base, &value).await?;
-                    published.txt.push(record.clone());
-                    save_dns_records(ctx, &cert.name, &published.txt).await;
-                    if let Err(e) = dns.add(&record).await {
-                        // Refused (or never sent): it is not in the zone. Without an answer, it may be.
-                        if !matches!(e, super::dns01::DnsError::Unreachable { .. }) {
-                            published.txt.pop();
-                            save_dns_records(ctx, &cert.name, &published.txt).await;
-                        }
-                        return Err(e.into());
-                    }
-                }
-                if let Some(r) = published.txt.iter().find(|r| r.value == value) {
-                    added.push(r.clone());
-                }
+                added.push(publish_txt(ctx, cert, published, &base, key_auth.dns_value()).await?);
                 tracing::info!(secret = %cert.name, domain, challenge = "dns-01", "challenge published");
                 continue;
             }
@@ -675,6 +656,35 @@ async fn authorize_pass(
         done.insert(domain);
     }
     Ok(())
+}
+
+/// Adds the DNS-01 record holding `value` for `domain` (once per order: a retried pass finds it in
+/// `published`) and returns it.
+async fn publish_txt(
+    ctx: &OrderCtx<'_>,
+    cert: &ManagedCert,
+    published: &mut Published,
+    domain: &str,
+    value: String,
+) -> Result<TxtRecord, OrderError> {
+    if let Some(r) = published.txt.iter().find(|r| r.value == value) {
+        return Ok(r.clone());
+    }
+    let dns = ctx.dns.ok_or(OrderError::NoDns01)?;
+    let record = dns.record_for(domain, &value).await?;
+    // Listed in the store before it is added: a crash in between leaves a listed record that is not there
+    // (deleting it is harmless), never one in the zone that nobody deletes.
+    published.txt.push(record.clone());
+    save_dns_records(ctx, &cert.name, &published.txt).await;
+    if let Err(e) = dns.add(&record).await {
+        // Refused (or never sent): it is not in the zone. Without an answer, it may be.
+        if !matches!(e, super::dns01::DnsError::Unreachable { .. }) {
+            published.txt.pop();
+            save_dns_records(ctx, &cert.name, &published.txt).await;
+        }
+        return Err(e.into());
+    }
+    Ok(record)
 }
 
 /// Stores the DNS-01 records added for `name` and not yet deleted, so that a crash does not leave them in
