@@ -20,6 +20,7 @@ mod report;
 mod authority;
 mod chart;
 mod cold_start;
+mod dns01;
 mod fanout;
 mod first_cert;
 mod issuance;
@@ -72,6 +73,9 @@ enum Scenario {
     /// On-demand TLS through Envoy's on-demand selector: the first handshake for a new name, and 20 names at
     /// once (Caddy's on-demand TLS too when installed). Needs Envoy and pebble.
     OnDemand,
+    /// A wildcard and its apex over DNS-01 against a real BIND (lego's RFC 2136 provider too when installed).
+    /// Needs BIND and pebble.
+    Dns01,
     /// Everything above (the chart only with `--svg`).
     All,
 }
@@ -130,6 +134,7 @@ async fn main() -> Result<()> {
         Scenario::FirstCert => first_cert::run(&a, &mut csv).await?,
         Scenario::Replicas => replicas::run(&a, &mut csv).await?,
         Scenario::OnDemand => on_demand::run(&a, &mut csv).await?,
+        Scenario::Dns01 => dns01::run(&a, &mut csv).await?,
         Scenario::Chart => {
             let svg = cli.svg.unwrap_or_else(|| PathBuf::from("fanout.svg"));
             chart::run(&a, &mut csv, &svg).await?
@@ -149,6 +154,7 @@ async fn main() -> Result<()> {
             first_cert::run(&a, &mut csv).await?;
             replicas::run(&a, &mut csv).await?;
             on_demand::run(&a, &mut csv).await?;
+            dns01::run(&a, &mut csv).await?;
             if let Some(svg) = &cli.svg {
                 chart::run(&a, &mut csv, svg).await?;
             }
