@@ -630,3 +630,19 @@ pub async fn presented_chain_offering(
         .map(|c| c.to_vec())
         .collect())
 }
+
+/// What `acme-sds envoy-bootstrap --config CONFIG EXTRA...` prints (it must succeed).
+pub fn generated_bootstrap(config: &Path, extra: &[&str]) -> String {
+    let out = std::process::Command::new(crate::bin())
+        .args(["envoy-bootstrap", "--config"])
+        .arg(config)
+        .args(extra)
+        .output()
+        .expect("run acme-sds envoy-bootstrap");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 YAML")
+}

@@ -8,18 +8,7 @@ use testkit::pebble::free_port;
 use testkit::*;
 
 fn bootstrap(config: &Path, extra: &[&str]) -> String {
-    let out = Command::new(bin())
-        .args(["envoy-bootstrap", "--config"])
-        .arg(config)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    testkit::envoy::generated_bootstrap(config, extra)
 }
 
 fn validate(bin: &Path, yaml: &str, dir: &Path) {

@@ -92,18 +92,20 @@ async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left()
         return;
     };
     let https = free_port();
-    let out = std::process::Command::new(bin())
-        .args(["envoy-bootstrap", "--config", config.to_str().unwrap()])
-        .args(["--address", "127.0.0.1", "--https-port", &https.to_string()])
-        .args(["--http-port", "0", "--admin-port", "0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let port = https.to_string();
+    let bootstrap = testkit::envoy::generated_bootstrap(
+        &config,
+        &[
+            "--address",
+            "127.0.0.1",
+            "--https-port",
+            &port,
+            "--http-port",
+            "0",
+            "--admin-port",
+            "0",
+        ],
     );
-    let bootstrap = String::from_utf8(out.stdout).unwrap();
     assert!(
         bootstrap.contains("server_names: [\"*.example.test\", \"example.test\"]"),
         "{bootstrap}"
@@ -272,17 +274,18 @@ async fn records_are_deleted_when_the_order_fails_and_after_a_crash() {
     let name = "_acme-challenge.example.test";
     // A secondary that never answers: the records are added, never confirmed, and the attempt fails.
     let silent = free_port();
-    let config = dir.path().join("acme-sds.toml");
-    std::fs::write(
-        &config,
+    let silent_secondary = |timeout: &str| {
         dns01_config(
             dir.path(),
             &bind,
             &pebble,
-            &format!("propagation_timeout = \"1s\"\ncheck_nameservers = [\"127.0.0.1:{silent}\"]"),
-        ),
-    )
-    .unwrap();
+            &format!(
+                "propagation_timeout = \"{timeout}\"\ncheck_nameservers = [\"127.0.0.1:{silent}\"]"
+            ),
+        )
+    };
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(&config, silent_secondary("1s")).unwrap();
     let mut daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
     let failed = daemon.wait_for_line_within("certificate order failed", Duration::from_secs(30));
     assert!(
@@ -297,21 +300,11 @@ async fn records_are_deleted_when_the_order_fails_and_after_a_crash() {
     // Killed while waiting for the records to be served: they are in the zone, and the store lists them.
     daemon.signal("KILL");
     daemon.wait_exit();
-    std::fs::write(
-        &config,
-        dns01_config(
-            dir.path(),
-            &bind,
-            &pebble,
-            &format!("propagation_timeout = \"60s\"\ncheck_nameservers = [\"127.0.0.1:{silent}\"]"),
-        ),
-    )
-    .unwrap();
-    let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    std::fs::write(&config, silent_secondary("60s")).unwrap();
+    let mut daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
     daemon.wait_for_log("both records added", Duration::from_secs(30), |l| {
         l.matches("DNS-01 record added").count() >= 2
     });
-    let mut daemon = daemon;
     daemon.signal("KILL");
     daemon.wait_exit();
     assert_eq!(bind.txt(name).len(), 2, "left by the crash");

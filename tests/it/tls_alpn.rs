@@ -34,19 +34,20 @@ async fn tls_alpn01_is_answered_through_envoys_port_443_and_other_handshakes_are
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["envoy-bootstrap", "--config", config.to_str().unwrap()])
-        .args(["--address", "127.0.0.1"])
-        .args(["--https-port", &https.to_string()])
-        .args(["--http-port", "0", "--admin-port", "0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let port = https.to_string();
+    let bootstrap = testkit::envoy::generated_bootstrap(
+        &config,
+        &[
+            "--address",
+            "127.0.0.1",
+            "--https-port",
+            &port,
+            "--http-port",
+            "0",
+            "--admin-port",
+            "0",
+        ],
     );
-    let bootstrap = String::from_utf8(out.stdout).unwrap();
     assert!(
         bootstrap.contains("application_protocols: [\"acme-tls/1\"]"),
         "{bootstrap}"

@@ -284,6 +284,11 @@ impl Dns01 {
         r
     }
 
+    /// How long the zone's servers may take to serve a new record (`propagation_timeout`).
+    pub fn propagation_timeout(&self) -> Duration {
+        self.config.propagation_timeout
+    }
+
     /// Reads the key file: what `check` and the start of the ACME side do, so that a bad key is reported then
     /// rather than at the first order.
     pub fn check_key(&self) -> Result<(), DnsError> {

@@ -1104,7 +1104,12 @@ impl AcmeManager {
             .account
             .get(&self.config, &self.keys, &self.store, &self.metrics)
             .await?;
-        let limit = self.config.request_timeout * ORDER_TIMEOUTS;
+        // A DNS-01 order also waits for the zone's servers, as long as `propagation_timeout` allows.
+        let propagation = match (&self.dns01, cert.challenge) {
+            (Some(d), crate::values::Challenge::Dns01) => d.propagation_timeout(),
+            _ => Duration::ZERO,
+        };
+        let limit = self.config.request_timeout * ORDER_TIMEOUTS + propagation;
         let ran = tokio::time::timeout(
             limit,
             order::run(
