@@ -646,3 +646,15 @@ pub fn generated_bootstrap(config: &Path, extra: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).expect("UTF-8 YAML")
 }
+
+/// The generated bootstrap with only its port-443 listener, on loopback port `https`.
+pub fn https_only_bootstrap(config: &Path, https: u16) -> String {
+    let port = https.to_string();
+    generated_bootstrap(
+        config,
+        &["--address", "127.0.0.1", "--https-port", &port]
+            .into_iter()
+            .chain(["--http-port", "0", "--admin-port", "0"])
+            .collect::<Vec<_>>(),
+    )
+}

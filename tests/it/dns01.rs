@@ -92,20 +92,7 @@ async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left()
         return;
     };
     let https = free_port();
-    let port = https.to_string();
-    let bootstrap = testkit::envoy::generated_bootstrap(
-        &config,
-        &[
-            "--address",
-            "127.0.0.1",
-            "--https-port",
-            &port,
-            "--http-port",
-            "0",
-            "--admin-port",
-            "0",
-        ],
-    );
+    let bootstrap = testkit::envoy::https_only_bootstrap(&config, https);
     assert!(
         bootstrap.contains("server_names: [\"*.example.test\", \"example.test\"]"),
         "{bootstrap}"

@@ -34,20 +34,7 @@ async fn tls_alpn01_is_answered_through_envoys_port_443_and_other_handshakes_are
         ),
     )
     .unwrap();
-    let port = https.to_string();
-    let bootstrap = testkit::envoy::generated_bootstrap(
-        &config,
-        &[
-            "--address",
-            "127.0.0.1",
-            "--https-port",
-            &port,
-            "--http-port",
-            "0",
-            "--admin-port",
-            "0",
-        ],
-    );
+    let bootstrap = testkit::envoy::https_only_bootstrap(&config, https);
     assert!(
         bootstrap.contains("application_protocols: [\"acme-tls/1\"]"),
         "{bootstrap}"
