@@ -58,6 +58,12 @@ impl Bind {
     /// Starts named in `dir` serving `zone` (e.g. `example.test`), updatable with a fresh hmac-sha256 key
     /// named `acme-sds`, and waits (bounded) until it answers.
     pub fn start(dir: &Path, zone: &str) -> Option<Bind> {
+        Self::start_zones(dir, zone, &[], "")
+    }
+
+    /// The same with `more_zones` served (and updatable) too, and `records` (zone-file lines, names relative
+    /// to `zone`) in `zone`.
+    pub fn start_zones(dir: &Path, zone: &str, more_zones: &[&str], records: &str) -> Option<Bind> {
         let (named, dig) = bind_bins()?;
         std::fs::create_dir_all(dir).unwrap();
         let dir = dir.canonicalize().unwrap();
@@ -75,24 +81,35 @@ impl Bind {
             key_file_text("readonly", "hmac-sha256", &tsig_secret(32)),
         )
         .unwrap();
-        let zone_file = dir.join(format!("{zone}.zone"));
-        std::fs::write(
-            &zone_file,
-            format!(
-                "$TTL 60\n@ IN SOA ns1.{zone}. hostmaster.{zone}. 1 3600 600 86400 60\n@ IN NS ns1.{zone}.\nns1 IN A 127.0.0.1\n@ IN A 127.0.0.1\n"
-            ),
-        )
-        .unwrap();
+        // Each zone: its SOA and NS, the apex and ns1 on loopback, and `records` (zone-file lines) in the first.
+        let mut zones_conf = String::new();
+        for (i, z) in std::iter::once(zone)
+            .chain(more_zones.iter().copied())
+            .enumerate()
+        {
+            let zone_file = dir.join(format!("{z}.zone"));
+            std::fs::write(
+                &zone_file,
+                format!(
+                    "$TTL 60\n@ IN SOA ns1.{z}. hostmaster.{z}. 1 3600 600 86400 60\n@ IN NS ns1.{z}.\nns1 IN A 127.0.0.1\n@ IN A 127.0.0.1\n{}",
+                    if i == 0 { records } else { "" }
+                ),
+            )
+            .unwrap();
+            zones_conf.push_str(&format!(
+                "zone \"{z}\" {{\n  type primary;\n  file \"{}\";\n  update-policy {{ grant {key_name} zonesub TXT; }};\n}};\n",
+                zone_file.display()
+            ));
+        }
         let port = crate::pebble::free_dns_port();
         let conf = dir.join("named.conf");
         let d = dir.display();
         std::fs::write(
             &conf,
             format!(
-                "include \"{key}\";\ninclude \"{readonly}\";\noptions {{\n  directory \"{d}\";\n  pid-file \"{d}/named.pid\";\n  session-keyfile \"{d}/session.key\";\n  managed-keys-directory \"{d}\";\n  listen-on port {port} {{ 127.0.0.1; }};\n  listen-on-v6 {{ none; }};\n  recursion no;\n  dnssec-validation no;\n  notify no;\n  allow-query {{ any; }};\n}};\ncontrols {{ }};\nzone \"{zone}\" {{\n  type primary;\n  file \"{zf}\";\n  update-policy {{ grant {key_name} zonesub TXT; }};\n}};\n",
+                "include \"{key}\";\ninclude \"{readonly}\";\noptions {{\n  directory \"{d}\";\n  pid-file \"{d}/named.pid\";\n  session-keyfile \"{d}/session.key\";\n  managed-keys-directory \"{d}\";\n  listen-on port {port} {{ 127.0.0.1; }};\n  listen-on-v6 {{ none; }};\n  recursion no;\n  dnssec-validation no;\n  notify no;\n  allow-query {{ any; }};\n}};\ncontrols {{ }};\n{zones_conf}",
                 key = key_file.display(),
                 readonly = readonly_key_file.display(),
-                zf = zone_file.display(),
             ),
         )
         .unwrap();

@@ -310,3 +310,53 @@ async fn records_are_deleted_when_the_order_fails_and_after_a_crash() {
     });
     assert!(bind.txt(name).is_empty(), "{}", daemon.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_go_to_the_zone_that_holds_the_name_and_follow_a_cname() {
+    let dir = tempfile::tempdir().unwrap();
+    // A child zone on the same primary, and `_acme-challenge.delegated` handed to a third zone by CNAME.
+    let Some(bind) = Bind::start_zones(
+        &dir.path().join("bind"),
+        "example.test",
+        &["sub.example.test", "acme-delegation.test"],
+        "_acme-challenge.delegated IN CNAME delegated.acme-delegation.test.\n",
+    ) else {
+        return;
+    };
+    let dns = dns01(&bind, &bind.key_file);
+    let child = dns
+        .record_for("*.www.sub.example.test", "in-child")
+        .await
+        .unwrap();
+    assert_eq!(
+        (child.zone.as_str(), child.name.as_str()),
+        ("sub.example.test.", "_acme-challenge.www.sub.example.test.")
+    );
+    let delegated = dns
+        .record_for("delegated.example.test", "delegated-value")
+        .await
+        .unwrap();
+    assert_eq!(
+        (delegated.zone.as_str(), delegated.name.as_str()),
+        ("acme-delegation.test.", "delegated.acme-delegation.test.")
+    );
+    for r in [&child, &delegated] {
+        dns.add(r).await.unwrap();
+    }
+    dns.wait_served(&[child.clone(), delegated.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        bind.txt("_acme-challenge.www.sub.example.test"),
+        ["in-child"]
+    );
+    assert_eq!(
+        bind.txt("delegated.acme-delegation.test"),
+        ["delegated-value"]
+    );
+    for r in [&child, &delegated] {
+        dns.remove(r).await.unwrap();
+    }
+    assert!(bind.txt("delegated.acme-delegation.test").is_empty());
+    assert!(bind.txt("_acme-challenge.www.sub.example.test").is_empty());
+}

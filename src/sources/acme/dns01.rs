@@ -3,7 +3,8 @@
 //! primary (and any `check_nameservers`) polled until it serves the value, and the record deleted by value when
 //! the order ends.
 //!
-//! Records are appended, never replaced: an apex and its wildcard (`example.com`, `*.example.com`) need two
+//! A CNAME at `_acme-challenge.NAME` (delegating the records to another zone) is followed on the primary, as
+//! the CA follows it. Records are appended, never replaced: an apex and its wildcard (`example.com`, `*.example.com`) need two
 //! values under the same name at once, and another certificate's order may have one there too. Deleting by
 //! value removes only ours.
 //!
@@ -254,11 +255,16 @@ impl Dns01 {
         Dns01 { config, metrics }
     }
 
-    /// The record that holds `value` for the name `domain` (`*.` is dropped): its name, and the zone to update
-    /// (the configured one, or found with an SOA query to the primary).
+    /// The record that holds `value` for the name `domain` (`*.` is dropped): its name (`_acme-challenge.NAME`,
+    /// or where a CNAME there leads), and the zone to update (the configured one, or found with an SOA query
+    /// to the primary).
     pub async fn record_for(&self, domain: &str, value: &str) -> Result<TxtRecord, DnsError> {
-        let name = challenge_name(domain)?;
-        let zone = self.zone_for(&name).await.inspect_err(|e| {
+        let found = async {
+            let name = self.follow_cname(challenge_name(domain)?).await?;
+            let zone = self.zone_for(&name).await?;
+            Ok::<_, DnsError>((name, zone))
+        };
+        let (name, zone) = found.await.inspect_err(|e| {
             self.metrics.count_dns01_update("add", e.label());
         })?;
         Ok(TxtRecord {
@@ -358,6 +364,33 @@ impl Dns01 {
             }
         }
         Ok(())
+    }
+
+    /// Where the record for `name` goes: `name` itself, or where its CNAME chain ends (at most 8 links), as
+    /// the primary serves it. A site that delegates `_acme-challenge.NAME` to another zone with a CNAME (to
+    /// keep the update key away from its main zone) gets the record there; the CA follows the CNAME too.
+    async fn follow_cname(&self, mut name: Name) -> Result<Name, DnsError> {
+        for _ in 0..8 {
+            let mut query = Message::query();
+            query.metadata.recursion_desired = false;
+            query.add_query(Query::query(name.clone(), RecordType::CNAME));
+            let answer = self.exchange(&self.config.server, query, None).await?;
+            let target = answer.answers.iter().find_map(|r| match &r.data {
+                RData::CNAME(t) if r.name == name => Some(t.0.clone()),
+                _ => None,
+            });
+            match target {
+                Some(t) => {
+                    tracing::debug!(from = %name, to = %t, "the DNS-01 record's name is a CNAME; following it");
+                    name = t;
+                }
+                None => return Ok(name),
+            }
+        }
+        Err(DnsError::NoZone {
+            name: name.to_ascii(),
+            why: "a CNAME chain longer than 8 links".into(),
+        })
     }
 
     /// The zone to update for `name`: the configured one, or the one the primary's SOA answer names.
