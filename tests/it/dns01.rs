@@ -360,3 +360,85 @@ async fn records_go_to_the_zone_that_holds_the_name_and_follow_a_cname() {
     assert!(bind.txt("delegated.acme-delegation.test").is_empty());
     assert!(bind.txt("_acme-challenge.www.sub.example.test").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_dns01_order_is_taken_over_and_its_records_deleted_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(etcd) = testkit::etcd::EtcdCluster::start(&dir.path().join("etcd"), 1) else {
+        return;
+    };
+    let Some(bind) = Bind::start(&dir.path().join("bind"), "example.test") else {
+        return;
+    };
+    let mut opts = PebbleOptions::new(free_port());
+    opts.dns_server = Some(bind.addr);
+    opts.authz_reuse = 0;
+    opts.nonce_reject = 0;
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let storage_key = dir.path().join("storage.key");
+    std::fs::write(
+        &storage_key,
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n",
+    )
+    .unwrap();
+    // Two replicas on one etcd prefix. A waits for a secondary that never answers, so it is still in the
+    // order, its records in the zone, when it is killed.
+    let replica = |name: &str, dns01_extra: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let config = d.join("acme-sds.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\nencryption_key_file = \"{}\"\n\n[storage.etcd]\nendpoints = {}\nlock_ttl = \"2s\"\n\n[http01]\nlisten = \"127.0.0.1:0\"\n\n[dns01]\nserver = \"{}\"\ntsig_key_file = \"{}\"\n{dns01_extra}\n\n{}[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.test\", \"example.test\"]\nchallenge = \"dns-01\"\n",
+                d.join("sds.sock").display(),
+                storage_key.display(),
+                etcd.endpoints_toml(),
+                bind.addr,
+                bind.key_file.display(),
+                pebble.acme_table()
+            ),
+        )
+        .unwrap();
+        (d, config)
+    };
+    let silent = free_port();
+    let (_, a_config) = replica(
+        "a",
+        &format!("propagation_timeout = \"60s\"\ncheck_nameservers = [\"127.0.0.1:{silent}\"]"),
+    );
+    let mut a = Process::spawn(&["run", "--config", a_config.to_str().unwrap()], &[]);
+    a.wait_for_log("both records added", Duration::from_secs(30), |l| {
+        l.matches("DNS-01 record added").count() >= 2
+    });
+    a.signal("KILL");
+    a.wait_exit();
+    let name = "_acme-challenge.example.test";
+    assert_eq!(bind.txt(name).len(), 2, "left by the killed replica");
+
+    // B takes the certificate's lock once A's lease runs out, deletes what A listed in etcd, resumes A's
+    // order (no second order), and leaves nothing in the zone.
+    let (b_dir, b_config) = replica("b", "");
+    let b = Process::spawn(&["run", "--config", b_config.to_str().unwrap()], &[]);
+    b.wait_for_line("acme-sds started");
+    let mut client = uds_client(&b_dir.join("sds.sock")).await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["wild"])).await;
+    let r = s.recv_issued(Duration::from_secs(60)).await;
+    let chain = chain_ders(&decode_secret(&r.resources[0]));
+    verify_chain(&chain, &pebble.root_der().await, "www.example.test").unwrap();
+    b.wait_for_log("A's records and its own removed", WAIT, |l| {
+        l.matches("DNS-01 record removed").count() >= 4
+    });
+    let log = b.log();
+    assert!(log.contains("resuming the order in progress"), "{log}");
+    assert!(!log.contains("order created"), "one order only:\n{log}");
+    assert!(bind.txt(name).is_empty(), "{log}");
+    // Nothing of the order is left in etcd either.
+    let out = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/acme-sds/"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("/certs/wild"), "{listed}");
+    assert!(!listed.contains("dns-01"), "{listed}");
+}
