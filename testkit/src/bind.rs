@@ -34,6 +34,9 @@ pub struct Bind {
     pub key_name: String,
     /// A key named `readonly` that the server knows and `update-policy` grants nothing.
     pub readonly_key_file: PathBuf,
+    /// Keys granted like `key_file`, with hmac-sha384 (`acme-sds-384`) and hmac-sha512 (`acme-sds-512`).
+    pub sha384_key_file: PathBuf,
+    pub sha512_key_file: PathBuf,
     dir: PathBuf,
 }
 
@@ -81,6 +84,18 @@ impl Bind {
             key_file_text("readonly", "hmac-sha256", &tsig_secret(32)),
         )
         .unwrap();
+        let sha384_key_file = dir.join("acme-sds-384.key");
+        std::fs::write(
+            &sha384_key_file,
+            key_file_text("acme-sds-384", "hmac-sha384", &tsig_secret(48)),
+        )
+        .unwrap();
+        let sha512_key_file = dir.join("acme-sds-512.key");
+        std::fs::write(
+            &sha512_key_file,
+            key_file_text("acme-sds-512", "hmac-sha512", &tsig_secret(64)),
+        )
+        .unwrap();
         // Each zone: its SOA and NS, the apex and ns1 on loopback, and `records` (zone-file lines) in the first.
         let mut zones_conf = String::new();
         for (i, z) in std::iter::once(zone)
@@ -97,7 +112,7 @@ impl Bind {
             )
             .unwrap();
             zones_conf.push_str(&format!(
-                "zone \"{z}\" {{\n  type primary;\n  file \"{}\";\n  update-policy {{ grant {key_name} zonesub TXT; }};\n}};\n",
+                "zone \"{z}\" {{\n  type primary;\n  file \"{}\";\n  update-policy {{ grant {key_name} zonesub TXT; grant acme-sds-384 zonesub TXT; grant acme-sds-512 zonesub TXT; }};\n}};\n",
                 zone_file.display()
             ));
         }
@@ -107,9 +122,11 @@ impl Bind {
         std::fs::write(
             &conf,
             format!(
-                "include \"{key}\";\ninclude \"{readonly}\";\noptions {{\n  directory \"{d}\";\n  pid-file \"{d}/named.pid\";\n  session-keyfile \"{d}/session.key\";\n  managed-keys-directory \"{d}\";\n  listen-on port {port} {{ 127.0.0.1; }};\n  listen-on-v6 {{ none; }};\n  recursion no;\n  dnssec-validation no;\n  notify no;\n  allow-query {{ any; }};\n}};\ncontrols {{ }};\n{zones_conf}",
+                "include \"{key}\";\ninclude \"{readonly}\";\ninclude \"{k384}\";\ninclude \"{k512}\";\noptions {{\n  directory \"{d}\";\n  pid-file \"{d}/named.pid\";\n  session-keyfile \"{d}/session.key\";\n  managed-keys-directory \"{d}\";\n  listen-on port {port} {{ 127.0.0.1; }};\n  listen-on-v6 {{ none; }};\n  recursion no;\n  dnssec-validation no;\n  notify no;\n  allow-query {{ any; }};\n}};\ncontrols {{ }};\n{zones_conf}",
                 key = key_file.display(),
                 readonly = readonly_key_file.display(),
+                k384 = sha384_key_file.display(),
+                k512 = sha512_key_file.display(),
             ),
         )
         .unwrap();
@@ -157,6 +174,8 @@ impl Bind {
             key_file,
             key_name,
             readonly_key_file,
+            sha384_key_file,
+            sha512_key_file,
             dir,
         })
     }

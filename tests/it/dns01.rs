@@ -176,6 +176,17 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
     assert_eq!(deep.zone, "example.test.");
     dns.remove(&deep).await.unwrap();
 
+    // Every algorithm a BIND key may have here: hmac-sha384 and hmac-sha512 sign updates too.
+    for key in [&bind.sha384_key_file, &bind.sha512_key_file] {
+        let other = dns01(&bind, key);
+        other
+            .add(&apex)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", key.display()));
+        other.remove(&apex).await.unwrap();
+    }
+    assert!(bind.txt("_acme-challenge.example.test").is_empty());
+
     // Each refusal says which zone, and the server's answer in its own words.
     let wrong_secret = dir.path().join("wrong.key");
     std::fs::write(

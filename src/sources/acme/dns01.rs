@@ -666,6 +666,45 @@ mod tests {
         }
     }
 
+    /// Each answer a server can refuse an update with, as the operator reads it.
+    #[test]
+    fn refusals_are_told_in_the_servers_words_with_what_they_mean() {
+        let key = TsigKey::parse("key \"acme-sds\" { algorithm hmac-sha256; secret \"YWJj\"; };")
+            .unwrap();
+        for (code, tsig, says) in [
+            (
+                ResponseCode::NotAuth,
+                Some(TsigError::BadSig),
+                "NOTAUTH (BADSIG): the server has a key named \"acme-sds\" with another secret",
+            ),
+            (
+                ResponseCode::NotAuth,
+                Some(TsigError::BadKey),
+                "NOTAUTH (BADKEY): the server knows no key named \"acme-sds\"",
+            ),
+            (
+                ResponseCode::NotAuth,
+                Some(TsigError::BadTime),
+                "NOTAUTH (BADTIME): this host's clock",
+            ),
+            (
+                ResponseCode::Refused,
+                None,
+                "REFUSED: the key \"acme-sds\" is not allowed",
+            ),
+            (
+                ResponseCode::NotAuth,
+                None,
+                "NOTAUTH: the server is not authoritative",
+            ),
+            (ResponseCode::NotZone, None, "NOTZONE"),
+            (ResponseCode::ServFail, None, "SERVFAIL"),
+        ] {
+            let text = explain(code, tsig, &key);
+            assert!(text.starts_with(says), "{text}");
+        }
+    }
+
     #[test]
     fn records_are_under_the_base_name() {
         assert_eq!(
