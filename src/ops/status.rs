@@ -92,6 +92,9 @@ pub struct SecretStatus {
     /// For an on-demand certificate: how its name was allowed (`allow PATTERN`, `, ask URL`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_by: Option<String>,
+    /// For a configured ACME certificate: how the CA validates its names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<crate::values::Challenge>,
 }
 
 /// The issuers' plans, by secret name.
@@ -111,22 +114,22 @@ pub fn collect(
         .certificates
         .iter()
         .map(|c| {
-            let source = match &c.source {
-                CertificateSource::Acme { .. } => Source::Acme,
-                CertificateSource::Internal { .. } => Source::Internal,
-                CertificateSource::Files { .. } => Source::Files,
+            let (source, challenge) = match &c.source {
+                CertificateSource::Acme { challenge, .. } => (Source::Acme, Some(*challenge)),
+                CertificateSource::Internal { .. } => (Source::Internal, None),
+                CertificateSource::Files { .. } => (Source::Files, None),
             };
             let domains = c
                 .source
                 .issued_domains()
                 .map(|d| d.into_iter().map(str::to_owned).collect());
-            (c.name.to_string(), source, domains, None)
+            (c.name.to_string(), source, domains, None, challenge)
         })
         .chain(
             config
                 .trust_bundles
                 .iter()
-                .map(|b| (b.name.to_string(), Source::TrustBundle, None, None)),
+                .map(|b| (b.name.to_string(), Source::TrustBundle, None, None, None)),
         );
     let obtained = on_demand.iter().map(|(name, how)| {
         (
@@ -134,11 +137,12 @@ pub fn collect(
             Source::OnDemand,
             Some(vec![name.clone()]),
             Some(how.clone()),
+            None,
         )
     });
     configured
         .chain(obtained)
-        .map(|(name, source, domains, allowed_by)| {
+        .map(|(name, source, domains, allowed_by, challenge)| {
             let current = registry.get(&name);
             let summary = current.as_ref().map(|v| v.summary().clone());
             let plan = schedules.get(name.as_str());
@@ -162,6 +166,7 @@ pub fn collect(
                 source,
                 domains,
                 allowed_by,
+                challenge,
             }
         })
         .collect()

@@ -132,7 +132,9 @@ async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left()
         "{}",
         bind.log()
     );
-    // What happened is in the metrics too.
+    // What happened is in the status and the metrics too.
+    let status = http_get(admin, "/status");
+    assert!(status.contains("\"challenge\":\"dns-01\""), "{status}");
     let metrics = http_get(admin, "/metrics");
     for series in [
         "acme_sds_dns01_updates_total{action=\"add\",result=\"refused\"}",
