@@ -92,7 +92,7 @@ impl Config {
             .iter()
             .map(|c| (&c.access, &c.key))
             .chain(self.trust_bundles.iter().map(|b| (&b.access, &b.key)));
-        rules
+        let mut out: Vec<Problem> = rules
             .filter(|(access, _)| access.nodes.is_some() && access.clients.is_none())
             .map(|(_, key)| {
                 Problem::new(
@@ -101,7 +101,15 @@ impl Config {
                     "is the only rule on this secret, and a node id is whatever the client says it is: any caller that can reach a listener can claim a matching one. Add allowed_clients (mutual TLS), or admit only trusted callers to the listeners (allowed_uids, socket_mode)",
                 )
             })
-            .collect()
+            .collect();
+        if self.dns01.is_some() && !self.uses_dns01() {
+            out.push(Problem::new(
+                "dns01",
+                self.locations.line("dns01"),
+                "is set, but no certificate has challenge = \"dns-01\": nothing uses it",
+            ));
+        }
+        out
     }
 
     /// `problems` (a source's, found after parsing) as an error about this file, each given the line of

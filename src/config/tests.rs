@@ -603,6 +603,19 @@ fn dns01_takes_a_primary_and_a_key_and_allows_wildcards() {
     );
     assert!(d.zone.is_none() && d.check_nameservers.is_empty());
     assert!(cfg.uses_dns01() && !cfg.uses_tls_alpn01());
+    assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
+    let unused = parse_str(&format!(
+        "{acme}[dns01]\nserver = \"ns1.example.com\"\ntsig_key_file = \"k.key\"\n[[certificate]]\nname = \"a\"\ndomains = [\"a.example.com\"]\n"
+    ))
+    .unwrap();
+    let w = unused.warnings();
+    assert!(
+        w.len() == 1
+            && w[0].key == "dns01"
+            && w[0].line.is_some()
+            && w[0].message.contains("nothing uses it"),
+        "{w:?}"
+    );
     match &cfg.certificates[0].source {
         CertificateSource::Acme { domains, .. } => {
             assert_eq!(&*domains[0], "*.example.com");
