@@ -276,18 +276,12 @@ impl Dns01 {
 
     /// Adds `record` to its zone (appended: other values under the name stay).
     pub async fn add(&self, record: &TxtRecord) -> Result<(), DnsError> {
-        let r = self.try_add(record).await;
-        self.metrics
-            .count_dns01_update("add", r.as_ref().map_or_else(DnsError::label, |_| "ok"));
-        r
+        self.change(record, true).await
     }
 
     /// Deletes `record` (by value: other values under the name stay).
     pub async fn remove(&self, record: &TxtRecord) -> Result<(), DnsError> {
-        let r = self.try_remove(record).await;
-        self.metrics
-            .count_dns01_update("remove", r.as_ref().map_or_else(DnsError::label, |_| "ok"));
-        r
+        self.change(record, false).await
     }
 
     /// How long the zone's servers may take to serve a new record (`propagation_timeout`).
@@ -301,36 +295,27 @@ impl Dns01 {
         TsigKey::read(&self.config.tsig_key_file).map(|_| ())
     }
 
-    async fn try_add(&self, record: &TxtRecord) -> Result<(), DnsError> {
-        let key = TsigKey::read(&self.config.tsig_key_file)?;
-        let (name, zone) = parse_record(record)?;
-        let rrset = txt_rrset(&name, &record.value, TXT_TTL);
-        self.update(
-            &key,
-            &record.zone,
-            update_message::append(rrset, zone, false, false),
-        )
-        .await?;
-        tracing::info!(zone = record.zone, name = record.name, server = %self.config.server, "DNS-01 record added");
-        Ok(())
-    }
-
-    async fn try_remove(&self, record: &TxtRecord) -> Result<(), DnsError> {
-        let key = TsigKey::read(&self.config.tsig_key_file)?;
-        let (name, zone) = parse_record(record)?;
-        let rrset = txt_rrset(&name, &record.value, 0);
-        self.update(
-            &key,
-            &record.zone,
-            update_message::delete_by_rdata(rrset, zone, false),
-        )
-        .await?;
-        tracing::info!(
-            zone = record.zone,
-            name = record.name,
-            "DNS-01 record removed"
-        );
-        Ok(())
+    /// Adds (`add`) or deletes `record` with one signed update, counted in the metrics.
+    async fn change(&self, record: &TxtRecord, add: bool) -> Result<(), DnsError> {
+        let action = if add { "add" } else { "remove" };
+        let sent = async {
+            let key = TsigKey::read(&self.config.tsig_key_file)?;
+            let (name, zone) = parse_record(record)?;
+            let message = if add {
+                update_message::append(txt_rrset(&name, &record.value, TXT_TTL), zone, false, false)
+            } else {
+                update_message::delete_by_rdata(txt_rrset(&name, &record.value, 0), zone, false)
+            };
+            self.update(&key, &record.zone, message).await
+        };
+        let r = sent.await;
+        self.metrics
+            .count_dns01_update(action, r.as_ref().map_or_else(DnsError::label, |_| "ok"));
+        if r.is_ok() {
+            let done = if add { "added" } else { "removed" };
+            tracing::info!(zone = record.zone, name = record.name, server = %self.config.server, "DNS-01 record {done}");
+        }
+        r
     }
 
     /// Waits until the primary and every `check_nameservers` entry serve every value of `records`, polling
@@ -371,10 +356,13 @@ impl Dns01 {
     /// keep the update key away from its main zone) gets the record there; the CA follows the CNAME too.
     async fn follow_cname(&self, mut name: Name) -> Result<Name, DnsError> {
         for _ in 0..8 {
-            let mut query = Message::query();
-            query.metadata.recursion_desired = false;
-            query.add_query(Query::query(name.clone(), RecordType::CNAME));
-            let answer = self.exchange(&self.config.server, query, None).await?;
+            let answer = self
+                .exchange(
+                    &self.config.server,
+                    question(name.clone(), RecordType::CNAME),
+                    None,
+                )
+                .await?;
             let target = answer.answers.iter().find_map(|r| match &r.data {
                 RData::CNAME(t) if r.name == name => Some(t.0.clone()),
                 _ => None,
@@ -408,10 +396,13 @@ impl Dns01 {
             }
             return Ok(zone);
         }
-        let mut query = Message::query();
-        query.metadata.recursion_desired = false;
-        query.add_query(Query::query(name.clone(), RecordType::SOA));
-        let answer = self.exchange(&self.config.server, query, None).await?;
+        let answer = self
+            .exchange(
+                &self.config.server,
+                question(name.clone(), RecordType::SOA),
+                None,
+            )
+            .await?;
         let soa = answer
             .answers
             .iter()
@@ -436,10 +427,9 @@ impl Dns01 {
             name: name.to_owned(),
             why: e.to_string(),
         })?;
-        let mut query = Message::query();
-        query.metadata.recursion_desired = false;
-        query.add_query(Query::query(name, RecordType::TXT));
-        let answer = self.exchange(server, query, None).await?;
+        let answer = self
+            .exchange(server, question(name, RecordType::TXT), None)
+            .await?;
         Ok(answer
             .answers
             .iter()
@@ -551,6 +541,14 @@ fn parse_record(record: &TxtRecord) -> Result<(Name, Name), DnsError> {
         return Err(bad(format!("not in zone {}", record.zone)));
     }
     Ok((name, zone))
+}
+
+/// A query for `name`'s `kind` records, not asking the server to recurse (the answer is its own data).
+fn question(name: Name, kind: RecordType) -> Message {
+    let mut query = Message::query();
+    query.metadata.recursion_desired = false;
+    query.add_query(Query::query(name, kind));
+    query
 }
 
 /// `_acme-challenge.DOMAIN.`
