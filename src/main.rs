@@ -677,10 +677,14 @@ fn summary(config: &Config, loaded: &[(SecretName, SecretContent)]) -> String {
     if config.has_acme_certificates() {
         let _ = writeln!(out, "HTTP-01 responder: {}", config.http01.listen);
     }
-    if config.uses_tls_alpn01() {
+    if config.uses_challenge(acme_sds::values::Challenge::TlsAlpn01) {
         let _ = writeln!(out, "TLS-ALPN-01 responder: {}", config.tls_alpn01.listen);
     }
-    if let Some(d) = config.dns01.as_ref().filter(|_| config.uses_dns01()) {
+    if let Some(d) = config
+        .dns01
+        .as_ref()
+        .filter(|_| config.uses_challenge(acme_sds::values::Challenge::Dns01))
+    {
         let _ = writeln!(
             out,
             "DNS-01 updates: to {} in zone {}, signed with {}; records must be served within {}s",

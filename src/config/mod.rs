@@ -102,7 +102,7 @@ impl Config {
                 )
             })
             .collect();
-        if self.dns01.is_some() && !self.uses_dns01() {
+        if self.dns01.is_some() && !self.uses_challenge(crate::values::Challenge::Dns01) {
             out.push(Problem::new(
                 "dns01",
                 self.locations.line("dns01"),
@@ -130,29 +130,11 @@ impl Config {
         }
     }
 
-    /// Whether a certificate is validated over TLS-ALPN-01 (then the `[tls_alpn01]` responder runs).
-    pub fn uses_tls_alpn01(&self) -> bool {
+    /// Whether some certificate is validated with `challenge` (TLS-ALPN-01 starts its responder, DNS-01 needs
+    /// `[dns01]`).
+    pub fn uses_challenge(&self, challenge: crate::values::Challenge) -> bool {
         self.certificates.iter().any(|c| {
-            matches!(
-                c.source,
-                CertificateSource::Acme {
-                    challenge: crate::values::Challenge::TlsAlpn01,
-                    ..
-                }
-            )
-        })
-    }
-
-    /// Whether a certificate is validated over DNS-01 (then `[dns01]` is set).
-    pub fn uses_dns01(&self) -> bool {
-        self.certificates.iter().any(|c| {
-            matches!(
-                c.source,
-                CertificateSource::Acme {
-                    challenge: crate::values::Challenge::Dns01,
-                    ..
-                }
-            )
+            matches!(&c.source, CertificateSource::Acme { challenge: used, .. } if *used == challenge)
         })
     }
 

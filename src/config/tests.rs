@@ -553,7 +553,7 @@ fn the_challenge_is_chosen_per_certificate() {
         "{acme}[tls_alpn01]\nlisten = \"127.0.0.1:9444\"\n[[certificate]]\nname = \"a\"\ndomains = [\"a.example.com\"]\nchallenge = \"tls-alpn-01\"\n[[certificate]]\nname = \"b\"\ndomains = [\"b.example.com\"]\n"
     ))
     .unwrap();
-    assert!(cfg.uses_tls_alpn01());
+    assert!(cfg.uses_challenge(crate::values::Challenge::TlsAlpn01));
     assert_eq!(cfg.tls_alpn01.listen.port(), 9444);
     let challenges: Vec<_> = cfg
         .certificates
@@ -602,7 +602,10 @@ fn dns01_takes_a_primary_and_a_key_and_allows_wildcards() {
         crate::config::DEFAULT_PROPAGATION_TIMEOUT
     );
     assert!(d.zone.is_none() && d.check_nameservers.is_empty());
-    assert!(cfg.uses_dns01() && !cfg.uses_tls_alpn01());
+    assert!(
+        cfg.uses_challenge(crate::values::Challenge::Dns01)
+            && !cfg.uses_challenge(crate::values::Challenge::TlsAlpn01)
+    );
     assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
     let unused = parse_str(&format!(
         "{acme}[dns01]\nserver = \"ns1.example.com\"\ntsig_key_file = \"k.key\"\n[[certificate]]\nname = \"a\"\ndomains = [\"a.example.com\"]\n"

@@ -476,7 +476,9 @@ impl Running {
                 Ok(())
             });
         }
-        if config.uses_tls_alpn01() && self.tls_alpn01_addr.is_none() {
+        if config.uses_challenge(crate::values::Challenge::TlsAlpn01)
+            && self.tls_alpn01_addr.is_none()
+        {
             let addr = config.tls_alpn01.listen;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
