@@ -24,6 +24,20 @@ fn s(y: &Yaml) -> &str {
     y.as_str().unwrap_or_else(|| panic!("not a string: {y:?}"))
 }
 
+/// The Service exposes the SDS port and the HTTP-01 port, by the names Istio reads the protocols from.
+fn assert_serves_sds_and_acme(svc: &Yaml) {
+    let ports: Vec<&str> = svc["spec"]["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| s(&p["name"]))
+        .collect();
+    assert!(
+        ports.contains(&"grpc-sds") && ports.contains(&"http-acme"),
+        "{ports:?}"
+    );
+}
+
 /// Every embedded acme-sds.toml passes acme-sds's own validation.
 fn check_embedded_config(doc: &Yaml) {
     let toml = s(&doc["data"]["acme-sds.toml"]);
@@ -39,16 +53,7 @@ fn kubernetes_manifests() {
     assert_eq!(of_kind(&d, "PersistentVolumeClaim").len(), 1);
 
     let svc = of_kind(&d, "Service")[0];
-    let ports: Vec<&str> = svc["spec"]["ports"]
-        .as_vec()
-        .unwrap()
-        .iter()
-        .map(|p| s(&p["name"]))
-        .collect();
-    assert!(
-        ports.contains(&"grpc-sds") && ports.contains(&"http-acme"),
-        "{ports:?}"
-    );
+    assert_serves_sds_and_acme(svc);
 
     let dep = of_kind(&d, "Deployment")[0];
     let pod = &dep["spec"]["template"]["spec"];
@@ -133,16 +138,7 @@ fn kubernetes_replicas_manifests() {
         svc["spec"]["publishNotReadyAddresses"].as_bool(),
         Some(true)
     );
-    let ports: Vec<&str> = svc["spec"]["ports"]
-        .as_vec()
-        .unwrap()
-        .iter()
-        .map(|p| s(&p["name"]))
-        .collect();
-    assert!(
-        ports.contains(&"grpc-sds") && ports.contains(&"http-acme"),
-        "{ports:?}"
-    );
+    assert_serves_sds_and_acme(svc);
 }
 
 #[test]
