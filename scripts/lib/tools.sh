@@ -27,6 +27,8 @@ missing_tools() {
   # nsupdate plays another tool sharing the zone. Debian puts named in /usr/sbin.
   { command -v named || test -x /usr/sbin/named; } >/dev/null 2>&1 || echo bind9
   { command -v dig && command -v nsupdate; } >/dev/null 2>&1 || echo bind9-dnsutils
+  # Knot DNS is the second RFC 2136 server the DNS-01 updates are checked against (knotd, /usr/sbin).
+  { command -v knotd || test -x /usr/sbin/knotd; } >/dev/null 2>&1 || echo knot
   if [ -z "${ENVOY_BIN:-}" ] && [ -z "$(find_envoy)" ]; then echo envoy; fi
   python3 -c 'import grpc' >/dev/null 2>&1 || echo grpcio
 }

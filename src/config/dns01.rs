@@ -18,7 +18,7 @@ use crate::values::{DnsName, ServerAddr};
 pub struct Dns01Config {
     /// `server`: the zone's primary, which takes the updates (port 53 unless given).
     pub server: ServerAddr,
-    /// `tsig_key_file`: the TSIG key, in BIND's `key "name" { algorithm ...; secret "..."; };` form.
+    /// `tsig_key_file`: the TSIG key, in BIND's (`tsig-keygen`) or Knot's (`keymgr -t`) format.
     pub tsig_key_file: PathBuf,
     /// `zone`: the zone to update; found by an SOA query to `server` when absent.
     pub zone: Option<DnsName>,
@@ -58,7 +58,7 @@ impl Validator<'_> {
                 self.problem(
                     "dns01.tsig_key_file",
                     line,
-                    "is required: a TSIG key in BIND's format (`tsig-keygen -a hmac-sha256 acme-sds` writes one)",
+                    "is required: a TSIG key in BIND's or Knot's format (`tsig-keygen -a hmac-sha256 acme-sds` or `keymgr -t acme-sds hmac-sha256` writes one)",
                 );
                 None
             }

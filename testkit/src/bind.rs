@@ -57,6 +57,23 @@ pub fn key_file_text(name: &str, algorithm: &str, secret: &str) -> String {
     format!("key \"{name}\" {{\n\talgorithm {algorithm};\n\tsecret \"{secret}\";\n}};\n")
 }
 
+/// The TXT values `name` has on the server at `addr` right now (asked with `dig`, over TCP, bounded).
+pub fn dig_txt(dig: &Path, addr: SocketAddr, name: &str) -> Vec<String> {
+    let out = Command::new(dig)
+        .args(["+short", "+tcp", "+time=2", "+tries=2", "-p"])
+        .arg(addr.port().to_string())
+        .arg(format!("@{}", addr.ip()))
+        .args([name, "TXT"])
+        .output()
+        .expect("run dig");
+    assert!(out.status.success(), "dig: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().trim_matches('"').to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
 impl Bind {
     /// Starts named in `dir` serving `zone` (e.g. `example.test`), updatable with a fresh hmac-sha256 key
     /// named `acme-sds`, and waits (bounded) until it answers.
@@ -182,19 +199,7 @@ impl Bind {
 
     /// The TXT values `name` has on this server right now (asked with `dig`, over TCP, bounded).
     pub fn txt(&self, name: &str) -> Vec<String> {
-        let out = Command::new(&self.dig)
-            .args(["+short", "+tcp", "+time=2", "+tries=2", "-p"])
-            .arg(self.addr.port().to_string())
-            .arg("@127.0.0.1")
-            .args([name, "TXT"])
-            .output()
-            .expect("run dig");
-        assert!(out.status.success(), "dig: {out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().trim_matches('"').to_owned())
-            .filter(|l| !l.is_empty())
-            .collect()
+        dig_txt(&self.dig, self.addr, name)
     }
 
     /// Adds a TXT value with `nsupdate` (Debian `bind9-dnsutils`), as another tool sharing the zone would.

@@ -14,6 +14,7 @@ pub fn in_ci() -> bool {
 pub mod bind;
 pub mod envoy;
 pub mod etcd;
+pub mod knot;
 pub mod pebble;
 
 mod daemon;

@@ -1,7 +1,9 @@
 //! DNS-01 over RFC 2136 against a real BIND: a wildcard and its apex issued in one order with Pebble looking the
 //! records up in BIND, another tool's record under the same name untouched, nothing of ours left behind, and
-//! every way the server can say no reported with the zone and the server's answer.
+//! every way the server can say no reported with the zone and the server's answer; the same against Knot DNS.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use acme_sds::config::Dns01Config;
@@ -9,13 +11,14 @@ use acme_sds::metrics::Metrics;
 use acme_sds::sources::acme::dns01::{Dns01, DnsError};
 use acme_sds::values::{DnsName, ServerAddr};
 use testkit::bind::{Bind, key_file_text, tsig_secret};
+use testkit::knot::Knot;
 use testkit::pebble::{Pebble, PebbleOptions, free_port, verify_chain};
 use testkit::*;
 
-fn dns01(bind: &Bind, key_file: &std::path::Path) -> Dns01 {
+fn dns01(server: SocketAddr, key_file: &Path) -> Dns01 {
     Dns01::new(
         Dns01Config {
-            server: ServerAddr::new(&bind.addr.to_string(), 53).unwrap(),
+            server: ServerAddr::new(&server.to_string(), 53).unwrap(),
             tsig_key_file: key_file.to_owned(),
             zone: None,
             propagation_timeout: Duration::from_secs(10),
@@ -151,7 +154,7 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
     let Some(bind) = Bind::start(&dir.path().join("bind"), "example.test") else {
         return;
     };
-    let dns = dns01(&bind, &bind.key_file);
+    let dns = dns01(bind.addr, &bind.key_file);
     // Two values under one name (an apex and its wildcard), found in the zone by its SOA.
     let add = async |domain: &str, value: &str| {
         let r = dns.record_for(domain, value).await?;
@@ -180,7 +183,7 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
 
     // Every algorithm a BIND key may have here: hmac-sha384 and hmac-sha512 sign updates too.
     for key in [&bind.sha384_key_file, &bind.sha512_key_file] {
-        let other = dns01(&bind, key);
+        let other = dns01(bind.addr, key);
         other
             .add(&apex)
             .await
@@ -207,7 +210,7 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
         (unknown.as_path(), "NOTAUTH (BADKEY)"),
         (bind.readonly_key_file.as_path(), "REFUSED"),
     ] {
-        let e = dns01(&bind, key).add(&apex).await.expect_err("refused");
+        let e = dns01(bind.addr, key).add(&apex).await.expect_err("refused");
         assert!(matches!(e, DnsError::Refused { .. }), "{e:?}");
         let text = e.to_string();
         assert!(
@@ -245,16 +248,22 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
     assert!(e.to_string().contains("not in dns01.zone"), "{e}");
 }
 
-/// The config of a daemon that validates `*.example.test` and `example.test` over DNS-01 at `bind`, with
-/// `extra` lines in `[dns01]`.
-fn dns01_config(dir: &std::path::Path, bind: &Bind, pebble: &Pebble, extra: &str) -> String {
+/// The config of a daemon that validates `*.example.test` and `example.test` over DNS-01 at `server` with
+/// `key_file`, with `extra` lines in `[dns01]`.
+fn dns01_config(
+    dir: &Path,
+    server: SocketAddr,
+    key_file: &Path,
+    pebble: &Pebble,
+    extra: &str,
+) -> String {
     format!(
         "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:{}\"\n\n[dns01]\nserver = \"{}\"\ntsig_key_file = \"{}\"\n{extra}\n\n{}[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.test\", \"example.test\"]\nchallenge = \"dns-01\"\n",
         dir.join("sds.sock").display(),
         dir.join("data").display(),
         free_port(),
-        bind.addr,
-        bind.key_file.display(),
+        server,
+        key_file.display(),
         pebble.acme_table()
     )
 }
@@ -277,7 +286,8 @@ async fn records_are_deleted_when_the_order_fails_and_after_a_crash() {
     let silent_secondary = |timeout: &str| {
         dns01_config(
             dir.path(),
-            &bind,
+            bind.addr,
+            &bind.key_file,
             &pebble,
             &format!(
                 "propagation_timeout = \"{timeout}\"\ncheck_nameservers = [\"127.0.0.1:{silent}\"]"
@@ -311,7 +321,11 @@ async fn records_are_deleted_when_the_order_fails_and_after_a_crash() {
 
     // The next start (any replica) deletes them before it orders again; the certificate is then issued and
     // nothing is left.
-    std::fs::write(&config, dns01_config(dir.path(), &bind, &pebble, "")).unwrap();
+    std::fs::write(
+        &config,
+        dns01_config(dir.path(), bind.addr, &bind.key_file, &pebble, ""),
+    )
+    .unwrap();
     let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
     daemon.wait_for_line("acme-sds started");
     let mut client = uds_client(&dir.path().join("sds.sock")).await;
@@ -336,7 +350,7 @@ async fn records_go_to_the_zone_that_holds_the_name_and_follow_a_cname() {
     ) else {
         return;
     };
-    let dns = dns01(&bind, &bind.key_file);
+    let dns = dns01(bind.addr, &bind.key_file);
     let child = dns
         .record_for("*.www.sub.example.test", "in-child")
         .await
@@ -454,4 +468,81 @@ async fn a_replica_killed_mid_dns01_order_is_taken_over_and_its_records_deleted_
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains("/certs/wild"), "{listed}");
     assert!(!listed.contains("dns-01"), "{listed}");
+}
+
+/// Knot DNS, a second RFC 2136 implementation (not BIND's code): its refusals are named in its words, and a
+/// wildcard and its apex are issued in one order with Pebble reading the records from Knot, nothing left after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knot_dns_takes_the_updates_and_its_refusals_are_named_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(knot) = Knot::start(&dir.path().join("knot"), "example.test") else {
+        return;
+    };
+    let wrong_secret = dir.path().join("wrong.key");
+    std::fs::write(
+        &wrong_secret,
+        key_file_text("acme-sds", "hmac-sha256", &tsig_secret(32)),
+    )
+    .unwrap();
+    let unknown = dir.path().join("unknown.key");
+    std::fs::write(
+        &unknown,
+        key_file_text("nobody", "hmac-sha256", &tsig_secret(32)),
+    )
+    .unwrap();
+    let dns = dns01(knot.addr, &knot.key_file);
+    let record = dns
+        .record_for("example.test", "probe")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", knot.log()));
+    assert_eq!(record.zone, "example.test.");
+    for (key, answer) in [
+        (wrong_secret.as_path(), "NOTAUTH (BADSIG)"),
+        (unknown.as_path(), "NOTAUTH (BADKEY)"),
+    ] {
+        let e = dns01(knot.addr, key)
+            .add(&record)
+            .await
+            .expect_err("refused");
+        let text = e.to_string();
+        assert!(
+            matches!(e, DnsError::Refused { .. })
+                && text.contains("zone example.test")
+                && text.contains(answer),
+            "{answer}: {text}\n{}",
+            knot.log()
+        );
+    }
+
+    let mut opts = PebbleOptions::new(free_port()); // nothing answers HTTP-01: only DNS-01 can pass
+    opts.dns_server = Some(knot.addr);
+    opts.authz_reuse = 0;
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(
+        &config,
+        dns01_config(dir.path(), knot.addr, &knot.key_file, &pebble, ""),
+    )
+    .unwrap();
+    let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    daemon.wait_for_line("acme-sds started");
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["wild"])).await;
+    let r = s.recv_issued(Duration::from_secs(60)).await;
+    let chain = chain_ders(&decode_secret(&r.resources[0]));
+    let root = pebble.root_der().await;
+    for name in ["example.test", "www.example.test"] {
+        verify_chain(&chain, &root, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    daemon.wait_for_log("both records removed", WAIT, |l| {
+        l.matches("DNS-01 record removed").count() >= 2
+    });
+    assert!(
+        knot.txt("_acme-challenge.example.test").is_empty(),
+        "{}",
+        knot.log()
+    );
 }

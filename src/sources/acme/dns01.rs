@@ -85,7 +85,7 @@ pub enum DnsError {
     },
 }
 
-/// A TSIG key as BIND writes it (`tsig-keygen`): its name, algorithm and secret.
+/// A TSIG key as BIND (`tsig-keygen`) or Knot (`keymgr -t`) writes it: its name, algorithm and secret.
 pub struct TsigKey {
     signer: TSigner,
 }
@@ -101,7 +101,7 @@ impl std::fmt::Debug for TsigKey {
 }
 
 impl TsigKey {
-    /// Reads the first `key "name" { algorithm ...; secret "..."; };` statement of the file at `path`.
+    /// Reads the key file at `path` (see [`TsigKey::parse`]).
     pub fn read(path: &Path) -> Result<TsigKey, DnsError> {
         let err = |why: String| DnsError::Key {
             path: path.to_owned(),
@@ -113,63 +113,116 @@ impl TsigKey {
         TsigKey::parse(&text).map_err(err)
     }
 
-    /// Parses BIND's key statement (comments `#`, `//` and `/* */` allowed); the error says what is wrong.
+    /// Parses a key file in BIND's format (`tsig-keygen`, `ddns-confgen`: the first `key "name" { algorithm
+    /// ...; secret "..."; };`, comments `#`, `//` and `/* */` allowed) or Knot's (`keymgr -t NAME`: a YAML
+    /// `key:` list with `id`, `algorithm` and `secret`); the error says what is wrong.
     pub fn parse(text: &str) -> Result<TsigKey, String> {
         let tokens = tokenize(text)?;
-        let mut it = tokens.iter().map(String::as_str).peekable();
-        while let Some(t) = it.next() {
-            if t != "key" {
-                continue;
+        let (name, algorithm, secret) = match bind_key(&tokens)? {
+            Some(key) => key,
+            None => knot_key(text)?.ok_or(
+                "no `key \"name\" { algorithm hmac-sha256; secret \"...\"; };` statement (BIND, `tsig-keygen`) or `key:` list with `id`, `algorithm` and `secret` (Knot, `keymgr -t`)",
+            )?,
+        };
+        let algorithm = match algorithm.to_ascii_lowercase().as_str() {
+            "hmac-sha256" => TsigAlgorithm::HmacSha256,
+            "hmac-sha384" => TsigAlgorithm::HmacSha384,
+            "hmac-sha512" => TsigAlgorithm::HmacSha512,
+            other => {
+                return Err(format!(
+                    "key {name:?}: algorithm {other} is not supported: use hmac-sha256, hmac-sha384 or hmac-sha512 (`tsig-keygen -a hmac-sha256 NAME`)"
+                ));
             }
-            let name = it.next().ok_or("`key` without a name")?;
-            if it.next() != Some("{") {
-                return Err(format!("expected `{{` after key {name:?}"));
-            }
-            let (mut algorithm, mut secret) = (None, None);
-            loop {
-                match it.next() {
-                    Some("}") => break,
-                    Some("algorithm") => algorithm = it.next(),
-                    Some("secret") => secret = it.next(),
-                    Some(";") => continue,
-                    Some(other) => {
-                        return Err(format!("unexpected {other:?} in key {name:?}"));
-                    }
-                    None => return Err(format!("key {name:?} is not closed with `}};`")),
-                }
-                if it.next() != Some(";") {
-                    return Err(format!("expected `;` in key {name:?}"));
-                }
-            }
-            let algorithm = match algorithm.map(str::to_ascii_lowercase).as_deref() {
-                Some("hmac-sha256") => TsigAlgorithm::HmacSha256,
-                Some("hmac-sha384") => TsigAlgorithm::HmacSha384,
-                Some("hmac-sha512") => TsigAlgorithm::HmacSha512,
-                Some(other) => {
-                    return Err(format!(
-                        "key {name:?}: algorithm {other} is not supported: use hmac-sha256, hmac-sha384 or hmac-sha512 (`tsig-keygen -a hmac-sha256 NAME`)"
-                    ));
-                }
-                None => return Err(format!("key {name:?} has no `algorithm`")),
-            };
-            let secret = secret.ok_or_else(|| format!("key {name:?} has no `secret`"))?;
-            use base64::Engine;
-            let secret = zeroize::Zeroizing::new(
-                base64::engine::general_purpose::STANDARD
-                    .decode(secret)
-                    .map_err(|_| format!("key {name:?}: the secret is not base64"))?,
-            );
-            if secret.is_empty() {
-                return Err(format!("key {name:?}: the secret is empty"));
-            }
-            let key_name = Name::from_ascii(name)
-                .map_err(|e| format!("key name {name:?} is not a DNS name: {e}"))?;
-            let signer = TSigner::new(secret.to_vec(), algorithm, key_name, FUDGE)
-                .map_err(|e| format!("key {name:?}: {e}"))?;
-            return Ok(TsigKey { signer });
+        };
+        use base64::Engine;
+        let secret = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(secret)
+                .map_err(|_| format!("key {name:?}: the secret is not base64"))?,
+        );
+        if secret.is_empty() {
+            return Err(format!("key {name:?}: the secret is empty"));
         }
-        Err("no `key \"name\" { algorithm hmac-sha256; secret \"...\"; };` statement".into())
+        let key_name = Name::from_ascii(name)
+            .map_err(|e| format!("key name {name:?} is not a DNS name: {e}"))?;
+        let signer = TSigner::new(secret.to_vec(), algorithm, key_name, FUDGE)
+            .map_err(|e| format!("key {name:?}: {e}"))?;
+        Ok(TsigKey { signer })
     }
+}
+
+/// The name, algorithm and secret of BIND's first `key` statement, `None` when there is none.
+fn bind_key(tokens: &[String]) -> Result<Option<(&str, &str, &str)>, String> {
+    let mut it = tokens.iter().map(String::as_str);
+    while let Some(t) = it.next() {
+        if t != "key" {
+            continue;
+        }
+        let name = it.next().ok_or("`key` without a name")?;
+        if it.next() != Some("{") {
+            return Err(format!("expected `{{` after key {name:?}"));
+        }
+        let (mut algorithm, mut secret) = (None, None);
+        loop {
+            match it.next() {
+                Some("}") => break,
+                Some("algorithm") => algorithm = it.next(),
+                Some("secret") => secret = it.next(),
+                Some(";") => continue,
+                Some(other) => return Err(format!("unexpected {other:?} in key {name:?}")),
+                None => return Err(format!("key {name:?} is not closed with `}};`")),
+            }
+            if it.next() != Some(";") {
+                return Err(format!("expected `;` in key {name:?}"));
+            }
+        }
+        let algorithm = algorithm.ok_or_else(|| format!("key {name:?} has no `algorithm`"))?;
+        let secret = secret.ok_or_else(|| format!("key {name:?} has no `secret`"))?;
+        return Ok(Some((name, algorithm, secret)));
+    }
+    Ok(None)
+}
+
+/// The first key of Knot's `key:` list as `keymgr -t` writes it (`  - id: NAME`, then `algorithm:` and
+/// `secret:` lines), `None` when there is none. Only that shape is read, not YAML at large.
+fn knot_key(text: &str) -> Result<Option<(&str, &str, &str)>, String> {
+    let mut lines = text
+        .lines()
+        .map(|l| l.split_once('#').map_or(l, |(code, _)| code).trim_end())
+        .filter(|l| !l.is_empty())
+        .skip_while(|l| *l != "key:");
+    if lines.next().is_none() {
+        return Ok(None);
+    }
+    let (mut name, mut algorithm, mut secret) = (None, None, None);
+    for line in lines {
+        if !line.starts_with([' ', '\t', '-']) {
+            break; // the next section
+        }
+        let mut field = line.trim_start();
+        if let Some(rest) = field.strip_prefix('-') {
+            if name.is_some() {
+                break; // the next key
+            }
+            field = rest.trim_start();
+        }
+        let Some((k, v)) = field.split_once(':') else {
+            return Err(format!(
+                "expected `field: value` in Knot's `key:` list, not {field:?}"
+            ));
+        };
+        let v = v.trim().trim_matches(['"', '\'']);
+        match k.trim() {
+            "id" => name = Some(v),
+            "algorithm" => algorithm = Some(v),
+            "secret" => secret = Some(v),
+            _ => {}
+        }
+    }
+    let name = name.ok_or("Knot's `key:` list has no `- id:`")?;
+    let algorithm = algorithm.ok_or_else(|| format!("key {name:?} has no `algorithm`"))?;
+    let secret = secret.ok_or_else(|| format!("key {name:?} has no `secret`"))?;
+    Ok(Some((name, algorithm, secret)))
 }
 
 /// Words, quoted strings and the punctuation `{`, `}`, `;` of a BIND configuration text, comments dropped.
@@ -623,7 +676,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bind_key_files_are_read_and_bad_ones_named() {
+    fn bind_and_knot_key_files_are_read_and_bad_ones_named() {
         let good = "# made by tsig-keygen\nkey \"acme-sds\" {\n\talgorithm hmac-sha256;\n\tsecret \"c2VjcmV0LXNlY3JldC1zZWNyZXQ=\";\n};\n";
         let key = TsigKey::parse(good).unwrap();
         assert_eq!(key.signer.signer_name().to_ascii(), "acme-sds.");
@@ -632,6 +685,16 @@ mod tests {
             !format!("{key:?}").contains("c2Vj"),
             "the secret is not shown"
         );
+        // What `ddns-confgen -k mykey -z example.com` prints: the key between its instructions.
+        let confgen = "# To activate this key, place the following in named.conf, and\n# in a separate keyfile:\nkey \"mykey\" {\n\talgorithm hmac-sha384;\n\tsecret \"YWJjZGVm\";\n};\n\n# ... place an \"update-policy\" statement like this one:\nupdate-policy {\n\t  grant mykey zonesub ANY;\n};\nnsupdate -k <keyfile>\n";
+        let key = TsigKey::parse(confgen).unwrap();
+        assert_eq!(key.signer.signer_name().to_ascii(), "mykey.");
+        assert_eq!(*key.signer.algorithm(), TsigAlgorithm::HmacSha384);
+        // What Knot's `keymgr -t acme-sds hmac-sha512` prints, after another section.
+        let keymgr = "server:\n    listen: 0.0.0.0@53\n# hmac-sha512:acme-sds:YWJjZGVm\nkey:\n  - id: acme-sds\n    algorithm: hmac-sha512\n    secret: YWJjZGVm\n  - id: other\n    algorithm: hmac-sha256\n    secret: eHl6\nacl:\n  - id: update\n";
+        let key = TsigKey::parse(keymgr).unwrap();
+        assert_eq!(key.signer.signer_name().to_ascii(), "acme-sds.");
+        assert_eq!(*key.signer.algorithm(), TsigAlgorithm::HmacSha512);
         let spaced =
             "/* two */ key acme.example. { algorithm HMAC-SHA512 ; secret \"YWJj\" ; } ; // x";
         assert_eq!(
@@ -640,6 +703,12 @@ mod tests {
         );
         for (text, says) in [
             ("", "no `key"),
+            ("key:\n  - id: k\n    secret: YWJj\n", "no `algorithm`"),
+            (
+                "key:\n  - id: k\n    algorithm: hmac-md5\n    secret: YWJj\n",
+                "hmac-md5 is not supported",
+            ),
+            ("key:\n  - algorithm: hmac-sha256\n", "no `- id:`"),
             (
                 "key \"k\" { algorithm hmac-md5; secret \"YWJj\"; };",
                 "hmac-md5 is not supported",
