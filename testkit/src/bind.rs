@@ -2,7 +2,6 @@
 //! accepts RFC 2136 updates signed with a TSIG key (`update-policy { grant <key> zonesub TXT; }`), its journal and
 //! log in the test's directory. `dig` (Debian `bind9-dnsutils`) reads what the zone serves.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -158,18 +157,7 @@ impl Bind {
             .expect("start named");
         // named -g logs to stderr; "running" means the zone is loaded and the sockets are open.
         let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log_path = log.clone();
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut file = std::fs::File::create(log_path).ok();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(f) = file.as_mut() {
-                    let _ = writeln!(f, "{line}");
-                }
-                let _ = tx.send(line);
-            }
-        });
+        let rx = crate::tee_lines(stderr, log.clone());
         let deadline = Instant::now() + WAIT;
         loop {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {

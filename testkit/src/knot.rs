@@ -3,7 +3,6 @@
 //! on a free loopback port, serving one zone that accepts TXT updates signed with an hmac-sha256 TSIG key (an
 //! `acl` with `action: update`, `update-type: [TXT]`), its database, journal and log in the test's directory.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -76,18 +75,7 @@ impl Knot {
             .spawn()
             .expect("start knotd");
         let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log_path = log.clone();
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut file = std::fs::File::create(log_path).ok();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(f) = file.as_mut() {
-                    let _ = writeln!(f, "{line}");
-                }
-                let _ = tx.send(line);
-            }
-        });
+        let rx = crate::tee_lines(stderr, log.clone());
         // The zone is loaded after the sockets are bound ("[zone.] loaded, serial ..."); both are logged
         // once, in either order.
         let (mut started, mut loaded) = (false, false);

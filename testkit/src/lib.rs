@@ -55,3 +55,26 @@ pub fn tools_on_path(
         }
     }
 }
+
+/// Copies a child's output to the file at `log`, line by line, and sends each line to the receiver returned
+/// (a server's start-up is awaited on it, bounded, with `recv_timeout`).
+pub fn tee_lines(
+    output: impl std::io::Read + Send + 'static,
+    log: std::path::PathBuf,
+) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, Write};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut file = std::fs::File::create(log).ok();
+        for line in std::io::BufReader::new(output)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(f) = file.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}

@@ -3,12 +3,12 @@
 //! every way the server can say no reported with the zone and the server's answer; the same against Knot DNS.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use acme_sds::config::Dns01Config;
 use acme_sds::metrics::Metrics;
-use acme_sds::sources::acme::dns01::{Dns01, DnsError};
+use acme_sds::sources::acme::dns01::{Dns01, DnsError, TxtRecord};
 use acme_sds::values::{DnsName, ServerAddr};
 use testkit::bind::{Bind, key_file_text, tsig_secret};
 use testkit::knot::Knot;
@@ -28,6 +28,73 @@ fn dns01(server: SocketAddr, key_file: &Path) -> Dns01 {
     )
 }
 
+/// A Pebble that looks DNS-01 records up at `dns` and reuses no authorization (nothing answers HTTP-01: only
+/// DNS-01 can pass), with `tune` applied to its options.
+fn pebble_asking(
+    dir: &Path,
+    dns: SocketAddr,
+    tune: impl FnOnce(&mut PebbleOptions),
+) -> Option<Pebble> {
+    let mut opts = PebbleOptions::new(free_port());
+    opts.dns_server = Some(dns);
+    opts.authz_reuse = 0;
+    tune(&mut opts);
+    Pebble::start(&dir.join("pebble"), opts)
+}
+
+/// Runs acme-sds with `config` (written to `DIR/acme-sds.toml`; its SDS socket `DIR/sds.sock`) until the
+/// secret `wild` is issued: the daemon and the chain.
+async fn run_until_issued(dir: &Path, config: &str) -> (Process, Vec<Vec<u8>>) {
+    let path = dir.join("acme-sds.toml");
+    std::fs::write(&path, config).unwrap();
+    let daemon = Process::spawn(&["run", "--config", path.to_str().unwrap()], &[]);
+    daemon.wait_for_line("acme-sds started");
+    let mut client = uds_client(&dir.join("sds.sock")).await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["wild"])).await;
+    let r = s.recv_issued(Duration::from_secs(60)).await;
+    (daemon, chain_ders(&decode_secret(&r.resources[0])))
+}
+
+/// Key files every server refuses, with its answer: the right name with another secret, an unknown name.
+fn refused_keys(dir: &Path) -> Vec<(PathBuf, &'static str)> {
+    let wrong_secret = dir.join("wrong.key");
+    std::fs::write(
+        &wrong_secret,
+        key_file_text("acme-sds", "hmac-sha256", &tsig_secret(32)),
+    )
+    .unwrap();
+    let unknown = dir.join("unknown.key");
+    std::fs::write(
+        &unknown,
+        key_file_text("nobody", "hmac-sha512", &tsig_secret(64)),
+    )
+    .unwrap();
+    vec![
+        (wrong_secret, "NOTAUTH (BADSIG)"),
+        (unknown, "NOTAUTH (BADKEY)"),
+    ]
+}
+
+/// Adding `record` at `server` signed with `key` is refused, and the error names the zone and `answer`.
+async fn assert_refused(
+    server: SocketAddr,
+    key: &Path,
+    record: &TxtRecord,
+    answer: &str,
+    server_log: impl Fn() -> String,
+) {
+    let e = dns01(server, key).add(record).await.expect_err("refused");
+    let text = e.to_string();
+    assert!(
+        matches!(e, DnsError::Refused { .. })
+            && text.contains("zone example.test")
+            && text.contains(answer),
+        "{answer}: {text}\n{}",
+        server_log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left() {
     let dir = tempfile::tempdir().unwrap();
@@ -36,10 +103,7 @@ async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left()
     };
     // Another tool's value under the name acme-sds writes to: it must survive.
     bind.nsupdate_add("_acme-challenge.example.test", "someone-else");
-    let mut opts = PebbleOptions::new(free_port()); // nothing answers HTTP-01: only DNS-01 can pass
-    opts.dns_server = Some(bind.addr);
-    opts.authz_reuse = 0;
-    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+    let Some(pebble) = pebble_asking(dir.path(), bind.addr, |_| {}) else {
         return;
     };
     // First with a key the server does not have: the failure names the zone and the server's answer.
@@ -193,30 +257,10 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
     assert!(bind.txt("_acme-challenge.example.test").is_empty());
 
     // Each refusal says which zone, and the server's answer in its own words.
-    let wrong_secret = dir.path().join("wrong.key");
-    std::fs::write(
-        &wrong_secret,
-        key_file_text("acme-sds", "hmac-sha256", &tsig_secret(32)),
-    )
-    .unwrap();
-    let unknown = dir.path().join("unknown.key");
-    std::fs::write(
-        &unknown,
-        key_file_text("nobody", "hmac-sha512", &tsig_secret(64)),
-    )
-    .unwrap();
-    for (key, answer) in [
-        (wrong_secret.as_path(), "NOTAUTH (BADSIG)"),
-        (unknown.as_path(), "NOTAUTH (BADKEY)"),
-        (bind.readonly_key_file.as_path(), "REFUSED"),
-    ] {
-        let e = dns01(bind.addr, key).add(&apex).await.expect_err("refused");
-        assert!(matches!(e, DnsError::Refused { .. }), "{e:?}");
-        let text = e.to_string();
-        assert!(
-            text.contains("zone example.test") && text.contains(answer),
-            "{answer}: {text}"
-        );
+    let mut refused = refused_keys(dir.path());
+    refused.push((bind.readonly_key_file.clone(), "REFUSED"));
+    for (key, answer) in refused {
+        assert_refused(bind.addr, &key, &apex, answer, || bind.log()).await;
     }
     assert!(bind.txt("_acme-challenge.example.test").is_empty());
 
@@ -230,7 +274,7 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
         propagation_timeout: Duration::from_millis(300),
         check_nameservers: Vec::new(),
     };
-    let never = acme_sds::sources::acme::dns01::TxtRecord {
+    let never = TxtRecord {
         zone: "example.test.".into(),
         name: "_acme-challenge.example.test.".into(),
         value: "never-added".into(),
@@ -274,10 +318,7 @@ async fn records_are_deleted_when_the_order_fails_and_after_a_crash() {
     let Some(bind) = Bind::start(&dir.path().join("bind"), "example.test") else {
         return;
     };
-    let mut opts = PebbleOptions::new(free_port());
-    opts.dns_server = Some(bind.addr);
-    opts.authz_reuse = 0;
-    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+    let Some(pebble) = pebble_asking(dir.path(), bind.addr, |_| {}) else {
         return;
     };
     let name = "_acme-challenge.example.test";
@@ -321,17 +362,8 @@ async fn records_are_deleted_when_the_order_fails_and_after_a_crash() {
 
     // The next start (any replica) deletes them before it orders again; the certificate is then issued and
     // nothing is left.
-    std::fs::write(
-        &config,
-        dns01_config(dir.path(), bind.addr, &bind.key_file, &pebble, ""),
-    )
-    .unwrap();
-    let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
-    daemon.wait_for_line("acme-sds started");
-    let mut client = uds_client(&dir.path().join("sds.sock")).await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["wild"])).await;
-    s.recv_issued(Duration::from_secs(60)).await;
+    let config = dns01_config(dir.path(), bind.addr, &bind.key_file, &pebble, "");
+    let (daemon, _) = run_until_issued(dir.path(), &config).await;
     daemon.wait_for_log("the records removed", WAIT, |l| {
         l.matches("DNS-01 record removed").count() >= 4
     });
@@ -397,11 +429,7 @@ async fn a_replica_killed_mid_dns01_order_is_taken_over_and_its_records_deleted_
     let Some(bind) = Bind::start(&dir.path().join("bind"), "example.test") else {
         return;
     };
-    let mut opts = PebbleOptions::new(free_port());
-    opts.dns_server = Some(bind.addr);
-    opts.authz_reuse = 0;
-    opts.nonce_reject = 0;
-    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+    let Some(pebble) = pebble_asking(dir.path(), bind.addr, |o| o.nonce_reject = 0) else {
         return;
     };
     let storage_key = dir.path().join("storage.key");
@@ -478,61 +506,21 @@ async fn knot_dns_takes_the_updates_and_its_refusals_are_named_too() {
     let Some(knot) = Knot::start(&dir.path().join("knot"), "example.test") else {
         return;
     };
-    let wrong_secret = dir.path().join("wrong.key");
-    std::fs::write(
-        &wrong_secret,
-        key_file_text("acme-sds", "hmac-sha256", &tsig_secret(32)),
-    )
-    .unwrap();
-    let unknown = dir.path().join("unknown.key");
-    std::fs::write(
-        &unknown,
-        key_file_text("nobody", "hmac-sha256", &tsig_secret(32)),
-    )
-    .unwrap();
     let dns = dns01(knot.addr, &knot.key_file);
     let record = dns
         .record_for("example.test", "probe")
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", knot.log()));
     assert_eq!(record.zone, "example.test.");
-    for (key, answer) in [
-        (wrong_secret.as_path(), "NOTAUTH (BADSIG)"),
-        (unknown.as_path(), "NOTAUTH (BADKEY)"),
-    ] {
-        let e = dns01(knot.addr, key)
-            .add(&record)
-            .await
-            .expect_err("refused");
-        let text = e.to_string();
-        assert!(
-            matches!(e, DnsError::Refused { .. })
-                && text.contains("zone example.test")
-                && text.contains(answer),
-            "{answer}: {text}\n{}",
-            knot.log()
-        );
+    for (key, answer) in refused_keys(dir.path()) {
+        assert_refused(knot.addr, &key, &record, answer, || knot.log()).await;
     }
 
-    let mut opts = PebbleOptions::new(free_port()); // nothing answers HTTP-01: only DNS-01 can pass
-    opts.dns_server = Some(knot.addr);
-    opts.authz_reuse = 0;
-    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+    let Some(pebble) = pebble_asking(dir.path(), knot.addr, |_| {}) else {
         return;
     };
-    let config = dir.path().join("acme-sds.toml");
-    std::fs::write(
-        &config,
-        dns01_config(dir.path(), knot.addr, &knot.key_file, &pebble, ""),
-    )
-    .unwrap();
-    let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
-    daemon.wait_for_line("acme-sds started");
-    let mut client = uds_client(&dir.path().join("sds.sock")).await;
-    let mut s = SotwStream::open(&mut client).await;
-    s.send(subscribe(&["wild"])).await;
-    let r = s.recv_issued(Duration::from_secs(60)).await;
-    let chain = chain_ders(&decode_secret(&r.resources[0]));
+    let config = dns01_config(dir.path(), knot.addr, &knot.key_file, &pebble, "");
+    let (daemon, chain) = run_until_issued(dir.path(), &config).await;
     let root = pebble.root_der().await;
     for name in ["example.test", "www.example.test"] {
         verify_chain(&chain, &root, name).unwrap_or_else(|e| panic!("{name}: {e}"));
