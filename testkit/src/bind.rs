@@ -56,17 +56,22 @@ pub fn key_file_text(name: &str, algorithm: &str, secret: &str) -> String {
     format!("key \"{name}\" {{\n\talgorithm {algorithm};\n\tsecret \"{secret}\";\n}};\n")
 }
 
-/// The TXT values `name` has on the server at `addr` right now (asked with `dig`, over TCP, bounded).
-pub fn dig_txt(dig: &Path, addr: SocketAddr, name: &str) -> Vec<String> {
+/// What `dig +short ARGS` prints when it asks the server at `addr` over TCP (bounded).
+pub fn dig_short(dig: &Path, addr: SocketAddr, args: &[&str]) -> String {
     let out = Command::new(dig)
         .args(["+short", "+tcp", "+time=2", "+tries=2", "-p"])
         .arg(addr.port().to_string())
         .arg(format!("@{}", addr.ip()))
-        .args([name, "TXT"])
+        .args(args)
         .output()
         .expect("run dig");
     assert!(out.status.success(), "dig: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The TXT values `name` has on the server at `addr` right now.
+pub fn dig_txt(dig: &Path, addr: SocketAddr, name: &str) -> Vec<String> {
+    dig_short(dig, addr, &[name, "TXT"])
         .lines()
         .map(|l| l.trim().trim_matches('"').to_owned())
         .filter(|l| !l.is_empty())
@@ -83,6 +88,23 @@ impl Bind {
     /// The same with `more_zones` served (and updatable) too, and `records` (zone-file lines, names relative
     /// to `zone`) in `zone`.
     pub fn start_zones(dir: &Path, zone: &str, more_zones: &[&str], records: &str) -> Option<Bind> {
+        Self::start_with(dir, zone, more_zones, records, false)
+    }
+
+    /// [`Bind::start`] with the zone DNSSEC-signed by named as it changes (`dnssec-policy default;
+    /// inline-signing yes;`, as a production zone often is): updates go to the unsigned zone, the signed one
+    /// is served.
+    pub fn start_signed(dir: &Path, zone: &str) -> Option<Bind> {
+        Self::start_with(dir, zone, &[], "", true)
+    }
+
+    fn start_with(
+        dir: &Path,
+        zone: &str,
+        more_zones: &[&str],
+        records: &str,
+        signed: bool,
+    ) -> Option<Bind> {
         let (named, dig) = bind_bins()?;
         std::fs::create_dir_all(dir).unwrap();
         let dir = dir.canonicalize().unwrap();
@@ -128,8 +150,13 @@ impl Bind {
             )
             .unwrap();
             zones_conf.push_str(&format!(
-                "zone \"{z}\" {{\n  type primary;\n  file \"{}\";\n  update-policy {{ grant {key_name} zonesub TXT; grant acme-sds-384 zonesub TXT; grant acme-sds-512 zonesub TXT; }};\n}};\n",
-                zone_file.display()
+                "zone \"{z}\" {{\n  type primary;\n  file \"{}\";\n{}  update-policy {{ grant {key_name} zonesub TXT; grant acme-sds-384 zonesub TXT; grant acme-sds-512 zonesub TXT; }};\n}};\n",
+                zone_file.display(),
+                if signed {
+                    "  dnssec-policy default;\n  inline-signing yes;\n"
+                } else {
+                    ""
+                }
             ));
         }
         let port = crate::pebble::free_dns_port();
@@ -188,6 +215,11 @@ impl Bind {
     /// The TXT values `name` has on this server right now (asked with `dig`, over TCP, bounded).
     pub fn txt(&self, name: &str) -> Vec<String> {
         dig_txt(&self.dig, self.addr, name)
+    }
+
+    /// What `dig +short ARGS` prints when it asks this server over TCP (bounded).
+    pub fn dig(&self, args: &[&str]) -> String {
+        dig_short(&self.dig, self.addr, args)
     }
 
     /// Adds a TXT value with `nsupdate` (Debian `bind9-dnsutils`), as another tool sharing the zone would.

@@ -534,3 +534,48 @@ async fn knot_dns_takes_the_updates_and_its_refusals_are_named_too() {
         knot.log()
     );
 }
+
+/// A DNSSEC-signed zone (BIND signing it inline, as production zones often are): the updates go in, the values
+/// are served signed before the CA would be asked, and they go away again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_signed_zone_takes_the_updates_and_serves_them_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bind) = Bind::start_signed(&dir.path().join("bind"), "example.test") else {
+        return;
+    };
+    let dns = dns01(bind.addr, &bind.key_file);
+    let mut records = Vec::new();
+    for (domain, value) in [
+        ("example.test", "value-apex"),
+        ("*.example.test", "value-wild"),
+    ] {
+        let r = dns.record_for(domain, value).await.unwrap();
+        dns.add(&r)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", bind.log()));
+        records.push(r);
+    }
+    dns.wait_served(&records)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", bind.log()));
+    let answer = bind.dig(&["+dnssec", "_acme-challenge.example.test", "TXT"]);
+    assert!(
+        answer.contains("\"value-apex\"")
+            && answer.contains("\"value-wild\"")
+            && answer.lines().any(|l| l.starts_with("TXT ")),
+        "both values and an RRSIG over them:\n{answer}"
+    );
+    for r in &records {
+        dns.remove(r).await.unwrap();
+    }
+    // named answers the update once the unsigned zone has it; the signed zone follows a moment later.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !bind.txt("_acme-challenge.example.test").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still served:\n{}",
+            bind.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
