@@ -274,16 +274,33 @@ async fn updates_append_delete_by_value_and_refusals_name_the_zone_and_the_answe
         propagation_timeout: Duration::from_millis(300),
         check_nameservers: Vec::new(),
     };
-    let never = TxtRecord {
-        zone: "example.test.".into(),
-        name: "_acme-challenge.example.test.".into(),
+    // The error says what the server last answered: where to look next.
+    let never = |zone: &str| TxtRecord {
+        zone: format!("{zone}."),
+        name: format!("_acme-challenge.{zone}."),
         value: "never-added".into(),
     };
-    let e = Dns01::new(fixed_zone.clone(), Metrics::default())
-        .wait_served(std::slice::from_ref(&never))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, DnsError::NotServed { .. }), "{e:?}");
+    let not_served = async |record: TxtRecord| {
+        let e = Dns01::new(fixed_zone.clone(), Metrics::default())
+            .wait_served(&[record])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DnsError::NotServed { .. }), "{e:?}");
+        e.to_string()
+    };
+    let e = not_served(never("example.test")).await;
+    assert!(e.ends_with("last answer: no TXT record there"), "{e}");
+    bind.nsupdate_add("_acme-challenge.example.test", "someone-else");
+    let e = not_served(never("example.test")).await;
+    assert!(
+        e.ends_with("last answer: 1 other value(s), not this one"),
+        "{e}"
+    );
+    let e = not_served(never("example.org")).await;
+    assert!(
+        e.ends_with("last answer: REFUSED (not serving the zone?)"),
+        "{e}"
+    );
     fixed_zone.zone = Some(DnsName::new("example.org").unwrap());
     let e = Dns01::new(fixed_zone, Metrics::default())
         .record_for("example.test", "x")
@@ -340,7 +357,9 @@ async fn records_are_deleted_when_the_order_fails_and_after_a_crash() {
     let mut daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
     let failed = daemon.wait_for_line_within("certificate order failed", Duration::from_secs(30));
     assert!(
-        failed.contains(&format!("127.0.0.1:{silent} did not serve the TXT value")),
+        failed.contains(&format!(
+            "127.0.0.1:{silent} did not serve the TXT value within 1s (dns01.propagation_timeout); last answer: name server 127.0.0.1:{silent}: "
+        )),
         "{failed}"
     );
     daemon.wait_for_log("both records removed", WAIT, |l| {

@@ -74,7 +74,7 @@ pub enum DnsError {
         why: String,
     },
     /// A server did not serve the value within the propagation timeout.
-    #[error("{name}: {server} did not serve the TXT value within {}s (dns01.propagation_timeout)", timeout.as_secs())]
+    #[error("{name}: {server} did not serve the TXT value within {}s (dns01.propagation_timeout); last answer: {last}", timeout.as_secs())]
     NotServed {
         /// The record's name.
         name: String,
@@ -82,6 +82,9 @@ pub enum DnsError {
         server: String,
         /// How long it was given.
         timeout: Duration,
+        /// What the server said the last time it was asked (no such record, other values only, an error
+        /// code, or why it could not be asked): where to look next.
+        last: String,
     },
 }
 
@@ -381,19 +384,26 @@ impl Dns01 {
             for record in records {
                 let mut pause = Duration::from_millis(50);
                 loop {
-                    let served = self.txt_values(server, &record.name).await;
-                    match served {
-                        Ok(values) if values.contains(&record.value) => break,
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(server = %server, name = record.name, error = %e, "asking for the DNS-01 record")
+                    let last = match self.txt_values(server, &record.name).await {
+                        Ok((_, values)) if values.contains(&record.value) => break,
+                        Ok((code, _))
+                            if !matches!(code, ResponseCode::NoError | ResponseCode::NXDomain) =>
+                        {
+                            format!("{} (not serving the zone?)", mnemonic(code))
                         }
-                    }
+                        Ok((_, values)) if values.is_empty() => "no TXT record there".to_owned(),
+                        Ok((_, values)) => {
+                            format!("{} other value(s), not this one", values.len())
+                        }
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::debug!(server = %server, name = record.name, last, "DNS-01 record not served yet");
                     if tokio::time::Instant::now() + pause > deadline {
                         return Err(DnsError::NotServed {
                             name: record.name.clone(),
                             server: server.to_string(),
                             timeout,
+                            last,
                         });
                     }
                     tokio::time::sleep(pause).await;
@@ -474,8 +484,12 @@ impl Dns01 {
         }
     }
 
-    /// The TXT values `server` serves for `name`.
-    async fn txt_values(&self, server: &ServerAddr, name: &str) -> Result<Vec<String>, DnsError> {
+    /// The response code and the TXT values of `server`'s answer for `name`.
+    async fn txt_values(
+        &self,
+        server: &ServerAddr,
+        name: &str,
+    ) -> Result<(ResponseCode, Vec<String>), DnsError> {
         let name = Name::from_ascii(name).map_err(|e| DnsError::NoZone {
             name: name.to_owned(),
             why: e.to_string(),
@@ -483,7 +497,7 @@ impl Dns01 {
         let answer = self
             .exchange(server, question(name, RecordType::TXT), None)
             .await?;
-        Ok(answer
+        let values = answer
             .answers
             .iter()
             .filter_map(|r| match &r.data {
@@ -495,7 +509,8 @@ impl Dns01 {
                 ),
                 _ => None,
             })
-            .collect())
+            .collect();
+        Ok((answer.metadata.response_code, values))
     }
 
     /// Sends a signed update to the primary; an answer other than NOERROR is [`DnsError::Refused`].
