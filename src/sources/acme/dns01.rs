@@ -133,7 +133,7 @@ impl TsigKey {
             "hmac-sha512" => TsigAlgorithm::HmacSha512,
             other => {
                 return Err(format!(
-                    "key {name:?}: algorithm {other} is not supported: use hmac-sha256, hmac-sha384 or hmac-sha512 (`tsig-keygen -a hmac-sha256 NAME`)"
+                    "key {name:?}: algorithm {other} is not supported: use hmac-sha256, hmac-sha384 or hmac-sha512 (`tsig-keygen -a hmac-sha256 NAME`, `keymgr -t NAME hmac-sha256`)"
                 ));
             }
         };
