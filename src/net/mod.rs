@@ -48,7 +48,7 @@ macro_rules! write_through {
     };
 }
 
-mod accept;
+pub(crate) mod accept;
 pub mod authority;
 mod batching;
 pub(crate) mod http1;

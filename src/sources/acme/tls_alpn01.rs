@@ -17,6 +17,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::net::accept::AcceptBackoff;
 use crate::sources::keys;
 use crate::store::SharedStore;
 use crate::values::DnsName;
@@ -37,6 +38,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = AcceptBackoff::new("TLS-ALPN-01");
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -48,9 +50,12 @@ pub async fn serve(
         let (tcp, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff.accepted();
+                    c
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, "TLS-ALPN-01 accept failed");
+                    backoff.failed(&e, &shutdown).await;
                     continue;
                 }
             },
