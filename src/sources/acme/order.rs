@@ -593,10 +593,6 @@ async fn authorize_pass(
                 });
             }
         }
-        let base = match &authz.identifier().identifier {
-            Identifier::Dns(d) => d.clone(),
-            _ => domain.clone(),
-        };
         let mut challenge = authz
             .challenge(kind.clone())
             .ok_or_else(|| OrderError::Invalid {
@@ -612,7 +608,8 @@ async fn authorize_pass(
             Challenge::Http01 => keys::challenge(&token),
             Challenge::TlsAlpn01 => keys::tls_alpn_challenge(&domain),
             Challenge::Dns01 => {
-                added.push(publish_txt(ctx, cert, published, &base, key_auth.dns_value()).await?);
+                // `*.example.com`'s record is `_acme-challenge.example.com` (`record_for` drops the `*.`).
+                added.push(publish_txt(ctx, cert, published, &domain, key_auth.dns_value()).await?);
                 tracing::info!(secret = %cert.name, domain, challenge = "dns-01", "challenge published");
                 continue;
             }
@@ -675,28 +672,37 @@ async fn publish_txt(
     // Listed in the store before it is added: a crash in between leaves a listed record that is not there
     // (deleting it is harmless), never one in the zone that nobody deletes.
     published.txt.push(record.clone());
-    save_dns_records(ctx, &cert.name, &published.txt).await;
+    store_dns_records(ctx.store, ctx.keys, ctx.lock, &cert.name, &published.txt).await;
     if let Err(e) = dns.add(&record).await {
         // Refused (or never sent): it is not in the zone. Without an answer, it may be.
         if !matches!(e, super::dns01::DnsError::Unreachable { .. }) {
             published.txt.pop();
-            save_dns_records(ctx, &cert.name, &published.txt).await;
+            store_dns_records(ctx.store, ctx.keys, ctx.lock, &cert.name, &published.txt).await;
         }
         return Err(e.into());
     }
     Ok(record)
 }
 
-/// Stores the DNS-01 records added for `name` and not yet deleted, so that a crash does not leave them in
-/// the zone for good (the next attempt, here or on another replica, deletes them). A failure is logged.
-async fn save_dns_records(ctx: &OrderCtx<'_>, name: &str, records: &[TxtRecord]) {
-    let value = serde_json::to_vec(records).unwrap_or_default();
-    let written = ctx
-        .store
-        .put_locked(ctx.lock, &ctx.keys.dns_records(name), &value)
-        .await;
+/// Stores the list of DNS-01 records added for `name` and not yet deleted (none: the list is deleted), so
+/// that a crash does not leave them in the zone for good (the next attempt, here or on another replica,
+/// deletes them). A failure is logged.
+async fn store_dns_records(
+    store: &SharedStore,
+    keys: &AcmeKeys,
+    lock: &Lock,
+    name: &str,
+    records: &[TxtRecord],
+) {
+    let key = keys.dns_records(name);
+    let written = if records.is_empty() {
+        store.delete_locked(lock, &key).await
+    } else {
+        let value = serde_json::to_vec(records).unwrap_or_default();
+        store.put_locked(lock, &key, &value).await.map(|_| ())
+    };
     if let Err(e) = written {
-        tracing::warn!(secret = name, error = %e, "cannot store the DNS-01 records added; a crash now would leave them in the zone");
+        tracing::warn!(secret = name, error = %e, "cannot store the list of DNS-01 records to delete; a crash now could leave them in the zone");
     }
 }
 
@@ -711,8 +717,7 @@ pub(super) async fn withdraw_dns_records(
     name: &str,
     extra: &[TxtRecord],
 ) {
-    let key = keys.dns_records(name);
-    let stored = store.get(&key).await.ok().flatten();
+    let stored = store.get(&keys.dns_records(name)).await.ok().flatten();
     let mut records: Vec<TxtRecord> = stored
         .as_ref()
         .and_then(|e| serde_json::from_slice(&e.value).ok())
@@ -723,10 +728,8 @@ pub(super) async fn withdraw_dns_records(
         }
     }
     if records.is_empty() {
-        if stored.is_some()
-            && let Err(e) = store.delete_locked(lock, &key).await
-        {
-            tracing::warn!(secret = name, error = %e, "cannot update the list of DNS-01 records to delete");
+        if stored.is_some() {
+            store_dns_records(store, keys, lock, name, &[]).await;
         }
         return;
     }
@@ -741,15 +744,7 @@ pub(super) async fn withdraw_dns_records(
             left.push(r);
         }
     }
-    let written = if left.is_empty() {
-        store.delete_locked(lock, &key).await
-    } else {
-        let value = serde_json::to_vec(&left).unwrap_or_default();
-        store.put_locked(lock, &key, &value).await.map(|_| ())
-    };
-    if let Err(e) = written {
-        tracing::warn!(secret = name, error = %e, "cannot update the list of DNS-01 records to delete");
-    }
+    store_dns_records(store, keys, lock, name, &left).await;
 }
 
 /// The most useful reason an invalid order gives: the first failed challenge's error.
