@@ -322,11 +322,8 @@ pub async fn start(config: &Config) -> Result<Running, DaemonError> {
     }
     running.spawn_files(files);
     if let Some(addr) = config.admin {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .and_then(|l| l.local_addr().map(|local| (l, local)))
+        let (listener, local) = with_local_addr(tokio::net::TcpListener::bind(addr).await)
             .map_err(|source| DaemonError::Admin { addr, source })?;
-        let (listener, local) = listener;
         tracing::info!(listen = %local, "admin listening (/metrics, /healthz, /readyz, /status)");
         running.admin_addr = Some(local);
         let view = crate::ops::status::StatusView::new(
@@ -459,9 +456,7 @@ impl Running {
         };
         let store = self.open_store(config).await?;
         if self.http01_addr.is_none() {
-            let (listener, addr) = http01::bind(config.http01.listen)
-                .await
-                .and_then(|l| l.local_addr().map(|addr| (l, addr)))
+            let (listener, addr) = with_local_addr(http01::bind(config.http01.listen).await)
                 .map_err(|source| DaemonError::Http01 {
                     addr: config.http01.listen,
                     source,
@@ -480,11 +475,8 @@ impl Running {
             && self.tls_alpn01_addr.is_none()
         {
             let addr = config.tls_alpn01.listen;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .and_then(|l| l.local_addr().map(|local| (l, local)))
+            let (listener, local) = with_local_addr(tokio::net::TcpListener::bind(addr).await)
                 .map_err(|source| DaemonError::TlsAlpn01 { addr, source })?;
-            let (listener, local) = listener;
             tracing::info!(listen = %local, "TLS-ALPN-01 responder listening");
             self.tls_alpn01_addr = Some(local);
             let token = self.shutdown.clone();
@@ -757,4 +749,14 @@ impl Running {
             }
         }
     }
+}
+
+/// A bound listener with the address it got (a port 0 resolved to the one the kernel chose): what is logged
+/// and reported as listening.
+fn with_local_addr(
+    bound: std::io::Result<tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = bound?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
 }
