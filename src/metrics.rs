@@ -48,6 +48,13 @@ pub struct RpcLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// The `state` label.
+pub struct StateLabel {
+    /// The state.
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 /// The `result` label.
 pub struct ResultLabel {
     /// The outcome.
@@ -86,6 +93,8 @@ pub struct Metrics {
     store_lock_wait: Histogram,
     store_watch_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     on_demand: Family<ResultLabel, Counter>,
+    on_demand_names: Family<StateLabel, Gauge>,
+    on_demand_asks: Gauge,
     tls_alpn01: Family<ResultLabel, Counter>,
     dns01_updates: Family<DnsUpdateLabels, Counter>,
 }
@@ -111,6 +120,8 @@ impl Default for Metrics {
             store_lock_wait: Histogram::new(exponential_buckets(0.001, 4.0, 9)),
             store_watch_lag: Gauge::default(),
             on_demand: Family::default(),
+            on_demand_names: Family::default(),
+            on_demand_asks: Gauge::default(),
             tls_alpn01: Family::default(),
             dns01_updates: Family::default(),
         }
@@ -220,6 +231,21 @@ impl Metrics {
             .inc();
     }
 
+    /// Sets how many on-demand names are remembered in `state` (`admitted`, `deciding`, `refused`).
+    pub fn on_demand_names(&self, state: &str, n: usize) {
+        self.on_demand_names
+            .get_or_create(&StateLabel {
+                state: state.to_owned(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets how many `ask` requests are in flight.
+    pub fn on_demand_asks(&self, n: usize) {
+        self.on_demand_asks
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// Registers every counter and histogram in `registry`, for an exposition (the admin listener adds the
     /// per-certificate gauges).
     pub fn register(&self, registry: &mut Registry) {
@@ -271,8 +297,18 @@ impl Metrics {
         );
         registry.register(
             "acme_sds_on_demand_decisions",
-            "On-demand names decided: admitted (a new certificate), or refused by reason (not_in_allow, ask_denied, hourly_cap, malformed, node_not_allowed, order_failed, refused_recently)",
+            "On-demand names decided: admitted (a new certificate), or refused by reason (not_in_allow, ask_denied, ask_busy, hourly_cap, malformed, node_not_allowed, order_failed, refused_recently)",
             m.on_demand.clone(),
+        );
+        registry.register(
+            "acme_sds_on_demand_names",
+            "On-demand names remembered now, by state (admitted: served and renewed; deciding: ask or cap pending; refused: refusals remembered, bounded)",
+            m.on_demand_names.clone(),
+        );
+        registry.register(
+            "acme_sds_on_demand_ask_requests_in_flight",
+            "Requests to the on_demand.ask endpoint in flight now (at most on_demand.ask_concurrency)",
+            m.on_demand_asks.clone(),
         );
         registry.register(
             "acme_sds_store_locks_held",

@@ -1,21 +1,29 @@
 //! The secret registry: the only thing SDS streams read.
 //!
-//! Per secret name it holds the latest published version, already encoded as the protobuf `Any` that goes on
-//! the wire, inside an `Arc`. A push to 10,000 streams therefore clones pointers (`Any.value` is a refcounted
-//! `Bytes`), never re-encodes. The version is a short hash of the encoded secret, so publishing identical
-//! material is a no-op and never wakes a stream.
+//! Per secret ([`SecretId`]: a name, or a certificate obtained on demand in a namespace of its own) it holds
+//! the latest published version, already encoded as the protobuf `Any` that goes on the wire, inside an
+//! `Arc`. A push to 10,000 streams therefore clones pointers (`Any.value` is a refcounted `Bytes`), never
+//! re-encodes. The version is a short hash of the encoded secret, so publishing identical material is a
+//! no-op and never wakes a stream.
 //!
-//! Subscribers wait on a `tokio::sync::watch` per name: a slow stream only ever sees the newest value, never
-//! an unbounded queue of old ones. A [`Subscription`] keeps one wait armed for as long as it lives (a
+//! Envoy checks that a secret carries exactly the name it asked for, and asks under whatever spelling a
+//! client's SNI had (`Shop.Example.COM`), so a secret may be subscribed under several spellings. The name
+//! and `sds://NAME` are encoded with each version; any other spelling is encoded once per version while a
+//! subscription holds it, kept with the secret, and dropped with its last subscriber. At most
+//! [`MAX_SPELLINGS`] other spellings per secret are served at once: made-up spellings cannot multiply the
+//! memory a certificate takes (2^letters of them exist).
+//!
+//! Subscribers wait on a `tokio::sync::watch` per secret: a slow stream only ever sees the newest value,
+//! never an unbounded queue of old ones. A [`Subscription`] keeps one wait armed for as long as it lives (a
 //! reusable boxed future), so a stream polled for other reasons (an ACK arriving) does not register and
-//! unregister itself with the channel each time. A name nobody has published yet is just a name without a
-//! value; waiting on it is how a stream learns the moment it appears. Entries for such names are dropped
+//! unregister itself with the channel each time. A secret nobody has published yet is just an id without a
+//! value; waiting on it is how a stream learns the moment it appears. Entries for such ids are dropped
 //! again when the last subscriber goes, so clients asking for made-up names cannot grow the registry.
 //! Secrets are never removed once published: a stream that already delivered one must be able to keep
 //! sending it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -30,7 +38,10 @@ use crate::proto::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, TlsCertificate, secret,
 };
 use crate::proto::google::protobuf::Any;
-use crate::values::{ISTIO_PREFIX, canonical_name};
+use crate::values::{ISTIO_PREFIX, SecretId, SecretName, canonical_name};
+
+/// Most spellings of one secret, besides its name and `sds://NAME`, served at once (see the module docs).
+pub const MAX_SPELLINGS: usize = 8;
 
 /// The type URL of an Envoy SDS secret.
 pub const SECRET_TYPE_URL: &str =
@@ -158,12 +169,27 @@ impl SecretVersion {
         &self.summary
     }
 
-    /// The encoded secret, named exactly as the client asked for it.
+    /// The encoded secret, named exactly as the client asked for it: the name and `sds://NAME` as encoded
+    /// with the version, any other spelling encoded now (a [`Subscription`] keeps those it serves).
     pub fn resource_for(&self, requested: &str) -> Any {
-        if requested.starts_with(ISTIO_PREFIX) {
+        if requested == self.name {
+            self.plain.clone()
+        } else if requested.strip_prefix(ISTIO_PREFIX) == Some(self.name.as_str()) {
             self.prefixed.clone()
         } else {
-            self.plain.clone()
+            self.encode_as(requested)
+        }
+    }
+
+    /// The secret encoded under another name (the spelling a client asked for).
+    fn encode_as(&self, requested: &str) -> Any {
+        // The encoding is the only copy kept: decoded, renamed and encoded again (a few microseconds).
+        match Secret::decode(self.plain.value.clone()) {
+            Ok(mut secret) => {
+                secret.name = requested.to_owned();
+                encode(&secret)
+            }
+            Err(_) => self.plain.clone(),
         }
     }
 }
@@ -185,7 +211,31 @@ fn content_version(encoded: &[u8]) -> String {
 }
 
 type Value = Option<Arc<SecretVersion>>;
-type Slot = Arc<watch::Sender<Value>>;
+
+/// One secret's channel, and the spellings it is subscribed under (see the module docs).
+struct Slot {
+    tx: watch::Sender<Value>,
+    spellings: Mutex<HashMap<Box<str>, Spelling>>,
+}
+
+/// A spelling subscribed now: by how many subscriptions, and the current version encoded under it.
+struct Spelling {
+    subscribers: usize,
+    encoded: Option<(Arc<SecretVersion>, Any)>,
+}
+
+impl Slot {
+    fn new(value: Value) -> Arc<Slot> {
+        Arc::new(Slot {
+            tx: watch::Sender::new(value),
+            spellings: Mutex::default(),
+        })
+    }
+
+    fn spellings(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Spelling>> {
+        self.spellings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// The outcome of [`Registry::publish`].
 #[derive(Debug, Clone)]
@@ -205,26 +255,53 @@ impl Published {
     }
 }
 
-/// Secrets by name, watchable. Cheap to share: wrap in an `Arc`.
-#[derive(Default)]
-pub struct Registry {
-    slots: RwLock<HashMap<String, Slot>>,
-    /// Secrets no longer offered (removed by a reload): streams that hold them keep them and keep hearing
-    /// about them; new subscriptions see them as unknown until they are published again.
-    withdrawn: RwLock<std::collections::HashSet<String>>,
-    /// Names a source is obtaining now (on demand): a stream waits for them instead of reporting them
-    /// missing.
-    expected: RwLock<std::collections::HashSet<String>>,
-    /// Secrets also published under other spellings (an on-demand certificate under every SNI spelling
-    /// Envoy asked for: the resource name must be exactly the one requested): the spellings, and the
-    /// content last published, to publish a spelling added later.
-    aliases: RwLock<HashMap<String, Aliased>>,
+/// A secret named by a source (a configured secret), or any id: what the registry's methods take.
+pub trait Id {
+    /// The id.
+    fn id(&self) -> SecretId;
 }
 
+impl Id for SecretId {
+    fn id(&self) -> SecretId {
+        self.clone()
+    }
+}
+
+impl<T: Id + ?Sized> Id for &T {
+    fn id(&self) -> SecretId {
+        (**self).id()
+    }
+}
+
+impl Id for SecretName {
+    fn id(&self) -> SecretId {
+        SecretId::from(self)
+    }
+}
+
+/// A name as published or requested (`sds://NAME` is `NAME`).
+impl Id for str {
+    fn id(&self) -> SecretId {
+        SecretId::named(canonical_name(self))
+    }
+}
+
+impl Id for String {
+    fn id(&self) -> SecretId {
+        self.as_str().id()
+    }
+}
+
+/// Secrets by id, watchable. Cheap to share: wrap in an `Arc`.
 #[derive(Default)]
-struct Aliased {
-    spellings: std::collections::BTreeSet<String>,
-    last: Option<(SecretContent, bool)>,
+pub struct Registry {
+    slots: RwLock<HashMap<SecretId, Arc<Slot>>>,
+    /// Secrets no longer offered (removed by a reload): streams that hold them keep them and keep hearing
+    /// about them; new subscriptions see them as unknown until they are published again.
+    withdrawn: RwLock<HashSet<SecretId>>,
+    /// Secrets a source is obtaining now (on demand): a stream waits for them instead of reporting them
+    /// missing.
+    expected: RwLock<HashSet<SecretId>>,
 }
 
 impl Registry {
@@ -235,230 +312,210 @@ impl Registry {
 
     // A poisoned lock only means another thread panicked while holding it; the map itself is always
     // consistent (every mutation is a single insert or remove), so carry on with it.
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, Slot>> {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<SecretId, Arc<Slot>>> {
         self.slots.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, Slot>> {
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<SecretId, Arc<Slot>>> {
         self.slots.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Publishes `content` as the newest version of secret `name` and wakes every subscriber, unless the
+    /// Publishes `content` as the newest version of secret `id` and wakes every subscriber, unless the
     /// encoded bytes equal the current version's.
-    pub fn publish(&self, name: &str, content: &SecretContent) -> Published {
-        self.publish_as(name, content, false)
+    pub fn publish(&self, id: &(impl Id + ?Sized), content: &SecretContent) -> Published {
+        self.publish_as(id.id(), content, false)
     }
 
     /// Publishes a temporary stand-in for a certificate that has not been issued yet (a self-signed one, so
     /// that Envoy's listeners can start): served like any version, but its summary says it is temporary,
     /// so status views and metrics never count it as ready.
-    pub fn publish_temporary(&self, name: &str, content: &SecretContent) -> Published {
-        self.publish_as(name, content, true)
+    pub fn publish_temporary(&self, id: &(impl Id + ?Sized), content: &SecretContent) -> Published {
+        self.publish_as(id.id(), content, true)
     }
 
-    fn publish_as(&self, name: &str, content: &SecretContent, temporary: bool) -> Published {
-        let spellings = {
-            let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
-            aliases.get_mut(name).map(|a| {
-                a.last = Some((content.clone(), temporary));
-                a.spellings.clone()
-            })
-        };
-        for spelling in spellings.into_iter().flatten() {
-            self.publish_one(&spelling, content, temporary);
-        }
-        self.publish_one(name, content, temporary)
-    }
-
-    fn publish_one(&self, name: &str, content: &SecretContent, temporary: bool) -> Published {
-        if self.is_expected(name) {
+    fn publish_as(&self, id: SecretId, content: &SecretContent, temporary: bool) -> Published {
+        if self.is_expected(&id) {
             self.expected
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(name);
+                .remove(&id);
         }
-        let plain = encode(&content.to_secret(name.to_owned()));
+        let name = id.as_str().to_owned();
+        let plain = encode(&content.to_secret(name.clone()));
         let version = content_version(&plain.value);
         let was_withdrawn = self
             .withdrawn
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        if let Some(current) = self.get(name)
+            .remove(&id);
+        if let Some(current) = self.get(&id)
             && current.version == version
         {
             if was_withdrawn {
                 // Offered again: wake subscriptions made while it was withdrawn (the others see no change).
-                if let Some(slot) = self.read().get(name) {
-                    slot.send_modify(|_| {});
+                if let Some(slot) = self.read().get(&id) {
+                    slot.tx.send_modify(|_| {});
                 }
             }
             return Published::Unchanged(current);
         }
         let prefixed = encode(&content.to_secret(format!("{ISTIO_PREFIX}{name}")));
         let new = Arc::new(SecretVersion {
-            name: name.to_owned(),
+            name,
             version,
             plain,
             prefixed,
             summary: content.summary(temporary),
         });
         let mut slots = self.write();
-        match slots.get(name) {
+        match slots.get(&id) {
             Some(slot) => {
-                slot.send_replace(Some(new.clone()));
+                slot.tx.send_replace(Some(new.clone()));
             }
             None => {
-                slots.insert(
-                    name.to_owned(),
-                    Arc::new(watch::Sender::new(Some(new.clone()))),
-                );
+                slots.insert(id, Slot::new(Some(new.clone())));
             }
         }
         Published::New(new)
     }
 
-    /// The current version of a secret, by registered or requested (`sds://`) name.
-    pub fn get(&self, name: &str) -> Option<Arc<SecretVersion>> {
-        if self.is_withdrawn(canonical_name(name)) {
+    /// The current version of a secret.
+    pub fn get(&self, id: &(impl Id + ?Sized)) -> Option<Arc<SecretVersion>> {
+        let id = id.id();
+        if self.is_withdrawn(&id) {
             return None;
         }
         self.read()
-            .get(canonical_name(name))
-            .and_then(|slot| slot.borrow().clone())
+            .get(&id)
+            .and_then(|slot| slot.tx.borrow().clone())
     }
 
-    /// Names of all published secrets, sorted.
+    /// Names of all published secrets (not those obtained on demand), sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .read()
             .iter()
-            .filter(|(n, s)| s.borrow().is_some() && !self.is_withdrawn(n))
-            .map(|(n, _)| n.clone())
+            .filter(|(id, s)| {
+                !id.is_on_demand() && s.tx.borrow().is_some() && !self.is_withdrawn(id)
+            })
+            .map(|(id, _)| id.as_str().to_owned())
             .collect();
         names.sort();
         names
     }
 
-    /// Watches a secret by registered or requested (`sds://`) name; it need not exist yet.
-    pub fn watch(self: &Arc<Self>, requested: &str) -> Subscription {
-        let name = canonical_name(requested);
-        let slot = self.read().get(name).cloned();
+    /// Watches secret `id`, requested as `requested` (the name the client used, which the secret is
+    /// served under); it need not exist yet. Past [`MAX_SPELLINGS`] other spellings of the secret
+    /// subscribed at once, the subscription is refused: it never sees a version
+    /// ([`Subscription::is_refused`]).
+    pub fn watch(self: &Arc<Self>, id: &(impl Id + ?Sized), requested: &str) -> Subscription {
+        let id = id.id();
+        let slot = self.read().get(&id).cloned();
         let slot = slot.unwrap_or_else(|| {
             self.write()
-                .entry(name.to_owned())
-                .or_insert_with(|| Arc::new(watch::Sender::new(None)))
+                .entry(id.clone())
+                .or_insert_with(|| Slot::new(None))
                 .clone()
         });
+        let spelling = if requested == id.as_str()
+            || requested.strip_prefix(ISTIO_PREFIX) == Some(id.as_str())
+        {
+            None
+        } else {
+            Some(Box::<str>::from(requested))
+        };
+        let mut refused = false;
+        if let Some(s) = &spelling {
+            let mut spellings = slot.spellings();
+            let full = spellings.len() >= MAX_SPELLINGS;
+            match spellings.get_mut(s) {
+                Some(entry) => entry.subscribers += 1,
+                None if !full => {
+                    spellings.insert(
+                        s.clone(),
+                        Spelling {
+                            subscribers: 1,
+                            encoded: None,
+                        },
+                    );
+                }
+                None => refused = true,
+            }
+        }
         // Subscribing marks the current value seen: the wait is for the next one.
-        let wait = ReusableBoxFuture::new(next_change(slot.subscribe()));
+        let wait = ReusableBoxFuture::new(next_change(slot.tx.subscribe()));
         Subscription {
-            hidden: self.is_withdrawn(name),
+            hidden: self.is_withdrawn(&id),
             registry: self.clone(),
-            name: name.into(),
+            id,
             slot,
             wait,
+            spelling: if refused { None } else { spelling },
+            refused,
         }
     }
 
     /// Stops offering a secret (its configuration was removed): new requests see it as unknown, while
     /// streams that already hold it keep it (their receivers keep the last value; nothing is yanked).
-    pub fn withdraw(&self, name: &str) {
+    pub fn withdraw(&self, id: &(impl Id + ?Sized)) {
         self.withdrawn
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned());
+            .insert(id.id());
     }
 
-    fn is_withdrawn(&self, name: &str) -> bool {
+    fn is_withdrawn(&self, id: &SecretId) -> bool {
         self.withdrawn
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(name)
+            .contains(id)
     }
 
-    /// Publishes whatever is published as `name` under other spellings as well, from now on (see
-    /// [`Registry::alias`]).
-    pub fn follow_aliases(&self, name: &str) {
-        self.aliases
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name.to_owned())
-            .or_default();
-    }
-
-    /// Publishes `name` (followed with [`Registry::follow_aliases`]) as `spelling` too, at once when it has
-    /// a version and at every publication after. A spelling equal to the name changes nothing.
-    pub fn alias(&self, spelling: &str, name: &str) {
-        if spelling == name {
-            return;
-        }
-        let last = {
-            let mut aliases = self.aliases.write().unwrap_or_else(|e| e.into_inner());
-            let a = aliases.entry(name.to_owned()).or_default();
-            a.spellings.insert(spelling.to_owned());
-            a.last.clone()
-        };
-        if let Some((content, temporary)) = last {
-            self.publish_one(spelling, &content, temporary);
-        }
-    }
-
-    /// Stops publishing `name` under other spellings (it was refused, or dropped).
-    pub fn forget_aliases(&self, name: &str) {
-        self.aliases
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-    }
-
-    /// The other spellings `name` is published under.
-    pub fn spellings(&self, name: &str) -> Vec<String> {
-        self.aliases
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .map(|a| a.spellings.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Marks `name` as being obtained (on demand): streams wait for it rather than report it missing.
-    pub fn expect_soon(&self, name: &str) {
+    /// Marks `id` as being obtained (on demand): streams wait for it rather than report it missing.
+    pub fn expect_soon(&self, id: &SecretId) {
         self.expected
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned());
+            .insert(id.clone());
     }
 
-    /// Whether `name` is being obtained (see [`Registry::expect_soon`]).
-    pub fn is_expected(&self, name: &str) -> bool {
+    /// Whether `id` is being obtained (see [`Registry::expect_soon`]).
+    pub fn is_expected(&self, id: &SecretId) -> bool {
         self.expected
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(name)
+            .contains(id)
     }
 
-    /// `name` will not be obtained (it was refused): streams waiting for it are woken, and report it missing
+    /// How many secrets are being obtained now (see [`Registry::expect_soon`]).
+    pub fn expected_count(&self) -> usize {
+        self.expected
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// `id` will not be obtained (it was refused): streams waiting for it are woken, and report it missing
     /// (for Envoy's on-demand selector, a delta `removed_resources` fails the waiting handshake at once).
-    pub fn refuse(&self, name: &str) {
+    pub fn refuse(&self, id: &SecretId) {
         self.expected
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        if let Some(slot) = self.read().get(canonical_name(name)) {
-            slot.send_modify(|_| {});
+            .remove(id);
+        if let Some(slot) = self.read().get(id) {
+            slot.tx.send_modify(|_| {});
         }
     }
 
-    /// How many SDS streams watch a secret now.
-    pub fn subscribers(&self, name: &str) -> usize {
+    /// How many SDS streams watch a secret now, under any spelling.
+    pub fn subscribers(&self, id: &(impl Id + ?Sized)) -> usize {
         self.read()
-            .get(canonical_name(name))
-            .map(|s| s.receiver_count())
+            .get(&id.id())
+            .map(|s| s.tx.receiver_count())
             .unwrap_or(0)
     }
 
-    /// How many names have an entry (published or awaited); for tests and status.
+    /// How many secrets have an entry (published or awaited); for tests and status.
     pub fn slot_count(&self) -> usize {
         self.read().len()
     }
@@ -474,29 +531,67 @@ async fn next_change(mut rx: watch::Receiver<Value>) -> watch::Receiver<Value> {
     rx
 }
 
-/// A stream's interest in one secret. Dropping it forgets a never-published name nobody else waits for.
+/// A stream's interest in one secret, under one spelling. Dropping it forgets a never-published secret
+/// nobody else waits for, and a spelling nobody else subscribes under.
 pub struct Subscription {
     registry: Arc<Registry>,
     /// Made while the secret was withdrawn: it shows nothing until the secret is offered again.
     hidden: bool,
-    name: Box<str>,
+    id: SecretId,
     /// The channel, for reading its current value.
-    slot: Slot,
+    slot: Arc<Slot>,
     /// The armed wait for the next version; owns this subscription's receiver.
     wait: ReusableBoxFuture<'static, watch::Receiver<Value>>,
+    /// The spelling it was requested under, when that is neither the name nor `sds://NAME`.
+    spelling: Option<Box<str>>,
+    /// Past [`MAX_SPELLINGS`]: it never sees a version.
+    refused: bool,
 }
 
 impl Subscription {
     /// The current version.
     pub fn current(&mut self) -> Option<Arc<SecretVersion>> {
-        let value = self.slot.borrow().clone();
+        if self.refused {
+            return None;
+        }
+        let value = self.slot.tx.borrow().clone();
         if self.hidden {
-            if self.registry.is_withdrawn(&self.name) {
+            if self.registry.is_withdrawn(&self.id) {
                 return None;
             }
             self.hidden = false;
         }
         value
+    }
+
+    /// Whether it was refused (too many spellings of the secret at once): it will never see a version.
+    pub fn is_refused(&self) -> bool {
+        self.refused
+    }
+
+    /// What it watches.
+    pub fn id(&self) -> &SecretId {
+        &self.id
+    }
+
+    /// `version` encoded under the name this subscription was requested as (`requested`, the same name as
+    /// given to [`Registry::watch`]): once per version and spelling, whatever the number of streams.
+    pub fn resource(&self, version: &Arc<SecretVersion>, requested: &str) -> Any {
+        let Some(spelling) = &self.spelling else {
+            return version.resource_for(requested);
+        };
+        let mut spellings = self.slot.spellings();
+        let Some(entry) = spellings.get_mut(spelling) else {
+            return version.encode_as(spelling);
+        };
+        if let Some((v, any)) = &entry.encoded
+            && Arc::ptr_eq(v, version)
+        {
+            return any.clone();
+        }
+        let any = version.encode_as(spelling);
+        entry.encoded = Some((version.clone(), any.clone()));
+        any
     }
 
     /// Ready once for every burst of new versions published since the last time it was ready (or since the
@@ -525,16 +620,25 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if self.slot.borrow().is_some() {
+        if let Some(spelling) = &self.spelling {
+            let mut spellings = self.slot.spellings();
+            if let Some(entry) = spellings.get_mut(spelling) {
+                entry.subscribers = entry.subscribers.saturating_sub(1);
+                if entry.subscribers == 0 {
+                    spellings.remove(spelling);
+                }
+            }
+        }
+        if self.slot.tx.borrow().is_some() {
             return;
         }
         let mut slots = self.registry.write();
         // Only an unpublished slot whose last receiver is ours (still alive in `wait`) is removed.
         let ours = slots
-            .get(&*self.name)
+            .get(&self.id)
             .is_some_and(|slot| Arc::ptr_eq(slot, &self.slot));
-        if ours && self.slot.borrow().is_none() && self.slot.receiver_count() <= 1 {
-            slots.remove(&*self.name);
+        if ours && self.slot.tx.borrow().is_none() && self.slot.tx.receiver_count() <= 1 {
+            slots.remove(&self.id);
         }
     }
 }
@@ -559,7 +663,7 @@ mod tests {
         let content = bundle("a");
         let v1 = reg.publish("ca", &content);
         assert!(matches!(v1, Published::New(_)));
-        let mut sub = reg.watch("ca");
+        let mut sub = reg.watch("ca", "ca");
         assert_eq!(sub.current().unwrap().version(), v1.version().version());
         assert!(matches!(
             reg.publish("ca", &content),
@@ -625,7 +729,7 @@ mod tests {
         let reg = Registry::new();
         let a = bundle("a");
         reg.publish("gone", &a);
-        let mut held = reg.watch("gone");
+        let mut held = reg.watch("gone", "gone");
         assert!(held.current().is_some());
         reg.withdraw("gone");
         assert!(reg.get("gone").is_none(), "no longer offered");
@@ -633,7 +737,7 @@ mod tests {
             held.current().is_some(),
             "still held by the stream that had it"
         );
-        let mut fresh = reg.watch("gone");
+        let mut fresh = reg.watch("gone", "gone");
         assert!(
             fresh.current().is_none(),
             "a new subscription does not see it"
@@ -659,21 +763,81 @@ mod tests {
     fn unknown_names_leave_no_trace() {
         let reg = Registry::new();
         reg.publish("known", &bundle("a"));
-        let a = reg.watch("nope");
-        let b = reg.watch("sds://nope");
+        let a = reg.watch("nope", "nope");
+        let b = reg.watch("sds://nope", "sds://nope");
         assert_eq!(reg.slot_count(), 2);
         drop(a);
         assert_eq!(reg.slot_count(), 2, "still awaited by b");
         drop(b);
         assert_eq!(reg.slot_count(), 1);
-        drop(reg.watch("known"));
+        drop(reg.watch("known", "known"));
         assert_eq!(reg.names(), ["known"]);
+    }
+
+    /// Another spelling of a secret is served under that spelling, encoded once per version however many
+    /// streams hold it, and forgotten with its last subscriber; past the cap, a new spelling is refused.
+    #[tokio::test]
+    async fn spellings_are_encoded_once_capped_and_dropped_with_their_last_subscriber() {
+        let reg = Registry::new();
+        reg.publish("shop.example.com", &bundle("a"));
+        let spelled = |i: usize| format!("Shop.Example.Com{}", ".".repeat(i));
+        let mut a = reg.watch("shop.example.com", &spelled(0));
+        let mut b = reg.watch("shop.example.com", &spelled(0));
+        let va = a.current().unwrap();
+        let ra = a.resource(&va, &spelled(0));
+        let vb = b.current().unwrap();
+        let rb = b.resource(&vb, &spelled(0));
+        assert_eq!(Secret::decode(ra.value.clone()).unwrap().name, spelled(0));
+        assert_eq!(
+            ra.value.as_ptr(),
+            rb.value.as_ptr(),
+            "one encoding for both"
+        );
+        // The name itself and sds://NAME do not count as spellings.
+        let plain = reg.watch("shop.example.com", "shop.example.com");
+        let prefixed = reg.watch("shop.example.com", "sds://shop.example.com");
+        let mut others: Vec<Subscription> = (1..MAX_SPELLINGS)
+            .map(|i| reg.watch("shop.example.com", &spelled(i)))
+            .collect();
+        assert!(others.iter().all(|s| !s.is_refused()));
+        let mut over = reg.watch("shop.example.com", &spelled(MAX_SPELLINGS));
+        assert!(over.is_refused() && over.current().is_none());
+        assert!(!plain.is_refused() && !prefixed.is_refused());
+        // A new version is encoded again for the spelling.
+        reg.publish("shop.example.com", &bundle("b"));
+        a.changed().await;
+        let v2 = a.current().unwrap();
+        let r2 = a.resource(&v2, &spelled(0));
+        assert_ne!(r2.value, ra.value);
+        // Dropped with its last subscriber: a spelling's place is free again.
+        drop(a);
+        drop(b);
+        others.pop();
+        drop(over);
+        let mut again = reg.watch("shop.example.com", &spelled(MAX_SPELLINGS));
+        assert!(!again.is_refused());
+        assert!(again.current().is_some());
+    }
+
+    /// A certificate obtained on demand lives apart from a secret of the same name.
+    #[test]
+    fn on_demand_certificates_never_mix_with_named_secrets() {
+        let reg = Registry::new();
+        let name = crate::values::DnsName::new("shop.example.com").unwrap();
+        let on_demand = SecretId::OnDemand(name);
+        reg.publish("shop.example.com", &bundle("configured"));
+        reg.publish(&on_demand, &bundle("on demand"));
+        assert_ne!(
+            reg.get("shop.example.com").unwrap().version(),
+            reg.get(&on_demand).unwrap().version()
+        );
+        assert_eq!(reg.names(), ["shop.example.com"]);
     }
 
     #[tokio::test]
     async fn a_name_that_appears_wakes_its_waiter() {
         let reg = Registry::new();
-        let mut sub = reg.watch("late");
+        let mut sub = reg.watch("late", "late");
         assert!(sub.current().is_none());
         let publisher = reg.clone();
         let task = tokio::spawn(async move {

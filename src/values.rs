@@ -19,6 +19,58 @@ pub fn canonical_name(requested: &str) -> &str {
     requested.strip_prefix(ISTIO_PREFIX).unwrap_or(requested)
 }
 
+/// A requested name folded for comparison with configured names: lower-case, without trailing dots (DNS
+/// names compare so; Envoy passes a client's SNI through as it was sent).
+pub fn folded_name(requested: &str) -> String {
+    canonical_name(requested)
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
+/// Where a secret is published and stored: under the name a source publishes it as (every configured
+/// secret), or, for a certificate obtained on demand, in a namespace of its own keyed by its DNS name. The
+/// two never meet: nothing obtained on demand can be published, stored, renewed or read as a configured
+/// secret, whatever its name and however a caller spells it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SecretId {
+    /// A secret under its name (a configured one, or a name nobody configured that is not a DNS name).
+    Named(String),
+    /// A certificate obtained on demand, by the DNS name it is for.
+    OnDemand(DnsName),
+}
+
+impl SecretId {
+    /// The secret published under `name`.
+    pub fn named(name: impl Into<String>) -> Self {
+        SecretId::Named(name.into())
+    }
+
+    /// The name (for logs, status and metrics).
+    pub fn as_str(&self) -> &str {
+        match self {
+            SecretId::Named(n) => n,
+            SecretId::OnDemand(n) => n,
+        }
+    }
+
+    /// Whether it is a certificate obtained on demand.
+    pub fn is_on_demand(&self) -> bool {
+        matches!(self, SecretId::OnDemand(_))
+    }
+}
+
+impl fmt::Display for SecretId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&SecretName> for SecretId {
+    fn from(name: &SecretName) -> Self {
+        SecretId::Named(name.to_string())
+    }
+}
+
 /// Implements the read-only string views of a checked name.
 macro_rules! name_type {
     ($name:ident) => {

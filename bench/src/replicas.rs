@@ -16,7 +16,7 @@ use acme_sds::sources::keys::{AcmeKeys, holds_private_key};
 use acme_sds::store::Store;
 use acme_sds::store::etcd::EtcdStore;
 use acme_sds::store::sealed::{SealedStore, Sealer};
-use acme_sds::values::KeyType;
+use acme_sds::values::{KeyType, SecretId};
 use anyhow::{Context, Result, bail};
 use testkit::envoy::{Envoy, SdsClient, envoy_bin, one_secret_bootstrap};
 use testkit::etcd::EtcdCluster;
@@ -112,7 +112,10 @@ impl World<'_> {
             issued_at_ms: Some(i64::try_from(now.as_millis())?),
         };
         self.store
-            .put(&self.keys.cert(name), &serde_json::to_vec(&stored)?)
+            .put(
+                &self.keys.cert(&SecretId::named(name)),
+                &serde_json::to_vec(&stored)?,
+            )
             .await?;
         Ok(())
     }

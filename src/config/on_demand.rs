@@ -20,6 +20,9 @@ pub struct OnDemandConfig {
     pub ask: Option<String>,
     /// `ask_timeout`: how long `ask` may take; no answer is a denial.
     pub ask_timeout: Duration,
+    /// `ask_concurrency`: `ask` requests in flight at once; names past it (and past as many again waiting)
+    /// are refused for now rather than queued without end.
+    pub ask_concurrency: usize,
     /// `max_new_per_hour`: new certificates per hour, all names together (renewals do not count).
     pub max_new_per_hour: u32,
     /// `max_pending`: on-demand orders in flight at once; more wait their turn.
@@ -36,6 +39,8 @@ pub struct OnDemandConfig {
 
 /// `ask_timeout` when not configured.
 pub const DEFAULT_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// `ask_concurrency` when not configured.
+pub const DEFAULT_ASK_CONCURRENCY: usize = 32;
 /// `max_new_per_hour` when not configured.
 pub const DEFAULT_MAX_NEW_PER_HOUR: u32 = 100;
 /// `max_pending` when not configured.
@@ -131,6 +136,12 @@ impl Validator<'_> {
             raw.max_pending,
             u32::try_from(DEFAULT_MAX_PENDING).unwrap_or(16),
         ) as usize;
+        let ask_concurrency = count(
+            self,
+            "ask_concurrency",
+            raw.ask_concurrency,
+            u32::try_from(DEFAULT_ASK_CONCURRENCY).unwrap_or(32),
+        ) as usize;
         let key_type = match raw.key_type {
             None => KeyType::EcdsaP256,
             Some(k) => {
@@ -146,6 +157,7 @@ impl Validator<'_> {
             allow,
             ask,
             ask_timeout,
+            ask_concurrency,
             max_new_per_hour,
             max_pending,
             key_type,

@@ -96,6 +96,7 @@ pub(super) struct RawOnDemand {
     pub(super) allow: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) ask: Option<Spanned<String>>,
     pub(super) ask_timeout: Option<Spanned<String>>,
+    pub(super) ask_concurrency: Option<Spanned<i64>>,
     pub(super) max_new_per_hour: Option<Spanned<i64>>,
     pub(super) max_pending: Option<Spanned<i64>>,
     pub(super) key_type: Option<Spanned<String>>,

@@ -147,6 +147,7 @@ const ON_DEMAND: &[(&str, Kind)] = &[
         Kind::Str("a URL in quotes, such as \"http://127.0.0.1:9123/allowed\""),
     ),
     ("ask_timeout", Kind::Str(DURATION)),
+    ("ask_concurrency", Kind::Int("a whole number, such as 32")),
     ("max_new_per_hour", Kind::Int("a whole number, such as 100")),
     ("max_pending", Kind::Int("a whole number, such as 16")),
     (

@@ -18,8 +18,7 @@ use crate::metrics::Metrics;
 use crate::net::listen::{self, Admission, Bound};
 use crate::net::peer::Limits;
 use crate::registry::{Published, Registry, SecretContent};
-use crate::sds::access::Access;
-use crate::sds::{Policy, SdsService};
+use crate::sds::{Configured, Policy, SdsService};
 use crate::sources::acme::dns01::Dns01;
 use crate::sources::acme::http01;
 use crate::sources::acme::on_demand::OnDemand;
@@ -186,17 +185,27 @@ fn unconfigured_rule(config: &Config) -> crate::sds::access::Access {
     }
 }
 
-/// Every configured secret with its access rule, for the SDS policy.
-fn access_rules(config: &Config) -> Vec<(SecretName, Access)> {
+/// Every configured secret with its access rule and the names its certificate is for, for the SDS policy.
+fn access_rules(config: &Config) -> Vec<Configured> {
     config
         .certificates
         .iter()
-        .map(|c| (c.name.clone(), c.access.clone()))
+        .map(|c| Configured {
+            name: c.name.clone(),
+            access: c.access.clone(),
+            domains: c
+                .source
+                .issued_domains()
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        })
         .chain(
             config
                 .trust_bundles
                 .iter()
-                .map(|b| (b.name.clone(), b.access.clone())),
+                .map(|b| Configured::from((b.name.clone(), b.access.clone()))),
         )
         .collect()
 }
@@ -525,7 +534,7 @@ impl Running {
                 od,
                 manager.clone(),
                 self.registry.clone(),
-                self.open_store(config).await?,
+                self.policy.clone(),
                 self.metrics.clone(),
                 token.clone(),
             )

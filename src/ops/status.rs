@@ -19,6 +19,7 @@ use crate::sources::IssuerStatus;
 use crate::sources::acme::AcmeManager;
 use crate::sources::files::FileSource;
 use crate::sources::internal::InternalIssuer;
+use crate::values::{DnsName, SecretId};
 
 /// Where a secret comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,8 +98,8 @@ pub struct SecretStatus {
     pub challenge: Option<crate::values::Challenge>,
 }
 
-/// The issuers' plans, by secret name.
-pub type Schedules = HashMap<String, IssuerStatus>;
+/// The issuers' plans, by secret.
+pub type Schedules = HashMap<SecretId, IssuerStatus>;
 
 /// The status of every secret `config` names, and of the certificates obtained on demand (`on_demand`:
 /// name and how it was allowed), as `registry` serves them and `schedules` plan them; `subscribers` counts
@@ -107,8 +108,8 @@ pub fn collect(
     config: &Config,
     registry: &Registry,
     schedules: &Schedules,
-    subscribers: Option<&dyn Fn(&str) -> usize>,
-    on_demand: &[(String, String)],
+    subscribers: Option<&dyn Fn(&SecretId) -> usize>,
+    on_demand: &[(DnsName, String)],
 ) -> Vec<SecretStatus> {
     let configured = config
         .certificates
@@ -123,29 +124,32 @@ pub fn collect(
                 .source
                 .issued_domains()
                 .map(|d| d.into_iter().map(str::to_owned).collect());
-            (c.name.to_string(), source, domains, None, challenge)
+            (SecretId::from(&c.name), source, domains, None, challenge)
         })
-        .chain(
-            config
-                .trust_bundles
-                .iter()
-                .map(|b| (b.name.to_string(), Source::TrustBundle, None, None, None)),
-        );
+        .chain(config.trust_bundles.iter().map(|b| {
+            (
+                SecretId::from(&b.name),
+                Source::TrustBundle,
+                None,
+                None,
+                None,
+            )
+        }));
     let obtained = on_demand.iter().map(|(name, how)| {
         (
-            name.clone(),
+            SecretId::OnDemand(name.clone()),
             Source::OnDemand,
-            Some(vec![name.clone()]),
+            Some(vec![name.to_string()]),
             Some(how.clone()),
             None,
         )
     });
     configured
         .chain(obtained)
-        .map(|(name, source, domains, allowed_by, challenge)| {
-            let current = registry.get(&name);
+        .map(|(id, source, domains, allowed_by, challenge)| {
+            let current = registry.get(&id);
             let summary = current.as_ref().map(|v| v.summary().clone());
-            let plan = schedules.get(name.as_str());
+            let plan = schedules.get(&id);
             let domains = match (domains, &summary) {
                 (Some(d), _) => d,
                 (None, Some(s)) => s.dns_names.clone(),
@@ -161,8 +165,8 @@ pub fn collect(
                 next_renewal: plan.and_then(|p| p.next_renewal),
                 last_error: plan.and_then(|p| p.last_error.clone()),
                 next_retry: plan.and_then(|p| p.next_retry),
-                subscribed_streams: subscribers.map(|count| count(&name)),
-                name,
+                subscribed_streams: subscribers.map(|count| count(&id)),
+                name: id.to_string(),
                 source,
                 domains,
                 allowed_by,
@@ -235,8 +239,15 @@ impl StatusView {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let mut schedules = acme.as_ref().map(|a| a.status()).unwrap_or_default();
-        schedules.extend(internal.as_ref().map(|i| i.status()).unwrap_or_default());
-        let subscribers = |name: &str| self.registry.subscribers(name);
+        schedules.extend(
+            internal
+                .as_ref()
+                .map(|i| i.status())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, plan)| (SecretId::named(name), plan)),
+        );
+        let subscribers = |id: &SecretId| self.registry.subscribers(id);
         let obtained = on_demand.map(|o| o.admitted()).unwrap_or_default();
         collect(
             &config,
@@ -270,7 +281,7 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
             for c in &config.certificates {
                 if matches!(c.source, CertificateSource::Files { .. }) {
                     schedules.insert(
-                        c.name.to_string(),
+                        SecretId::from(&c.name),
                         IssuerStatus {
                             last_error: Some(
                                 "the files cannot be loaded (run `acme-sds check`)".into(),
@@ -292,12 +303,13 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
             match &c.source {
                 CertificateSource::Acme { .. } => {
                     let Some(keys) = &keys else { continue };
+                    let id = SecretId::from(&c.name);
                     let (cert, plan) =
-                        crate::sources::acme::stored_status(store.as_ref(), keys, &c.name).await;
+                        crate::sources::acme::stored_status(store.as_ref(), keys, &id).await;
                     if let Some(pem) = cert {
                         registry.publish(&c.name, &SecretContent::TlsCertificate(pem));
                     }
-                    schedules.insert(c.name.to_string(), plan);
+                    schedules.insert(id, plan);
                 }
                 CertificateSource::Internal { .. } => {
                     if let Some(pem) =
@@ -308,7 +320,7 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
                             ..IssuerStatus::default()
                         };
                         registry.publish(&c.name, &SecretContent::TlsCertificate(pem));
-                        schedules.insert(c.name.to_string(), plan);
+                        schedules.insert(SecretId::from(&c.name), plan);
                     }
                 }
                 CertificateSource::Files { .. } => {}
@@ -317,12 +329,13 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
         if let (Some(keys), Some(_)) = (&keys, &config.on_demand) {
             for (name, how) in crate::sources::acme::on_demand::recorded(store.as_ref(), keys).await
             {
+                let id = SecretId::OnDemand(name.clone());
                 let (cert, plan) =
-                    crate::sources::acme::stored_status(store.as_ref(), keys, &name).await;
+                    crate::sources::acme::stored_status(store.as_ref(), keys, &id).await;
                 if let Some(pem) = cert {
-                    registry.publish(&name, &SecretContent::TlsCertificate(pem));
+                    registry.publish(&id, &SecretContent::TlsCertificate(pem));
                 }
-                schedules.insert(name.clone(), plan);
+                schedules.insert(id, plan);
                 obtained.push((name, how));
             }
         }

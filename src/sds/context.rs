@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Status};
 
-use super::policy::Policy;
+use super::policy::{Policy, Rules, Target};
 use crate::metrics::Metrics;
 use crate::net::peer::{Limits, Peer, StreamSlot};
 use crate::net::throttle::Throttle;
@@ -152,27 +152,37 @@ impl StreamContext {
             .map(|n| n.id.as_str())
     }
 
-    /// Whether `requested` names a configured secret (for metrics: only those get a series of their own).
-    pub(crate) fn is_configured(&self, requested: &str) -> bool {
-        self.policy.is_configured(requested)
+    /// The rules in force now.
+    pub(crate) fn rules(&self) -> Arc<Rules> {
+        self.policy.rules()
     }
 
-    /// Checks names being added (`adding`) against the rules in force now and, if those rules are newer than
-    /// the ones the stream's subscription (`held`) was last checked against, the subscription too. Refuses
-    /// with `PERMISSION_DENIED` (the same answer whether or not the secret exists) and a log line naming the
-    /// caller.
+    /// The generation of rules the stream's subscription was last checked against.
+    pub(crate) fn checked(&self) -> u64 {
+        self.checked
+    }
+
+    /// Whether the stream's subscription was last checked against rules older than those in force.
+    pub(crate) fn rules_changed(&self) -> bool {
+        self.policy.generation() != self.checked
+    }
+
+    /// Checks names being added (`adding`) against `rules` (those in force) and, if those rules are newer
+    /// than the ones the stream's subscription (`held`) was last checked against, the subscription too.
+    /// Each name comes with what it resolved to. Refuses with `PERMISSION_DENIED` (the same answer whether
+    /// or not the secret exists) and a log line naming the caller.
     pub(crate) fn authorize<'a>(
         &mut self,
-        adding: impl IntoIterator<Item = &'a str>,
-        held: impl IntoIterator<Item = &'a str>,
+        rules: &Rules,
+        adding: impl IntoIterator<Item = (&'a str, &'a Target)>,
+        held: impl IntoIterator<Item = (&'a str, &'a Target)>,
     ) -> Result<(), Status> {
-        let rules = self.policy.rules();
-        let allowed = |ctx: &Self, name: &str| {
-            rules.allows(name, ctx.usable_node_id(), ctx.peer.identities())
+        let allowed = |ctx: &Self, target: &Target| {
+            rules.allows(target, ctx.usable_node_id(), ctx.peer.identities())
         };
         if rules.generation() != self.checked {
-            for name in held {
-                if !allowed(self, name) {
+            for (name, target) in held {
+                if !allowed(self, target) {
                     return Err(self.denied(
                         name,
                         "the access rules changed (configuration reloaded): ending the stream",
@@ -180,24 +190,13 @@ impl StreamContext {
                 }
             }
         }
-        for name in adding {
-            if !allowed(self, name) {
+        for (name, target) in adding {
+            if !allowed(self, target) {
                 return Err(self.denied(name, "refusing the request"));
             }
         }
         self.checked = rules.generation();
         Ok(())
-    }
-
-    /// Checks the stream's subscription again if the rules changed since it was last checked.
-    pub(crate) fn reauthorize<'a>(
-        &mut self,
-        held: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), Status> {
-        if self.policy.generation() == self.checked {
-            return Ok(());
-        }
-        self.authorize([], held)
     }
 
     fn denied(&self, name: &str, reason: &'static str) -> Status {
@@ -237,15 +236,17 @@ impl StreamContext {
             .get_or_insert_with(std::time::Instant::now);
     }
 
-    /// Counts names this stream asked for that are not configured (one series for all of them).
     /// Counts the names of `requested` that are not configured, and tells the on-demand issuer (if any) of
     /// each: it publishes, expects or refuses them before the stream answers.
-    pub(crate) fn unconfigured<'a>(&self, requested: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn unconfigured<'a>(
+        &self,
+        requested: impl IntoIterator<Item = (&'a str, &'a Target)>,
+    ) {
         let mut n = 0u64;
-        for name in requested {
-            if !self.is_configured(name) {
+        for (name, target) in requested {
+            if !target.configured {
                 n += 1;
-                self.policy.demand(name, self.usable_node_id());
+                self.policy.demand(name, &target.id, self.usable_node_id());
             }
         }
         if n > 0 {
@@ -266,11 +267,11 @@ impl StreamContext {
     /// Logs and counts a NACK of the secrets `names` (those the rejected response carried). `rejected` says
     /// what was rejected: "version V" (SotW) or "nonce N" (delta). Envoy's message is clipped and written as
     /// a quoted string, so it can neither flood the log nor forge lines in it.
-    pub(crate) fn log_nack(&self, names: &[&str], rejected: &str, err: &rpc::Status) {
+    pub(crate) fn log_nack(&self, names: &[(&str, &Target)], rejected: &str, err: &rpc::Status) {
         let mut unconfigured = 0;
-        for name in names {
-            if self.is_configured(name) {
-                self.metrics.count_nack(name);
+        for (_, target) in names {
+            if target.configured {
+                self.metrics.count_nack(target.id.as_str());
             } else {
                 unconfigured += 1;
             }
@@ -284,7 +285,7 @@ impl StreamContext {
         let shown: Vec<&str> = names
             .iter()
             .take(MAX_LOGGED_NAMES)
-            .map(|n| clip(n, MAX_NAME_BYTES + 6))
+            .map(|(n, _)| clip(n, MAX_NAME_BYTES + 6))
             .collect();
         tracing::warn!(
             stream = self.id,

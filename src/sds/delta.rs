@@ -14,11 +14,13 @@ use std::task::{Context, Poll};
 
 use tonic::Status;
 
+use super::policy::{Rules, Target};
+use super::subscribed::Subscribed;
 use super::{Protocol, StreamContext, check_type_url, checked_names, poll_any_changed};
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use crate::registry::{Registry, SECRET_TYPE_URL, SecretVersion, Subscription};
+use crate::registry::{Registry, SECRET_TYPE_URL, SecretVersion};
 
 /// What the client holds for one name.
 enum Held {
@@ -40,8 +42,7 @@ impl Held {
 }
 
 struct Watched {
-    requested: String,
-    sub: Subscription,
+    name: Subscribed,
     held: Held,
     /// Whether `removed_resources` already told the client this name does not exist.
     reported_missing: bool,
@@ -53,8 +54,9 @@ pub struct Delta {
     ctx: StreamContext,
     watched: Vec<Watched>,
     nonce: u64,
-    /// The names of the secrets the latest response carried: what a NACK of it rejects.
-    last_sent: Vec<String>,
+    /// The secrets the latest response carried (requested name, what it resolved to): what a NACK of it
+    /// rejects.
+    last_sent: Vec<(String, Target)>,
     /// Subscriptions were added and are not armed yet.
     fresh: bool,
     first: bool,
@@ -74,21 +76,40 @@ impl Delta {
         }
     }
 
-    fn respond(&mut self) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+    /// Under rules newer than the subscription was checked against: resolves every name again (a name a
+    /// configured secret now claims follows it) and checks them all; `Err` ends the stream.
+    fn check_again(&mut self, rules: &Rules) -> Result<(), Status> {
+        if rules.generation() == self.ctx.checked() {
+            return Ok(());
+        }
+        for w in &mut self.watched {
+            if w.name.resolve_again(&self.registry, rules) {
+                w.reported_missing = false;
+                self.fresh = true;
+            }
+        }
         self.ctx
-            .reauthorize(self.watched.iter().map(|w| w.requested.as_str()))?;
+            .authorize(rules, [], self.watched.iter().map(|w| w.name.pair()))
+    }
+
+    fn respond(&mut self) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        if self.ctx.rules_changed() {
+            self.check_again(&self.ctx.rules())?;
+        }
         let mut resources = Vec::new();
         let mut removed = Vec::new();
+        let mut sent = Vec::new();
         for w in &mut self.watched {
-            match w.sub.current() {
+            match w.name.sub.current() {
                 Some(v) => {
                     if w.held.version() != Some(v.version()) {
                         resources.push(Resource {
                             version: v.version().to_owned(),
-                            resource: Some(v.resource_for(&w.requested)),
-                            name: w.requested.clone(),
+                            resource: Some(w.name.resource(&v)),
+                            name: w.name.requested.clone(),
                             aliases: Vec::new(),
                         });
+                        sent.push((w.name.requested.clone(), w.name.target.clone()));
                         w.held = Held::Sent(v);
                         w.reported_missing = false;
                     }
@@ -97,9 +118,10 @@ impl Delta {
                     // A name being obtained on demand is waited for; one refused is reported.
                     if matches!(w.held, Held::Nothing)
                         && !w.reported_missing
-                        && !self.registry.is_expected(&w.requested)
+                        && (w.name.sub.is_refused()
+                            || !self.registry.is_expected(&w.name.target.id))
                     {
-                        removed.push(w.requested.clone());
+                        removed.push(w.name.requested.clone());
                         w.reported_missing = true;
                     }
                 }
@@ -109,7 +131,7 @@ impl Delta {
             return Ok(None);
         }
         self.nonce += 1;
-        self.last_sent = resources.iter().map(|r| r.name.clone()).collect();
+        self.last_sent = sent;
         self.ctx.sent();
         tracing::debug!(
             stream = self.ctx.id,
@@ -146,8 +168,11 @@ impl Protocol for Delta {
             checked_names("resource_names_unsubscribe", req.resource_names_unsubscribe)?;
         if let Some(err) = &req.error_detail {
             // What was rejected: the secrets of the response it names, if that is the latest one.
-            let names: Vec<&str> = if req.response_nonce == self.nonce.to_string() {
-                self.last_sent.iter().map(String::as_str).collect()
+            let names: Vec<(&str, &Target)> = if req.response_nonce == self.nonce.to_string() {
+                self.last_sent
+                    .iter()
+                    .map(|(n, t)| (n.as_str(), t))
+                    .collect()
             } else {
                 Vec::new()
             };
@@ -166,7 +191,7 @@ impl Protocol for Delta {
         if !unsubscribe.is_empty() {
             let gone: HashSet<&str> = unsubscribe.iter().map(String::as_str).collect();
             self.watched
-                .retain(|w| !gone.contains(w.requested.as_str()));
+                .retain(|w| !gone.contains(w.name.requested.as_str()));
         }
         if subscribe.is_empty() {
             // An ACK, a NACK or an unsubscribe: nothing to look up (the count can only go down).
@@ -177,7 +202,7 @@ impl Protocol for Delta {
             .watched
             .iter()
             .enumerate()
-            .map(|(i, w)| (w.requested.as_str(), i))
+            .map(|(i, w)| (w.name.requested.as_str(), i))
             .collect();
         let is_new: Vec<bool> = subscribe
             .iter()
@@ -188,20 +213,24 @@ impl Protocol for Delta {
             .filter_map(|n| index.get(n.as_str()).copied())
             .collect();
         drop(index);
-        let adding = || {
-            subscribe
-                .iter()
-                .zip(&is_new)
-                .filter(|(_, new)| **new)
-                .map(|(n, _)| n.as_str())
-        };
-        let total = self.watched.len() + adding().count();
+        let total = self.watched.len() + is_new.iter().filter(|new| **new).count();
         if total > super::MAX_NAMES_PER_STREAM {
             return Err(super::context::too_many("resource_names_subscribe"));
         }
-        self.ctx
-            .authorize(adding(), self.watched.iter().map(|w| w.requested.as_str()))?;
-        self.ctx.unconfigured(adding());
+        let rules = self.ctx.rules();
+        self.check_again(&rules)?;
+        let adding: Vec<(String, Target)> = subscribe
+            .into_iter()
+            .zip(&is_new)
+            .filter(|(_, new)| **new)
+            .map(|(n, _)| {
+                let target = rules.resolve(&n);
+                (n, target)
+            })
+            .collect();
+        let pairs = || adding.iter().map(|(n, t)| (n.as_str(), t));
+        self.ctx.authorize(&rules, pairs(), [])?;
+        self.ctx.unconfigured(pairs());
         self.ctx.set_name_count(total)?;
         for i in again {
             // Subscribing again asks for the resource again.
@@ -209,19 +238,14 @@ impl Protocol for Delta {
             w.held = Held::Nothing;
             w.reported_missing = false;
         }
-        for (name, new) in subscribe.into_iter().zip(is_new) {
-            if !new {
-                continue;
-            }
+        for (name, target) in adding {
             let held = match initial.remove(&name) {
                 Some(v) => Held::Claimed(v),
                 None => Held::Nothing,
             };
-            let sub = self.registry.watch(&name);
             self.fresh = true;
             self.watched.push(Watched {
-                requested: name,
-                sub,
+                name: Subscribed::new(&self.registry, name, target),
                 held,
                 reported_missing: false,
             });
@@ -230,7 +254,7 @@ impl Protocol for Delta {
     }
 
     fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        poll_any_changed(self.watched.iter_mut().map(|w| &mut w.sub), cx)
+        poll_any_changed(self.watched.iter_mut().map(|w| &mut w.name.sub), cx)
     }
 
     fn take_fresh(&mut self) -> bool {
@@ -241,9 +265,16 @@ impl Protocol for Delta {
         self.respond()
     }
 
-    fn reauthorize(&mut self) -> Result<(), Status> {
-        self.ctx
-            .reauthorize(self.watched.iter().map(|w| w.requested.as_str()))
+    fn reauthorize(&mut self) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        if !self.ctx.rules_changed() {
+            return Ok(None);
+        }
+        self.check_again(&self.ctx.rules())?;
+        if self.fresh {
+            // A name follows another secret now: what the client lacks of it goes out at once.
+            return self.respond();
+        }
+        Ok(None)
     }
 
     fn context(&self) -> &StreamContext {

@@ -24,6 +24,7 @@ mod delta;
 pub mod grpc;
 mod policy;
 mod sotw;
+mod subscribed;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -49,7 +50,7 @@ pub use context::{
     MAX_NAME_BYTES, MAX_NAMES_PER_STREAM, MAX_NODE_FIELD_BYTES, NodeInfo, StreamContext,
 };
 pub(crate) use context::{Throttles, checked_names};
-pub use policy::{Demand, Policy};
+pub use policy::{Configured, Demand, Policy, Target};
 
 /// The gRPC service. Cheap to clone.
 #[derive(Clone)]
@@ -176,18 +177,21 @@ impl SecretDiscoveryService for SdsService {
                 "resource_names is empty: name the secrets to fetch (there is no wildcard)",
             ));
         }
-        ctx.authorize(names.iter().map(String::as_str), [])?;
-        ctx.unconfigured(names.iter().map(String::as_str));
+        let rules = ctx.rules();
+        let targets: Vec<policy::Target> = names.iter().map(|n| rules.resolve(n)).collect();
+        let pairs = || names.iter().map(String::as_str).zip(&targets);
+        ctx.authorize(&rules, pairs(), [])?;
+        ctx.unconfigured(pairs());
         let mut resources = Vec::new();
         let mut versions = Vec::new();
         let mut missing = Vec::new();
-        for name in &names {
-            match self.registry.get(name) {
+        for (name, target) in pairs() {
+            match self.registry.get(&target.id) {
                 Some(v) => {
                     resources.push(v.resource_for(name));
                     versions.push(v);
                 }
-                None => missing.push(name.as_str()),
+                None => missing.push(name),
             }
         }
         tracing::debug!(stream = ctx.id, peer = %ctx.peer, node = ctx.node_id(), names = ?names, ?missing, "SDS fetch");
@@ -271,8 +275,9 @@ pub(crate) trait Protocol: Send + Unpin + 'static {
     /// ends the stream (the caller may no longer read what it subscribed to).
     fn on_change(&mut self) -> Result<Option<Self::Response>, Status>;
 
-    /// The access rules changed: checks the subscription against them; `Err` ends the stream.
-    fn reauthorize(&mut self) -> Result<(), Status>;
+    /// The access rules changed: resolves and checks the subscription against them; the response to send
+    /// if a name now follows another secret; `Err` ends the stream.
+    fn reauthorize(&mut self) -> Result<Option<Self::Response>, Status>;
 
     fn context(&self) -> &StreamContext;
 }
@@ -433,8 +438,12 @@ where
                     this.policy.set(next_policy(rx));
                     changed = true;
                 }
-                if changed && let Err(status) = this.proto.reauthorize() {
-                    return this.end(status);
+                if changed {
+                    match this.proto.reauthorize() {
+                        Ok(Some(resp)) => return Poll::Ready(Some(Ok(resp))),
+                        Ok(None) => {}
+                        Err(status) => return this.end(status),
+                    }
                 }
             }
             if this.inbound_open {

@@ -12,16 +12,16 @@ use std::task::{Context, Poll};
 
 use tonic::Status;
 
+use super::policy::{Rules, Target};
+use super::subscribed::Subscribed;
 use super::{
     Protocol, StreamContext, check_type_url, checked_names, combined_version, poll_any_changed,
 };
 use crate::proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use crate::registry::{Registry, SECRET_TYPE_URL, SecretVersion, Subscription};
+use crate::registry::{Registry, SECRET_TYPE_URL, SecretVersion};
 
 struct Watched {
-    /// The name exactly as requested (the response names the secret the same way).
-    requested: String,
-    sub: Subscription,
+    name: Subscribed,
     /// The version last sent for this name on this stream.
     sent: Option<Arc<SecretVersion>>,
 }
@@ -50,32 +50,44 @@ impl Sotw {
     }
 
     fn subscribed(&self) -> impl Iterator<Item = &str> {
-        self.watched.iter().map(|w| w.requested.as_str())
+        self.watched.iter().map(|w| w.name.requested.as_str())
     }
 
-    /// Makes `names` (checked, distinct) the subscription, keeping what the stream already knows of names it
-    /// keeps. O(n): Envoy repeats its one name in every ACK, and a hostile client may send a thousand.
-    fn subscribe(&mut self, names: Vec<String>) {
-        if self.subscribed().eq(names.iter().map(String::as_str)) {
-            return;
+    /// Under rules newer than the subscription was checked against: resolves every name again (a name a
+    /// configured secret now claims follows it) and checks them all; `Err` ends the stream.
+    fn check_again(&mut self, rules: &Rules) -> Result<(), Status> {
+        if rules.generation() == self.ctx.checked() {
+            return Ok(());
         }
+        for w in &mut self.watched {
+            if w.name.resolve_again(&self.registry, rules) {
+                w.sent = None;
+                self.fresh = true;
+            }
+        }
+        self.ctx
+            .authorize(rules, [], self.watched.iter().map(|w| w.name.pair()))
+    }
+
+    /// Makes `names` (checked, distinct; those not held yet resolved in `adding`) the subscription, keeping
+    /// what the stream already knows of names it keeps. O(n): Envoy repeats its one name in every ACK, and
+    /// a hostile client may send a thousand.
+    fn subscribe(&mut self, names: Vec<String>, adding: HashMap<String, Target>) {
+        let mut adding = adding;
         let mut old: HashMap<String, Watched> = self
             .watched
             .drain(..)
-            .map(|w| (w.requested.clone(), w))
+            .map(|w| (w.name.requested.clone(), w))
             .collect();
         for name in names {
-            match old.remove(&name) {
-                Some(w) => self.watched.push(w),
-                None => {
-                    let sub = self.registry.watch(&name);
-                    self.fresh = true;
-                    self.watched.push(Watched {
-                        requested: name,
-                        sub,
-                        sent: None,
-                    });
-                }
+            if let Some(w) = old.remove(&name) {
+                self.watched.push(w);
+            } else if let Some(target) = adding.remove(&name) {
+                self.fresh = true;
+                self.watched.push(Watched {
+                    name: Subscribed::new(&self.registry, name, target),
+                    sent: None,
+                });
             }
         }
     }
@@ -83,12 +95,13 @@ impl Sotw {
     /// The response the client needs, if it lacks a secret or a version; `Err` when the caller may no longer
     /// read what it is subscribed to.
     fn respond(&mut self) -> Result<Option<DiscoveryResponse>, Status> {
-        self.ctx
-            .reauthorize(self.watched.iter().map(|w| w.requested.as_str()))?;
+        if self.ctx.rules_changed() {
+            self.check_again(&self.ctx.rules())?;
+        }
         let mut current = Vec::with_capacity(self.watched.len());
         let mut needed = false;
         for w in &mut self.watched {
-            let cur = w.sub.current();
+            let cur = w.name.sub.current();
             if let Some(v) = &cur {
                 needed |= w.sent.as_ref().is_none_or(|s| s.version() != v.version());
             }
@@ -100,7 +113,7 @@ impl Sotw {
         let mut resources = Vec::with_capacity(current.len());
         for (w, cur) in self.watched.iter_mut().zip(current) {
             if let Some(v) = cur {
-                resources.push(v.resource_for(&w.requested));
+                resources.push(w.name.resource(&v));
                 w.sent = Some(v);
             }
         }
@@ -139,11 +152,11 @@ impl Protocol for Sotw {
         let names = checked_names("resource_names", req.resource_names)?;
         if let Some(err) = &req.error_detail {
             // What was rejected: the secrets the last response carried.
-            let sent: Vec<&str> = self
+            let sent: Vec<(&str, &Target)> = self
                 .watched
                 .iter()
                 .filter(|w| w.sent.is_some())
-                .map(|w| w.requested.as_str())
+                .map(|w| w.name.pair())
                 .collect();
             let rejected = combined_version(
                 self.watched
@@ -160,24 +173,26 @@ impl Protocol for Sotw {
             );
         }
         if !self.subscribed().eq(names.iter().map(String::as_str)) {
-            let held: std::collections::HashSet<&str> =
-                self.watched.iter().map(|w| w.requested.as_str()).collect();
-            let adding: Vec<&str> = names
+            let rules = self.ctx.rules();
+            self.check_again(&rules)?;
+            let held: std::collections::HashSet<&str> = self.subscribed().collect();
+            let adding: HashMap<String, Target> = names
                 .iter()
-                .map(String::as_str)
-                .filter(|n| !held.contains(n))
+                .filter(|n| !held.contains(n.as_str()))
+                .map(|n| (n.clone(), rules.resolve(n)))
                 .collect();
-            self.ctx
-                .authorize(adding.iter().copied(), held.iter().copied())?;
-            self.ctx.unconfigured(adding.iter().copied());
+            drop(held);
+            let pairs = || adding.iter().map(|(n, t)| (n.as_str(), t));
+            self.ctx.authorize(&rules, pairs(), [])?;
+            self.ctx.unconfigured(pairs());
             self.ctx.set_name_count(names.len())?;
-            self.subscribe(names);
+            self.subscribe(names, adding);
         }
         self.respond()
     }
 
     fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        poll_any_changed(self.watched.iter_mut().map(|w| &mut w.sub), cx)
+        poll_any_changed(self.watched.iter_mut().map(|w| &mut w.name.sub), cx)
     }
 
     fn take_fresh(&mut self) -> bool {
@@ -188,9 +203,16 @@ impl Protocol for Sotw {
         self.respond()
     }
 
-    fn reauthorize(&mut self) -> Result<(), Status> {
-        self.ctx
-            .reauthorize(self.watched.iter().map(|w| w.requested.as_str()))
+    fn reauthorize(&mut self) -> Result<Option<DiscoveryResponse>, Status> {
+        if !self.ctx.rules_changed() {
+            return Ok(None);
+        }
+        self.check_again(&self.ctx.rules())?;
+        if self.fresh {
+            // A name follows another secret now: what the client lacks of it goes out at once.
+            return self.respond();
+        }
+        Ok(None)
     }
 
     fn context(&self) -> &StreamContext {

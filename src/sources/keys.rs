@@ -8,6 +8,10 @@
 //! acme/<ca>/state/<name>       its renewal plan and failure backoff
 //! acme/<ca>/orders/<name>      an order in progress (URL, certificate key), to resume after a restart
 //! acme/<ca>/dns-01/<name>      DNS-01 TXT records added for it and not yet deleted (deleted after a crash)
+//! acme/<ca>/on-demand/<name>   a certificate obtained on demand: how it was allowed, when last used
+//! acme/<ca>/on-demand-certs/<name>, -state/<name>, -orders/<name>, -dns-01/<name>
+//!                              the same four for certificates obtained on demand, apart from the configured
+//!                              ones: an on-demand name can never overwrite or delete a configured secret's
 //! challenges/<token>           a pending HTTP-01 key authorization, read by the responder
 //! challenges/tls-alpn-01/<name> a pending TLS-ALPN-01 key authorization, read by the TLS-ALPN responder
 //! internal/ca                  the internal CA's certificate and key
@@ -17,6 +21,7 @@
 //! ```
 
 use crate::store::key_segment;
+use crate::values::{DnsName, SecretId};
 
 /// Where one ACME CA's records are kept: a directory per CA (host and a short hash of the directory
 /// URL), so that switching CAs (staging to production) keeps both accounts and certificates apart.
@@ -63,29 +68,51 @@ impl AcmeKeys {
         format!("acme/{}", self.ca)
     }
 
-    /// Where the issued certificates are (what replicas watch).
-    pub fn certs_dir(&self) -> String {
-        format!("acme/{}/certs", self.ca)
+    /// A record of `kind` (`certs`, `state`, ...) for the certificate `id`: configured certificates and
+    /// those obtained on demand each in their own directories.
+    fn of(&self, kind: &str, id: &SecretId) -> String {
+        match id {
+            SecretId::Named(name) => format!("acme/{}/{kind}/{}", self.ca, key_segment(name)),
+            SecretId::OnDemand(name) => {
+                format!("acme/{}/on-demand-{kind}/{}", self.ca, key_segment(name))
+            }
+        }
     }
 
     /// An issued certificate.
-    pub fn cert(&self, name: &str) -> String {
-        format!("acme/{}/certs/{}", self.ca, key_segment(name))
+    pub fn cert(&self, id: &SecretId) -> String {
+        self.of("certs", id)
     }
 
     /// A certificate's renewal plan and failure backoff.
-    pub fn state(&self, name: &str) -> String {
-        format!("acme/{}/state/{}", self.ca, key_segment(name))
+    pub fn state(&self, id: &SecretId) -> String {
+        self.of("state", id)
     }
 
     /// The order in progress (its URL, and the certificate key once made), for resuming it.
-    pub fn order(&self, name: &str) -> String {
-        format!("acme/{}/orders/{}", self.ca, key_segment(name))
+    pub fn order(&self, id: &SecretId) -> String {
+        self.of("orders", id)
     }
 
     /// The DNS-01 records added for a certificate's order and not yet deleted from the zone.
-    pub fn dns_records(&self, name: &str) -> String {
-        format!("acme/{}/dns-01/{}", self.ca, key_segment(name))
+    pub fn dns_records(&self, id: &SecretId) -> String {
+        self.of("dns-01", id)
+    }
+
+    /// Where the records of certificates obtained on demand are (how each was allowed, when last used).
+    pub fn on_demand_dir(&self) -> String {
+        format!("acme/{}/on-demand", self.ca)
+    }
+
+    /// The record of a certificate obtained on demand.
+    pub fn on_demand(&self, name: &DnsName) -> String {
+        format!("acme/{}/on-demand/{}", self.ca, key_segment(name))
+    }
+
+    /// Where a certificate obtained on demand by an earlier version was stored: among the configured
+    /// ones (read once, to move it where it belongs).
+    pub fn legacy_on_demand(&self, name: &DnsName, kind: &str) -> String {
+        format!("acme/{}/{kind}/{}", self.ca, key_segment(name))
     }
 }
 
@@ -101,6 +128,8 @@ pub fn holds_private_key(key: &str) -> bool {
     acme("account")
         || acme("certs")
         || acme("orders")
+        || acme("on-demand-certs")
+        || acme("on-demand-orders")
         || key == INTERNAL_CA
         || key.starts_with("internal/certs/")
 }

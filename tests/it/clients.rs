@@ -14,7 +14,7 @@ use testkit::envoy::{Envoy, SdsClient, envoy_bin, https_get, one_secret_bootstra
 use testkit::*;
 
 /// Python with grpcio, or `None` to skip (under CI a missing one fails: `scripts/setup` installs it).
-fn python_with_grpcio() -> Option<&'static str> {
+pub(crate) fn python_with_grpcio() -> Option<&'static str> {
     let ok = Command::new("python3")
         .args(["-c", "import grpc"])
         .output()
@@ -31,7 +31,11 @@ fn python_with_grpcio() -> Option<&'static str> {
 }
 
 /// One call through `tests/support/grpcio_client.py`: Ok(first response bytes) or Err((code, details)).
-fn grpcio_call(target: &str, rpc: &str, request: &[u8]) -> Result<Vec<u8>, (String, String)> {
+pub(crate) fn grpcio_call(
+    target: &str,
+    rpc: &str,
+    request: &[u8],
+) -> Result<Vec<u8>, (String, String)> {
     let script = testkit::script("grpcio_client.py");
     let hex: String = request.iter().map(|b| format!("{b:02x}")).collect();
     let out = Command::new("python3")

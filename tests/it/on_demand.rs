@@ -26,6 +26,11 @@ struct Edge {
 impl Edge {
     /// Pebble, then acme-sds with `on_demand` as its `[on_demand]` table, then Envoy.
     fn start(on_demand: &str) -> Option<Edge> {
+        Self::start_with(on_demand, "")
+    }
+
+    /// The same with more `[[certificate]]` tables (`extra`).
+    fn start_with(on_demand: &str, extra: &str) -> Option<Edge> {
         let dir = tempfile::tempdir().unwrap();
         let port80 = free_port();
         let mut opts = PebbleOptions::new(port80);
@@ -36,7 +41,7 @@ impl Edge {
         std::fs::write(
             dir.path().join("acme-sds.toml"),
             format!(
-                "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:0\"\n\n{}[on_demand]\n{on_demand}\n\n[[certificate]]\nname = \"fallback\"\ndomains = [\"localhost\"]\nissuer = \"internal\"\n",
+                "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:0\"\n\n{}[on_demand]\n{on_demand}\n\n[[certificate]]\nname = \"fallback\"\ndomains = [\"localhost\"]\nissuer = \"internal\"\n\n{extra}",
                 dir.path().join("sds.sock").display(),
                 dir.path().join("data").display(),
                 pebble.acme_table(),
@@ -249,7 +254,8 @@ async fn ask_stub() -> (
 }
 
 /// `ask` is asked once per name (its denials are cached), a name it denies fails fast and is never
-/// ordered, and the hourly cap refuses the (N+1)-th new name while the first N are served.
+/// ordered, and the hourly cap refuses the (N+1)-th new name while the first N are served, before `ask` is
+/// asked about it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ask_is_asked_once_per_name_and_the_hourly_cap_holds() {
     let (port, calls) = ask_stub().await;
@@ -259,20 +265,22 @@ async fn ask_is_asked_once_per_name_and_the_hourly_cap_holds() {
         return;
     };
     let root = edge.pebble.root_der().await;
-    for name in ["ok1.customers.example.com", "ok2.customers.example.com"] {
+    let obtain = async |name: &str| {
         let chain = edge
             .handshake(Some(name))
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}\n{}", edge.log()));
         verify_chain(&chain, &root, name).unwrap();
-    }
-    // Denied by ask, under two spellings: asked once, never ordered.
+    };
+    obtain("ok1.customers.example.com").await;
+    // Denied by ask, under two spellings: asked once, never ordered, and no slot of the cap taken.
     for spelling in ["no.customers.example.com", "NO.customers.example.com."] {
         let started = Instant::now();
         assert!(edge.handshake(Some(spelling)).await.is_err());
         assert!(started.elapsed() < Duration::from_secs(1));
     }
-    // The third new name in the hour: refused although ask would allow it.
+    obtain("ok2.customers.example.com").await;
+    // The third new name in the hour: refused before ask is asked (the cap comes first).
     assert!(
         edge.handshake(Some("ok3.customers.example.com"))
             .await
@@ -286,6 +294,7 @@ async fn ask_is_asked_once_per_name_and_the_hourly_cap_holds() {
         Some(&1),
         "{calls:?}"
     );
+    assert_eq!(calls.get("ok3.customers.example.com"), None, "{calls:?}");
     assert!(edge.log().contains("max_new_per_hour"), "{}", edge.log());
 }
 
@@ -334,4 +343,207 @@ async fn an_envoy_outside_allowed_nodes_cannot_trigger_issuance() {
         .unwrap()
         .wait_for_line_within("SDS access denied", BOUND);
     assert_eq!(edge.orders(), 0);
+}
+
+/// A configured secret wins over on-demand TLS in every spelling: `ACME.EXAMPLE.TEST`, `Acme.example.test`,
+/// `acme.example.test.` and `sds://…` are the configured secret `acme.example.test` (an ACME certificate
+/// restricted to `edge*` nodes), as `Shop.Example.Test` is the configured file certificate
+/// `shop.example.test` and `WWW.example.test` the configured certificate `web` whose domain it is. A node
+/// outside their rules is refused (`PERMISSION_DENIED`) over SotW, delta and Fetch, with this project's
+/// client and with grpcio, and never receives a key; nothing is ordered for those spellings; the Envoy that
+/// may read them gets the configured certificate under the spelling it asked for (its on-demand selector,
+/// an upper-case SNI) and is pushed no other version. An unconfigured name is still obtained on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_name_is_never_obtained_on_demand_whatever_its_spelling() {
+    use acme_sds::proto::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+    };
+    use acme_sds::registry::SECRET_TYPE_URL;
+    use prost::Message;
+
+    let pki = Pki::new();
+    let shop = pki.leaf(&["shop.example.test"]);
+    let files = tempfile::tempdir().unwrap();
+    let (shop_crt, shop_key) = shop.write(files.path(), "shop");
+    let extra = format!(
+        "[[certificate]]\nname = \"acme.example.test\"\ndomains = [\"acme.example.test\"]\nallowed_nodes = [\"edge*\"]\ntemporary_certificate = false\n\n\
+         [[certificate]]\nname = \"web\"\ndomains = [\"www.example.test\"]\nallowed_nodes = [\"edge*\"]\ntemporary_certificate = false\n\n\
+         [[certificate]]\nname = \"shop.example.test\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nallowed_nodes = [\"edge*\"]\n",
+        shop_crt.display(),
+        shop_key.display()
+    );
+    let Some(edge) = Edge::start_with("allow = [\"*.example.test\"]", &extra) else {
+        return;
+    };
+    let socket = edge.dir.path().join("sds.sock");
+    let mut client = uds_client(&socket).await;
+    let delta_req = |node_id: &str, names: &[&str]| DeltaDiscoveryRequest {
+        node: node(node_id),
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+
+    // The Envoy allowed to read them: wait until both ACME certificates are issued.
+    let mut allowed = DeltaStream::open(&mut client).await;
+    allowed
+        .send(delta_req(
+            "edge-1",
+            &["acme.example.test", "web", "shop.example.test"],
+        ))
+        .await;
+    let mut held = std::collections::HashMap::new();
+    while held.len() < 3 {
+        let r = allowed.recv().await;
+        for res in r.resources {
+            let secret = decode_secret(res.resource.as_ref().unwrap());
+            held.insert(res.name.clone(), leaf_der(&secret));
+        }
+        allowed
+            .send(DeltaDiscoveryRequest {
+                response_nonce: r.nonce,
+                type_url: SECRET_TYPE_URL.into(),
+                ..Default::default()
+            })
+            .await;
+    }
+    assert_eq!(held["shop.example.test"], shop.leaf_der);
+    let orders_before = edge.orders();
+
+    // Every spelling, every RPC, two clients: an intruder is refused and gets no key.
+    let spellings: &[(&str, &str)] = &[
+        ("ACME.EXAMPLE.TEST", "acme.example.test"),
+        ("Acme.example.test", "acme.example.test"),
+        ("acme.example.test.", "acme.example.test"),
+        ("sds://Acme.Example.Test", "acme.example.test"),
+        ("SHOP.example.test", "shop.example.test"),
+        ("shop.example.test.", "shop.example.test"),
+        ("WWW.example.test", "web"),
+        ("www.example.test", "web"),
+    ];
+    let grpcio = crate::clients::python_with_grpcio().is_some();
+    for (spelling, _) in spellings {
+        let mut sotw = SotwStream::open(&mut client).await;
+        sotw.send(DiscoveryRequest {
+            node: node("intruder"),
+            ..subscribe(&[spelling])
+        })
+        .await;
+        let status = sotw.end().await.expect("an error status");
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "SotW {spelling}"
+        );
+        let mut delta = DeltaStream::open(&mut client).await;
+        delta.send(delta_req("intruder", &[spelling])).await;
+        let status = delta.end().await.expect("an error status");
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "delta {spelling}"
+        );
+        let fetched = client
+            .fetch_secrets(DiscoveryRequest {
+                node: node("intruder"),
+                ..subscribe(&[spelling])
+            })
+            .await;
+        assert_eq!(
+            fetched.unwrap_err().code(),
+            tonic::Code::PermissionDenied,
+            "fetch {spelling}"
+        );
+        if grpcio {
+            let target = format!("unix:{}", socket.display());
+            let fetch = DiscoveryRequest {
+                node: node("intruder"),
+                ..subscribe(&[spelling])
+            };
+            let got = crate::clients::grpcio_call(&target, "fetch", &fetch.encode_to_vec());
+            assert_eq!(
+                got.map(|_| ()).unwrap_err().0,
+                "PERMISSION_DENIED",
+                "grpcio fetch {spelling}"
+            );
+            let got = crate::clients::grpcio_call(
+                &target,
+                "delta",
+                &delta_req("intruder", &[spelling]).encode_to_vec(),
+            );
+            assert_eq!(
+                got.map(|_| ()).unwrap_err().0,
+                "PERMISSION_DENIED",
+                "grpcio delta {spelling}"
+            );
+        }
+    }
+
+    // A node that may read them gets the configured certificate under the spelling it asked for.
+    for (spelling, configured) in spellings {
+        let r = client
+            .fetch_secrets(DiscoveryRequest {
+                node: node("edge-3"),
+                ..subscribe(&[spelling])
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{spelling}: {e}"))
+            .into_inner();
+        let secret = decode_secret(&r.resources[0]);
+        assert_eq!(secret.name, *spelling);
+        assert_eq!(&leaf_der(&secret), &held[*configured], "{spelling}");
+    }
+    let mut other = DeltaStream::open(&mut client).await;
+    other
+        .send(delta_req(
+            "edge-2",
+            &["ACME.EXAMPLE.TEST", "Shop.Example.Test."],
+        ))
+        .await;
+    let r: DeltaDiscoveryResponse = other.recv().await;
+    let mut got: Vec<(String, Vec<u8>)> = r
+        .resources
+        .iter()
+        .map(|x| {
+            (
+                x.name.clone(),
+                leaf_der(&decode_secret(x.resource.as_ref().unwrap())),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (
+                "ACME.EXAMPLE.TEST".to_string(),
+                held["acme.example.test"].clone()
+            ),
+            ("Shop.Example.Test.".to_string(), shop.leaf_der.clone()),
+        ]
+    );
+    // Envoy's on-demand selector, an upper-case SNI: the configured certificate, not a new one.
+    let presented = edge.handshake(Some("ACME.EXAMPLE.TEST")).await.unwrap();
+    assert_eq!(presented[0], held["acme.example.test"]);
+
+    // Nothing was ordered or recorded for those spellings.
+    assert_eq!(edge.orders(), orders_before, "{}", edge.pebble.log());
+    assert!(
+        !edge.log().contains("obtaining an on-demand certificate"),
+        "{}",
+        edge.log()
+    );
+
+    // The allowed Envoy was pushed nothing new: a new subscription on its stream is answered with that
+    // name alone (a pending new version of what it holds would ride along).
+    allowed.send(delta_req("edge-1", &["fallback"])).await;
+    let r = allowed.recv().await;
+    let names: Vec<&str> = r.resources.iter().map(|x| x.name.as_str()).collect();
+    assert_eq!(names, ["fallback"]);
+
+    // A name nobody configured is still obtained on demand, apart from the configured ones.
+    let root = edge.pebble.root_der().await;
+    let chain = edge.handshake(Some("new.example.test")).await.unwrap();
+    verify_chain(&chain, &root, "new.example.test").unwrap();
+    assert_eq!(edge.orders(), orders_before + 1);
 }

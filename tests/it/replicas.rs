@@ -139,9 +139,12 @@ impl World {
         let mut held = Vec::new();
         for (name, _) in certs {
             held.push(
-                raw.lock(&keys.cert(name), Duration::from_secs(60))
-                    .await
-                    .unwrap(),
+                raw.lock(
+                    &keys.cert(&acme_sds::values::SecretId::named(*name)),
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap(),
             );
         }
         (raw, held)
@@ -427,7 +430,11 @@ async fn a_replica_paused_past_its_lease_cannot_overwrite_what_the_next_holder_s
         acme_sds::sources::keys::holds_private_key,
     );
     let keys = acme_sds::sources::keys::AcmeKeys::for_directory(&w.pebble.directory);
-    let stored = store.get(&keys.cert("site")).await.unwrap().unwrap();
+    let stored = store
+        .get(&keys.cert(&acme_sds::values::SecretId::named("site")))
+        .await
+        .unwrap()
+        .unwrap();
     let stored: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
     use rustls_pki_types::pem::PemObject;
     let stored_leaf = rustls_pki_types::CertificateDer::pem_slice_iter(

@@ -84,7 +84,7 @@ use crate::registry::{Registry, SecretContent};
 use crate::sources::IssuerStatus;
 use crate::sources::keys::AcmeKeys;
 use crate::store::{Change, Lock, SharedStore, StoreError};
-use crate::values::{Challenge, DnsName, KeyType, SecretName, same_names, to_strings};
+use crate::values::{Challenge, DnsName, KeyType, SecretId, same_names, to_strings};
 
 pub use order::OrderError;
 
@@ -100,8 +100,8 @@ const FIRST_RETRY_UNREACHABLE: Duration = Duration::from_secs(2);
 /// One ACME-managed certificate, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagedCert {
-    /// The secret name.
-    pub name: SecretName,
+    /// What it is published and stored as: a configured secret's name, or a name obtained on demand.
+    pub id: SecretId,
     /// The names to validate and put on the certificate.
     pub domains: Vec<DnsName>,
     /// The key type.
@@ -129,7 +129,7 @@ impl ManagedCert {
                     temporary_certificate,
                     challenge,
                 } => Some(ManagedCert {
-                    name: c.name.clone(),
+                    id: SecretId::from(&c.name),
                     domains: domains.clone(),
                     key_type: *key_type,
                     temporary: temporary_certificate.unwrap_or(default_temporary),
@@ -208,15 +208,15 @@ pub struct CertState {
 pub async fn stored_status(
     store: &dyn crate::store::Store,
     keys: &AcmeKeys,
-    name: &str,
+    id: &SecretId,
 ) -> (Option<CertifiedPem>, IssuerStatus) {
-    let cert = match store.get(&keys.cert(name)).await {
+    let cert = match store.get(&keys.cert(id)).await {
         Ok(Some(e)) => serde_json::from_slice::<StoredCert>(&e.value)
             .ok()
             .and_then(|s| s.checked().ok()),
         _ => None,
     };
-    let state: CertState = match store.get(&keys.state(name)).await {
+    let state: CertState = match store.get(&keys.state(id)).await {
         Ok(Some(e)) => serde_json::from_slice(&e.value).unwrap_or_default(),
         _ => CertState::default(),
     };
@@ -253,10 +253,47 @@ mod tests {
                 .starts_with("acme/acme-v02.api.letsencrypt.org-")
         );
         let pebble = AcmeKeys::for_directory("https://127.0.0.1:14000/dir");
-        assert!(pebble.cert("web").starts_with("acme/127.0.0.1-"));
-        assert!(pebble.cert("web").ends_with("/certs/web"));
-        assert!(pebble.cert("a/b c").ends_with("/certs/x-612f622063"));
+        let web = SecretId::named("web");
+        assert!(pebble.cert(&web).starts_with("acme/127.0.0.1-"));
+        assert!(pebble.cert(&web).ends_with("/certs/web"));
+        assert!(
+            pebble
+                .cert(&SecretId::named("a/b c"))
+                .ends_with("/certs/x-612f622063")
+        );
+        // Certificates obtained on demand live apart, and their keys are sealed like the others'.
+        let od = SecretId::OnDemand(DnsName::new("web.example.com").unwrap());
+        assert!(
+            pebble
+                .cert(&od)
+                .ends_with("/on-demand-certs/web.example.com")
+        );
+        assert_ne!(
+            pebble.cert(&od),
+            pebble.cert(&SecretId::named("web.example.com"))
+        );
+        for key in [pebble.cert(&od), pebble.order(&od), pebble.account()] {
+            assert!(crate::sources::keys::holds_private_key(&key), "{key}");
+        }
+        assert!(!crate::sources::keys::holds_private_key(&pebble.state(&od)));
+        assert!(!crate::sources::keys::holds_private_key(
+            &pebble.on_demand(&DnsName::new("web.example.com").unwrap())
+        ));
     }
+}
+
+/// Why [`AcmeManager::add`] refused a certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// The manager has not started, or has stopped.
+    #[error("the ACME manager is not running")]
+    NotStarted,
+    /// It runs this certificate already.
+    #[error("{0} is managed already")]
+    AlreadyManaged(String),
+    /// A configured certificate has this name.
+    #[error("{0} is a configured certificate's name or domain: it is never obtained on demand")]
+    Configured(String),
 }
 
 /// Why a stored value could not be used.
@@ -272,7 +309,7 @@ pub enum LoadError {
 
 /// Runs every ACME certificate of a configuration.
 pub struct AcmeManager {
-    status: std::sync::Mutex<std::collections::HashMap<String, IssuerStatus>>,
+    status: std::sync::Mutex<std::collections::HashMap<SecretId, IssuerStatus>>,
     config: AcmeConfig,
     keys: AcmeKeys,
     store: SharedStore,
@@ -289,7 +326,7 @@ pub struct AcmeManager {
     followed: std::sync::Mutex<std::collections::HashMap<String, (ManagedCert, Changed)>>,
     /// The token `start` was given: certificates added later stop with it.
     shutdown: std::sync::OnceLock<CancellationToken>,
-    outcomes: tokio::sync::broadcast::Sender<(String, Result<(), String>)>,
+    outcomes: tokio::sync::broadcast::Sender<(SecretId, Result<(), String>)>,
 }
 
 /// Everything under the CA's prefix, read at once at start.
@@ -339,13 +376,13 @@ impl AcmeManager {
     }
 
     /// Each certificate's next renewal, last error and next retry.
-    pub fn status(&self) -> std::collections::HashMap<String, IssuerStatus> {
+    pub fn status(&self) -> std::collections::HashMap<SecretId, IssuerStatus> {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    fn set_status(&self, name: &str, f: impl FnOnce(&mut IssuerStatus)) {
+    fn set_status(&self, id: &SecretId, f: impl FnOnce(&mut IssuerStatus)) {
         if let Ok(mut s) = self.status.lock() {
-            f(s.entry(name.to_owned()).or_default());
+            f(s.entry(id.clone()).or_default());
         }
     }
 
@@ -362,13 +399,13 @@ impl AcmeManager {
     }
 
     /// Moves an unusable stored value aside, with one error log; it will be re-created.
-    async fn set_aside(&self, key: &str, secret: &str, why: &(dyn std::fmt::Display + Sync)) {
+    async fn set_aside(&self, key: &str, secret: &SecretId, why: &(dyn std::fmt::Display + Sync)) {
         match self.store.quarantine(key).await {
             Ok(aside) => {
-                tracing::error!(secret, key, moved_to = aside, error = %why, "stored value is unusable: moved aside; it will be obtained again")
+                tracing::error!(%secret, key, moved_to = aside, error = %why, "stored value is unusable: moved aside; it will be obtained again")
             }
             Err(e) => {
-                tracing::error!(secret, key, error = %why, quarantine_error = %e, "stored value is unusable and could not be moved aside; it will be obtained again")
+                tracing::error!(%secret, key, error = %why, quarantine_error = %e, "stored value is unusable and could not be moved aside; it will be obtained again")
             }
         }
     }
@@ -377,23 +414,23 @@ impl AcmeManager {
     pub async fn load_stored(&self, cert: &ManagedCert) -> Option<(StoredCert, CertifiedPem)> {
         // (`start` reads every certificate at once with `parse_stored`, and comes here for those that
         // do not parse.)
-        let key = self.keys.cert(&cert.name);
+        let key = self.keys.cert(&cert.id);
         let stored: StoredCert = match self.load_json(&key).await {
             Ok(Some(s)) => s,
             Ok(None) => return None,
             Err(LoadError::Corrupt(e)) => {
-                self.set_aside(&key, &cert.name, &e).await;
+                self.set_aside(&key, &cert.id, &e).await;
                 return None;
             }
             Err(e) => {
-                tracing::error!(secret = %cert.name, key, error = %e, "cannot read the stored certificate; it will be obtained again");
+                tracing::error!(secret = %cert.id, key, error = %e, "cannot read the stored certificate; it will be obtained again");
                 return None;
             }
         };
         match stored.checked() {
             Ok(pem) => Some((stored, pem)),
             Err(e) => {
-                self.set_aside(&key, &cert.name, &e).await;
+                self.set_aside(&key, &cert.id, &e).await;
                 None
             }
         }
@@ -424,10 +461,7 @@ impl AcmeManager {
         let _ = self.shutdown.set(shutdown.clone());
         self.clear_stale_challenges().await;
         // Followed from before the stored certificates are read, so that none stored meanwhile is missed.
-        let changes = self
-            .store
-            .watch(&self.keys.certs_dir(), shutdown.clone())
-            .await;
+        let changes = self.store.watch(&self.keys.dir(), shutdown.clone()).await;
         // Everything this CA's certificates keep, in one read (one request on etcd: a replica with a
         // thousand certificates serves them all within a second); what does not parse is read again, one
         // key at a time, by the code that sets unusable values aside.
@@ -453,16 +487,72 @@ impl AcmeManager {
 
     /// Adds a certificate while running (one obtained on demand): served at once when stored, else
     /// ordered, then renewed like the configured ones. Returns the token that stops it (it also stops with
-    /// the manager); `None` before [`AcmeManager::start`]. Its orders' outcomes are announced on
-    /// [`AcmeManager::outcomes`].
-    pub async fn add(self: &Arc<Self>, cert: ManagedCert) -> Option<CancellationToken> {
-        let token = self.shutdown.get()?.child_token();
+    /// the manager). Refused before [`AcmeManager::start`], for a certificate this manager runs already,
+    /// and for a name obtained on demand that a configured certificate here has (as name or domain). Its
+    /// orders' outcomes are announced on [`AcmeManager::outcomes`].
+    pub async fn add(self: &Arc<Self>, cert: ManagedCert) -> Result<CancellationToken, AddError> {
+        let token = self
+            .shutdown
+            .get()
+            .ok_or(AddError::NotStarted)?
+            .child_token();
+        {
+            let followed = self.followed.lock().map_err(|_| AddError::NotStarted)?;
+            if followed.contains_key(&self.keys.cert(&cert.id)) {
+                return Err(AddError::AlreadyManaged(cert.id.to_string()));
+            }
+            if let SecretId::OnDemand(name) = &cert.id {
+                let configured = followed.values().any(|(c, _)| {
+                    !c.id.is_on_demand()
+                        && (c.id.as_str() == name.as_str() || c.domains.contains(name))
+                });
+                if configured {
+                    return Err(AddError::Configured(name.to_string()));
+                }
+            }
+        }
         self.launch(cert, None, token.clone()).await;
-        Some(token)
+        Ok(token)
+    }
+
+    /// How long an on-demand certificate's first order may take before it no longer holds a turn
+    /// (`max_pending`): the order's own time limit, and a lock's lifetime for another replica's order.
+    pub(super) fn first_order_limit(&self) -> Duration {
+        self.config.request_timeout * ORDER_TIMEOUTS + self.lock_ttl
+    }
+
+    /// Takes the certificate `id`'s lock (bounded as every lock is: see [`AcmeManager::acquire`]).
+    pub(super) async fn lock_cert(
+        &self,
+        id: &SecretId,
+        shutdown: &CancellationToken,
+    ) -> Option<Lock> {
+        self.acquire(id, shutdown).await
+    }
+
+    /// Gives a lock taken with [`AcmeManager::lock_cert`] up.
+    pub(super) async fn unlock(&self, lock: Lock) {
+        self.release(lock).await;
+    }
+
+    /// Forgets certificate `id` (its task stopped): its certificate, plan and order are deleted under
+    /// `lock`, and it is no longer followed or reported.
+    pub(super) async fn forget(&self, id: &SecretId, lock: &Lock) {
+        if let Ok(mut followed) = self.followed.lock() {
+            followed.remove(&self.keys.cert(id));
+        }
+        if let Ok(mut status) = self.status.lock() {
+            status.remove(id);
+        }
+        for key in [self.keys.cert(id), self.keys.state(id), self.keys.order(id)] {
+            if let Err(e) = self.store.delete_locked(lock, &key).await {
+                tracing::warn!(secret = %id, key, error = %e, "cannot delete a forgotten certificate's record");
+            }
+        }
     }
 
     /// The outcome of every order from now on: (certificate name, `Ok` when issued, else the error).
-    pub fn outcomes(&self) -> tokio::sync::broadcast::Receiver<(String, Result<(), String>)> {
+    pub fn outcomes(&self) -> tokio::sync::broadcast::Receiver<(SecretId, Result<(), String>)> {
         self.outcomes.subscribe()
     }
 
@@ -475,7 +565,7 @@ impl AcmeManager {
         token: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let changed = Changed::default();
-        let cert_key = self.keys.cert(&cert.name);
+        let cert_key = self.keys.cert(&cert.id);
         if let Ok(mut followed) = self.followed.lock() {
             followed.insert(cert_key.clone(), (cert.clone(), changed.clone()));
         }
@@ -490,14 +580,14 @@ impl AcmeManager {
         if let Some((s, pem)) = &stored {
             let v = self
                 .registry
-                .publish(&cert.name, &SecretContent::TlsCertificate(pem.clone()));
+                .publish(&cert.id, &SecretContent::TlsCertificate(pem.clone()));
             let state = if s.matches(&cert) {
                 "stored"
             } else {
                 "stored (configuration changed; ordering a new one)"
             };
             crate::sources::log_loaded(
-                &cert.name,
+                cert.id.as_str(),
                 &SecretContent::TlsCertificate(pem.clone()),
                 v.version().version(),
                 state,
@@ -505,7 +595,7 @@ impl AcmeManager {
         } else {
             self.serve_temporary(&cert);
         }
-        let state_key = self.keys.state(&cert.name);
+        let state_key = self.keys.state(&cert.id);
         let loaded = match prefetched.map(|p| p.get(&state_key)) {
             Some(None) => Ok(None),
             Some(Some(e)) => match serde_json::from_slice::<CertState>(&e.value) {
@@ -517,7 +607,7 @@ impl AcmeManager {
         let state: CertState = match loaded {
             Ok(s) => s.unwrap_or_default(),
             Err(LoadError::Corrupt(e)) => {
-                self.set_aside(&state_key, &cert.name, &e).await;
+                self.set_aside(&state_key, &cert.id, &e).await;
                 CertState::default()
             }
             Err(_) => CertState::default(),
@@ -530,7 +620,7 @@ impl AcmeManager {
         // once: resuming places no new order.
         let resume = match prefetched {
             Some(p) => p
-                .get(&self.keys.order(&cert.name))
+                .get(&self.keys.order(&cert.id))
                 .is_some_and(|e| order::record_matches(&e.value, &cert)),
             None => order::load_record(&self.store, &self.keys, &cert)
                 .await
@@ -539,8 +629,17 @@ impl AcmeManager {
         let manager = self.clone();
         self.tasks.spawn(http::with_retry_after(async move {
             manager
-                .run_cert(cert, current, state, resume, changed, token)
+                .clone()
+                .run_cert(cert, current, state, resume, changed.clone(), token)
                 .await;
+            // No longer followed once it stopped (unless a new task for it took its place already).
+            if let Ok(mut followed) = manager.followed.lock()
+                && followed
+                    .get(&cert_key)
+                    .is_some_and(|(_, c)| Arc::ptr_eq(c, &changed))
+            {
+                followed.remove(&cert_key);
+            }
         }))
     }
 
@@ -586,14 +685,14 @@ impl AcmeManager {
             return;
         }
         let content = SecretContent::TlsCertificate(pem.clone());
-        if let Published::New(v) = self.registry.publish(&cert.name, &content) {
+        if let Published::New(v) = self.registry.publish(&cert.id, &content) {
             if let Some(at) = stored.issued_at_ms {
                 let now = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
                 let lag = i64::try_from(now).unwrap_or(i64::MAX).saturating_sub(at);
                 self.metrics.watch_lag(lag.max(0) as f64 / 1000.0);
             }
             tracing::info!(
-                secret = %cert.name,
+                secret = %cert.id,
                 version = v.version(),
                 serial = %pem.leaf.serial,
                 not_after = %certs::format_time(pem.leaf.not_after),
@@ -605,20 +704,30 @@ impl AcmeManager {
     /// Takes `cert`'s lock, waiting while another replica orders it. `None` at shutdown, or when the
     /// store cannot be reached (logged, after a pause: the caller plans again, and nothing is ordered
     /// while etcd is unavailable).
-    async fn acquire(&self, cert: &ManagedCert, shutdown: &CancellationToken) -> Option<Lock> {
+    async fn acquire(&self, id: &SecretId, shutdown: &CancellationToken) -> Option<Lock> {
         let started = std::time::Instant::now();
-        let key = self.keys.cert(&cert.name);
+        let key = self.keys.cert(id);
+        // Bounded: no order holds a lock longer than this, so a wait past it is a lock nobody will give
+        // up (a lease kept alive by mistake); giving up lets the attempt's own lease lapse.
+        let limit = self.first_order_limit();
         let taken = tokio::select! {
             _ = shutdown.cancelled() => return None,
-            r = self.store.lock(&key, self.lock_ttl) => r,
+            r = tokio::time::timeout(limit, self.store.lock(&key, self.lock_ttl)) => r,
         };
+        let taken = taken.unwrap_or_else(|_| {
+            Err(StoreError::Etcd {
+                op: "lock",
+                key: key.clone(),
+                reason: format!("not free within {}s", limit.as_secs()),
+            })
+        });
         match taken {
             Ok(lock) => {
                 self.metrics.lock_taken(started);
                 Some(lock)
             }
             Err(e) => {
-                tracing::warn!(secret = %cert.name, error = %e, "cannot take the certificate's lock in the store: ordering nothing until the store is back (the current certificate keeps being served)");
+                tracing::warn!(secret = %id, error = %e, "cannot take the certificate's lock in the store: ordering nothing until the store is back (the current certificate keeps being served)");
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
                     _ = tokio::time::sleep(STORE_RETRY) => {}
@@ -657,7 +766,7 @@ impl AcmeManager {
             })
         {
             let content = SecretContent::TlsCertificate(pem);
-            self.registry.publish(&cert.name, &content);
+            self.registry.publish(&cert.id, &content);
             *current = Some(Current {
                 stored,
                 saved: true,
@@ -665,7 +774,7 @@ impl AcmeManager {
             changed = true;
         }
         if let Ok(Some(stored)) = self
-            .load_json::<CertState>(&self.keys.state(&cert.name))
+            .load_json::<CertState>(&self.keys.state(&cert.id))
             .await
             && (stored.failures, stored.next_attempt_at) != (state.failures, state.next_attempt_at)
         {
@@ -697,32 +806,32 @@ impl AcmeManager {
         }
         let fresh = self
             .registry
-            .get(&cert.name)
+            .get(&cert.id)
             .filter(|v| v.summary().temporary)
             .and_then(|v| v.summary().not_after)
             .is_some_and(|t| t - OffsetDateTime::now_utc() > temporary::LIFETIME / 3);
         if fresh {
             return;
         }
-        match temporary::make(&cert.name, &to_strings(&cert.domains)) {
+        match temporary::make(cert.id.as_str(), &to_strings(&cert.domains)) {
             Ok(pem) => {
                 self.registry
-                    .publish_temporary(&cert.name, &SecretContent::TlsCertificate(pem.clone()));
+                    .publish_temporary(&cert.id, &SecretContent::TlsCertificate(pem.clone()));
                 tracing::info!(
-                    secret = %cert.name,
+                    secret = %cert.id,
                     domains = ?cert.domains,
                     not_after = %certs::format_time(pem.leaf.not_after),
                     "serving a TEMPORARY self-signed certificate until the CA issues one (so that Envoy's listeners, port 80 included, start now); turn off with temporary_certificate = false"
                 );
             }
             Err(e) => {
-                tracing::error!(secret = %cert.name, error = %e, "cannot make a temporary certificate");
+                tracing::error!(secret = %cert.id, error = %e, "cannot make a temporary certificate");
             }
         }
     }
 
     /// Stores a certificate's plan (under its lock when one is held).
-    async fn save_state(&self, name: &str, state: &CertState, lock: Option<&Lock>) {
+    async fn save_state(&self, name: &SecretId, state: &CertState, lock: Option<&Lock>) {
         let key = self.keys.state(name);
         match serde_json::to_vec(state) {
             Ok(v) => {
@@ -731,10 +840,12 @@ impl AcmeManager {
                     None => self.store.put(&key, &v).await,
                 };
                 if let Err(e) = written {
-                    tracing::error!(secret = name, error = %e, "cannot store certificate state");
+                    tracing::error!(secret = %name, error = %e, "cannot store certificate state");
                 }
             }
-            Err(e) => tracing::error!(secret = name, error = %e, "cannot encode certificate state"),
+            Err(e) => {
+                tracing::error!(secret = %name, error = %e, "cannot encode certificate state")
+            }
         }
     }
 
@@ -742,11 +853,11 @@ impl AcmeManager {
     /// `false` when the store refused (the certificate is then served from memory and the write retried).
     /// A write refused because the lock lapsed counts as done: another replica holds the certificate now,
     /// and what it stores is pushed here through the watch.
-    async fn save_cert(&self, name: &str, stored: &StoredCert, lock: &Lock) -> bool {
+    async fn save_cert(&self, name: &SecretId, stored: &StoredCert, lock: &Lock) -> bool {
         let value = match serde_json::to_vec(stored) {
             Ok(v) => zeroize::Zeroizing::new(v),
             Err(e) => {
-                tracing::error!(secret = name, error = %e, "cannot encode the certificate");
+                tracing::error!(secret = %name, error = %e, "cannot encode the certificate");
                 return false;
             }
         };
@@ -760,11 +871,11 @@ impl AcmeManager {
                 true
             }
             Err(e @ StoreError::Fenced { .. }) => {
-                tracing::warn!(secret = name, error = %e, "the certificate's lock lapsed while it was ordered (this replica was paused or cut off): it is served here until the certificate another replica stores arrives");
+                tracing::warn!(secret = %name, error = %e, "the certificate's lock lapsed while it was ordered (this replica was paused or cut off): it is served here until the certificate another replica stores arrives");
                 true
             }
             Err(e) => {
-                tracing::error!(secret = name, error = %e, "cannot store the issued certificate: it is served from memory, and storing it is retried (its order is kept, so a restart downloads it again rather than ordering)");
+                tracing::error!(secret = %name, error = %e, "cannot store the issued certificate: it is served from memory, and storing it is retried (its order is kept, so a restart downloads it again rather than ordering)");
                 false
             }
         }
@@ -798,7 +909,7 @@ impl AcmeManager {
             };
             let retrying = state.failures > 0;
             let error = state.last_error.clone();
-            self.set_status(&cert.name, |s| {
+            self.set_status(&cert.id, |s| {
                 s.next_renewal = current.as_ref().map(|_| due);
                 s.last_error = error.filter(|_| retrying);
                 s.next_retry = not_before.filter(|_| retrying);
@@ -807,14 +918,14 @@ impl AcmeManager {
             // In a shared store the plan is written only under the lock (below), with the rest of it.
             if state.next_renewal_at != planned && !shared {
                 state.next_renewal_at = planned;
-                self.save_state(&cert.name, &state, None).await;
+                self.save_state(&cert.id, &state, None).await;
             }
             if current.is_none() {
                 self.serve_temporary(&cert);
             }
             if at > now {
                 if current.is_some() && state.failures == 0 {
-                    tracing::info!(secret = %cert.name, "next renewal at {} ({})", certs::format_time(at), schedule::describe_in(at - now));
+                    tracing::info!(secret = %cert.id, "next renewal at {} ({})", certs::format_time(at), schedule::describe_in(at - now));
                 }
                 let mut wait: Duration = (at - now).try_into().unwrap_or(Duration::ZERO);
                 // Re-evaluate at least every 12 hours (ARI windows move; clocks jump; a temporary
@@ -834,16 +945,16 @@ impl AcmeManager {
                     }
                 }
                 if current.as_ref().is_some_and(|c| !c.saved)
-                    && let Some(lock) = self.acquire(&cert, &shutdown).await
+                    && let Some(lock) = self.acquire(&cert.id, &shutdown).await
                 {
                     if shared {
                         self.refresh(&cert, &mut current, &mut state, &mut resume)
                             .await;
                     }
                     if let Some(c) = current.as_mut().filter(|c| !c.saved) {
-                        c.saved = self.save_cert(&cert.name, &c.stored, &lock).await;
+                        c.saved = self.save_cert(&cert.id, &c.stored, &lock).await;
                         if c.saved {
-                            tracing::info!(secret = %cert.name, "the issued certificate is stored now");
+                            tracing::info!(secret = %cert.id, "the issued certificate is stored now");
                         } else {
                             save_retry = (save_retry * 2).min(self.config.retry_max);
                         }
@@ -855,7 +966,7 @@ impl AcmeManager {
                 }
             }
             // One replica orders a certificate at a time; the one that waited reads what the other did.
-            let Some(lock) = self.acquire(&cert, &shutdown).await else {
+            let Some(lock) = self.acquire(&cert.id, &shutdown).await else {
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -879,7 +990,7 @@ impl AcmeManager {
                     None,
                 );
                 state.next_attempt_at = Some((OffsetDateTime::now_utc() + delay).unix_timestamp());
-                self.save_state(&cert.name, &state, Some(&lock)).await;
+                self.save_state(&cert.id, &state, Some(&lock)).await;
             }
             resume = false;
             let mut published = order::Published::default();
@@ -894,7 +1005,7 @@ impl AcmeManager {
                     &self.keys,
                     &lock,
                     self.dns01.as_ref(),
-                    &cert.name,
+                    &cert.id,
                     &published.txt,
                 )
                 .await;
@@ -905,10 +1016,10 @@ impl AcmeManager {
             };
             match result {
                 Ok((stored, pem)) => {
-                    self.metrics.count_order(&cert.name, "issued");
+                    self.metrics.count_order(cert.id.as_str(), "issued");
                     // Stored first (a crash after this serves it at the next start); published whatever
                     // the store said (an issued certificate is never thrown away).
-                    let saved = self.save_cert(&cert.name, &stored, &lock).await;
+                    let saved = self.save_cert(&cert.id, &stored, &lock).await;
                     // The status never shows an issued certificate without its schedule: the lifetime
                     // rule until the next turn of the loop refines it (ARI).
                     let due = schedule::lifetime_renewal(
@@ -916,20 +1027,20 @@ impl AcmeManager {
                         pem.leaf.not_after,
                         pem.leaf.serial.as_bytes(),
                     );
-                    self.set_status(&cert.name, |s| {
+                    self.set_status(&cert.id, |s| {
                         s.next_renewal = Some(due);
                         s.last_error = None;
                         s.next_retry = None;
                     });
                     let was_temporary = self
                         .registry
-                        .get(&cert.name)
+                        .get(&cert.id)
                         .is_some_and(|v| v.summary().temporary);
                     let content = SecretContent::TlsCertificate(pem.clone());
-                    let v = self.registry.publish(&cert.name, &content);
-                    let _ = self.outcomes.send((cert.name.to_string(), Ok(())));
+                    let v = self.registry.publish(&cert.id, &content);
+                    let _ = self.outcomes.send((cert.id.clone(), Ok(())));
                     tracing::info!(
-                        secret = %cert.name,
+                        secret = %cert.id,
                         version = v.version().version(),
                         serial = %pem.leaf.serial,
                         not_after = %certs::format_time(pem.leaf.not_after),
@@ -941,14 +1052,12 @@ impl AcmeManager {
                     save_retry = self.config.retry_initial;
                     state = self.after_issuance(&cert, &pem, &state);
                     state.next_renewal_at = Some(due.unix_timestamp());
-                    self.save_state(&cert.name, &state, Some(&lock)).await;
+                    self.save_state(&cert.id, &state, Some(&lock)).await;
                     current = Some(Current { stored, saved });
                 }
                 Err(e) => {
-                    self.metrics.count_order(&cert.name, "failed");
-                    let _ = self
-                        .outcomes
-                        .send((cert.name.to_string(), Err(e.to_string())));
+                    self.metrics.count_order(cert.id.as_str(), "failed");
+                    let _ = self.outcomes.send((cert.id.clone(), Err(e.to_string())));
                     if e.account_gone() {
                         tracing::warn!(
                             "the CA no longer knows the stored ACME account; a new one will be created"
@@ -974,7 +1083,7 @@ impl AcmeManager {
                     let now = OffsetDateTime::now_utc();
                     let next = now + delay;
                     tracing::error!(
-                        secret = %cert.name,
+                        secret = %cert.id,
                         attempt = state.failures,
                         "certificate order failed: {e}; next attempt at {} ({}){}",
                         certs::format_time(next),
@@ -988,7 +1097,7 @@ impl AcmeManager {
                     state.last_error = Some(e.to_string());
                     state.last_error_at = Some(now.unix_timestamp());
                     state.next_attempt_at = Some(next.unix_timestamp());
-                    self.save_state(&cert.name, &state, Some(&lock)).await;
+                    self.save_state(&cert.id, &state, Some(&lock)).await;
                 }
             }
             self.release(lock).await;
@@ -1001,7 +1110,7 @@ impl AcmeManager {
     fn after_issuance(&self, cert: &ManagedCert, pem: &CertifiedPem, old: &CertState) -> CertState {
         let now = OffsetDateTime::now_utc();
         if now < pem.leaf.not_before {
-            tracing::warn!(secret = %cert.name, not_before = %certs::format_time(pem.leaf.not_before), "the certificate the CA issued is not valid yet by this machine's clock: is the clock right?");
+            tracing::warn!(secret = %cert.id, not_before = %certs::format_time(pem.leaf.not_before), "the certificate the CA issued is not valid yet by this machine's clock: is the clock right?");
         }
         let renewal = schedule::lifetime_renewal(
             pem.leaf.not_before,
@@ -1017,7 +1126,7 @@ impl AcmeManager {
         let wait = if premature > 0 {
             let wait = schedule::retry_delay(premature, floor, self.config.retry_max, None);
             tracing::warn!(
-                secret = %cert.name,
+                secret = %cert.id,
                 not_before = %certs::format_time(pem.leaf.not_before),
                 not_after = %certs::format_time(pem.leaf.not_after),
                 "the certificate just issued is already due for renewal (check this machine's clock, and the CA's certificate lifetimes); the next order waits {}",
@@ -1066,12 +1175,12 @@ impl AcmeManager {
                     info.suggested_window.end,
                     der.as_ref(),
                 );
-                tracing::debug!(secret = %cert.name, "ARI renewal window {} .. {}", certs::format_time(info.suggested_window.start), certs::format_time(info.suggested_window.end));
+                tracing::debug!(secret = %cert.id, "ARI renewal window {} .. {}", certs::format_time(info.suggested_window.start), certs::format_time(info.suggested_window.end));
                 Some(at)
             }
             Err(instant_acme::Error::Unsupported(_)) => None,
             Err(e) => {
-                tracing::debug!(secret = %cert.name, error = %e, "ARI unavailable; using the lifetime rule");
+                tracing::debug!(secret = %cert.id, error = %e, "ARI unavailable; using the lifetime rule");
                 None
             }
         }
@@ -1096,7 +1205,7 @@ impl AcmeManager {
             &self.keys,
             lock,
             self.dns01.as_ref(),
-            &cert.name,
+            &cert.id,
             &[],
         )
         .await;
@@ -1136,7 +1245,7 @@ impl AcmeManager {
             Err(e) => {
                 // An order that itself failed cannot be resumed: the next attempt places a new one.
                 if !e.resumable() {
-                    order::drop_record(&self.store, &self.keys, lock, &cert.name).await;
+                    order::drop_record(&self.store, &self.keys, lock, &cert.id).await;
                 }
                 return Err(e);
             }

@@ -2,29 +2,46 @@
 //!
 //! Envoy's on-demand certificate selector (`envoy.tls.certificate_selectors.on_demand_secret`, with the SNI
 //! mapper) pauses a handshake whose SNI it has no certificate for and subscribes to that name over SDS.
-//! The SDS side tells this module of every such name ([`Demand`]); the answer goes through the registry,
-//! at once: a certificate already obtained is published under the name as Envoy spelled it; a name being
-//! obtained is *expected* (streams wait for it); anything else is decided by the policy below, and a name
-//! refused is *refused* in the registry, which a delta stream reports as removed: Envoy fails the waiting
-//! handshake within milliseconds, and nothing reaches the CA.
+//! The SDS side resolves every requested name first: a configured secret in any spelling (its name, a
+//! domain of a configured certificate, lower or upper case, trailing dot) is served as that secret, under
+//! its rules, and never reaches this module. Only the rest is told here ([`Demand`]), as the DNS name it
+//! folds to; the answer goes through the registry, at once: a certificate already obtained is served (under
+//! every spelling asked, by the registry); a name being decided or obtained is *expected* (streams wait for
+//! it); anything else is decided by the policy below, and a name refused is *refused* in the registry,
+//! which a delta stream reports as removed: Envoy fails the waiting handshake within milliseconds, and
+//! nothing reaches the CA.
 //!
 //! Policy for a new name, in order: the caller's node id against `allowed_nodes`; the name itself
 //! (lower-cased, trailing dot removed; malformed names, IP literals and names over 253 bytes refused);
-//! `allow`; `ask` (Caddy's protocol: `GET ask?domain=NAME`, any 2xx allows; allows cached for an hour,
-//! denials for ten minutes; no answer is a denial, so an `ask` outage stops new names only); the hourly cap
-//! on new certificates. Then the certificate joins the ACME manager like a configured one (stored,
-//! renewed; renewals are not capped) with at most `max_pending` first orders in flight (more wait their
-//! turn). A first order that fails refuses the name (the handshake fails rather than hanging) and the name
-//! is not tried again for `retry_initial`. Every on-demand certificate is recorded under
-//! `acme/<ca>/on-demand/<name>` (how it was allowed, when last requested), so a restart serves and renews
-//! it again without asking anyone.
+//! `allow`; the hourly cap on new certificates, *before* `ask` (a slot of the cap is held while `ask` is
+//! asked, and given back on a denial, so no more names are ever asked about than could be obtained); `ask`
+//! (Caddy's protocol: `GET ask?domain=NAME`, any 2xx allows; at most `ask_concurrency` requests in flight
+//! and as many again waiting, more refused for now; answers read to 4 KiB at most; allows cached for an
+//! hour, denials for ten minutes; no answer is a denial, so an `ask` outage stops new names only). Then
+//! the certificate joins the ACME manager like a configured one (stored, renewed; renewals are not capped)
+//! with at most `max_pending` first orders in flight (more wait their turn; a turn ends with the order's
+//! outcome, with the certificate arriving from another replica, or after the order's time limit). A first
+//! order that fails refuses the name (the handshake fails rather than hanging) and the name is not tried
+//! again for `retry_initial`.
+//!
+//! Everything a caller can make this module remember is bounded: names being decided by the cap (and by
+//! `ask_concurrency`), refusals by [`MAX_REFUSALS`] (past it the refusal ending soonest is forgotten, and
+//! that name is decided again when asked), logged refusals likewise; admitted names by the hourly cap.
+//!
+//! Certificates obtained on demand live in a namespace of their own, in the registry and in the store
+//! (`acme/<ca>/on-demand-certs/<name>` and siblings): they can never overwrite, or be served as, a
+//! configured secret, and dropping one never touches a configured secret's records. Each is recorded under
+//! `acme/<ca>/on-demand/<name>` (how it was allowed, when last requested), so a restart serves and renews it
+//! again without asking anyone. With several replicas, `last_used` is written often enough for every
+//! replica to see the others' use, and a certificate is dropped only under its lock, after reading that no
+//! replica used it within `drop_unused_after`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -36,21 +53,28 @@ use super::{AcmeManager, ManagedCert};
 use crate::config::OnDemandConfig;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::sds::Demand;
-use crate::store::{SharedStore, key_segment};
-use crate::values::{DnsName, SecretName};
+use crate::sds::{Demand, Policy};
+use crate::store::SharedStore;
+use crate::values::{DnsName, SecretId};
 
-/// Names remembered as refused, and refusals remembered as logged, at most: made-up names cannot grow
-/// memory without bound (past it, a refusal is decided again, and not logged).
-const MAX_REMEMBERED: usize = 10_000;
+/// Refusals remembered at most (and refusals remembered as logged): made-up names cannot grow memory
+/// without bound. Past it, the refusal that ends soonest is forgotten (that name is decided again when
+/// asked for, which the cap and `ask_concurrency` still bound).
+pub const MAX_REFUSALS: usize = 10_000;
 
 /// How long a name is refused after `ask` did not answer (an outage, not a denial).
 const ASK_OUTAGE_FOR: Duration = Duration::from_secs(10);
-
 /// How long an `ask` allow is trusted.
 const ASK_ALLOW_FOR: Duration = Duration::from_secs(3600);
 /// How long an `ask` denial (or a refusal by `allow`) is remembered, and logged once.
 const DENY_FOR: Duration = Duration::from_secs(600);
+/// How long a name refused by the hourly cap is refused before it is decided again.
+const CAP_FOR: Duration = Duration::from_secs(60);
+/// The most of an `ask` answer's body read (only its status counts).
+const ASK_BODY_LIMIT: usize = 4096;
+/// How often `last_used` is written to the store at most (and at least, for a name in use): other replicas
+/// judge a certificate unused from it.
+const USE_RECORDED_EVERY: Duration = Duration::from_secs(86_400);
 
 /// What is stored about an on-demand certificate (`acme/<ca>/on-demand/<name>`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,7 +85,8 @@ pub struct OnDemandRecord {
     pub allowed_by: String,
     /// Unix time it was first requested.
     pub first_requested: i64,
-    /// Unix time an Envoy was last seen asking for it (updated at most daily).
+    /// Unix time an Envoy was last seen asking for it (written at most daily, more often with a short
+    /// `drop_unused_after`).
     #[serde(default)]
     pub last_used: i64,
 }
@@ -70,15 +95,14 @@ pub struct OnDemandRecord {
 pub async fn recorded(
     store: &dyn crate::store::Store,
     keys: &crate::sources::keys::AcmeKeys,
-) -> Vec<(String, String)> {
-    let dir = format!("{}/on-demand", keys.dir());
-    let mut out: Vec<(String, String)> = store
-        .scan(&dir)
+) -> Vec<(DnsName, String)> {
+    let mut out: Vec<(DnsName, String)> = store
+        .scan(&keys.on_demand_dir())
         .await
         .unwrap_or_default()
         .into_iter()
         .filter_map(|(_, e)| serde_json::from_slice::<OnDemandRecord>(&e.value).ok())
-        .map(|r| (r.name, r.allowed_by))
+        .filter_map(|r| Some((DnsName::new(&r.name).ok()?, r.allowed_by)))
         .collect();
     out.sort();
     out
@@ -87,25 +111,100 @@ pub async fn recorded(
 /// Where one name stands.
 enum Known {
     /// Its certificate is being obtained, or served (`stop` ends its renewals); last asked for at
-    /// `last_used` (Unix time).
+    /// `last_used` (Unix time), which the store has as of `recorded_use`.
     Admitted {
         allowed_by: String,
         stop: CancellationToken,
         last_used: i64,
+        recorded_use: i64,
     },
-    /// Refused until then (a denial by `ask`, a refusal by `allow`, a failed first order).
+    /// Being decided (the cap, `ask`, a turn for its first order): requests for it wait for the decision.
+    Deciding,
+    /// Refused until then (a denial by `ask`, a refusal by `allow` or the cap, a failed first order).
     Refused { until: Instant },
 }
 
+/// Everything remembered about names, with its bounds kept by the methods that change it.
 #[derive(Default)]
 struct State {
     names: HashMap<DnsName, Known>,
-    /// Spellings whose refusal was logged, until when (refusals that are not remembered as `Refused`).
+    /// The refusals in `names`, by when they end: the first is forgotten when [`MAX_REFUSALS`] is reached.
+    refusals: BTreeSet<(Instant, DnsName)>,
+    /// Names in `names` that are `Deciding`.
+    deciding: usize,
+    /// Names waiting for, or holding, an `ask` request.
+    asking: usize,
+    /// Spellings whose refusal was logged, until when (bounded by [`MAX_REFUSALS`]).
     logged: HashMap<String, Instant>,
-    /// `ask` allows, until when.
+    /// `ask` allows, until when (one per name that took a slot of the cap: bounded by it).
     ask_allowed: HashMap<DnsName, Instant>,
     /// Starts of new certificates in the last hour.
     new_in_last_hour: VecDeque<Instant>,
+    /// Slots of the hourly cap held by names being decided.
+    reserved: u32,
+}
+
+impl State {
+    /// Sets what is known of `name`, keeping the refusal index and the counts.
+    fn set(&mut self, name: &DnsName, known: Known) {
+        self.forget(name);
+        match &known {
+            Known::Refused { until } => {
+                self.prune_refusals();
+                if self.refusals.len() >= MAX_REFUSALS
+                    && let Some(first) = self.refusals.pop_first()
+                {
+                    self.names.remove(&first.1);
+                }
+                self.refusals.insert((*until, name.clone()));
+            }
+            Known::Deciding => self.deciding += 1,
+            Known::Admitted { .. } => {}
+        }
+        self.names.insert(name.clone(), known);
+    }
+
+    /// Forgets `name`; returns what was known.
+    fn forget(&mut self, name: &DnsName) -> Option<Known> {
+        let old = self.names.remove(name)?;
+        match &old {
+            Known::Refused { until } => {
+                self.refusals.remove(&(*until, name.clone()));
+            }
+            Known::Deciding => self.deciding = self.deciding.saturating_sub(1),
+            Known::Admitted { .. } => {}
+        }
+        Some(old)
+    }
+
+    /// Forgets refusals that have ended.
+    fn prune_refusals(&mut self) {
+        let now = Instant::now();
+        while let Some((until, _)) = self.refusals.first()
+            && *until <= now
+        {
+            if let Some((_, name)) = self.refusals.pop_first() {
+                self.names.remove(&name);
+            }
+        }
+    }
+
+    /// New certificates started in the last hour, plus slots held by names being decided.
+    fn cap_used(&mut self) -> usize {
+        let hour_ago = Instant::now().checked_sub(Duration::from_secs(3600));
+        while self
+            .new_in_last_hour
+            .front()
+            .is_some_and(|t| hour_ago.is_some_and(|h| *t < h))
+        {
+            self.new_in_last_hour.pop_front();
+        }
+        self.new_in_last_hour.len() + self.reserved as usize
+    }
+
+    fn admitted(&self) -> usize {
+        self.names.len() - self.deciding - self.refusals.len()
+    }
 }
 
 /// The on-demand issuer of one configuration; see the module docs.
@@ -113,10 +212,13 @@ pub struct OnDemand {
     config: OnDemandConfig,
     manager: Arc<AcmeManager>,
     registry: Arc<Registry>,
+    /// The SDS access rules: which names the configuration claims (those are never obtained here).
+    policy: Arc<Policy>,
     store: SharedStore,
     metrics: Metrics,
     state: Mutex<State>,
     first_orders: Arc<Semaphore>,
+    asks: Arc<Semaphore>,
     ask: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
     /// How long a name whose first order failed is refused.
     retry_after_failure: Duration,
@@ -138,6 +240,7 @@ enum Refusal {
     Malformed,
     NotAllowed,
     Ask,
+    AskBusy,
     HourlyCap,
     OrderFailed,
     Recently,
@@ -150,6 +253,7 @@ impl Refusal {
             Refusal::Malformed => "malformed",
             Refusal::NotAllowed => "not_in_allow",
             Refusal::Ask => "ask_denied",
+            Refusal::AskBusy => "ask_busy",
             Refusal::HourlyCap => "hourly_cap",
             Refusal::OrderFailed => "order_failed",
             Refusal::Recently => "refused_recently",
@@ -160,22 +264,25 @@ impl Refusal {
 impl OnDemand {
     /// The issuer for `config`, adding its certificates to `manager` (started already). Certificates
     /// obtained before (recorded in the store) are served and renewed again at once, if `allow` still
-    /// matches them. Fails only when no TLS client can be made for `ask` (no system roots).
+    /// matches them and the configuration (as `policy` has it) does not claim them. Fails only when no TLS
+    /// client can be made for `ask` (no system roots).
     pub async fn start(
         config: OnDemandConfig,
         manager: Arc<AcmeManager>,
         registry: Arc<Registry>,
-        store: SharedStore,
+        policy: Arc<Policy>,
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Result<Arc<OnDemand>, rustls::Error> {
         let retry_after_failure = manager.config.retry_initial;
         let on_demand = Arc::new(OnDemand {
             first_orders: Arc::new(Semaphore::new(config.max_pending)),
+            asks: Arc::new(Semaphore::new(config.ask_concurrency)),
+            store: manager.store.clone(),
             config,
             manager,
             registry,
-            store,
+            policy,
             metrics,
             state: Mutex::default(),
             ask: Client::builder(TokioExecutor::new()).build(ask_connector()?),
@@ -187,44 +294,78 @@ impl OnDemand {
         Ok(on_demand)
     }
 
-    /// Forgets certificates no Envoy has asked for during `drop_unused_after` (default: their lifetime),
-    /// checking every tenth of that period (at least every second, at most every hour), until shutdown.
-    /// A certificate is in use while an Envoy subscribes to it (the on-demand selector keeps its
-    /// subscription while the certificate is cached).
+    /// Whether the configuration claims `name` (a configured secret's name or domain, in any spelling).
+    fn claimed(&self, name: &DnsName) -> bool {
+        self.policy.is_configured(name)
+    }
+
+    /// Stops renewing every certificate whose name the configuration now claims (after a reload): its
+    /// records stay, and it is served again if the configured secret goes away.
+    pub fn release_claimed(&self) {
+        let mut state = self.lock();
+        let claimed: Vec<DnsName> = state
+            .names
+            .keys()
+            .filter(|n| self.claimed(n))
+            .cloned()
+            .collect();
+        for name in claimed {
+            if let Some(Known::Admitted { stop, .. }) = state.forget(&name) {
+                stop.cancel();
+                tracing::info!(name = %name, "on-demand certificate now configured: served as the configured secret; the on-demand one is no longer renewed");
+            }
+        }
+    }
+
+    /// Every period (a tenth of `drop_unused_after`, between a second and an hour): forgets refusals that
+    /// ended, notes in the store which certificates are in use here, and drops certificates no replica
+    /// used during `drop_unused_after` (default: their lifetime), until shutdown. A certificate is in use
+    /// while an Envoy subscribes to it (the on-demand selector keeps its subscription while it is cached).
     async fn sweep(self: Arc<Self>) {
         let period = self
             .config
             .drop_unused_after
             .map_or(Duration::from_secs(3600), |d| d / 10)
             .clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        let record_every = self
+            .config
+            .drop_unused_after
+            .map_or(USE_RECORDED_EVERY, |d| (d / 4).min(USE_RECORDED_EVERY));
+        let record_every = i64::try_from(record_every.as_secs()).unwrap_or(i64::MAX);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(period) => {}
             }
+            self.release_claimed();
             let now = now_unix();
             let mut used = Vec::new();
             let mut unused = Vec::new();
             {
                 let mut state = self.lock();
+                state.prune_refusals();
+                let now_i = Instant::now();
+                state.ask_allowed.retain(|_, until| *until > now_i);
+                state.logged.retain(|_, until| *until > now_i);
                 for (name, known) in state.names.iter_mut() {
                     let Known::Admitted {
-                        last_used, stop, ..
+                        last_used,
+                        recorded_use,
+                        ..
                     } = known
                     else {
                         continue;
                     };
-                    let asked = std::iter::once(name.to_string())
-                        .chain(self.registry.spellings(name))
-                        .any(|s| self.registry.subscribers(&s) > 0);
-                    if asked {
-                        if now - *last_used > 86_400 {
+                    let id = SecretId::OnDemand(name.clone());
+                    if self.registry.subscribers(&id) > 0 {
+                        *last_used = now;
+                        if now - *recorded_use >= record_every {
+                            *recorded_use = now;
                             used.push(name.clone());
                         }
-                        *last_used = now;
                         continue;
                     }
-                    let Some(version) = self.registry.get(name) else {
+                    let Some(version) = self.registry.get(&id) else {
                         continue; // not obtained yet
                     };
                     let summary = version.summary();
@@ -235,78 +376,112 @@ impl OnDemand {
                     let limit = self.config.drop_unused_after.unwrap_or(lifetime);
                     let idle = Duration::from_secs(u64::try_from(now - *last_used).unwrap_or(0));
                     if idle > limit {
-                        stop.cancel();
                         unused.push((name.clone(), limit));
                     }
                 }
-                for (name, _) in &unused {
-                    state.names.remove(name);
-                }
-                let now_i = Instant::now();
-                state
-                    .names
-                    .retain(|_, k| !matches!(k, Known::Refused { until } if *until <= now_i));
-                state.ask_allowed.retain(|_, until| *until > now_i);
+                self.count(&state);
             }
             for name in used {
                 self.record_use(&name, now).await;
             }
             for (name, limit) in unused {
-                self.drop_certificate(&name, limit).await;
+                self.drop_if_unused(&name, limit).await;
             }
         }
     }
 
-    /// Notes in the store that `name` is in use (so that a restart does not take it for unused).
+    /// Sets the gauges of what is remembered.
+    fn count(&self, state: &State) {
+        self.metrics.on_demand_names("admitted", state.admitted());
+        self.metrics.on_demand_names("deciding", state.deciding);
+        self.metrics
+            .on_demand_names("refused", state.refusals.len());
+        self.metrics.on_demand_asks(
+            self.config
+                .ask_concurrency
+                .saturating_sub(self.asks.available_permits()),
+        );
+    }
+
+    /// The stored record of `name`.
+    async fn read_record(&self, name: &DnsName) -> Option<OnDemandRecord> {
+        let entry = self
+            .store
+            .get(&self.manager.keys.on_demand(name))
+            .await
+            .ok()??;
+        serde_json::from_slice(&entry.value).ok()
+    }
+
+    /// Notes in the store that `name` is in use (so that a restart, or another replica, does not take it
+    /// for unused).
     async fn record_use(&self, name: &DnsName, now: i64) {
-        let key = self.record_key(name);
-        if let Ok(Some(entry)) = self.store.get(&key).await
-            && let Ok(mut record) = serde_json::from_slice::<OnDemandRecord>(&entry.value)
+        if let Some(mut record) = self.read_record(name).await
+            && record.last_used < now
         {
             record.last_used = now;
             if let Ok(value) = serde_json::to_vec(&record) {
-                let _ = self.store.put(&key, &value).await;
+                let _ = self
+                    .store
+                    .put(&self.manager.keys.on_demand(name), &value)
+                    .await;
             }
         }
     }
 
-    /// Stops serving and renewing `name` and forgets it (record, certificate, plan, order): asked for
-    /// again, it is a new name.
-    async fn drop_certificate(&self, name: &DnsName, limit: Duration) {
-        for spelling in std::iter::once(name.to_string()).chain(self.registry.spellings(name)) {
-            self.registry.withdraw(&spelling);
-        }
-        let keys = &self.manager.keys;
-        for key in [
-            self.record_key(name),
-            keys.cert(name),
-            keys.state(name),
-            keys.order(name),
-        ] {
-            if let Err(e) = self.store.delete(&key).await {
-                tracing::warn!(name = %name, key, error = %e, "cannot forget an unused on-demand certificate");
+    /// Drops `name` (idle here for longer than `limit`) unless another replica used it within `limit`:
+    /// under the certificate's lock, the stored `last_used` is read again, and only a certificate no
+    /// replica used is forgotten (record, certificate, plan, order); asked for again, it is a new name.
+    async fn drop_if_unused(&self, name: &DnsName, limit: Duration) {
+        let id = SecretId::OnDemand(name.clone());
+        let Some(lock) = self.manager.lock_cert(&id, &self.shutdown).await else {
+            return; // the store is unavailable (logged), or shutting down: try again next time
+        };
+        let now = now_unix();
+        let limit_secs = i64::try_from(limit.as_secs()).unwrap_or(i64::MAX);
+        let stored_use = self
+            .read_record(name)
+            .await
+            .map(|r| r.last_used.max(r.first_requested));
+        if let Some(used) = stored_use
+            && now.saturating_sub(used) <= limit_secs
+        {
+            // Another replica serves it: keep it, and judge from that use.
+            if let Some(Known::Admitted { last_used, .. }) = self.lock().names.get_mut(name) {
+                *last_used = (*last_used).max(used);
             }
+            self.manager.unlock(lock).await;
+            return;
         }
+        let stop = match self.lock().forget(name) {
+            Some(Known::Admitted { stop, .. }) => Some(stop),
+            _ => None,
+        };
+        if let Some(stop) = stop {
+            stop.cancel();
+        }
+        self.registry.withdraw(&id);
+        self.manager.forget(&id, &lock).await;
+        if let Err(e) = self
+            .store
+            .delete_locked(&lock, &self.manager.keys.on_demand(name))
+            .await
+        {
+            tracing::warn!(name = %name, error = %e, "cannot forget an unused on-demand certificate's record");
+        }
+        self.manager.unlock(lock).await;
         self.metrics.count_on_demand("dropped");
         tracing::info!(
             name = %name,
             unused_for_secs = limit.as_secs(),
-            "on-demand certificate not asked for within on_demand.drop_unused_after: no longer renewed, and forgotten"
+            "on-demand certificate not asked for within on_demand.drop_unused_after (by any replica): no longer renewed, and forgotten"
         );
     }
 
-    fn record_key(&self, name: &DnsName) -> String {
-        format!(
-            "{}/on-demand/{}",
-            self.manager.keys.dir(),
-            key_segment(name)
-        )
-    }
-
-    /// Serves and renews every certificate obtained on demand before.
+    /// Serves and renews every certificate obtained on demand before (moving those an earlier version
+    /// stored among the configured certificates to the on-demand namespace first).
     async fn load_recorded(self: &Arc<Self>) {
-        let dir = format!("{}/on-demand", self.manager.keys.dir());
-        let Ok(records) = self.store.scan(&dir).await else {
+        let Ok(records) = self.store.scan(&self.manager.keys.on_demand_dir()).await else {
             tracing::warn!(
                 "cannot read the on-demand certificates obtained before; they are obtained again when requested"
             );
@@ -319,12 +494,47 @@ impl OnDemand {
             let Ok(name) = DnsName::new(&record.name) else {
                 continue;
             };
+            if self.claimed(&name) {
+                tracing::info!(name = %name, "on-demand certificate now configured: served as the configured secret, not obtained on demand");
+                continue;
+            }
             if self.allowed_by(&name).is_none() {
                 tracing::info!(name = %name, "on-demand certificate no longer matches [on_demand] allow: not served or renewed");
                 continue;
             }
+            self.move_legacy(&name).await;
             let last_used = record.last_used.max(record.first_requested);
             self.admit(name, record.allowed_by, last_used, false).await;
+        }
+        self.count(&self.lock());
+    }
+
+    /// An earlier version stored on-demand certificates with the configured ones: moves `name`'s (not
+    /// claimed by the configuration, so they are the on-demand certificate's) to the on-demand namespace.
+    async fn move_legacy(&self, name: &DnsName) {
+        let keys = &self.manager.keys;
+        let id = SecretId::OnDemand(name.clone());
+        if matches!(self.store.get(&keys.cert(&id)).await, Ok(Some(_))) {
+            return;
+        }
+        for (kind, new) in [
+            ("certs", keys.cert(&id)),
+            ("state", keys.state(&id)),
+            ("orders", keys.order(&id)),
+        ] {
+            let old = keys.legacy_on_demand(name, kind);
+            let Ok(Some(entry)) = self.store.get(&old).await else {
+                continue;
+            };
+            match self.store.put(&new, &entry.value).await {
+                Ok(_) => {
+                    let _ = self.store.delete(&old).await;
+                    tracing::info!(name = %name, from = old, to = new, "on-demand certificate moved to the on-demand namespace");
+                }
+                Err(e) => {
+                    tracing::warn!(name = %name, key = old, error = %e, "cannot move an on-demand certificate to the on-demand namespace; it is obtained again");
+                }
+            }
         }
     }
 
@@ -341,30 +551,33 @@ impl OnDemand {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Refuses `spelling` (and, for a known name, every spelling it was asked under), with one log line per
-    /// name and refusal period.
-    fn refuse(&self, spelling: &str, name: Option<&DnsName>, why: Refusal, detail: &str) {
+    /// Refuses `id` (requested as `spelling`), remembering the refusal until `until` when given, with one
+    /// log line per spelling and refusal period.
+    fn refuse(
+        &self,
+        spelling: &str,
+        id: &SecretId,
+        why: Refusal,
+        until: Option<Instant>,
+        detail: &str,
+    ) {
         self.metrics.count_on_demand(why.label());
-        self.registry.refuse(spelling);
-        if let Some(name) = name {
-            self.registry.refuse(name);
-            for s in self.registry.spellings(name) {
-                self.registry.refuse(&s);
-            }
-            self.registry.forget_aliases(name);
-        }
-        // Logged once per spelling and refusal period, whatever a client sends how often (and the
-        // memory of what was logged is bounded: past its size, nothing more is logged until it empties).
         let log = {
             let mut state = self.lock();
+            if let (Some(until), SecretId::OnDemand(name)) = (until, id) {
+                state.set(name, Known::Refused { until });
+            }
             let now = Instant::now();
-            state.logged.retain(|_, until| *until > now);
-            let fresh = !state.logged.contains_key(spelling) && state.logged.len() < MAX_REMEMBERED;
+            let fresh = !state.logged.contains_key(spelling) && state.logged.len() < MAX_REFUSALS;
             if fresh {
                 state.logged.insert(spelling.to_owned(), now + DENY_FOR);
             }
             fresh
         };
+        self.registry.refuse(id);
+        // Logged once per spelling and refusal period, whatever a client sends how often (and the
+        // memory of what was logged is bounded: past its size, nothing more is logged until the sweep
+        // forgets what ended).
         if log {
             tracing::warn!(
                 name = spelling,
@@ -374,13 +587,15 @@ impl OnDemand {
         }
     }
 
-    /// Starts serving (and, when needed, obtaining) `name`'s certificate.
-    async fn admit(self: &Arc<Self>, name: DnsName, allowed_by: String, last_used: i64, new: bool) {
-        let Ok(secret) = SecretName::new(&name) else {
-            return;
-        };
-        // Followed before the manager publishes anything, so that every spelling gets the certificate.
-        self.registry.follow_aliases(&name);
+    /// Starts serving (and, when needed, obtaining) `name`'s certificate; false when the manager refused
+    /// it (it manages that name already).
+    async fn admit(
+        self: &Arc<Self>,
+        name: DnsName,
+        allowed_by: String,
+        last_used: i64,
+        new: bool,
+    ) -> bool {
         if new {
             self.metrics.count_on_demand("admitted");
             let record = OnDemandRecord {
@@ -390,33 +605,44 @@ impl OnDemand {
                 last_used,
             };
             if let Ok(value) = serde_json::to_vec(&record)
-                && let Err(e) = self.store.put(&self.record_key(&name), &value).await
+                && let Err(e) = self
+                    .store
+                    .put(&self.manager.keys.on_demand(&name), &value)
+                    .await
             {
                 tracing::warn!(name = %name, error = %e, "cannot record the on-demand certificate; after a restart it is obtained again when requested");
             }
         }
         let cert = ManagedCert {
-            name: secret,
+            id: SecretId::OnDemand(name.clone()),
             domains: vec![name.clone()],
             key_type: self.config.key_type,
             temporary: false,
             challenge: crate::values::Challenge::Http01,
         };
-        let Some(stop) = self.manager.add(cert).await else {
-            return;
-        };
-        self.lock().names.insert(
-            name,
-            Known::Admitted {
-                allowed_by,
-                stop,
-                last_used,
-            },
-        );
+        match self.manager.add(cert).await {
+            Ok(stop) => {
+                self.lock().set(
+                    &name,
+                    Known::Admitted {
+                        allowed_by,
+                        stop,
+                        last_used,
+                        recorded_use: last_used,
+                    },
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(name = %name, error = %e, "on-demand certificate not started");
+                false
+            }
+        }
     }
 
-    /// Decides a name that passed `allow` (ask, hourly cap), then obtains it.
+    /// Decides a name that passed `allow` and holds a slot of the hourly cap (`ask`), then obtains it.
     async fn decide(self: Arc<Self>, spelling: String, name: DnsName, allowed_by: String) {
+        let id = SecretId::OnDemand(name.clone());
         let mut allowed_by = allowed_by;
         if let Some(url) = self.config.ask.clone() {
             let cached = self
@@ -425,115 +651,118 @@ impl OnDemand {
                 .get(&name)
                 .is_some_and(|until| *until > Instant::now());
             if !cached {
-                match self.ask(&url, &name).await {
+                let answer = self.ask_bounded(&url, &name).await;
+                self.lock().asking -= 1;
+                match answer {
                     Ok(()) => {
                         self.lock()
                             .ask_allowed
                             .insert(name.clone(), Instant::now() + ASK_ALLOW_FOR);
                     }
                     Err((why, answered)) => {
+                        self.lock().reserved -= 1;
                         // A denial is remembered ten minutes; an outage only briefly, so that names
                         // are admitted again soon after `ask` is back.
                         let hold = if answered { DENY_FOR } else { ASK_OUTAGE_FOR };
-                        self.lock().names.insert(
-                            name.clone(),
-                            Known::Refused {
-                                until: Instant::now() + hold,
-                            },
+                        self.refuse(
+                            &spelling,
+                            &id,
+                            Refusal::Ask,
+                            Some(Instant::now() + hold),
+                            &why,
                         );
-                        self.refuse(&spelling, Some(&name), Refusal::Ask, &why);
                         return;
                     }
                 }
+            } else {
+                self.lock().asking -= 1;
             }
             allowed_by = format!("{allowed_by}, ask {url}");
         }
         {
             let mut state = self.lock();
-            let hour_ago = Instant::now().checked_sub(Duration::from_secs(3600));
-            while state
-                .new_in_last_hour
-                .front()
-                .is_some_and(|t| hour_ago.is_some_and(|h| *t < h))
-            {
-                state.new_in_last_hour.pop_front();
-            }
-            if state.new_in_last_hour.len() >= self.config.max_new_per_hour as usize {
-                // Refused for a minute (then decided again: the hour moves on).
-                state.names.insert(
-                    name.clone(),
-                    Known::Refused {
-                        until: Instant::now() + Duration::from_secs(60),
-                    },
-                );
-                drop(state);
-                self.refuse(
-                    &spelling,
-                    Some(&name),
-                    Refusal::HourlyCap,
-                    &format!(
-                        "{} new certificates in the last hour already (on_demand.max_new_per_hour)",
-                        self.config.max_new_per_hour
-                    ),
-                );
-                return;
-            }
+            state.reserved -= 1;
             state.new_in_last_hour.push_back(Instant::now());
         }
-        // At most max_pending first orders at once; the permit is held until the first outcome.
+        // At most max_pending first orders at once; the turn lasts until the first outcome.
         let Ok(_permit) = self.first_orders.clone().acquire_owned().await else {
             return;
         };
         let mut outcomes = self.manager.outcomes();
         tracing::info!(name = %name, requested_as = spelling, allowed_by, "obtaining an on-demand certificate");
-        self.admit(name.clone(), allowed_by, now_unix(), true).await;
-        if self.registry.get(&name).is_some() {
-            return; // stored already (another replica obtained it): served at once.
+        if !self.admit(name.clone(), allowed_by, now_unix(), true).await {
+            self.refuse(
+                &spelling,
+                &id,
+                Refusal::Recently,
+                Some(Instant::now() + self.retry_after_failure),
+                "its previous certificate task is still ending",
+            );
+            return;
         }
+        // The turn ends with the order's outcome, with the certificate stored by another replica (no
+        // outcome here), or after the order's time limit (another replica's backoff, a store outage).
+        let mut served = self.registry.watch(&id, id.as_str());
+        let limit = tokio::time::sleep(self.manager.first_order_limit());
+        tokio::pin!(limit);
         loop {
+            if served.current().is_some() {
+                return;
+            }
             let outcome = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
+                _ = &mut limit => {
+                    tracing::info!(name = %name, "no outcome of the on-demand certificate's first order within its time limit; its turn goes to the next name (the certificate keeps being obtained)");
+                    return;
+                }
+                _ = served.changed() => continue,
                 o = outcomes.recv() => o,
             };
             match outcome {
-                Ok((n, Ok(()))) if n == name.as_str() => return,
-                Ok((n, Err(e))) if n == name.as_str() => {
+                Ok((n, Ok(()))) if n == id => return,
+                Ok((n, Err(e))) if n == id => {
                     // The handshake fails now rather than waiting for the retry; the name is not ordered
                     // again for a while.
-                    let stop = {
-                        let mut state = self.lock();
-                        let old = state.names.insert(
-                            name.clone(),
-                            Known::Refused {
-                                until: Instant::now() + self.retry_after_failure,
-                            },
-                        );
-                        match old {
-                            Some(Known::Admitted { stop, .. }) => Some(stop),
-                            _ => None,
-                        }
+                    let stop = match self.lock().forget(&name) {
+                        Some(Known::Admitted { stop, .. }) => Some(stop),
+                        _ => None,
                     };
                     if let Some(stop) = stop {
                         stop.cancel();
                     }
-                    let _ = self.store.delete(&self.record_key(&name)).await;
+                    let _ = self.store.delete(&self.manager.keys.on_demand(&name)).await;
                     self.refuse(
                         &spelling,
-                        Some(&name),
+                        &id,
                         Refusal::OrderFailed,
+                        Some(Instant::now() + self.retry_after_failure),
                         &format!("the first order failed: {e}"),
                     );
                     return;
                 }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    if self.registry.get(&name).is_some() {
-                        return;
-                    }
-                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
+    }
+
+    /// Asks `ask` about `name`, waiting for one of the `ask_concurrency` requests in flight.
+    async fn ask_bounded(&self, url: &str, name: &DnsName) -> Result<(), (String, bool)> {
+        let Ok(_permit) = self.asks.acquire().await else {
+            return Err(("shutting down".into(), false));
+        };
+        self.metrics.on_demand_asks(
+            self.config
+                .ask_concurrency
+                .saturating_sub(self.asks.available_permits()),
+        );
+        let answer = self.ask(url, name).await;
+        self.metrics.on_demand_asks(
+            self.config
+                .ask_concurrency
+                .saturating_sub(self.asks.available_permits() + 1),
+        );
+        answer
     }
 
     /// Asks the `ask` endpoint about `name`: `Ok` for a 2xx answer within `ask_timeout`.
@@ -549,7 +778,10 @@ impl OnDemand {
         let answer = tokio::time::timeout(self.config.ask_timeout, async {
             let resp = self.ask.request(request).await.map_err(|e| e.to_string())?;
             let status = resp.status();
-            let _ = resp.into_body().collect().await;
+            // Only the status counts; a body is read (to reuse the connection) up to a small limit.
+            let _ = Limited::new(resp.into_body(), ASK_BODY_LIMIT)
+                .collect()
+                .await;
             Ok::<_, String>(status)
         })
         .await;
@@ -568,14 +800,14 @@ impl OnDemand {
     }
 
     /// The on-demand certificates and how each was allowed.
-    pub fn admitted(&self) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = self
+    pub fn admitted(&self) -> Vec<(DnsName, String)> {
+        let mut out: Vec<(DnsName, String)> = self
             .lock()
             .names
             .iter()
             .filter_map(|(name, k)| match k {
-                Known::Admitted { allowed_by, .. } => Some((name.to_string(), allowed_by.clone())),
-                Known::Refused { .. } => None,
+                Known::Admitted { allowed_by, .. } => Some((name.clone(), allowed_by.clone())),
+                Known::Deciding | Known::Refused { .. } => None,
             })
             .collect();
         out.sort();
@@ -584,72 +816,109 @@ impl OnDemand {
 }
 
 impl Demand for Arc<OnDemand> {
-    fn requested(&self, spelling: &str, node_id: Option<&str>) {
+    fn requested(&self, spelling: &str, id: &SecretId, node_id: Option<&str>) {
         if let Some(nodes) = &self.config.allowed_nodes
             && !node_id.is_some_and(|n| nodes.iter().any(|p| p.matches(n)))
         {
             self.refuse(
                 spelling,
-                None,
+                id,
                 Refusal::Node,
+                None,
                 "the Envoy's node id does not match on_demand.allowed_nodes",
             );
             return;
         }
-        let name = match DnsName::new(spelling) {
-            Ok(n) => n,
-            Err(why) => {
-                self.refuse(spelling, None, Refusal::Malformed, &why);
-                return;
-            }
+        let SecretId::OnDemand(name) = id else {
+            let why = crate::values::DnsName::new(crate::values::canonical_name(spelling))
+                .err()
+                .unwrap_or_else(|| "not a DNS name".into());
+            self.refuse(spelling, id, Refusal::Malformed, None, &why);
+            return;
         };
         let mut state = self.lock();
-        match state.names.get_mut(&name) {
+        match state.names.get_mut(name) {
             Some(Known::Admitted { last_used, .. }) => {
                 *last_used = now_unix();
-                self.registry.expect_soon(spelling);
-                self.registry.alias(spelling, &name);
+                drop(state);
+                if self.registry.get(id).is_none() {
+                    self.registry.expect_soon(id);
+                }
+                return;
+            }
+            Some(Known::Deciding) => {
+                drop(state);
+                self.registry.expect_soon(id);
                 return;
             }
             Some(Known::Refused { until }) if *until > Instant::now() => {
                 drop(state);
-                self.refuse(spelling, None, Refusal::Recently, "refused recently");
+                self.refuse(spelling, id, Refusal::Recently, None, "refused recently");
                 return;
             }
             _ => {}
         }
-        let Some(allowed_by) = self.allowed_by(&name) else {
-            if state.names.len() < MAX_REMEMBERED {
-                state.names.insert(
-                    name.clone(),
-                    Known::Refused {
-                        until: Instant::now() + DENY_FOR,
-                    },
-                );
-            }
+        let Some(allowed_by) = self.allowed_by(name) else {
             drop(state);
             self.refuse(
                 spelling,
-                Some(&name),
+                id,
                 Refusal::NotAllowed,
+                Some(Instant::now() + DENY_FOR),
                 "the name matches nothing in on_demand.allow",
             );
             return;
         };
-        // Admitted for now (so that concurrent requests wait for this decision rather than repeat it);
-        // `decide` refuses it if `ask` or the cap says no.
-        state.names.insert(
-            name.clone(),
-            Known::Admitted {
-                allowed_by: allowed_by.clone(),
-                stop: CancellationToken::new(),
-                last_used: now_unix(),
-            },
-        );
+        // The cap first: a name that could not be obtained this hour is not asked about.
+        let used = state.cap_used();
+        if used >= self.config.max_new_per_hour as usize {
+            drop(state);
+            self.refuse(
+                spelling,
+                id,
+                Refusal::HourlyCap,
+                Some(Instant::now() + CAP_FOR),
+                &format!(
+                    "{} new certificates in the last hour already, or being decided (on_demand.max_new_per_hour)",
+                    self.config.max_new_per_hour
+                ),
+            );
+            return;
+        }
+        let cached = state
+            .ask_allowed
+            .get(name)
+            .is_some_and(|until| *until > Instant::now());
+        let asks = self.config.ask.is_some() && !cached;
+        if asks && state.asking >= 2 * self.config.ask_concurrency {
+            drop(state);
+            // Not remembered: asked again, the name is decided again.
+            self.refuse(
+                spelling,
+                id,
+                Refusal::AskBusy,
+                None,
+                &format!(
+                    "{} names are waiting for on_demand.ask already (on_demand.ask_concurrency in flight, as many queued)",
+                    2 * self.config.ask_concurrency
+                ),
+            );
+            return;
+        }
+        // Being decided (so that concurrent requests wait for this decision rather than repeat it); it
+        // holds a slot of the cap until `ask` answers.
+        state.reserved += 1;
+        if self.config.ask.is_some() {
+            state.asking += 1;
+        }
+        state.set(name, Known::Deciding);
+        self.count(&state);
         drop(state);
-        self.registry.expect_soon(spelling);
-        self.registry.alias(spelling, &name);
-        tokio::spawn(self.clone().decide(spelling.to_owned(), name, allowed_by));
+        self.registry.expect_soon(id);
+        tokio::spawn(
+            self.clone()
+                .decide(spelling.to_owned(), name.clone(), allowed_by),
+        );
     }
 }
 

@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::sources::keys;
 use crate::sources::keys::AcmeKeys;
 use crate::store::{Lock, SharedStore, StoreError};
-use crate::values::{Challenge, KeyType, same_names, to_strings};
+use crate::values::{Challenge, KeyType, SecretId, same_names, to_strings};
 
 /// Attempts per request to the CA.
 const ATTEMPTS: u32 = 6;
@@ -285,7 +285,7 @@ pub(super) struct Published {
 }
 
 /// Stores the order record; a failure is logged and the order goes on (it just cannot be resumed).
-async fn save_record(ctx: &OrderCtx<'_>, name: &str, record: &OrderRecord) {
+async fn save_record(ctx: &OrderCtx<'_>, name: &SecretId, record: &OrderRecord) {
     let written = match serde_json::to_vec(record) {
         Ok(v) => ctx
             .store
@@ -293,12 +293,12 @@ async fn save_record(ctx: &OrderCtx<'_>, name: &str, record: &OrderRecord) {
             .await
             .map(|_| ()),
         Err(e) => {
-            tracing::error!(secret = name, error = %e, "cannot encode the order record");
+            tracing::error!(secret = %name, error = %e, "cannot encode the order record");
             return;
         }
     };
     if let Err(e) = written {
-        tracing::warn!(secret = name, error = %e, "cannot store the order in progress; it cannot be resumed after a restart");
+        tracing::warn!(secret = %name, error = %e, "cannot store the order in progress; it cannot be resumed after a restart");
     }
 }
 
@@ -308,7 +308,7 @@ pub(super) async fn load_record(
     keys: &AcmeKeys,
     cert: &ManagedCert,
 ) -> Option<OrderRecord> {
-    let entry = store.get(&keys.order(&cert.name)).await.ok()??;
+    let entry = store.get(&keys.order(&cert.id)).await.ok()??;
     let record: OrderRecord = serde_json::from_slice(&entry.value).ok()?;
     record.matches(cert).then_some(record)
 }
@@ -319,9 +319,14 @@ pub(super) fn record_matches(value: &[u8], cert: &ManagedCert) -> bool {
 }
 
 /// Forgets the order record (the order ended, or cannot be resumed), while `lock` is held.
-pub(super) async fn drop_record(store: &SharedStore, keys: &AcmeKeys, lock: &Lock, name: &str) {
+pub(super) async fn drop_record(
+    store: &SharedStore,
+    keys: &AcmeKeys,
+    lock: &Lock,
+    name: &SecretId,
+) {
     if let Err(e) = store.delete_locked(lock, &keys.order(name)).await {
-        tracing::warn!(secret = name, error = %e, "cannot remove the finished order's record");
+        tracing::warn!(secret = %name, error = %e, "cannot remove the finished order's record");
     }
 }
 
@@ -403,16 +408,16 @@ pub(super) async fn run(
                     // It failed while nobody was watching (a crash before the failure was recorded): that is
                     // this attempt's failure, with its backoff. Placing a new order at once would let a crash
                     // loop order as fast as it restarts.
-                    tracing::info!(secret = %cert.name, order = r.url, "the stored order has failed");
-                    drop_record(store, keys, ctx.lock, &cert.name).await;
+                    tracing::info!(secret = %cert.id, order = r.url, "the stored order has failed");
+                    drop_record(store, keys, ctx.lock, &cert.id).await;
                     return Err(invalid_detail(&mut o).await);
                 }
-                tracing::info!(secret = %cert.name, order = r.url, "resuming the order in progress");
+                tracing::info!(secret = %cert.id, order = r.url, "resuming the order in progress");
                 order = Some(o);
             }
             Err(e) => {
-                tracing::info!(secret = %cert.name, order = r.url, error = %e, "the stored order cannot be resumed; placing a new one");
-                drop_record(store, keys, ctx.lock, &cert.name).await;
+                tracing::info!(secret = %cert.id, order = r.url, error = %e, "the stored order cannot be resumed; placing a new one");
+                drop_record(store, keys, ctx.lock, &cert.id).await;
                 record = None;
             }
         }
@@ -427,9 +432,9 @@ pub(super) async fn run(
                 key_type: cert.key_type,
                 key_pem: None,
             };
-            save_record(ctx, &cert.name, &r).await;
+            save_record(ctx, &cert.id, &r).await;
             record = Some(r);
-            tracing::info!(secret = %cert.name, domains = ?cert.domains, order = o.url(), "order created");
+            tracing::info!(secret = %cert.id, domains = ?cert.domains, order = o.url(), "order created");
             o
         }
     };
@@ -441,12 +446,12 @@ pub(super) async fn run(
         status = retrying!(metrics, "validation", order.poll_ready(&POLL))
             .map_err(|e| OrderError::acme("waiting for validation", e))?;
         if status == OrderStatus::Ready {
-            tracing::info!(secret = %cert.name, domains = ?cert.domains, "domains validated");
+            tracing::info!(secret = %cert.id, domains = ?cert.domains, "domains validated");
         }
     }
     match status {
         OrderStatus::Invalid => {
-            drop_record(store, keys, ctx.lock, &cert.name).await;
+            drop_record(store, keys, ctx.lock, &cert.id).await;
             return Err(invalid_detail(&mut order).await);
         }
         OrderStatus::Ready => {
@@ -462,7 +467,7 @@ pub(super) async fn run(
                 .map_err(|e| OrderError::Csr(e.to_string()))?;
             // The certificate will be for this key: it is stored before the CA is asked for it.
             record.key_pem = Some(zeroize::Zeroizing::new(key.serialize_pem()));
-            save_record(ctx, &cert.name, &record).await;
+            save_record(ctx, &cert.id, &record).await;
             if let Err(e) = retrying!(metrics, "finalize", order.finalize_csr(csr.der())) {
                 // An earlier attempt may have reached the CA with its answer lost on the way back.
                 let state = retrying!(metrics, "order", order.refresh())
@@ -513,7 +518,7 @@ async fn new_order(
             Ok(order) => return Ok(order),
             Err(instant_acme::Error::Unsupported(_)) => {}
             Err(e @ instant_acme::Error::Api(_)) if !transient(&e) && !is_rate_limit(&e) => {
-                tracing::warn!(secret = %cert.name, error = %e, "the CA refused the order as a replacement (ARI); ordering without `replaces`");
+                tracing::warn!(secret = %cert.id, error = %e, "the CA refused the order as a replacement (ARI); ordering without `replaces`");
             }
             Err(e) => return Err(OrderError::acme("creating the order", e)),
         }
@@ -610,7 +615,7 @@ async fn authorize_pass(
             Challenge::Dns01 => {
                 // `*.example.com`'s record is `_acme-challenge.example.com` (`record_for` drops the `*.`).
                 added.push(publish_txt(ctx, cert, published, &domain, key_auth.dns_value()).await?);
-                tracing::info!(secret = %cert.name, domain, challenge = "dns-01", "challenge published");
+                tracing::info!(secret = %cert.id, domain, challenge = "dns-01", "challenge published");
                 continue;
             }
         };
@@ -621,7 +626,7 @@ async fn authorize_pass(
         if !published.keys.contains(&key) {
             published.keys.push(key);
         }
-        tracing::info!(secret = %cert.name, domain, token, challenge = cert.challenge.as_str(), "challenge published");
+        tracing::info!(secret = %cert.id, domain, token, challenge = cert.challenge.as_str(), "challenge published");
         // A resumed order's challenge may already be on its way: asking again is not needed.
         if challenge.status == ChallengeStatus::Pending {
             retrying!(ctx.metrics, "challenge", challenge.set_ready())
@@ -635,7 +640,7 @@ async fn authorize_pass(
     let dns = ctx.dns.ok_or(OrderError::NoDns01)?;
     let started = std::time::Instant::now();
     dns.wait_served(&added).await?;
-    tracing::info!(secret = %cert.name, records = added.len(), waited_ms = started.elapsed().as_millis() as u64, "DNS-01 records served");
+    tracing::info!(secret = %cert.id, records = added.len(), waited_ms = started.elapsed().as_millis() as u64, "DNS-01 records served");
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
         let mut authz = authz.map_err(|e| OrderError::acme("fetching an authorization", e))?;
@@ -672,12 +677,12 @@ async fn publish_txt(
     // Listed in the store before it is added: a crash in between leaves a listed record that is not there
     // (deleting it is harmless), never one in the zone that nobody deletes.
     published.txt.push(record.clone());
-    store_dns_records(ctx.store, ctx.keys, ctx.lock, &cert.name, &published.txt).await;
+    store_dns_records(ctx.store, ctx.keys, ctx.lock, &cert.id, &published.txt).await;
     if let Err(e) = dns.add(&record).await {
         // Refused (or never sent): it is not in the zone. Without an answer, it may be.
         if !matches!(e, super::dns01::DnsError::Unreachable { .. }) {
             published.txt.pop();
-            store_dns_records(ctx.store, ctx.keys, ctx.lock, &cert.name, &published.txt).await;
+            store_dns_records(ctx.store, ctx.keys, ctx.lock, &cert.id, &published.txt).await;
         }
         return Err(e.into());
     }
@@ -691,7 +696,7 @@ async fn store_dns_records(
     store: &SharedStore,
     keys: &AcmeKeys,
     lock: &Lock,
-    name: &str,
+    name: &SecretId,
     records: &[TxtRecord],
 ) {
     let key = keys.dns_records(name);
@@ -702,7 +707,7 @@ async fn store_dns_records(
         store.put_locked(lock, &key, &value).await.map(|_| ())
     };
     if let Err(e) = written {
-        tracing::warn!(secret = name, error = %e, "cannot store the list of DNS-01 records to delete; a crash now could leave them in the zone");
+        tracing::warn!(secret = %name, error = %e, "cannot store the list of DNS-01 records to delete; a crash now could leave them in the zone");
     }
 }
 
@@ -714,7 +719,7 @@ pub(super) async fn withdraw_dns_records(
     keys: &AcmeKeys,
     lock: &Lock,
     dns: Option<&Dns01>,
-    name: &str,
+    name: &SecretId,
     extra: &[TxtRecord],
 ) {
     let stored = store.get(&keys.dns_records(name)).await.ok().flatten();
@@ -734,13 +739,13 @@ pub(super) async fn withdraw_dns_records(
         return;
     }
     let Some(dns) = dns else {
-        tracing::warn!(secret = name, records = ?records, "DNS-01 records were left in the zone by an earlier order and [dns01] is no longer configured: delete them by hand");
+        tracing::warn!(secret = %name, records = ?records, "DNS-01 records were left in the zone by an earlier order and [dns01] is no longer configured: delete them by hand");
         return;
     };
     let mut left = Vec::new();
     for r in records {
         if let Err(e) = dns.remove(&r).await {
-            tracing::warn!(secret = name, name = r.name, error = %e, "cannot delete a DNS-01 record; trying again at the next attempt");
+            tracing::warn!(secret = %name, name = r.name, error = %e, "cannot delete a DNS-01 record; trying again at the next attempt");
             left.push(r);
         }
     }

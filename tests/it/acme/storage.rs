@@ -134,8 +134,10 @@ async fn an_issued_certificate_the_store_refused_is_served_stored_later_and_neve
     );
     let storage = dir.path().join("acme-sds-data");
     // The certificate's value cannot be written: a non-empty directory stands where its file goes.
-    let blocked = storage
-        .join(acme_sds::sources::keys::AcmeKeys::for_directory(&pebble.directory).cert("site"));
+    let blocked = storage.join(
+        acme_sds::sources::keys::AcmeKeys::for_directory(&pebble.directory)
+            .cert(&acme_sds::values::SecretId::named("site")),
+    );
     std::fs::create_dir_all(blocked.join("in-the-way")).unwrap();
     let args = ["run", "--config", config.to_str().unwrap()];
     let mut p = Process::spawn(&args, &[]);
