@@ -547,3 +547,170 @@ async fn a_configured_name_is_never_obtained_on_demand_whatever_its_spelling() {
     verify_chain(&chain, &root, "new.example.test").unwrap();
     assert_eq!(edge.orders(), orders_before + 1);
 }
+
+/// An `ask` endpoint that accepts requests and never answers; returns its port and the most requests it
+/// held at once.
+async fn silent_ask() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let now = std::sync::Arc::new(AtomicUsize::new(0));
+    let most = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = most.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (now, most) = (now.clone(), most.clone());
+            tokio::spawn(async move {
+                let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(held, Ordering::SeqCst);
+                let mut buf = vec![0u8; 4096];
+                // Read until the client gives up (it times out and closes).
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                now.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// acme-sds in this process with Pebble, an admin listener and `[on_demand]` as given; HTTP-01 answered
+/// on Pebble's port directly.
+async fn flood_daemon(on_demand: &str) -> Option<(Daemon, Pebble)> {
+    let dir = tempfile::tempdir().unwrap();
+    let port80 = free_port();
+    let mut opts = PebbleOptions::new(port80);
+    opts.authz_reuse = 0;
+    opts.nonce_reject = 0;
+    let pebble = Pebble::start(&dir.path().join("pebble"), opts)?;
+    let tables = format!(
+        "[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:{port80}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}[on_demand]\n{on_demand}\n",
+        dir.path().join("data").display(),
+        pebble.acme_table(),
+    );
+    Some((Daemon::start(dir, &tables).await, pebble))
+}
+
+/// `streams` delta streams from one Envoy subscribing `per_stream` distinct names each (under
+/// `*.flood.test`); returns them once every name not awaited has been reported removed (each stream
+/// reports them in its first responses), with how many were reported.
+async fn flood(
+    daemon: &Daemon,
+    streams: usize,
+    per_stream: usize,
+    awaited_at_most: usize,
+) -> (Vec<DeltaStream>, usize) {
+    use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use acme_sds::registry::SECRET_TYPE_URL;
+    let mut client = daemon.client().await;
+    let mut open = Vec::new();
+    for s in 0..streams {
+        let stream = DeltaStream::open(&mut client).await;
+        stream
+            .send(DeltaDiscoveryRequest {
+                node: node("edge"),
+                type_url: SECRET_TYPE_URL.into(),
+                resource_names_subscribe: (0..per_stream)
+                    .map(|i| format!("n{i}-s{s}.flood.test"))
+                    .collect(),
+                ..Default::default()
+            })
+            .await;
+        open.push(stream);
+    }
+    let want = streams * per_stream - awaited_at_most;
+    let mut removed = 0;
+    for stream in &mut open {
+        // Every name of this stream is reported, bar those being decided (at most `awaited_at_most` over
+        // all streams): read until the stream has reported all but those.
+        let mut reported = 0;
+        while reported + awaited_at_most < per_stream {
+            let r = stream.recv().await;
+            reported += r.removed_resources.len();
+            assert!(r.resources.is_empty(), "nothing is served for a flood");
+            stream
+                .send(DeltaDiscoveryRequest {
+                    response_nonce: r.nonce,
+                    type_url: SECRET_TYPE_URL.into(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        removed += reported;
+    }
+    assert!(removed >= want, "{removed} of {want} reported removed");
+    (open, removed)
+}
+
+/// The value of the gauge `series` (name and labels, as exposed) in `/metrics`.
+fn gauge(daemon: &Daemon, series: &str) -> f64 {
+    let text = http_get(daemon.running().admin_addr().unwrap(), "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Twenty thousand distinct allowed names, subscribed over delta by twenty streams, with an `ask`
+/// endpoint that never answers and `max_new_per_hour = 5`: at most five names are asked about at once (the
+/// cap's slots are taken before `ask`), everything else is refused at once (reported removed, so Envoy's
+/// handshakes fail fast), the refusals remembered stay under their bound, nothing is ordered, and once the
+/// streams close the registry holds nothing more than before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_names_with_a_silent_ask_is_bounded_and_forgotten() {
+    let (ask_port, most_asks) = silent_ask().await;
+    let Some((mut daemon, pebble)) = flood_daemon(&format!(
+        "allow = [\"*.flood.test\"]\nask = \"http://127.0.0.1:{ask_port}/check\"\nask_timeout = \"60s\"\nmax_new_per_hour = 5"
+    ))
+    .await
+    else {
+        return;
+    };
+    let before = daemon.running().registry().slot_count();
+    let (streams, removed) = flood(&daemon, 20, 1000, 5).await;
+    assert!(
+        (19_995..=20_000).contains(&removed),
+        "all but the five being decided: {removed}"
+    );
+    let asks = most_asks.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(asks <= 5, "{asks} ask requests at once");
+    assert_eq!(
+        gauge(&daemon, "acme_sds_on_demand_names{state=\"deciding\"}"),
+        5.0
+    );
+    assert!(gauge(&daemon, "acme_sds_on_demand_names{state=\"refused\"}") <= 10_000.0);
+    assert!(gauge(&daemon, "acme_sds_on_demand_ask_requests_in_flight") <= 5.0);
+    drop(streams);
+    let deadline = Instant::now() + BOUND;
+    while daemon.running().registry().slot_count() > before {
+        assert!(
+            Instant::now() < deadline,
+            "{} registry entries left after the streams closed (before: {before})",
+            daemon.running().registry().slot_count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pebble.log().matches("Added order").count(), 0);
+    daemon.stop().await;
+}
+
+/// The same flood with no `ask`: no more certificates are obtained than `max_new_per_hour` allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_names_orders_no_more_than_the_hourly_cap() {
+    let Some((mut daemon, pebble)) =
+        flood_daemon("allow = [\"*.flood.test\"]\nmax_new_per_hour = 5").await
+    else {
+        return;
+    };
+    let (_streams, removed) = flood(&daemon, 20, 1000, 5).await;
+    assert!(removed >= 19_995);
+    // The five admitted are obtained (or fail and are refused): wait until each has an outcome.
+    let deadline = Instant::now() + BOUND;
+    while gauge(&daemon, "acme_sds_on_demand_names{state=\"deciding\"}") > 0.0 {
+        assert!(Instant::now() < deadline, "still deciding");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let orders = pebble.log().matches("Added order").count();
+    assert!((1..=5).contains(&orders), "{orders} orders for a cap of 5");
+    assert!(gauge(&daemon, "acme_sds_on_demand_names{state=\"admitted\"}") <= 5.0);
+    daemon.stop().await;
+}

@@ -207,6 +207,31 @@ impl State {
     }
 }
 
+/// [`OnDemand`]'s state while locked: what is remembered is counted in the gauges when it is released.
+struct Locked<'a> {
+    state: std::sync::MutexGuard<'a, State>,
+    on_demand: &'a OnDemand,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.on_demand.count(&self.state);
+    }
+}
+
 /// The on-demand issuer of one configuration; see the module docs.
 pub struct OnDemand {
     config: OnDemandConfig,
@@ -219,6 +244,8 @@ pub struct OnDemand {
     state: Mutex<State>,
     first_orders: Arc<Semaphore>,
     asks: Arc<Semaphore>,
+    /// Refusal log lines, at most ten a second whatever a flood of names asks.
+    log_throttle: crate::net::throttle::Throttle,
     ask: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
     /// How long a name whose first order failed is refused.
     retry_after_failure: Duration,
@@ -278,6 +305,7 @@ impl OnDemand {
         let on_demand = Arc::new(OnDemand {
             first_orders: Arc::new(Semaphore::new(config.max_pending)),
             asks: Arc::new(Semaphore::new(config.ask_concurrency)),
+            log_throttle: crate::net::throttle::Throttle::new(Duration::from_millis(100)),
             store: manager.store.clone(),
             config,
             manager,
@@ -379,7 +407,6 @@ impl OnDemand {
                         unused.push((name.clone(), limit));
                     }
                 }
-                self.count(&state);
             }
             for name in used {
                 self.record_use(&name, now).await;
@@ -506,7 +533,6 @@ impl OnDemand {
             let last_used = record.last_used.max(record.first_requested);
             self.admit(name, record.allowed_by, last_used, false).await;
         }
-        self.count(&self.lock());
     }
 
     /// An earlier version stored on-demand certificates with the configured ones: moves `name`'s (not
@@ -547,8 +573,12 @@ impl OnDemand {
             .map(|p| format!("allow {p}"))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The state, locked; the gauges are set from it when the guard goes.
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            on_demand: self,
+        }
     }
 
     /// Refuses `id` (requested as `spelling`), remembering the refusal until `until` when given, with one
@@ -577,11 +607,12 @@ impl OnDemand {
         self.registry.refuse(id);
         // Logged once per spelling and refusal period, whatever a client sends how often (and the
         // memory of what was logged is bounded: past its size, nothing more is logged until the sweep
-        // forgets what ended).
-        if log {
+        // forgets what ended), and ten lines a second at most (the metric counts every refusal).
+        if log && let Some(held_back) = self.log_throttle.allow() {
             tracing::warn!(
                 name = spelling,
                 reason = why.label(),
+                held_back,
                 "on-demand certificate refused: {detail}"
             );
         }
@@ -912,7 +943,6 @@ impl Demand for Arc<OnDemand> {
             state.asking += 1;
         }
         state.set(name, Known::Deciding);
-        self.count(&state);
         drop(state);
         self.registry.expect_soon(id);
         tokio::spawn(
