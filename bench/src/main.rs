@@ -26,6 +26,7 @@ mod first_cert;
 mod issuance;
 mod memory;
 mod on_demand;
+mod on_demand_flood;
 mod replicas;
 mod rotation;
 
@@ -73,6 +74,9 @@ enum Scenario {
     /// On-demand TLS through Envoy's on-demand selector: the first handshake for a new name, and 20 names at
     /// once (Caddy's on-demand TLS too when installed). Needs Envoy and pebble.
     OnDemand,
+    /// 20,000 made-up names over delta with a silent `ask`: memory, tasks, asks in flight, orders. Needs
+    /// pebble.
+    OnDemandFlood,
     /// A wildcard and its apex over DNS-01 against a real BIND (lego's RFC 2136 provider too when installed).
     /// Needs BIND and pebble.
     Dns01,
@@ -134,6 +138,7 @@ async fn main() -> Result<()> {
         Scenario::FirstCert => first_cert::run(&a, &mut csv).await?,
         Scenario::Replicas => replicas::run(&a, &mut csv).await?,
         Scenario::OnDemand => on_demand::run(&a, &mut csv).await?,
+        Scenario::OnDemandFlood => on_demand_flood::run(&a, &mut csv).await?,
         Scenario::Dns01 => dns01::run(&a, &mut csv).await?,
         Scenario::Chart => {
             let svg = cli.svg.unwrap_or_else(|| PathBuf::from("fanout.svg"));
@@ -154,6 +159,7 @@ async fn main() -> Result<()> {
             first_cert::run(&a, &mut csv).await?;
             replicas::run(&a, &mut csv).await?;
             on_demand::run(&a, &mut csv).await?;
+            on_demand_flood::run(&a, &mut csv).await?;
             dns01::run(&a, &mut csv).await?;
             if let Some(svg) = &cli.svg {
                 chart::run(&a, &mut csv, svg).await?;

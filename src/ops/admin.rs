@@ -74,6 +74,15 @@ pub fn metrics_text(
         "1 when a valid (unexpired) certificate is being served",
         ready,
     );
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let tasks = Gauge::<i64>::default();
+        tasks.set(i64::try_from(runtime.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
+        registry.register(
+            "acme_sds_runtime_tasks",
+            "Tasks alive in the daemon now (streams are not tasks; certificate tasks, decisions and connections are)",
+            tasks,
+        );
+    }
     if let Some(h) = storage {
         let available = Gauge::<i64>::default();
         available.set(i64::from(h.unavailable.is_none()));
