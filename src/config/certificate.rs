@@ -389,7 +389,7 @@ impl Validator<'_> {
                             format!("{}.domains", c.key),
                             self.locations.line(&c.key),
                             format!(
-                                "{d:?} is also in {first}: set `allow_duplicate_domains = true` if two certificates for it are intended",
+                                "\"{d}\" is also in {first}: set `allow_duplicate_domains = true` if two certificates for it are intended",
                             ),
                         ));
                     }

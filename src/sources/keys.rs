@@ -13,7 +13,9 @@
 //!                              the same four for certificates obtained on demand, apart from the configured
 //!                              ones: an on-demand name can never overwrite or delete a configured secret's
 //! challenges/<token>           a pending HTTP-01 key authorization, read by the responder
-//! challenges/tls-alpn-01/<name> a pending TLS-ALPN-01 key authorization, read by the TLS-ALPN responder
+//! challenges/tls-alpn-01/<name>/<time>-<token>
+//!                              a pending TLS-ALPN-01 key authorization, one per order, read by the TLS-ALPN
+//!                              responder (the newest of a name's, should two orders validate it at once)
 //! internal/ca                  the internal CA's certificate and key
 //! internal/root.crt            its root certificate alone, as PEM: what clients trust
 //! internal/certs/<name>        a leaf the internal CA signed
@@ -139,9 +141,20 @@ pub fn challenge(token: &str) -> String {
     format!("challenges/{token}")
 }
 
-/// A pending TLS-ALPN-01 key authorization for `domain`, read by the `[tls_alpn01]` responder.
-pub fn tls_alpn_challenge(domain: &str) -> String {
+/// Where the pending TLS-ALPN-01 key authorizations for `domain` are (one per order), read by the
+/// `[tls_alpn01]` responder.
+pub fn tls_alpn_challenges(domain: &str) -> String {
     format!("challenges/tls-alpn-01/{}", key_segment(domain))
+}
+
+/// One order's pending TLS-ALPN-01 key authorization for `domain` (challenge `token`), published at
+/// `unix_nanos`: keys sort by publication, so the newest of a domain's is its last.
+pub fn tls_alpn_challenge(domain: &str, unix_nanos: u128, token: &str) -> String {
+    format!(
+        "{}/{unix_nanos:020}-{}",
+        tls_alpn_challenges(domain),
+        key_segment(token)
+    )
 }
 
 /// The internal CA (certificate and key).

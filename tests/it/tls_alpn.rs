@@ -92,3 +92,57 @@ async fn tls_alpn01_is_answered_through_envoys_port_443_and_other_handshakes_are
             .is_err()
     );
 }
+
+/// Two certificates sharing a name, both validated over TLS-ALPN-01 and ordered at the same moment: the
+/// CA's connection names only the domain, so their orders take turns on it instead of overwriting (or
+/// withdrawing) each other's key authorization. Both are issued by their first order, none fails, and no
+/// challenge is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_certificates_sharing_a_name_take_turns_over_tls_alpn01() {
+    let dir = tempfile::tempdir().unwrap();
+    let alpn = free_port();
+    let mut opts = PebbleOptions::new(free_port()); // nothing answers HTTP-01
+    opts.tls_port = Some(alpn); // Pebble validates on the responder itself
+    opts.authz_reuse = 0;
+    opts.nonce_reject = 0;
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let config = dir.path().join("acme-sds.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:0\"\n\n[tls_alpn01]\nlisten = \"127.0.0.1:{alpn}\"\n\n{}\
+             [[certificate]]\nname = \"one\"\ndomains = [\"shared.example.com\"]\nchallenge = \"tls-alpn-01\"\n\n\
+             [[certificate]]\nname = \"two\"\ndomains = [\"shared.example.com\", \"two.example.com\"]\nchallenge = \"tls-alpn-01\"\nallow_duplicate_domains = true\n",
+            dir.path().join("sds.sock").display(),
+            data.display(),
+            pebble.acme_table()
+        ),
+    )
+    .unwrap();
+    let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    daemon.wait_for_log("both certificates issued", Duration::from_secs(60), |log| {
+        log.matches("certificate issued and pushed").count() >= 2
+    });
+    let log = daemon.log();
+    assert!(!log.contains("certificate order failed"), "{log}");
+    assert_eq!(pebble.log().matches("Added order").count(), 2);
+    let left: Vec<_> = walk(&data.join("challenges"));
+    assert!(left.is_empty(), "challenges left behind: {left:?}");
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -322,6 +322,8 @@ pub struct AcmeManager {
     lock_ttl: Duration,
     /// Where DNS-01 records go (`[dns01]`), when configured.
     dns01: Option<dns01::Dns01>,
+    /// TLS-ALPN-01 orders for one domain take turns.
+    alpn_turns: order::AlpnTurns,
     /// Every certificate task's certificate and wake-up, by store key: what the watch follows.
     followed: std::sync::Mutex<std::collections::HashMap<String, (ManagedCert, Changed)>>,
     /// The token `start` was given: certificates added later stop with it.
@@ -364,6 +366,7 @@ impl AcmeManager {
             tasks: tokio_util::task::TaskTracker::new(),
             lock_ttl,
             dns01,
+            alpn_turns: Default::default(),
             followed: Default::default(),
             shutdown: Default::default(),
             outcomes: tokio::sync::broadcast::Sender::new(256),
@@ -1233,6 +1236,7 @@ impl AcmeManager {
                     // A crashed replica's challenges outlive its order by little.
                     challenge_ttl: limit,
                     dns: self.dns01.as_ref(),
+                    alpn_turns: &self.alpn_turns,
                 },
                 published,
             ),

@@ -10,6 +10,7 @@
 //! ([`OrderRecord`]), so an order survives a crash or a failed store write: the next attempt resumes it
 //! where it stopped (a ready certificate is downloaded, not ordered again).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use instant_acme::{
@@ -274,14 +275,52 @@ pub(super) struct OrderCtx<'a> {
     pub lock: &'a Lock,
     pub challenge_ttl: Duration,
     pub dns: Option<&'a Dns01>,
+    pub alpn_turns: &'a AlpnTurns,
 }
 
 /// What an order published, to take back however it ends: store keys (HTTP-01 and TLS-ALPN-01 key
-/// authorizations) and DNS-01 records.
+/// authorizations) and DNS-01 records; and the TLS-ALPN-01 turns it holds until then.
 #[derive(Default)]
 pub(super) struct Published {
     pub keys: Vec<String>,
     pub txt: Vec<TxtRecord>,
+    pub turns: Vec<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// Turns per domain for TLS-ALPN-01 orders in this process. The CA's validation connection names only
+/// the domain (its SNI), so the responder cannot tell two orders for one domain apart (two certificates
+/// sharing a name): one order validates a domain at a time, the other waits for its turn instead of
+/// failing. An order takes the turns of all its domains at once, in order, so two orders never wait for
+/// each other.
+#[derive(Default)]
+pub(super) struct AlpnTurns(
+    std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+);
+
+impl AlpnTurns {
+    /// Waits for the turns of `domains` (held until the guards are dropped).
+    async fn take(
+        &self,
+        domains: &[crate::values::DnsName],
+    ) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let mut sorted: Vec<&str> = domains.iter().map(|d| d.as_str()).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let turns: Vec<Arc<tokio::sync::Mutex<()>>> = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            // Turns nobody holds or waits for are forgotten.
+            map.retain(|_, m| Arc::strong_count(m) > 1);
+            sorted
+                .iter()
+                .map(|d| map.entry((*d).to_owned()).or_default().clone())
+                .collect()
+        };
+        let mut held = Vec::with_capacity(turns.len());
+        for t in turns {
+            held.push(t.lock_owned().await);
+        }
+        held
+    }
 }
 
 /// Stores the order record; a failure is logged and the order goes on (it just cannot be resumed).
@@ -442,6 +481,9 @@ pub(super) async fn run(
 
     let mut status = order.state().status;
     if status == OrderStatus::Pending {
+        if cert.challenge == Challenge::TlsAlpn01 && published.turns.is_empty() {
+            published.turns = ctx.alpn_turns.take(&cert.domains).await;
+        }
         authorize(&mut order, cert, ctx, published).await?;
         status = retrying!(metrics, "validation", order.poll_ready(&POLL))
             .map_err(|e| OrderError::acme("waiting for validation", e))?;
@@ -611,7 +653,10 @@ async fn authorize_pass(
         // zone.
         let key = match cert.challenge {
             Challenge::Http01 => keys::challenge(&token),
-            Challenge::TlsAlpn01 => keys::tls_alpn_challenge(&domain),
+            Challenge::TlsAlpn01 => {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+                keys::tls_alpn_challenge(&domain, u128::try_from(now).unwrap_or(0), &token)
+            }
             Challenge::Dns01 => {
                 // `*.example.com`'s record is `_acme-challenge.example.com` (`record_for` drops the `*.`).
                 added.push(publish_txt(ctx, cert, published, &domain, key_auth.dns_value()).await?);

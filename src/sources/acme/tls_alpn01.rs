@@ -96,11 +96,13 @@ async fn answer(tcp: tokio::net::TcpStream, store: &SharedStore) -> Result<Strin
         .server_name()
         .and_then(|n| DnsName::new(n).ok())
         .ok_or("no_server_name")?;
-    let key_auth = store
-        .get(&keys::tls_alpn_challenge(&name))
+    // One per order: the newest, should two orders (two certificates sharing the name, on two replicas)
+    // validate it at once; one replica's orders take turns.
+    let pending = store
+        .scan(&keys::tls_alpn_challenges(&name))
         .await
-        .map_err(|_| "store_error")?
-        .ok_or("unknown_name")?;
+        .map_err(|_| "store_error")?;
+    let (_, key_auth) = pending.into_iter().last().ok_or("unknown_name")?;
     let config = validation_config(&name, &key_auth.value).map_err(|_| "certificate_error")?;
     let mut tls = start
         .into_stream(Arc::new(config))
