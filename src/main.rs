@@ -333,10 +333,10 @@ fn status(path: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (rows, origin) = match config.admin.and_then(status_from_daemon) {
-        Some(rows) => (rows, "from the running daemon"),
+    let (rows, storage, origin) = match config.admin.and_then(status_from_daemon) {
+        Some((rows, storage)) => (rows, storage, "from the running daemon"),
         None => match status_from_disk(&config) {
-            Ok(rows) => (rows, "from files and storage: no daemon answered"),
+            Ok(rows) => (rows, None, "from files and storage: no daemon answered"),
             Err(e) => {
                 eprintln!("acme-sds status: {}", daemon::causes(&*e));
                 return ExitCode::FAILURE;
@@ -347,14 +347,21 @@ fn status(path: Option<&Path>) -> ExitCode {
         "{}",
         status_table(&rows, origin, std::io::stdout().is_terminal())
     );
-    if rows.iter().any(|r| status_problem(r).is_some()) {
+    // What makes `/readyz` answer 503 is a problem here too (a cron job on the exit status must hear it).
+    if let Some(why) = &storage {
+        println!(
+            "storage: UNAVAILABLE: {why} (not ready: certificates already loaded are served, nothing is issued or renewed until the store is back)"
+        );
+    }
+    if storage.is_some() || rows.iter().any(|r| status_problem(r).is_some()) {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
     }
 }
 
-fn status_from_daemon(admin: std::net::SocketAddr) -> Option<Vec<SecretStatus>> {
+/// The running daemon's `/status`: every secret's, and why the store is unavailable if it is.
+fn status_from_daemon(admin: std::net::SocketAddr) -> Option<(Vec<SecretStatus>, Option<String>)> {
     use std::io::{Read, Write};
     let mut addr = admin;
     if addr.ip().is_unspecified() {
@@ -373,7 +380,15 @@ fn status_from_daemon(admin: std::net::SocketAddr) -> Option<Vec<SecretStatus>> 
     s.read_to_string(&mut out).ok()?;
     let body = out.split_once("\r\n\r\n")?.1;
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
-    serde_json::from_value(v.get("secrets")?.clone()).ok()
+    let storage = v
+        .get("storage")
+        .and_then(|s| s.get("unavailable"))
+        .and_then(|u| u.as_str())
+        .map(str::to_owned);
+    Some((
+        serde_json::from_value(v.get("secrets")?.clone()).ok()?,
+        storage,
+    ))
 }
 
 fn migrate(from: &Path, path: Option<&Path>) -> ExitCode {

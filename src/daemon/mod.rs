@@ -35,11 +35,77 @@ pub use preflight::{check_open_files_limit, preflight};
 /// How long shutdown waits for streams and tasks to finish before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// The running ACME side: manager, its tasks' token, the store and the responder's address.
+/// The running ACME side: manager, its tasks' token, and the on-demand issuer.
 struct AcmeRuntime {
     manager: Arc<AcmeManager>,
     token: CancellationToken,
     on_demand: Option<Arc<OnDemand>>,
+}
+
+/// A challenge responder's listener: where it is configured, where it is bound, how to stop it, and
+/// whether it has stopped (its listener closed).
+struct Responder {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: CancellationToken,
+    ended: CancellationToken,
+}
+
+impl Responder {
+    /// Stops it and waits (bounded) until its listener is closed.
+    async fn stop(self) {
+        self.stop.cancel();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.ended.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::warn!(listen = %self.bound, "a responder did not stop within {SHUTDOWN_GRACE:?}");
+        }
+    }
+}
+
+/// What a configuration asks of a responder, decided (and its listener bound) before anything changes.
+enum ResponderPlan {
+    /// As it is (running where configured, or not running and not needed).
+    Keep,
+    /// Start on this listener (bound now), replacing the running one if any.
+    Start(tokio::net::TcpListener, SocketAddr, SocketAddr),
+    /// Stop: nothing uses it any more.
+    Stop,
+}
+
+/// What a configuration asks of the on-demand issuer.
+enum OnDemandPlan {
+    Keep,
+    Start(Box<crate::sources::acme::on_demand::Prepared>),
+    Stop,
+}
+
+/// The ACME side of a configuration, checked, its listeners bound and its files read, but nothing
+/// started or stopped: what a reload swaps in only once everything that can fail has succeeded.
+struct AcmePlan {
+    http01: ResponderPlan,
+    tls_alpn01: ResponderPlan,
+    /// `None`: nothing is obtained over ACME any more.
+    run: Option<AcmeRun>,
+}
+
+struct AcmeRun {
+    config: crate::config::AcmeConfig,
+    store: SharedStore,
+    dns01: Option<Dns01>,
+    lock_ttl: Duration,
+    certs: Vec<ManagedCert>,
+    /// The running manager goes on (same CA and DNS-01 settings): its certificates are reconciled, and
+    /// unchanged ones keep their tasks, schedules and backoff.
+    keep_manager: bool,
+    on_demand: OnDemandPlan,
+}
+
+/// The internal CA's side of a configuration, ready to start.
+struct InternalPlan {
+    certs: Vec<InternalCert>,
+    issuer: Option<Arc<InternalIssuer>>,
 }
 
 /// The running internal CA: its issuer (the CA is loaded once) and the renewal task of the current set.
@@ -67,9 +133,10 @@ pub struct Running {
     status: Option<crate::ops::status::StatusView>,
     addresses: Vec<String>,
     tcp: Vec<SocketAddr>,
-    http01_addr: Option<SocketAddr>,
-    /// Where the TLS-ALPN-01 responder listens, once a certificate uses it.
-    tls_alpn01_addr: Option<SocketAddr>,
+    /// The HTTP-01 responder, while a certificate (or on-demand TLS) uses it.
+    http01: Option<Responder>,
+    /// The TLS-ALPN-01 responder, while a certificate uses it.
+    tls_alpn01: Option<Responder>,
     admin_addr: Option<SocketAddr>,
 }
 
@@ -275,13 +342,15 @@ pub async fn start(config: &Config) -> Result<Running, DaemonError> {
         status: None,
         addresses: Vec::new(),
         tcp: Vec::new(),
-        http01_addr: None,
-        tls_alpn01_addr: None,
+        http01: None,
+        tls_alpn01: None,
         admin_addr: None,
     };
     // Stored ACME certificates and the internal CA's are published here, before any SDS listener opens.
-    running.apply_internal(config).await?;
-    running.apply_acme(config).await?;
+    let internal = running.prepare_internal(config).await?;
+    let acme = running.prepare_acme(None, config).await?;
+    running.commit_internal(internal).await;
+    running.commit_acme(acme).await;
 
     let admission = Admission {
         allowed_uids: config.sds.allowed_uids.clone(),
@@ -393,8 +462,28 @@ impl Running {
         Ok(s)
     }
 
-    /// Starts (or restarts) the internal CA's certificates for `config`; stops them when there are none.
-    async fn apply_internal(&mut self, config: &Config) -> Result<(), DaemonError> {
+    /// What `config` asks of the internal CA, with its CA loaded (or created) if it was not yet: the only
+    /// step that can fail.
+    async fn prepare_internal(&mut self, config: &Config) -> Result<InternalPlan, DaemonError> {
+        let certs = InternalCert::from_config(config);
+        if certs.is_empty() || self.internal.is_some() {
+            return Ok(InternalPlan {
+                certs,
+                issuer: None,
+            });
+        }
+        let store = self.open_store(config).await?;
+        let issuer = InternalIssuer::open(store, self.registry.clone())
+            .await
+            .map_err(DaemonError::Internal)?;
+        Ok(InternalPlan {
+            certs,
+            issuer: Some(issuer),
+        })
+    }
+
+    /// Starts (or restarts) the internal CA's certificates of `plan`; stops them when there are none.
+    async fn commit_internal(&mut self, plan: InternalPlan) {
         if let Some((token, task)) = self.internal.as_mut().and_then(|i| i.task.take()) {
             token.cancel();
             // Bounded: it must not publish an old certificate after the new set has been published.
@@ -404,33 +493,23 @@ impl Running {
                 );
             }
         }
-        let certs = InternalCert::from_config(config);
-        if certs.is_empty() {
-            return Ok(());
-        }
-        let issuer = match &self.internal {
-            Some(i) => i.issuer.clone(),
-            None => {
-                let store = self.open_store(config).await?;
-                let issuer = InternalIssuer::open(store, self.registry.clone())
-                    .await
-                    .map_err(DaemonError::Internal)?;
-                if let Some(root) = self.internal_root() {
-                    tracing::info!(root = %root.display(), "internal CA ready: clients that trust its root trust the certificates with issuer = \"internal\"");
-                }
-                self.internal = Some(InternalRuntime {
-                    issuer: issuer.clone(),
-                    task: None,
-                });
-                issuer
+        if let Some(issuer) = plan.issuer {
+            self.internal = Some(InternalRuntime { issuer, task: None });
+            if let Some(root) = self.internal_root() {
+                tracing::info!(root = %root.display(), "internal CA ready: clients that trust its root trust the certificates with issuer = \"internal\"");
             }
+        }
+        if plan.certs.is_empty() {
+            return;
+        }
+        let Some(issuer) = self.internal.as_ref().map(|i| i.issuer.clone()) else {
+            return;
         };
         let token = self.shutdown.child_token();
-        let task = issuer.start(certs, token.clone()).await;
+        let task = issuer.start(plan.certs, token.clone()).await;
         if let Some(i) = &mut self.internal {
             i.task = Some((token, task));
         }
-        Ok(())
     }
 
     /// The internal CA's root certificate file (PEM), once the internal CA is in use.
@@ -441,87 +520,169 @@ impl Running {
             .filter(|p| p.exists())
     }
 
-    /// Starts (or restarts) the ACME side for `config`; stops it when no certificate needs it.
-    async fn apply_acme(&mut self, config: &Config) -> Result<(), DaemonError> {
-        self.policy.set_demand(None);
-        if let Some(old) = self.acme.take() {
-            old.token.cancel();
-            // Its tasks withdraw their challenges as they end: wait (bounded), so that they cannot withdraw
-            // one that the new manager, resuming the same order, has just published again.
-            if tokio::time::timeout(SHUTDOWN_GRACE, old.manager.stopped())
-                .await
-                .is_err()
-            {
-                tracing::warn!("the previous ACME tasks did not stop within {SHUTDOWN_GRACE:?}");
-            }
-        }
+    /// Decides what `new` (replacing `old`, `None` at start) asks of the ACME side and does everything in
+    /// it that can fail: opens the store, binds the responders' listeners, reads the TSIG key, makes the
+    /// `ask` client. Nothing running is touched: an error here leaves the running configuration in force.
+    async fn prepare_acme(
+        &mut self,
+        old: Option<&Config>,
+        new: &Config,
+    ) -> Result<AcmePlan, DaemonError> {
         // A validated configuration has an [acme] table whenever a certificate is ordered.
-        let Some(acme_config) = config
-            .acme
-            .clone()
-            .filter(|_| config.has_acme_certificates())
-        else {
-            return Ok(());
+        let acme = new.acme.clone().filter(|_| new.has_acme_certificates());
+        let http01_wanted = acme.is_some()
+            && (new.on_demand.is_some() || new.uses_challenge(crate::values::Challenge::Http01));
+        let alpn_wanted = acme.is_some() && new.uses_challenge(crate::values::Challenge::TlsAlpn01);
+        let store = match acme {
+            Some(_) => Some(self.open_store(new).await?),
+            None => None,
         };
-        let store = self.open_store(config).await?;
-        if self.http01_addr.is_none() {
-            let (listener, addr) = with_local_addr(http01::bind(config.http01.listen).await)
-                .map_err(|source| DaemonError::Http01 {
-                    addr: config.http01.listen,
-                    source,
-                })?;
-            tracing::info!(listen = %addr, "HTTP-01 responder listening");
-            self.http01_addr = Some(addr);
-            let token = self.shutdown.clone();
-            let responder_store = store.clone();
-            let metrics = self.metrics.clone();
-            self.tasks.spawn(async move {
-                http01::serve(listener, responder_store, metrics, token).await;
-                Ok(())
+        let http01 = plan_responder(
+            "http01.listen",
+            self.http01.as_ref(),
+            http01_wanted.then_some(new.http01.listen),
+            http01::bind,
+        )
+        .await
+        .map_err(|(addr, source)| DaemonError::Http01 { addr, source })?;
+        let tls_alpn01 = plan_responder(
+            "tls_alpn01.listen",
+            self.tls_alpn01.as_ref(),
+            alpn_wanted.then_some(new.tls_alpn01.listen),
+            |a| async move { tokio::net::TcpListener::bind(a).await },
+        )
+        .await
+        .map_err(|(addr, source)| DaemonError::TlsAlpn01 { addr, source })?;
+        let (Some(acme_config), Some(store)) = (acme, store) else {
+            return Ok(AcmePlan {
+                http01,
+                tls_alpn01,
+                run: None,
             });
-        }
-        if config.uses_challenge(crate::values::Challenge::TlsAlpn01)
-            && self.tls_alpn01_addr.is_none()
-        {
-            let addr = config.tls_alpn01.listen;
-            let (listener, local) = with_local_addr(tokio::net::TcpListener::bind(addr).await)
-                .map_err(|source| DaemonError::TlsAlpn01 { addr, source })?;
-            tracing::info!(listen = %local, "TLS-ALPN-01 responder listening");
-            self.tls_alpn01_addr = Some(local);
-            let token = self.shutdown.clone();
-            let responder_store = store.clone();
-            let metrics = self.metrics.clone();
-            self.tasks.spawn(async move {
-                crate::sources::acme::tls_alpn01::serve(listener, responder_store, metrics, token)
-                    .await;
-                Ok(())
-            });
-        }
+        };
         // A key that cannot be used stops the start (or the reload) here, not at the first order.
-        let dns01 = config
+        let dns01 = new
             .dns01
             .clone()
             .map(|d| Dns01::new(d, self.metrics.clone()));
         if let Some(d) = &dns01 {
             d.check_key().map_err(DaemonError::Dns01)?;
         }
+        let keep_manager =
+            self.acme.is_some() && old.is_some_and(|o| o.acme == new.acme && o.dns01 == new.dns01);
+        let running_on_demand = self.acme.as_ref().and_then(|a| a.on_demand.as_ref());
+        let on_demand = match &new.on_demand {
+            None => OnDemandPlan::Stop,
+            Some(od)
+                if keep_manager
+                    && running_on_demand.is_some()
+                    && old.is_some_and(|o| o.on_demand.as_ref() == Some(od)) =>
+            {
+                OnDemandPlan::Keep
+            }
+            Some(od) => OnDemandPlan::Start(Box::new(
+                OnDemand::prepare(od.clone()).map_err(DaemonError::OnDemand)?,
+            )),
+        };
+        Ok(AcmePlan {
+            http01,
+            tls_alpn01,
+            run: Some(AcmeRun {
+                config: acme_config,
+                store,
+                dns01,
+                lock_ttl: new
+                    .storage
+                    .etcd
+                    .as_ref()
+                    .map_or(crate::config::DEFAULT_LOCK_TTL, |e| e.lock_ttl),
+                certs: ManagedCert::from_config(new),
+                keep_manager,
+                on_demand,
+            }),
+        })
+    }
+
+    /// Puts `plan` in force (nothing here fails): responders started or stopped, the ACME manager's
+    /// certificates reconciled (or a new manager started in place of the old one), the on-demand issuer
+    /// kept, replaced or stopped.
+    async fn commit_acme(&mut self, plan: AcmePlan) {
+        if let Some(store) = self.store.clone() {
+            let metrics = self.metrics.clone();
+            let current = self.http01.take();
+            let (s, m) = (store.clone(), metrics.clone());
+            self.http01 = self
+                .apply_responder(current, plan.http01, "HTTP-01", |l, token| {
+                    http01::serve(l, s, m, token)
+                })
+                .await;
+            let current = self.tls_alpn01.take();
+            self.tls_alpn01 = self
+                .apply_responder(current, plan.tls_alpn01, "TLS-ALPN-01", |l, token| {
+                    crate::sources::acme::tls_alpn01::serve(l, store, metrics, token)
+                })
+                .await;
+        }
+        let Some(run) = plan.run else {
+            self.stop_acme().await;
+            return;
+        };
+        if run.keep_manager
+            && let Some(acme) = self.acme.as_mut()
+        {
+            for handle in acme.manager.reconcile(run.certs).await {
+                self.tasks.spawn(async move {
+                    handle
+                        .await
+                        .map_err(|e| DaemonError::Panicked("an ACME certificate task", e))
+                });
+            }
+            let Some(acme) = self.acme.as_mut() else {
+                return;
+            };
+            match run.on_demand {
+                OnDemandPlan::Keep => {
+                    if let Some(od) = &acme.on_demand {
+                        od.release_claimed();
+                    }
+                }
+                OnDemandPlan::Stop => {
+                    self.policy.set_demand(None);
+                    if let Some(od) = acme.on_demand.take() {
+                        od.stop(true);
+                    }
+                }
+                OnDemandPlan::Start(prepared) => {
+                    let previous = acme.on_demand.take();
+                    let started = OnDemand::start(
+                        *prepared,
+                        acme.manager.clone(),
+                        self.registry.clone(),
+                        self.policy.clone(),
+                        self.metrics.clone(),
+                        acme.token.child_token(),
+                        previous,
+                    )
+                    .await;
+                    self.policy.set_demand(Some(Arc::new(started.clone())));
+                    acme.on_demand = Some(started);
+                }
+            }
+            return;
+        }
+        // A new CA or DNS-01 settings: a new manager, once the old one's tasks have stopped (they
+        // withdraw their challenges as they end, and the new manager may resume the same orders).
+        self.stop_acme().await;
         let manager = AcmeManager::new(
-            acme_config,
-            store,
+            run.config,
+            run.store,
             self.registry.clone(),
             self.metrics.clone(),
-            config
-                .storage
-                .etcd
-                .as_ref()
-                .map_or(crate::config::DEFAULT_LOCK_TTL, |e| e.lock_ttl),
-            dns01,
+            run.lock_ttl,
+            run.dns01,
         );
         let token = self.shutdown.child_token();
-        for handle in manager
-            .start(ManagedCert::from_config(config), token.clone())
-            .await
-        {
+        for handle in manager.start(run.certs, token.clone()).await {
             self.tasks.spawn(async move {
                 handle
                     .await
@@ -529,17 +690,17 @@ impl Running {
             });
         }
         let mut on_demand = None;
-        if let Some(od) = config.on_demand.clone() {
+        if let OnDemandPlan::Start(prepared) = run.on_demand {
             let started = OnDemand::start(
-                od,
+                *prepared,
                 manager.clone(),
                 self.registry.clone(),
                 self.policy.clone(),
                 self.metrics.clone(),
-                token.clone(),
+                token.child_token(),
+                None,
             )
-            .await
-            .map_err(DaemonError::OnDemand)?;
+            .await;
             self.policy.set_demand(Some(Arc::new(started.clone())));
             on_demand = Some(started);
         }
@@ -548,20 +709,97 @@ impl Running {
             token,
             on_demand,
         });
-        Ok(())
+    }
+
+    /// Stops the ACME side (on-demand issuer, then every certificate task), waiting (bounded) for its tasks.
+    async fn stop_acme(&mut self) {
+        self.policy.set_demand(None);
+        let Some(old) = self.acme.take() else {
+            return;
+        };
+        if let Some(od) = &old.on_demand {
+            od.stop(true);
+        }
+        old.token.cancel();
+        // Its tasks withdraw their challenges as they end: wait (bounded), so that they cannot withdraw one
+        // that a new manager, resuming the same order, has just published again.
+        if tokio::time::timeout(SHUTDOWN_GRACE, old.manager.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the previous ACME tasks did not stop within {SHUTDOWN_GRACE:?}");
+        }
+    }
+
+    /// Carries out a responder's plan: the responder that runs afterwards (one stopped has closed its
+    /// listener when this returns).
+    async fn apply_responder<F, Fut>(
+        &mut self,
+        current: Option<Responder>,
+        plan: ResponderPlan,
+        what: &'static str,
+        serve: F,
+    ) -> Option<Responder>
+    where
+        F: FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match plan {
+            ResponderPlan::Keep => current,
+            ResponderPlan::Stop => {
+                if let Some(r) = current {
+                    let bound = r.bound;
+                    r.stop().await;
+                    tracing::info!(listen = %bound, "{what} responder stopped: no certificate uses it");
+                }
+                None
+            }
+            ResponderPlan::Start(listener, configured, bound) => {
+                let stop = self.shutdown.child_token();
+                let ended = CancellationToken::new();
+                let task = serve(listener, stop.clone());
+                let done = ended.clone().drop_guard();
+                self.tasks.spawn(async move {
+                    task.await;
+                    drop(done);
+                    Ok(())
+                });
+                if let Some(old) = current {
+                    old.stop().await;
+                }
+                tracing::info!(listen = %bound, "{what} responder listening");
+                Some(Responder {
+                    configured,
+                    bound,
+                    stop,
+                    ended,
+                })
+            }
+        }
     }
 
     /// Applies a new configuration without dropping SDS streams: added secrets are loaded (or ordered) and
     /// pushed, removed ones stop being offered (streams that hold them keep them), changed ones are
-    /// reloaded or re-ordered, and access rules change at once. An invalid configuration is rejected as a
-    /// whole and the running one stays in force. Listener settings need a restart.
+    /// reloaded or re-ordered, unchanged ACME certificates keep their tasks (schedules, backoff), access
+    /// rules change at once, and the challenge responders follow the configuration. Everything that can
+    /// fail (files, the internal CA, listeners, keys) is done before anything changes: an invalid
+    /// configuration is rejected as a whole and the running one stays in force. SDS, admin and storage
+    /// settings need a restart.
     pub async fn reload(&mut self, path: &std::path::Path) -> Result<(), DaemonError> {
         let new = crate::config::load(path)?;
         let (files, loaded) = load_files(&new)?;
-        let old = std::mem::replace(&mut self.config, new.clone());
+        let old = self.config.clone();
+        let internal = if InternalCert::from_config(&old) != InternalCert::from_config(&new) {
+            Some(self.prepare_internal(&new).await?)
+        } else {
+            None
+        };
+        let acme = self.prepare_acme(Some(&old), &new).await?;
+
+        // Nothing fails from here on.
+        self.config = new.clone();
         let restart_only = [
             ("[sds]", old.sds != new.sds),
-            ("[http01]", old.http01 != new.http01),
             ("[admin]", old.admin != new.admin),
             ("[storage]", old.storage != new.storage),
         ];
@@ -584,18 +822,9 @@ impl Running {
             }
         }
         self.spawn_files(files);
-
-        // ACME: restart the manager when anything ACME changed (stored certificates are served again at
-        // once and nothing valid is re-ordered).
-        if old.acme != new.acme
-            || old.on_demand != new.on_demand
-            || old.dns01 != new.dns01
-            || ManagedCert::from_config(&old) != ManagedCert::from_config(&new)
-        {
-            self.apply_acme(&new).await?;
-        }
-        if InternalCert::from_config(&old) != InternalCert::from_config(&new) {
-            self.apply_internal(&new).await?;
+        self.commit_acme(acme).await;
+        if let Some(internal) = internal {
+            self.commit_internal(internal).await;
         }
 
         // Secrets no longer configured stop being offered.
@@ -712,9 +941,14 @@ impl Running {
         &self.tcp
     }
 
-    /// The HTTP-01 responder's bound address, when ACME certificates are configured.
+    /// The HTTP-01 responder's bound address, while a certificate uses it.
     pub fn http01_addr(&self) -> Option<SocketAddr> {
-        self.http01_addr
+        self.http01.as_ref().map(|r| r.bound)
+    }
+
+    /// The TLS-ALPN-01 responder's bound address, while a certificate uses it.
+    pub fn tls_alpn01_addr(&self) -> Option<SocketAddr> {
+        self.tls_alpn01.as_ref().map(|r| r.bound)
     }
 
     /// The admin listener's bound address, when `[admin] listen` is set.
@@ -768,4 +1002,33 @@ fn with_local_addr(
     let listener = bound?;
     let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+/// Decides a responder's plan: `wanted` is where the configuration wants it (`None`: nothing uses it). A
+/// new address is bound now (`bind`), so that a failure stops the reload before anything changes; when
+/// the responder runs already and the new address cannot be bound (its port is the running one's), the
+/// running responder stays, with a warning that the change needs a restart.
+async fn plan_responder<F, Fut>(
+    key: &'static str,
+    current: Option<&Responder>,
+    wanted: Option<SocketAddr>,
+    bind: F,
+) -> Result<ResponderPlan, (SocketAddr, std::io::Error)>
+where
+    F: FnOnce(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<tokio::net::TcpListener>>,
+{
+    match (current, wanted) {
+        (None, None) => Ok(ResponderPlan::Keep),
+        (Some(_), None) => Ok(ResponderPlan::Stop),
+        (Some(r), Some(addr)) if r.configured == addr => Ok(ResponderPlan::Keep),
+        (current, Some(addr)) => match with_local_addr(bind(addr).await) {
+            Ok((listener, bound)) => Ok(ResponderPlan::Start(listener, addr, bound)),
+            Err(e) if current.is_some() => {
+                tracing::warn!(error = %e, "{key} changed to {addr}, which cannot be bound while the responder runs on {}: the change takes effect at the next restart", current.map(|r| r.bound.to_string()).unwrap_or_default());
+                Ok(ResponderPlan::Keep)
+            }
+            Err(e) => Err((addr, e)),
+        },
+    }
 }

@@ -598,3 +598,49 @@ async fn an_inline_signed_zone_takes_the_updates_and_serves_them_signed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A reload does not skip a backoff. A DNS-01 certificate failing on a wrong TSIG secret (its order kept,
+/// to be resumed) waits for its next attempt, a minute away, through five reloads that each add another
+/// ACME certificate: its task, schedule and backoff go on unchanged, and its order is not resumed early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_a_failing_certificates_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bind) = Bind::start(&dir.path().join("bind"), "example.test") else {
+        return;
+    };
+    let Some(pebble) = pebble_asking(dir.path(), bind.addr, |_| {}) else {
+        return;
+    };
+    let (wrong_key, _) = refused_keys(dir.path()).remove(0);
+    let base = dns01_config(dir.path(), bind.addr, &wrong_key, &pebble, "")
+        .replace("retry_initial = \"1s\"", "retry_initial = \"1m\"")
+        .replace("retry_max = \"4s\"", "retry_max = \"5m\"");
+    let config = dir.path().join("acme-sds.toml");
+    std::fs::write(&config, &base).unwrap();
+    let daemon = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    daemon.wait_for_line_within("certificate order failed", Duration::from_secs(30));
+    let failures = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("certificate order failed") && l.contains("secret=wild"))
+            .count()
+    };
+    let mut text = base.clone();
+    for i in 1..=5 {
+        text.push_str(&format!(
+            "\n[[certificate]]\nname = \"other{i}\"\ndomains = [\"other{i}.example.test\"]\n"
+        ));
+        std::fs::write(&config, &text).unwrap();
+        let applied = format!("secrets={}", 1 + i);
+        daemon.wait_for_log("the reload", Duration::from_secs(30), |log| {
+            log.lines()
+                .any(|l| l.contains("configuration reloaded") && l.contains(&applied))
+        });
+    }
+    let log = daemon.log();
+    assert_eq!(failures(&log), 1, "one attempt only:\n{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("resuming the order in progress") && l.contains("secret=wild")),
+        "{log}"
+    );
+}

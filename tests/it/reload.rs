@@ -232,3 +232,141 @@ async fn the_run_loop_reloads_on_an_event_and_stops_on_shutdown() {
         .unwrap();
     assert!(!socket.exists(), "the socket is removed on the way out");
 }
+
+/// A reload that fails at any step changes nothing, whatever step fails: here the TLS-ALPN-01 responder's
+/// address is taken, and then the TSIG key cannot be used. The reload is rejected naming the cause, the
+/// HTTP-01 responder stays bound, and the running certificate's renewal (Pebble certificates of 8 s) still
+/// comes and is pushed: the ACME manager was never stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_changes_nothing_and_renewals_go_on() {
+    use testkit::pebble::{Pebble, PebbleOptions, free_port};
+    let dir = tempfile::tempdir().unwrap();
+    let port80 = free_port();
+    let mut opts = PebbleOptions::new(port80);
+    opts.validity_seconds = Some(8);
+    opts.nonce_reject = 0;
+    let Some(pebble) = Pebble::start(&dir.path().join("pebble"), opts) else {
+        return;
+    };
+    let config = dir.path().join("acme-sds.toml");
+    let base = format!(
+        "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:{port80}\"\n\n{}[[certificate]]\nname = \"site\"\ndomains = [\"site.example.com\"]\n\n",
+        dir.path().join("sds.sock").display(),
+        dir.path().join("data").display(),
+        pebble.acme_table()
+    );
+    std::fs::write(&config, &base).unwrap();
+    let mut running = acme_sds::daemon::start(&acme_sds::config::load(&config).unwrap())
+        .await
+        .unwrap();
+    let mut client = uds_client(&dir.path().join("sds.sock")).await;
+    let mut s = SotwStream::open(&mut client).await;
+    s.send(subscribe(&["site"])).await;
+    let first = s.recv_issued(std::time::Duration::from_secs(60)).await;
+    s.send(ack(&["site"], &first)).await;
+    let http01 = running.http01_addr().expect("HTTP-01 responder bound");
+
+    // The TLS-ALPN-01 responder's address is in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let alpn = format!(
+        "{base}[tls_alpn01]\nlisten = \"{taken_addr}\"\n\n[[certificate]]\nname = \"alpn\"\ndomains = [\"alpn.example.com\"]\nchallenge = \"tls-alpn-01\"\n"
+    );
+    std::fs::write(&config, alpn).unwrap();
+    let err = running.reload(&config).await.unwrap_err();
+    assert!(
+        acme_sds::daemon::causes(&err)
+            .contains(&format!("tls_alpn01.listen: cannot listen on {taken_addr}")),
+        "{}",
+        acme_sds::daemon::causes(&err)
+    );
+    // A TSIG key the daemon cannot use.
+    let key = dir.path().join("tsig.key");
+    std::fs::write(
+        &key,
+        "key \"acme-sds\" {\n\talgorithm hmac-md5;\n\tsecret \"c2VjcmV0LXNlY3JldC1zZWNyZXQ=\";\n};\n",
+    )
+    .unwrap();
+    let dns = format!(
+        "{base}[dns01]\nserver = \"127.0.0.1:{}\"\ntsig_key_file = \"{}\"\n\n[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.com\"]\nchallenge = \"dns-01\"\n",
+        free_port(),
+        key.display()
+    );
+    std::fs::write(&config, dns).unwrap();
+    let err = running.reload(&config).await;
+    assert!(err.is_err(), "a TSIG key with hmac-md5 is refused");
+    assert!(
+        acme_sds::daemon::causes(&err.unwrap_err()).contains("hmac-md5"),
+        "the refusal names what is wrong"
+    );
+
+    // Nothing changed: the responder answers, and the renewal is pushed.
+    assert_eq!(running.http01_addr(), Some(http01));
+    let answer = http_get(http01, "/.well-known/acme-challenge/none");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let renewed = s.recv_issued(std::time::Duration::from_secs(60)).await;
+    assert_ne!(
+        leaf_der(&decode_secret(&renewed.resources[0])),
+        leaf_der(&decode_secret(&first.resources[0])),
+        "renewed after the failed reloads"
+    );
+    drop(taken);
+    running.shutdown().await.unwrap();
+}
+
+/// The challenge responders follow the configuration: bound only while a certificate uses their
+/// challenge (HTTP-01 also for on-demand TLS), moved when their address changes, stopped when nothing
+/// uses them any more: all by reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn challenge_responders_follow_the_configuration() {
+    use testkit::pebble::free_port;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("acme-sds.toml");
+    let (p80, a1, a2) = (free_port(), free_port(), free_port());
+    // The CA is never reached (nothing answers there): only the listeners matter here.
+    let base = |alpn: u16, certs: &str| {
+        format!(
+            "[sds]\nlisten = [\"unix:{}\"]\n\n[storage]\npath = \"{}\"\n\n[http01]\nlisten = \"127.0.0.1:{p80}\"\n\n[tls_alpn01]\nlisten = \"127.0.0.1:{alpn}\"\n\n[acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\naccept_terms_of_service = true\n\n[[certificate]]\nname = \"dev\"\nissuer = \"internal\"\ndomains = [\"localhost\"]\n\n{certs}",
+            dir.path().join("sds.sock").display(),
+            dir.path().join("data").display(),
+            free_port()
+        )
+    };
+    let alpn_cert = "[[certificate]]\nname = \"a\"\ndomains = [\"a.example.com\"]\nchallenge = \"tls-alpn-01\"\n\n";
+    let http_cert = "[[certificate]]\nname = \"h\"\ndomains = [\"h.example.com\"]\n\n";
+    let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+
+    std::fs::write(&config, base(a1, "")).unwrap();
+    let mut running = acme_sds::daemon::start(&acme_sds::config::load(&config).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(running.http01_addr(), None, "no certificate uses HTTP-01");
+    assert!(!listening(p80));
+    assert_eq!(running.tls_alpn01_addr(), None);
+
+    std::fs::write(&config, base(a1, alpn_cert)).unwrap();
+    running.reload(&config).await.unwrap();
+    assert_eq!(running.tls_alpn01_addr().map(|a| a.port()), Some(a1));
+    assert!(listening(a1));
+    assert_eq!(running.http01_addr(), None, "TLS-ALPN-01 only");
+
+    // Moved by a reload.
+    std::fs::write(&config, base(a2, alpn_cert)).unwrap();
+    running.reload(&config).await.unwrap();
+    assert_eq!(running.tls_alpn01_addr().map(|a| a.port()), Some(a2));
+    assert!(listening(a2));
+    assert!(!listening(a1), "the old address is closed");
+
+    std::fs::write(&config, base(a2, &format!("{alpn_cert}{http_cert}"))).unwrap();
+    running.reload(&config).await.unwrap();
+    assert_eq!(running.http01_addr().map(|a| a.port()), Some(p80));
+    assert!(listening(p80));
+
+    // Nothing uses them any more.
+    std::fs::write(&config, base(a2, "")).unwrap();
+    running.reload(&config).await.unwrap();
+    assert_eq!(running.http01_addr(), None);
+    assert_eq!(running.tls_alpn01_addr(), None);
+    assert!(!listening(p80) && !listening(a2));
+    running.shutdown().await.unwrap();
+}

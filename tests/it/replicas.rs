@@ -480,6 +480,19 @@ async fn an_etcd_leader_lost_mid_order_loses_nothing_and_a_lost_quorum_is_report
         );
         let status = http_get(r.admin, "/status");
         assert!(status.contains("\"unavailable\":\"etcd watch"), "{status}");
+        // `acme-sds status` (what a cron job runs) tells the same, and fails: asked of the running replica
+        // (its configuration with the admin port it was given).
+        let config = r.dir.join("status.toml");
+        let text = std::fs::read_to_string(r.dir.join("acme-sds.toml"))
+            .unwrap()
+            .replace(
+                "[admin]\nlisten = \"127.0.0.1:0\"",
+                &format!("[admin]\nlisten = \"{}\"", r.admin),
+            );
+        std::fs::write(&config, text).unwrap();
+        let (code, text) = cli(&["status", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, Some(2), "{text}");
+        assert!(text.contains("storage: UNAVAILABLE: etcd watch"), "{text}");
     }
     // What was loaded is still served.
     assert_eq!(

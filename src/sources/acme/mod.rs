@@ -201,6 +201,22 @@ pub struct CertState {
     /// `acme-sds status` read offline.
     #[serde(default)]
     pub next_renewal_at: Option<i64>,
+    /// Unix time the latest attempt started: an order left behind by an attempt that failed after it
+    /// (`last_error_at`) waits for its backoff; one left by a crash is resumed at once.
+    #[serde(default)]
+    pub attempt_started_at: Option<i64>,
+}
+
+impl CertState {
+    /// Whether the latest attempt ended in a failure (rather than in a crash, or not at all).
+    pub fn last_attempt_failed(&self) -> bool {
+        self.failures > 0
+            && match (self.last_error_at, self.attempt_started_at) {
+                (Some(failed), Some(started)) => failed >= started,
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+    }
 }
 
 /// What storage holds for a certificate, read without changing anything (for `acme-sds status` when no
@@ -325,11 +341,24 @@ pub struct AcmeManager {
     /// TLS-ALPN-01 orders for one domain take turns.
     alpn_turns: order::AlpnTurns,
     /// Every certificate task's certificate and wake-up, by store key: what the watch follows.
-    followed: std::sync::Mutex<std::collections::HashMap<String, (ManagedCert, Changed)>>,
+    followed: std::sync::Mutex<std::collections::HashMap<String, Task>>,
     /// The token `start` was given: certificates added later stop with it.
     shutdown: std::sync::OnceLock<CancellationToken>,
     outcomes: tokio::sync::broadcast::Sender<(SecretId, Result<(), String>)>,
 }
+
+/// A certificate's running task, as the manager keeps it: what it runs, how to wake it (another replica
+/// stored its certificate), how to stop it, and whether it has ended.
+#[derive(Clone)]
+struct Task {
+    cert: ManagedCert,
+    changed: Changed,
+    stop: CancellationToken,
+    ended: CancellationToken,
+}
+
+/// How long [`AcmeManager::reconcile`] waits for a stopped task to end (withdrawing its challenges).
+const TASK_END_GRACE: Duration = Duration::from_secs(10);
 
 /// Everything under the CA's prefix, read at once at start.
 type Prefetched = std::collections::HashMap<String, crate::store::Entry>;
@@ -477,7 +506,7 @@ impl AcmeManager {
         let mut tasks = Vec::new();
         for cert in certs {
             tasks.push(
-                self.launch(cert, prefetched.as_ref(), shutdown.clone())
+                self.launch(cert, prefetched.as_ref(), shutdown.child_token())
                     .await,
             );
         }
@@ -505,9 +534,9 @@ impl AcmeManager {
                 return Err(AddError::AlreadyManaged(cert.id.to_string()));
             }
             if let SecretId::OnDemand(name) = &cert.id {
-                let configured = followed.values().any(|(c, _)| {
-                    !c.id.is_on_demand()
-                        && (c.id.as_str() == name.as_str() || c.domains.contains(name))
+                let configured = followed.values().any(|t| {
+                    !t.cert.id.is_on_demand()
+                        && (t.cert.id.as_str() == name.as_str() || t.cert.domains.contains(name))
                 });
                 if configured {
                     return Err(AddError::Configured(name.to_string()));
@@ -516,6 +545,54 @@ impl AcmeManager {
         }
         self.launch(cert, None, token.clone()).await;
         Ok(token)
+    }
+
+    /// Makes `certs` the configured certificates (after a reload), keeping every task whose certificate is
+    /// unchanged as it is (its schedule, its backoff, an order it is waiting to retry): tasks of removed or
+    /// changed certificates are stopped (and awaited, so that their challenges are withdrawn before a new
+    /// task resumes the same order), new and changed ones started. Certificates obtained on demand are
+    /// not touched. Returns the new tasks' handles.
+    pub async fn reconcile(
+        self: &Arc<Self>,
+        certs: Vec<ManagedCert>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let Some(shutdown) = self.shutdown.get().cloned() else {
+            return Vec::new();
+        };
+        let mut wanted: std::collections::HashMap<String, ManagedCert> = certs
+            .into_iter()
+            .map(|c| (self.keys.cert(&c.id), c))
+            .collect();
+        let mut stopping = Vec::new();
+        if let Ok(followed) = self.followed.lock() {
+            for (key, task) in followed.iter() {
+                if task.cert.id.is_on_demand() {
+                    continue;
+                }
+                if wanted.get(key) == Some(&task.cert) {
+                    wanted.remove(key);
+                } else {
+                    task.stop.cancel();
+                    stopping.push((task.cert.id.clone(), task.ended.clone()));
+                }
+            }
+        }
+        for (id, ended) in stopping {
+            if tokio::time::timeout(TASK_END_GRACE, ended.cancelled())
+                .await
+                .is_err()
+            {
+                tracing::warn!(secret = %id, "the certificate's previous task did not stop within {TASK_END_GRACE:?}");
+            }
+            if let Ok(mut status) = self.status.lock() {
+                status.remove(&id);
+            }
+        }
+        let mut handles = Vec::new();
+        for cert in wanted.into_values() {
+            handles.push(self.launch(cert, None, shutdown.child_token()).await);
+        }
+        handles
     }
 
     /// How long an on-demand certificate's first order may take before it no longer holds a turn
@@ -568,9 +645,18 @@ impl AcmeManager {
         token: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let changed = Changed::default();
+        let ended = CancellationToken::new();
         let cert_key = self.keys.cert(&cert.id);
         if let Ok(mut followed) = self.followed.lock() {
-            followed.insert(cert_key.clone(), (cert.clone(), changed.clone()));
+            followed.insert(
+                cert_key.clone(),
+                Task {
+                    cert: cert.clone(),
+                    changed: changed.clone(),
+                    stop: token.clone(),
+                    ended: ended.clone(),
+                },
+            );
         }
         let stored = match prefetched.map(|p| p.get(&cert_key)) {
             Some(None) => None,
@@ -619,9 +705,9 @@ impl AcmeManager {
             stored,
             saved: true,
         });
-        // An order left in progress (by a crash, or a certificate that could not be stored) is resumed at
-        // once: resuming places no new order.
-        let resume = match prefetched {
+        // An order left in progress by a crash (or by a certificate that could not be stored) is resumed at
+        // once: resuming places no new order. One whose last attempt failed waits for its backoff like any.
+        let in_progress = match prefetched {
             Some(p) => p
                 .get(&self.keys.order(&cert.id))
                 .is_some_and(|e| order::record_matches(&e.value, &cert)),
@@ -629,6 +715,7 @@ impl AcmeManager {
                 .await
                 .is_some(),
         };
+        let resume = in_progress && !state.last_attempt_failed();
         let manager = self.clone();
         self.tasks.spawn(http::with_retry_after(async move {
             manager
@@ -639,10 +726,11 @@ impl AcmeManager {
             if let Ok(mut followed) = manager.followed.lock()
                 && followed
                     .get(&cert_key)
-                    .is_some_and(|(_, c)| Arc::ptr_eq(c, &changed))
+                    .is_some_and(|t| Arc::ptr_eq(&t.changed, &changed))
             {
                 followed.remove(&cert_key);
             }
+            ended.cancel();
         }))
     }
 
@@ -661,7 +749,7 @@ impl AcmeManager {
                     None => return,
                 },
             };
-            let which: Vec<(ManagedCert, Changed)> = {
+            let which: Vec<Task> = {
                 let Ok(followed) = self.followed.lock() else {
                     return;
                 };
@@ -671,9 +759,9 @@ impl AcmeManager {
                     Change::Deleted(_) => continue,
                 }
             };
-            for (cert, changed) in &which {
-                self.adopt(cert).await;
-                changed.notify_one();
+            for task in &which {
+                self.adopt(&task.cert).await;
+                task.changed.notify_one();
             }
         }
     }
@@ -785,6 +873,7 @@ impl AcmeManager {
             changed = true;
         }
         if !*resume
+            && !state.last_attempt_failed()
             && order::load_record(&self.store, &self.keys, cert)
                 .await
                 .is_some()
@@ -992,7 +1081,9 @@ impl AcmeManager {
                     self.config.retry_max,
                     None,
                 );
-                state.next_attempt_at = Some((OffsetDateTime::now_utc() + delay).unix_timestamp());
+                let now = OffsetDateTime::now_utc();
+                state.next_attempt_at = Some((now + delay).unix_timestamp());
+                state.attempt_started_at = Some(now.unix_timestamp());
                 self.save_state(&cert.id, &state, Some(&lock)).await;
             }
             resume = false;

@@ -108,6 +108,12 @@ pub async fn recorded(
     out
 }
 
+/// An `[on_demand]` configuration ready to start ([`OnDemand::prepare`]).
+pub struct Prepared {
+    config: OnDemandConfig,
+    ask: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
+}
+
 /// Where one name stands.
 enum Known {
     /// Its certificate is being obtained, or served (`stop` ends its renewals); last asked for at
@@ -289,18 +295,30 @@ impl Refusal {
 }
 
 impl OnDemand {
-    /// The issuer for `config`, adding its certificates to `manager` (started already). Certificates
-    /// obtained before (recorded in the store) are served and renewed again at once, if `allow` still
-    /// matches them and the configuration (as `policy` has it) does not claim them. Fails only when no TLS
-    /// client can be made for `ask` (no system roots).
+    /// Checks `config` and makes what it needs that can fail (the `ask` client: it fails only when no TLS
+    /// client can be made, without system roots), so that a reload can fail before it changes anything.
+    pub fn prepare(config: OnDemandConfig) -> Result<Prepared, rustls::Error> {
+        Ok(Prepared {
+            ask: Client::builder(TokioExecutor::new()).build(ask_connector()?),
+            config,
+        })
+    }
+
+    /// Starts the issuer `prepared`, adding its certificates to `manager` (started already); it stops with
+    /// `shutdown`. With `previous` (the issuer of the configuration before a reload, on the same manager),
+    /// the certificates it serves go on as they are, unless `allow` no longer matches them; then
+    /// certificates obtained before (recorded in the store) are served and renewed again at once, if `allow`
+    /// matches them and the configuration (as `policy` has it) does not claim them.
     pub async fn start(
-        config: OnDemandConfig,
+        prepared: Prepared,
         manager: Arc<AcmeManager>,
         registry: Arc<Registry>,
         policy: Arc<Policy>,
         metrics: Metrics,
         shutdown: CancellationToken,
-    ) -> Result<Arc<OnDemand>, rustls::Error> {
+        previous: Option<Arc<OnDemand>>,
+    ) -> Arc<OnDemand> {
+        let Prepared { config, ask } = prepared;
         let retry_after_failure = manager.config.retry_initial;
         let on_demand = Arc::new(OnDemand {
             first_orders: Arc::new(Semaphore::new(config.max_pending)),
@@ -313,13 +331,57 @@ impl OnDemand {
             policy,
             metrics,
             state: Mutex::default(),
-            ask: Client::builder(TokioExecutor::new()).build(ask_connector()?),
+            ask,
             retry_after_failure,
             shutdown,
         });
+        if let Some(previous) = previous {
+            on_demand.take_over(&previous);
+        }
         on_demand.load_recorded().await;
         tokio::spawn(on_demand.clone().sweep());
-        Ok(on_demand)
+        on_demand
+    }
+
+    /// Stops deciding and sweeping; with `certificates`, also stops renewing every certificate it serves
+    /// (else a successor takes them over: [`OnDemand::start`]).
+    pub fn stop(&self, certificates: bool) {
+        self.shutdown.cancel();
+        if certificates {
+            let mut state = self.lock();
+            let names: Vec<DnsName> = state.names.keys().cloned().collect();
+            for name in names {
+                if let Some(Known::Admitted { stop, .. }) = state.forget(&name) {
+                    stop.cancel();
+                }
+            }
+        }
+    }
+
+    /// Takes the certificates `previous` serves (it is stopped): those `allow` still matches go on as
+    /// they are; the others stop being renewed.
+    fn take_over(&self, previous: &OnDemand) {
+        previous.stop(false);
+        let taken: Vec<(DnsName, Known)> = {
+            let mut old = previous.lock();
+            let names: Vec<DnsName> = old.names.keys().cloned().collect();
+            names
+                .into_iter()
+                .filter_map(|n| old.forget(&n).map(|k| (n, k)))
+                .collect()
+        };
+        let mut state = self.lock();
+        for (name, known) in taken {
+            let Known::Admitted { stop, .. } = &known else {
+                continue;
+            };
+            if self.allowed_by(&name).is_none() || self.claimed(&name) {
+                stop.cancel();
+                tracing::info!(name = %name, "on-demand certificate no longer matches [on_demand] allow: not served or renewed");
+                continue;
+            }
+            state.set(&name, known);
+        }
     }
 
     /// Whether the configuration claims `name` (a configured secret's name or domain, in any spelling).
@@ -521,6 +583,9 @@ impl OnDemand {
             let Ok(name) = DnsName::new(&record.name) else {
                 continue;
             };
+            if self.lock().names.contains_key(&name) {
+                continue; // taken over from the issuer before a reload
+            }
             if self.claimed(&name) {
                 tracing::info!(name = %name, "on-demand certificate now configured: served as the configured secret, not obtained on demand");
                 continue;
