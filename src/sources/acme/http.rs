@@ -47,6 +47,15 @@ pub(super) fn take_retry_after() -> Option<Duration> {
         .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
 }
 
+/// How long the CA last asked this task to wait (from now), keeping it for [`take_retry_after`].
+pub(super) fn peek_retry_after() -> Option<Duration> {
+    RETRY_AFTER
+        .try_with(|c| c.get())
+        .ok()
+        .flatten()
+        .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
 /// Parses `Retry-After`: delay-seconds or an HTTP date.
 fn parse_retry_after(value: &str) -> Option<SystemTime> {
     let value = value.trim();

@@ -37,9 +37,14 @@ macro_rules! retrying {
             let _ = $crate::sources::acme::http::take_retry_after();
             match $crate::sources::acme::order::timed($metrics, $action, $call).await {
                 Err(e) if $crate::sources::acme::order::again(&e, attempt) => {
-                    let wait = match $crate::sources::acme::http::take_retry_after() {
+                    let wait = match $crate::sources::acme::http::peek_retry_after() {
+                        // Longer than a request is retried here: the failure goes to the caller, whose
+                        // backoff honours the CA's word (it is left for it to take).
                         Some(w) if w > $crate::sources::acme::order::MAX_RETRY_AFTER => break Err(e),
-                        Some(w) => w,
+                        Some(w) => {
+                            let _ = $crate::sources::acme::http::take_retry_after();
+                            w
+                        }
                         None => $crate::sources::acme::order::backoff(attempt),
                     };
                     tracing::info!(
@@ -1159,9 +1164,11 @@ impl AcmeManager {
                         self.account.forget(&self.keys, &self.store).await;
                     }
                     state.failures = state.failures.saturating_add(1);
-                    // The CA's own Retry-After when it gave one; at least an hour for a rate limit.
+                    // The CA's own Retry-After when it gave one; at least an hour for a rate limit; neither
+                    // past retry_max.
                     let asked = http::take_retry_after()
-                        .or(e.rate_limited().then_some(Duration::from_secs(3600)));
+                        .or(e.rate_limited().then_some(Duration::from_secs(3600)))
+                        .map(|d| d.min(self.config.retry_max));
                     let mut delay = schedule::retry_delay(
                         state.failures,
                         self.config.retry_initial,

@@ -420,3 +420,93 @@ async fn an_unreachable_ca_is_named_with_its_url_and_the_cause() {
         assert!(!line.contains("client error (Connect)"), "{line}");
     }
 }
+
+/// A CA answering 503 with `Retry-After: 3600` (longer than a request is retried on the spot) is
+/// honoured: the order fails after that one request, and the next attempt is an hour away (within
+/// `retry_max`), not `retry_initial`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_retry_after_on_a_5xx_is_honoured() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let leaf = pki.leaf(&["127.0.0.1"]);
+    std::fs::write(dir.path().join("ca.pem"), pki.ca_pem()).unwrap();
+    let certs = vec![rustls_pki_types::CertificateDer::from(
+        leaf.leaf_der.clone(),
+    )];
+    let key = rustls_pki_types::PrivateKeyDer::try_from(
+        rustls_pki_types::pem::PemObject::from_pem_slice(leaf.key_pem.as_bytes())
+            .map(|k: rustls_pki_types::PrivatePkcs8KeyDer<'static>| k.secret_pkcs8_der().to_vec())
+            .unwrap(),
+    )
+    .unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let requests = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 8192];
+                let Ok(n) = s.read(&mut buf).await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let base = format!("https://127.0.0.1:{port}");
+                // A directory and nonces as any CA; every other request (the account, first) 503.
+                let (status, body) = if head.starts_with("GET /dir ") {
+                    (
+                        "200 OK",
+                        format!(
+                            r#"{{"newNonce":"{base}/nonce","newAccount":"{base}/account","newOrder":"{base}/order","revokeCert":"{base}/revoke","keyChange":"{base}/key"}}"#
+                        ),
+                    )
+                } else if head.contains(" /nonce ") {
+                    ("200 OK", String::new())
+                } else {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    (
+                        "503 Service Unavailable\r\nRetry-After: 3600",
+                        r#"{"type":"urn:ietf:params:acme:error:serverInternal","detail":"down for maintenance"}"#.to_owned(),
+                    )
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nReplay-Nonce: n{n}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let tables = format!(
+        "[http01]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectory = \"https://127.0.0.1:{port}/dir\"\ndirectory_ca = \"{}\"\naccept_terms_of_service = true\nretry_initial = \"1s\"\nretry_max = \"2h\"\n[[certificate]]\nname = \"acme\"\ndomains = [\"acme.example.com\"]\n",
+        dir.path().join("ca.pem").display(),
+    );
+    let config = write_config(dir.path(), &tables);
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    let failed = p.wait_for_line_within("certificate order failed", ISSUE);
+    assert!(
+        failed.contains("(in 59 minutes)") || failed.contains("(in 60 minutes)"),
+        "the CA's Retry-After is the next attempt: {failed}"
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "{}", p.log());
+}
