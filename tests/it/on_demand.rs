@@ -714,3 +714,56 @@ async fn a_flood_of_names_orders_no_more_than_the_hourly_cap() {
     assert!(gauge(&daemon, "acme_sds_on_demand_names{state=\"admitted\"}") <= 5.0);
     daemon.stop().await;
 }
+
+/// An `ask` answer is judged by its status: an allow whose body never ends (a misbehaving or hostile
+/// endpoint) is read only to a few KiB, so the name is allowed and obtained rather than waiting for a body
+/// that never finishes and counting as no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_answer_is_read_to_a_limit() {
+    use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use acme_sds::registry::SECRET_TYPE_URL;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                // 200, and a body announced as a gigabyte that keeps coming.
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
+                    .await;
+                let chunk = vec![b'x'; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let Some((mut daemon, pebble)) = flood_daemon(&format!(
+        "allow = [\"*.flood.test\"]\nask = \"http://127.0.0.1:{port}/check\"\nask_timeout = \"30s\""
+    ))
+    .await
+    else {
+        return;
+    };
+    let mut client = daemon.client().await;
+    let mut stream = DeltaStream::open(&mut client).await;
+    stream
+        .send(DeltaDiscoveryRequest {
+            node: node("edge"),
+            type_url: SECRET_TYPE_URL.into(),
+            resource_names_subscribe: vec!["big.flood.test".into()],
+            ..Default::default()
+        })
+        .await;
+    let r = stream.recv().await;
+    assert!(r.removed_resources.is_empty(), "refused: {r:?}");
+    let secret = decode_secret(r.resources[0].resource.as_ref().unwrap());
+    verify_chain(
+        &chain_ders(&secret),
+        &pebble.root_der().await,
+        "big.flood.test",
+    )
+    .unwrap();
+    daemon.stop().await;
+}
