@@ -9,7 +9,9 @@
 //! is a key under `PREFIX/locks/` attached to a lease the holder keeps alive. A holder that stops renewing
 //! (paused past its lease, cut off) loses the lock when the lease expires, and may not know it: so every
 //! write made under a lock is fenced ([`EtcdStore::fenced_put`]), one transaction that writes only if the
-//! lock key still has the `create_revision` it had when this holder took it.
+//! lock key still has the `create_revision` it had when this holder took it. Taking a lock is one
+//! transaction that also reads the key when it exists, so an attempt whose reply was lost (its retry finds
+//! the key on its own lease) knows it holds the lock rather than waiting for itself.
 //!
 //! Replicas learn of each other's writes through [`Store::watch`]: one watch on a prefix per consumer,
 //! resumed from the revision after the last event it delivered when the stream breaks (a member lost, a
@@ -323,14 +325,19 @@ impl EtcdStore {
         });
         let holder = format!("{}:{}", hostname(), std::process::id());
         let mut wait = Duration::from_millis(50);
+        // Taken when the key is absent; when it is not, the else-branch reads it: a key on this attempt's
+        // own lease means an earlier try of this same transaction committed and its reply was lost (a
+        // deadline, a leader change, a connection cut). Without that read, this holder would wait for
+        // its own lease, renewed forever, and nobody would work on the resource until a restart.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                holder,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
         let fence = loop {
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.clone(),
-                    holder.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
             let resp = retrying(&self.health, "lock", name, || {
                 let mut kv = self.client.kv_client();
                 let txn = txn.clone();
@@ -339,6 +346,21 @@ impl EtcdStore {
             .await?;
             if resp.succeeded() {
                 break resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let ours = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.lease() == lease)
+                    .map(|kv| kv.create_revision()),
+                _ => None,
+            });
+            if let Some(created) = ours {
+                tracing::debug!(
+                    lock = name,
+                    "the lock was taken by an earlier attempt whose reply was lost"
+                );
+                break created;
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(1));

@@ -185,6 +185,102 @@ async fn etcd_locks_exclude_and_fence_a_holder_whose_lease_lapsed() {
     assert!(again.held());
 }
 
+/// Polls `etcdctl` (bounded) until `done` holds for its output.
+fn wait_for_etcdctl(cluster: &EtcdCluster, args: &[&str], what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = cluster.etcdctl(args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && done(&text) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: etcdctl {args:?} says {out:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A lock taken by a transaction whose reply was lost is held, not waited for. The replica behind a proxy
+/// waits for a lock another holds; the proxy then drops everything etcd answers (requests still land), the
+/// other holder releases, and the waiting replica's next attempt takes the lock in etcd without hearing
+/// so. Once replies flow again (the connections that lost bytes cut, as a real cut would), its retry finds
+/// the key on its own lease: `lock()` returns, with the key's `create_revision` as the fence, so a fenced
+/// write goes through. Before the fix, the retry saw "held" and waited for its own, forever renewed, lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lock_whose_reply_was_lost_is_held_not_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start(&dir.path().join("etcd"), 3) else {
+        return;
+    };
+    let endpoints = cluster.endpoints();
+    let member: std::net::SocketAddr = endpoints[0]
+        .strip_prefix("http://")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let proxy = testkit::proxy::TcpProxy::start(member);
+    let behind = EtcdStore::connect(&[proxy.url()], "/acme-sds")
+        .await
+        .unwrap();
+    let other = EtcdStore::connect(&endpoints, "/acme-sds").await.unwrap();
+    let name = "acme/ca/certs/site";
+    let key = format!("/acme-sds/locks/{name}");
+    // The waiting replica's lease is renewed only when a renewal's reply comes back: long enough to
+    // outlive the replies lost here.
+    let ttl = Duration::from_secs(60);
+
+    let held = other.lock(name, ttl).await.unwrap();
+    let waiting = tokio::spawn({
+        let behind = behind.clone();
+        async move { behind.lock(name, ttl).await }
+    });
+    // Its lease granted (the holder's and its own): it is polling for the lock now.
+    wait_for_etcdctl(
+        &cluster,
+        &["lease", "list"],
+        "the waiting replica's lease",
+        |t| t.starts_with("found 2 leases"),
+    );
+    proxy.lose_replies();
+    other.unlock(held).await.unwrap();
+    // Only the waiting replica wants the key now: once it is there again, that replica's transaction
+    // took it, and its reply was dropped.
+    wait_for_etcdctl(
+        &cluster,
+        &["get", &key, "--print-value-only"],
+        "the lock taken",
+        |t| !t.trim().is_empty(),
+    );
+    assert!(
+        !waiting.is_finished(),
+        "the reply was lost: lock() cannot know yet"
+    );
+    proxy.restore();
+    let lock = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("lock() returns once replies flow: the key on its own lease is its lock")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(lock.held());
+    behind
+        .put_locked(&lock, name, b"from behind")
+        .await
+        .expect("the fence is the lock key's create_revision");
+    assert_eq!(
+        other.get(name).await.unwrap().unwrap().value,
+        b"from behind"
+    );
+    // And it is a real lock: another replica waits for it.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), other.lock(name, ttl))
+            .await
+            .is_err()
+    );
+}
+
 /// The next change a watch sends, within a bound.
 async fn next(rx: &mut tokio::sync::mpsc::Receiver<Change>) -> Change {
     tokio::time::timeout(Duration::from_secs(20), rx.recv())
