@@ -163,8 +163,9 @@ pub trait Store: Send + Sync + 'static {
     /// the key it now has.
     async fn quarantine(&self, key: &str) -> Result<String, StoreError>;
 
-    /// Every value under `prefix/`, sorted by key: one request on etcd (a cold start reads a thousand
-    /// certificates at once), a read per file on a directory.
+    /// Every value under `prefix/`, sorted by key: on etcd a few requests of a few hundred values each, all
+    /// read at one revision (a cold start reads thousands of certificates as one snapshot), a read per file
+    /// on a directory.
     async fn scan(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
         let mut out = Vec::new();
         for key in self.list(prefix).await? {
