@@ -80,6 +80,15 @@ pub enum StoreError {
         /// The lock it was written under.
         lock: String,
     },
+    /// A value that must be sealed (it holds a private key) is in clear while `storage.encryption_key_file`
+    /// is set: anyone who can write to the store could have planted it (see [`sealed`]).
+    #[error(
+        "storage value at {key} holds a private key in clear, and storage.encryption_key_file is set: refused, as anyone who can write to the store could have put it there. If it was stored before the key was configured, set storage.accept_unsealed = true for one start: private keys in clear are then read and sealed in place"
+    )]
+    Unsealed {
+        /// The store key.
+        key: String,
+    },
     /// A sealed value (see [`sealed`]) could not be opened, or a value could not be sealed.
     #[error("storage value at {key} is sealed: {reason}")]
     Sealed {

@@ -404,6 +404,69 @@ async fn etcd_paged_scan_is_one_snapshot() {
     );
 }
 
+/// A directory a daemon kept without encryption migrates into etcd, where the key file is required: its
+/// private keys, in clear there, are read as they are (not refused: the source predates the key) and
+/// arrive sealed; the directory itself is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_in_clear_migrates_into_sealed_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start(&dir.path().join("etcd"), 1) else {
+        return;
+    };
+    let pem = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAw\n-----END PRIVATE KEY-----\n";
+    let data = dir.path().join("data");
+    {
+        let fs = FsStore::open(&data).unwrap();
+        fs.put("acme/ca/account", pem).await.unwrap();
+        fs.put("acme/ca/certs/site", pem).await.unwrap();
+        fs.put("acme/ca/state/site", b"plan").await.unwrap();
+    }
+    let key_file = dir.path().join("storage.key");
+    std::fs::write(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let config = acme_sds::config::parse(
+        &format!(
+            "[sds]\nlisten = [\"127.0.0.1:1\"]\n\n[storage]\nencryption_key_file = \"storage.key\"\n\n[storage.etcd]\nendpoints = {}\n",
+            cluster.endpoints_toml()
+        ),
+        &dir.path().join("acme-sds.toml"),
+    )
+    .unwrap();
+    let done = acme_sds::ops::migrate::from_directory(&data, &config.storage)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        done.copied,
+        [
+            "acme/ca/account",
+            "acme/ca/certs/site",
+            "acme/ca/state/site"
+        ]
+    );
+    let dump = cluster.etcdctl(&["get", "--prefix", "/acme-sds/"]);
+    assert!(dump.status.success(), "{dump:?}");
+    assert!(!String::from_utf8_lossy(&dump.stdout).contains("PRIVATE KEY"));
+    let sealer = Arc::new(Sealer::load(&key_file).unwrap());
+    let etcd: SharedStore = Arc::new(
+        EtcdStore::connect(&cluster.endpoints(), "/acme-sds")
+            .await
+            .unwrap(),
+    );
+    let sealed = SealedStore::new(
+        etcd,
+        Some(sealer),
+        acme_sds::sources::keys::holds_private_key,
+    );
+    for key in ["acme/ca/account", "acme/ca/certs/site"] {
+        assert_eq!(sealed.get(key).await.unwrap().unwrap().value, pem, "{key}");
+    }
+    assert_eq!(std::fs::read(data.join("acme/ca/account")).unwrap(), pem);
+}
+
 /// The next change a watch sends, within a bound.
 async fn next(rx: &mut tokio::sync::mpsc::Receiver<Change>) -> Change {
     tokio::time::timeout(Duration::from_secs(20), rx.recv())
