@@ -66,7 +66,7 @@ pub struct ResultLabel {
 pub struct DnsUpdateLabels {
     /// `add` or `remove`.
     pub action: String,
-    /// `ok`, `refused`, `unreachable`, `no_zone`, `key`.
+    /// `ok`, `refused`, `unreachable`, `untrusted`, `no_zone`, `not_served`, `key`.
     pub result: String,
 }
 
@@ -292,7 +292,7 @@ impl Metrics {
         );
         registry.register(
             "acme_sds_dns01_updates",
-            "DNS-01 record updates sent to the zone's primary, by action (add, remove) and result (ok, refused, unreachable, no_zone, key)",
+            "DNS-01 record updates sent to the zone's primary, by action (add, remove) and result (ok, refused, unreachable, untrusted, no_zone, key)",
             m.dns01_updates.clone(),
         );
         registry.register(

@@ -102,6 +102,7 @@ impl Config {
                 )
             })
             .collect();
+        out.extend(self.storage.warnings(&self.locations));
         if self.dns01.is_some() && !self.uses_challenge(crate::values::Challenge::Dns01) {
             out.push(Problem::new(
                 "dns01",

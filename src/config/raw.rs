@@ -71,6 +71,7 @@ pub(super) struct RawCertificate {
 pub(super) struct RawStorage {
     pub(super) path: Option<Spanned<String>>,
     pub(super) encryption_key_file: Option<Spanned<String>>,
+    pub(super) accept_unsealed: Option<Spanned<bool>>,
     pub(super) etcd: Option<Spanned<RawEtcd>>,
 }
 

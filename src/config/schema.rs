@@ -200,6 +200,7 @@ pub(super) const ROOT: &[(&str, Kind)] = &[
         Kind::Table(&[
             ("path", Kind::Str(PATH)),
             ("encryption_key_file", Kind::Str(PATH)),
+            ("accept_unsealed", Kind::Bool),
             ("etcd", Kind::Table(ETCD)),
         ]),
     ),

@@ -6,17 +6,19 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::Validator;
 use super::raw::{RawEtcd, RawStorage};
+use super::{Locations, Problem, Validator};
+use crate::store::sealed::KeyFile;
 
 /// `[storage]`: where account, keys, certificates and ACME state are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageConfig {
     /// The storage directory (created if missing; 0700); unused with `[storage.etcd]`.
     pub path: PathBuf,
-    /// `encryption_key_file`: the keys that seal the stored private keys (`store::sealed`); off when absent
-    /// (required with etcd).
-    pub encryption_key_file: Option<PathBuf>,
+    /// `encryption_key_file`: the keys that seal the stored private keys (`store::sealed`), with
+    /// `accept_unsealed` (private keys found in clear read and sealed in place rather than refused); off
+    /// when absent (required with etcd).
+    pub encryption_key_file: Option<KeyFile>,
     /// `[storage.etcd]`: a cluster shared by several replicas, instead of the directory.
     pub etcd: Option<EtcdConfig>,
 }
@@ -48,10 +50,21 @@ const MAX_LOCK_TTL: Duration = Duration::from_secs(300);
 impl Validator<'_> {
     pub(super) fn storage(&mut self, raw: Option<Spanned<RawStorage>>) -> StorageConfig {
         let raw = raw.map(|r| r.into_inner());
-        let (path, key_file, etcd) = match raw {
-            Some(r) => (r.path, r.encryption_key_file, r.etcd),
-            None => (None, None, None),
+        let (path, key_file, accept_unsealed, etcd) = match raw {
+            Some(r) => (r.path, r.encryption_key_file, r.accept_unsealed, r.etcd),
+            None => (None, None, None, None),
         };
+        if let Some(a) = &accept_unsealed
+            && key_file.is_none()
+        {
+            let l = self.line(a);
+            self.problem(
+                "storage.accept_unsealed",
+                l,
+                "goes with storage.encryption_key_file: it lets private keys stored in clear before the key was configured be read and sealed",
+            );
+        }
+        let accept_unsealed = accept_unsealed.is_some_and(|a| a.into_inner());
         let etcd = etcd.map(|e| {
             let line = self.line(&e);
             if let Some(p) = &path {
@@ -76,7 +89,10 @@ impl Validator<'_> {
             .unwrap_or_else(|| "acme-sds-data".to_owned());
         StorageConfig {
             path: self.path(&path),
-            encryption_key_file: key_file.map(|f| self.path(f.get_ref())),
+            encryption_key_file: key_file.map(|f| KeyFile {
+                path: self.path(f.get_ref()),
+                accept_unsealed,
+            }),
             etcd,
         }
     }
@@ -235,6 +251,26 @@ impl Validator<'_> {
             user,
             lock_ttl,
         }
+    }
+}
+
+impl StorageConfig {
+    /// What is allowed here but should not stay: `accept_unsealed`, a migration setting, while it is on
+    /// (`check` prints it, every start logs it).
+    pub(super) fn warnings(&self, locations: &Locations) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if self
+            .encryption_key_file
+            .as_ref()
+            .is_some_and(|k| k.accept_unsealed)
+        {
+            out.push(Problem::new(
+                "storage.accept_unsealed",
+                locations.line("storage.accept_unsealed"),
+                "is on: private keys found in clear in the store are accepted and sealed in place, so anyone who can write to the store could plant one. It is for converting a store that predates storage.encryption_key_file: one start with it seals every stored key; then remove it",
+            ));
+        }
+        out
     }
 }
 

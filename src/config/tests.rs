@@ -652,3 +652,55 @@ fn dns01_takes_a_primary_and_a_key_and_allows_wildcards() {
     }
     assert!(err.problems.iter().all(|p| p.line.is_some()), "{err}");
 }
+
+#[test]
+fn accept_unsealed_goes_with_the_key_file_and_warns_while_on() {
+    let cfg = parse_str(
+        "[sds]\nlisten = [\"127.0.0.1:1\"]\n[storage]\nencryption_key_file = \"storage.key\"\naccept_unsealed = true\n",
+    )
+    .unwrap();
+    let key_file = cfg.storage.encryption_key_file.as_ref().unwrap();
+    assert!(key_file.accept_unsealed);
+    assert_eq!(key_file.path, Path::new("/etc/acme-sds/storage.key"));
+    let w = cfg.warnings();
+    assert!(
+        w.len() == 1
+            && w[0].key == "storage.accept_unsealed"
+            && w[0].line == Some(5)
+            && w[0].message.contains("plant"),
+        "{w:?}"
+    );
+
+    let off = parse_str(
+        "[sds]\nlisten = [\"127.0.0.1:1\"]\n[storage]\nencryption_key_file = \"storage.key\"\n",
+    )
+    .unwrap();
+    assert!(
+        !off.storage
+            .encryption_key_file
+            .as_ref()
+            .unwrap()
+            .accept_unsealed
+    );
+    assert!(off.warnings().is_empty());
+
+    let err = parse_str("[sds]\nlisten = [\"127.0.0.1:1\"]\n[storage]\naccept_unsealed = true\n")
+        .unwrap_err();
+    assert!(
+        err.problems.len() == 1
+            && err.problems[0].key == "storage.accept_unsealed"
+            && err.problems[0].line == Some(4)
+            && err.problems[0]
+                .message
+                .contains("goes with storage.encryption_key_file"),
+        "{err}"
+    );
+    let err = parse_str(
+        "[sds]\nlisten = [\"127.0.0.1:1\"]\n[storage]\nencryption_key_file = \"k\"\naccept_unsealed = \"yes\"\n",
+    )
+    .unwrap_err();
+    assert!(
+        err.problems[0].key == "storage.accept_unsealed" && err.problems[0].line == Some(5),
+        "{err}"
+    );
+}

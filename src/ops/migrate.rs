@@ -5,7 +5,9 @@
 //! The directory is opened as its daemon opens it, lock included: a daemon still running on it makes the
 //! migration refuse (stop it first; its state would move on after the copy). Values are read through the
 //! directory's seal (if `storage.encryption_key_file` was set there, the same file opens them) and written
-//! through the cluster's, so private keys arrive sealed, each bound to its store key. Nothing in etcd is
+//! through the cluster's, so private keys arrive sealed, each bound to its store key; keys the directory
+//! holds in clear (a daemon that ran without the key file) are read as they are, and arrive sealed too
+//! (the source is only read: nothing there is sealed in place). Nothing in etcd is
 //! overwritten: a key already there is kept and reported (running the migration twice copies nothing
 //! twice). Pending challenges and order locks are not copied: they belong to processes, not to the state.
 
@@ -14,7 +16,7 @@ use std::sync::Arc;
 
 use crate::config::StorageConfig;
 use crate::sources::{OpenStoreError, keys, open_store};
-use crate::store::sealed::{SealedStore, Sealer};
+use crate::store::sealed::{SealedStore, Sealer, Unsealed};
 use crate::store::{FsStore, SharedStore, StoreError, is_quarantined};
 
 /// What a migration did.
@@ -77,11 +79,14 @@ pub async fn from_directory(dir: &Path, config: &StorageConfig) -> Result<Migrat
         )),
         None => None,
     };
-    let source: SharedStore = Arc::new(SealedStore::new(
-        Arc::new(FsStore::open(dir).map_err(source_error)?),
-        sealer,
-        keys::holds_private_key,
-    ));
+    let source: SharedStore = Arc::new(
+        SealedStore::new(
+            Arc::new(FsStore::open(dir).map_err(source_error)?),
+            sealer,
+            keys::holds_private_key,
+        )
+        .with_unsealed(Unsealed::Read),
+    );
     let target = open_store(config, false).await?;
     let mut done = Migrated::default();
     for prefix in ["acme", "internal"] {

@@ -3,13 +3,16 @@
 //! `mod_revision` (or, for "must not exist", its `create_revision` being 0). A revision here is the key's
 //! `mod_revision`, so the same interface serves both backends. Requests need a leader
 //! (`require_leader`): without quorum they fail at once instead of waiting, and callers keep serving what
-//! they have.
+//! they have. Reads of a whole prefix ([`Store::scan`], [`Store::list`]) are paged, every page at the
+//! first page's revision: one consistent snapshot, and no reply near the client's 4 MiB message limit.
 //!
 //! Locks ([`EtcdStore::lock`]) decide which replica works on a resource (orders one certificate): a lock
 //! is a key under `PREFIX/locks/` attached to a lease the holder keeps alive. A holder that stops renewing
 //! (paused past its lease, cut off) loses the lock when the lease expires, and may not know it: so every
 //! write made under a lock is fenced ([`EtcdStore::fenced_put`]), one transaction that writes only if the
-//! lock key still has the `create_revision` it had when this holder took it.
+//! lock key still has the `create_revision` it had when this holder took it. Taking a lock is one
+//! transaction that also reads the key when it exists, so an attempt whose reply was lost (its retry finds
+//! the key on its own lease) knows it holds the lock rather than waiting for itself.
 //!
 //! Replicas learn of each other's writes through [`Store::watch`]: one watch on a prefix per consumer,
 //! resumed from the revision after the last event it delivered when the stream breaks (a member lost, a
@@ -233,6 +236,142 @@ impl EtcdStore {
     }
 }
 
+/// Keys per range request when values are read ([`Store::scan`]): a page stays well under the client's
+/// 4 MiB message limit even with 10 KiB values (2.5 MiB).
+const PAGE_VALUES: i64 = 256;
+/// Keys per range request when only keys are read ([`Store::list`]): at most ~600 bytes each.
+const PAGE_KEYS: i64 = 2048;
+/// How often a paged read starts again because the revision it reads at was compacted meanwhile.
+const SNAPSHOT_ATTEMPTS: usize = 3;
+
+/// One page of a paged read, or why it has to be read otherwise.
+enum Page {
+    Got(etcd_client::GetResponse),
+    /// Over the client's message limit (values far larger than a certificate's): read it in halves.
+    TooLarge,
+    /// The revision the read is pinned to was compacted between two pages: start again.
+    Compacted,
+}
+
+fn page_of(
+    result: Result<etcd_client::GetResponse, etcd_client::Error>,
+) -> Result<Page, etcd_client::Error> {
+    use tonic::Code;
+    match result {
+        Ok(r) => Ok(Page::Got(r)),
+        Err(etcd_client::Error::GRpcStatus(s)) if s.code() == Code::OutOfRange => {
+            if s.message().contains("message length too large") {
+                Ok(Page::TooLarge)
+            } else if s.message().contains("compacted") {
+                Ok(Page::Compacted)
+            } else {
+                Err(etcd_client::Error::GRpcStatus(s))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The end of the range of keys that start with `dir` (which ends in `/`): `dir` with its last byte
+/// raised by one.
+fn range_end(dir: &str) -> Vec<u8> {
+    let mut end = dir.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+impl EtcdStore {
+    /// A failure that retrying cannot cure, recorded in the store's health.
+    fn gave_up(&self, op: &'static str, key: &str, why: &str) -> StoreError {
+        let e = etcd(op, key, why);
+        self.health.failed(&e);
+        e
+    }
+
+    /// Every key under `dir` (a full key prefix ending in `/`), with its value unless `keys_only`, in key
+    /// order: read in pages of `page` keys, every page at the revision of the first, so the result is one
+    /// snapshot of the prefix as a single range request would be, without its size limit (the client
+    /// refuses a reply over 4 MiB: a few thousand certificates, and then no replica could start). A page
+    /// that does not fit the limit anyway is read again in halves; a pinned revision compacted between
+    /// pages (etcd's auto-compaction) starts the read again at the present one.
+    async fn range(
+        &self,
+        op: &'static str,
+        prefix: &str,
+        dir: &str,
+        page: i64,
+        keys_only: bool,
+    ) -> Result<Vec<etcd_client::KeyValue>, StoreError> {
+        let end = range_end(dir);
+        let mut attempts = 0;
+        'snapshot: loop {
+            attempts += 1;
+            let mut out = Vec::new();
+            let mut start = dir.as_bytes().to_vec();
+            // 0 for the first page: the present; then the revision it was read at.
+            let mut at = 0;
+            let mut limit = page;
+            loop {
+                let mut options = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(limit)
+                    .with_revision(at);
+                if keys_only {
+                    options = options.with_keys_only();
+                }
+                let got = retrying(&self.health, op, prefix, || {
+                    let mut kv = self.client.kv_client();
+                    let (start, options) = (start.clone(), options.clone());
+                    async move { page_of(kv.get(start, Some(options)).await) }
+                })
+                .await?;
+                let mut resp = match got {
+                    Page::Got(r) => r,
+                    Page::TooLarge if limit > 1 => {
+                        limit /= 2;
+                        continue;
+                    }
+                    Page::TooLarge => {
+                        return Err(self.gave_up(
+                            op,
+                            prefix,
+                            "a single value is larger than the client's 4 MiB message limit",
+                        ));
+                    }
+                    Page::Compacted if attempts < SNAPSHOT_ATTEMPTS => continue 'snapshot,
+                    Page::Compacted => {
+                        return Err(self.gave_up(
+                            op,
+                            prefix,
+                            "the revision it was read at was compacted meanwhile, every time",
+                        ));
+                    }
+                };
+                if at == 0 {
+                    at = resp.header().map_or(0, |h| h.revision());
+                }
+                let more = resp.more();
+                let kvs = resp.take_kvs();
+                match kvs.last() {
+                    // After the last key read: the next byte string after it.
+                    Some(last) if more => {
+                        start = last.key().to_vec();
+                        start.push(0);
+                    }
+                    _ => {
+                        out.extend(kvs);
+                        return Ok(out);
+                    }
+                }
+                out.extend(kvs);
+                limit = page;
+            }
+        }
+    }
+}
+
 /// A lock held on a lease; see [`Store::lock`]. Dropping it stops renewing the lease (the lock then
 /// lapses when the lease expires); [`Store::unlock`] gives it up at once.
 pub struct EtcdLock {
@@ -323,14 +462,19 @@ impl EtcdStore {
         });
         let holder = format!("{}:{}", hostname(), std::process::id());
         let mut wait = Duration::from_millis(50);
+        // Taken when the key is absent; when it is not, the else-branch reads it: a key on this attempt's
+        // own lease means an earlier try of this same transaction committed and its reply was lost (a
+        // deadline, a leader change, a connection cut). Without that read, this holder would wait for
+        // its own lease, renewed forever, and nobody would work on the resource until a restart.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                holder,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
         let fence = loop {
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.clone(),
-                    holder.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
             let resp = retrying(&self.health, "lock", name, || {
                 let mut kv = self.client.kv_client();
                 let txn = txn.clone();
@@ -339,6 +483,21 @@ impl EtcdStore {
             .await?;
             if resp.succeeded() {
                 break resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let ours = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.lease() == lease)
+                    .map(|kv| kv.create_revision()),
+                _ => None,
+            });
+            if let Some(created) = ours {
+                tracing::debug!(
+                    lock = name,
+                    "the lock was taken by an earlier attempt whose reply was lost"
+                );
+                break created;
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(1));
@@ -502,25 +661,15 @@ impl Store for EtcdStore {
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let dir = format!("{}/", self.full(prefix)?);
-        let resp = retrying(&self.health, "list", prefix, || {
-            let mut kv = self.client.kv_client();
-            let dir = dir.clone();
-            async move {
-                kv.get(dir, Some(GetOptions::new().with_prefix().with_keys_only()))
-                    .await
-            }
-        })
-        .await?;
-        let mut keys: Vec<String> = resp
-            .kvs()
+        let kvs = self.range("list", prefix, &dir, PAGE_KEYS, true).await?;
+        // In key order already (etcd's, byte-wise, as `sort` would give).
+        Ok(kvs
             .iter()
             .filter_map(|kv| {
                 let k = std::str::from_utf8(kv.key()).ok()?;
                 k.strip_prefix(&self.prefix).map(str::to_owned)
             })
-            .collect();
-        keys.sort();
-        Ok(keys)
+            .collect())
     }
 
     async fn quarantine(&self, key: &str) -> Result<String, StoreError> {
@@ -548,15 +697,9 @@ impl Store for EtcdStore {
 
     async fn scan(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
         let dir = format!("{}/", self.full(prefix)?);
-        let resp = retrying(&self.health, "scan", prefix, || {
-            let mut kv = self.client.kv_client();
-            let dir = dir.clone();
-            async move { kv.get(dir, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await?;
-        let mut out: Vec<(String, Entry)> = resp
-            .kvs()
-            .iter()
+        let kvs = self.range("scan", prefix, &dir, PAGE_VALUES, false).await?;
+        Ok(kvs
+            .into_iter()
             .filter_map(|kv| {
                 let key = std::str::from_utf8(kv.key()).ok()?;
                 let key = key.strip_prefix(&self.prefix)?.to_owned();
@@ -566,9 +709,7 @@ impl Store for EtcdStore {
                 };
                 Some((key, entry))
             })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+            .collect())
     }
 
     fn shared(&self) -> bool {

@@ -80,6 +80,15 @@ pub enum StoreError {
         /// The lock it was written under.
         lock: String,
     },
+    /// A value that must be sealed (it holds a private key) is in clear while `storage.encryption_key_file`
+    /// is set: anyone who can write to the store could have planted it (see [`sealed`]).
+    #[error(
+        "storage value at {key} holds a private key in clear, and storage.encryption_key_file is set: refused, as anyone who can write to the store could have put it there. If it was stored before the key was configured, set storage.accept_unsealed = true for one start: private keys in clear are then read and sealed in place"
+    )]
+    Unsealed {
+        /// The store key.
+        key: String,
+    },
     /// A sealed value (see [`sealed`]) could not be opened, or a value could not be sealed.
     #[error("storage value at {key} is sealed: {reason}")]
     Sealed {
@@ -163,8 +172,9 @@ pub trait Store: Send + Sync + 'static {
     /// the key it now has.
     async fn quarantine(&self, key: &str) -> Result<String, StoreError>;
 
-    /// Every value under `prefix/`, sorted by key: one request on etcd (a cold start reads a thousand
-    /// certificates at once), a read per file on a directory.
+    /// Every value under `prefix/`, sorted by key: on etcd a few requests of a few hundred values each, all
+    /// read at one revision (a cold start reads thousands of certificates as one snapshot), a read per file
+    /// on a directory.
     async fn scan(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
         let mut out = Vec::new();
         for key in self.list(prefix).await? {

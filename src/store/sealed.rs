@@ -8,11 +8,18 @@
 //! copied to another key (one certificate's key passed off as another's) or under another key id fails to
 //! open instead of being served. The key file may hold several keys, one per line: the first seals new
 //! values, the others still open old ones (rotation: add a new first line, restart, and the old values are
-//! sealed again as they are next written). A value written in clear before a key was configured is still
-//! read; one sealed without a key configured is refused with an error saying which key it needs.
+//! sealed again as they are next written). A value sealed without a key configured is refused with an error
+//! saying which key it needs.
+//!
+//! With a key configured, a private key found in clear is refused ([`StoreError::Unsealed`]): anyone with
+//! write access to the store (etcd credentials, a backup restored by hand) could otherwise plant a key that
+//! every replica would serve. A store that predates the key is converted with `storage.accept_unsealed`
+//! ([`Unsealed::Reseal`]): such values are read and written back sealed, so one start with it on seals
+//! every key the start-up scan reads. `acme-sds storage migrate` reads its source directory as it is
+//! ([`Unsealed::Read`]), changing nothing there.
 
 use std::borrow::Cow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -38,6 +45,58 @@ pub struct KeyFileError {
     reason: String,
 }
 
+/// `storage.encryption_key_file`, and whether a private key found in clear is accepted
+/// (`storage.accept_unsealed`): what [`Sealer::load`] reads. A bare path converts into one that refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFile {
+    /// The key file.
+    pub path: PathBuf,
+    /// `storage.accept_unsealed`: private keys found in clear are read and sealed in place rather than
+    /// refused.
+    pub accept_unsealed: bool,
+}
+
+impl std::ops::Deref for KeyFile {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl From<&Path> for KeyFile {
+    fn from(path: &Path) -> KeyFile {
+        KeyFile {
+            path: path.to_owned(),
+            accept_unsealed: false,
+        }
+    }
+}
+
+impl From<&PathBuf> for KeyFile {
+    fn from(path: &PathBuf) -> KeyFile {
+        KeyFile::from(path.as_path())
+    }
+}
+
+impl From<&KeyFile> for KeyFile {
+    fn from(key_file: &KeyFile) -> KeyFile {
+        key_file.clone()
+    }
+}
+
+/// What a [`SealedStore`] with a key does with a value in clear at a key that must be sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsealed {
+    /// Refused with [`StoreError::Unsealed`], naming the key and the setting that would allow it.
+    Refuse,
+    /// Read, and written back sealed (`storage.accept_unsealed`): the store converges.
+    Reseal,
+    /// Read as it is, nothing written: the source directory of `acme-sds storage migrate`, which may
+    /// predate the key and is not this command's to change.
+    Read,
+}
+
 /// One master key and its id (the first 8 bytes of its SHA-256).
 struct MasterKey {
     id: [u8; KEY_ID_LEN],
@@ -61,23 +120,30 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The keys of `storage.encryption_key_file`: the first seals, all open.
+/// The keys of `storage.encryption_key_file`: the first seals, all open; and what becomes of a private
+/// key found in clear.
 pub struct Sealer {
     keys: Vec<MasterKey>,
     rng: SystemRandom,
+    unsealed: Unsealed,
 }
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ids: Vec<String> = self.keys.iter().map(|k| hex(&k.id)).collect();
-        f.debug_struct("Sealer").field("key_ids", &ids).finish()
+        f.debug_struct("Sealer")
+            .field("key_ids", &ids)
+            .field("unsealed", &self.unsealed)
+            .finish()
     }
 }
 
 impl Sealer {
     /// Reads the key file: one key per line, each 32 bytes in base64 (`head -c 32 /dev/urandom | base64`);
     /// blank lines and `#` comments are skipped. The error names the file and the line at fault.
-    pub fn load(path: &Path) -> Result<Sealer, KeyFileError> {
+    pub fn load(key_file: impl Into<KeyFile>) -> Result<Sealer, KeyFileError> {
+        let key_file = key_file.into();
+        let path = key_file.path.as_path();
         let fail = |reason: String| KeyFileError {
             path: path.display().to_string(),
             reason,
@@ -114,7 +180,17 @@ impl Sealer {
         Ok(Sealer {
             keys,
             rng: SystemRandom::new(),
+            unsealed: if key_file.accept_unsealed {
+                Unsealed::Reseal
+            } else {
+                Unsealed::Refuse
+            },
         })
+    }
+
+    /// What a store sealed with these keys does with a private key found in clear.
+    pub fn unsealed(&self) -> Unsealed {
+        self.unsealed
     }
 
     /// The id of the key new values are sealed with (hex), for logs.
@@ -237,17 +313,29 @@ pub struct SealedStore {
     inner: SharedStore,
     sealer: Option<Arc<Sealer>>,
     secret: fn(&str) -> bool,
+    /// What a value in clear at a secret key gets, when a sealer is configured.
+    unsealed: Unsealed,
 }
 
 impl SealedStore {
     /// `inner`, sealing the values of the keys `secret` names with `sealer` (none: written in clear, and a
-    /// sealed value found is refused with the key id it needs).
+    /// sealed value found is refused with the key id it needs). A secret value found in clear is treated
+    /// as the sealer says ([`Sealer::unsealed`]).
     pub fn new(inner: SharedStore, sealer: Option<Arc<Sealer>>, secret: fn(&str) -> bool) -> Self {
+        let unsealed = sealer.as_ref().map_or(Unsealed::Read, |s| s.unsealed);
         SealedStore {
             inner,
             sealer,
             secret,
+            unsealed,
         }
+    }
+
+    /// The same store, treating a secret value in clear as `unsealed` says (the migration's source reads
+    /// them as they are).
+    pub fn with_unsealed(mut self, unsealed: Unsealed) -> Self {
+        self.unsealed = unsealed;
+        self
     }
 
     /// `value` as stored at `key`: sealed when `key` is secret and a key is configured, else as it is.
@@ -263,7 +351,7 @@ impl SealedStore {
 impl Store for SealedStore {
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         match self.inner.get(key).await? {
-            Some(entry) => self.open(key, entry).map(Some),
+            Some(entry) => self.opened(key, entry).await.map(Some),
             None => Ok(None),
         }
     }
@@ -300,7 +388,13 @@ impl Store for SealedStore {
     async fn scan(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
         let mut out = Vec::new();
         for (key, entry) in self.inner.scan(prefix).await? {
-            match self.open(&key, entry) {
+            let opened = if super::is_quarantined(&key) {
+                // Kept for inspection as it was: not sealed in place either.
+                self.open(&key, entry).map(|(entry, _)| entry)
+            } else {
+                self.opened(&key, entry).await
+            };
+            match opened {
                 Ok(entry) => out.push((key, entry)),
                 Err(_) if super::is_quarantined(&key) => {}
                 Err(e) => return Err(e),
@@ -354,10 +448,20 @@ impl Store for SealedStore {
 }
 
 impl SealedStore {
-    /// A value as read from the backend, opened when sealed.
-    fn open(&self, key: &str, entry: Entry) -> Result<Entry, StoreError> {
+    /// A value as read from the backend, opened when sealed; `true` when it is a secret in clear that is
+    /// to be sealed in place.
+    fn open(&self, key: &str, entry: Entry) -> Result<(Entry, bool), StoreError> {
         if !is_sealed(&entry.value) {
-            return Ok(entry);
+            if self.sealer.is_none() || !(self.secret)(key) {
+                return Ok((entry, false));
+            }
+            return match self.unsealed {
+                Unsealed::Refuse => Err(StoreError::Unsealed {
+                    key: key.to_owned(),
+                }),
+                Unsealed::Reseal => Ok((entry, true)),
+                Unsealed::Read => Ok((entry, false)),
+            };
         }
         let Some(sealer) = &self.sealer else {
             let id = entry
@@ -373,10 +477,46 @@ impl SealedStore {
             ));
         };
         let mut value = sealer.open(key, &entry.value)?;
-        Ok(Entry {
-            value: std::mem::take(&mut *value),
-            revision: entry.revision,
-        })
+        Ok((
+            Entry {
+                value: std::mem::take(&mut *value),
+                revision: entry.revision,
+            },
+            false,
+        ))
+    }
+
+    /// [`SealedStore::open`], then a secret in clear written back sealed (`storage.accept_unsealed`):
+    /// compare-and-swap on the revision read, so a value changed meanwhile is left to its writer. The
+    /// entry returned carries the new revision, for the caller's own compare-and-swap. A write that fails
+    /// (a read-only store, etcd unavailable) leaves the value in clear, to be sealed at a later read.
+    async fn opened(&self, key: &str, entry: Entry) -> Result<Entry, StoreError> {
+        let (entry, reseal) = self.open(key, entry)?;
+        if !reseal {
+            return Ok(entry);
+        }
+        let sealed = self.seal(key, &entry.value)?;
+        match self
+            .inner
+            .compare_and_swap(key, entry.revision, &sealed)
+            .await
+        {
+            Ok(revision) => {
+                tracing::info!(
+                    key,
+                    "sealed a private key found in clear (storage.accept_unsealed)"
+                );
+                Ok(Entry {
+                    value: entry.value,
+                    revision,
+                })
+            }
+            Err(StoreError::ReadOnly(_)) => Ok(entry),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "could not seal a private key found in clear; it is sealed at a later read");
+                Ok(entry)
+            }
+        }
     }
 }
 
@@ -392,6 +532,8 @@ mod tests {
             .map(|k| base64::engine::general_purpose::STANDARD.encode(k))
             .collect();
         std::fs::write(&path, format!("# test keys\n{}\n", text.join("\n"))).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         path
     }
 
@@ -444,12 +586,93 @@ mod tests {
         let keyless = SealedStore::new(fs.clone(), None, secret);
         let err = keyless.get("secret/a").await.unwrap_err().to_string();
         assert!(err.contains("set storage.encryption_key_file"), "{err}");
-        // A value written in clear before a key was configured is still read.
+        // A value written in clear before a key was configured is refused once one is (see below).
         keyless.put("secret/old", b"clear").await.unwrap();
-        assert_eq!(
-            after.get("secret/old").await.unwrap().unwrap().value,
-            b"clear"
+        assert!(matches!(
+            after.get("secret/old").await,
+            Err(StoreError::Unsealed { .. })
+        ));
+    }
+
+    /// With a key configured, a private key in clear (planted by someone who can write to the store, or
+    /// older than the key) is refused by every read, naming the store key and the setting that would let
+    /// it in; values that are not secret are read in clear as ever.
+    #[tokio::test]
+    async fn a_private_key_in_clear_is_refused_naming_the_key_and_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs: SharedStore = Arc::new(FsStore::open(&dir.path().join("data")).unwrap());
+        let sealer = Arc::new(Sealer::load(&key_file(dir.path(), "k", &[[1; 32]])).unwrap());
+        let store = SealedStore::new(fs.clone(), Some(sealer), secret);
+        fs.put("secret/planted", b"-----BEGIN PRIVATE KEY-----")
+            .await
+            .unwrap();
+        fs.put("public/cert", b"certificate").await.unwrap();
+        let err = store.get("secret/planted").await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, StoreError::Unsealed { ref key } if key == "secret/planted")
+                && text.contains("storage value at secret/planted")
+                && text.contains("storage.accept_unsealed = true"),
+            "{text}"
         );
+        let err = store.scan("secret").await.unwrap_err().to_string();
+        assert!(err.contains("secret/planted"), "{err}");
+        assert_eq!(
+            store.get("public/cert").await.unwrap().unwrap().value,
+            b"certificate"
+        );
+        // Nothing was changed by the refusal.
+        assert!(!is_sealed(
+            &fs.get("secret/planted").await.unwrap().unwrap().value
+        ));
+    }
+
+    /// `storage.accept_unsealed`: a private key in clear is read and written back sealed (by get and by
+    /// scan), with the new revision handed to the caller, so the store converges; the migration's source
+    /// reads such values as they are and changes nothing.
+    #[tokio::test]
+    async fn accept_unsealed_reads_a_key_in_clear_and_seals_it_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs: SharedStore = Arc::new(FsStore::open(&dir.path().join("data")).unwrap());
+        let path = key_file(dir.path(), "k", &[[1; 32]]);
+        let pem = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAw\n-----END PRIVATE KEY-----\n";
+        fs.put("secret/a", pem).await.unwrap();
+        fs.put("secret/b", pem).await.unwrap();
+
+        let reader = SealedStore::new(
+            fs.clone(),
+            Some(Arc::new(Sealer::load(&path).unwrap())),
+            secret,
+        )
+        .with_unsealed(Unsealed::Read);
+        assert_eq!(reader.get("secret/a").await.unwrap().unwrap().value, pem);
+        assert!(!is_sealed(
+            &fs.get("secret/a").await.unwrap().unwrap().value
+        ));
+
+        let accepting = Sealer::load(KeyFile {
+            path,
+            accept_unsealed: true,
+        })
+        .unwrap();
+        assert_eq!(accepting.unsealed(), Unsealed::Reseal);
+        let store = SealedStore::new(fs.clone(), Some(Arc::new(accepting)), secret);
+        let read = store.get("secret/a").await.unwrap().unwrap();
+        assert_eq!(read.value, pem);
+        let raw = fs.get("secret/a").await.unwrap().unwrap();
+        assert!(is_sealed(&raw.value), "sealed in place");
+        assert_eq!(
+            read.revision, raw.revision,
+            "the revision of what is stored now"
+        );
+        store
+            .compare_and_swap("secret/a", read.revision, pem)
+            .await
+            .expect("a write on the revision read goes through");
+        let scanned = store.scan("secret").await.unwrap();
+        assert_eq!(scanned.len(), 2);
+        assert!(scanned.iter().all(|(_, e)| e.value == pem));
+        assert!(is_sealed(&fs.get("secret/b").await.unwrap().unwrap().value));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What the integration tests (`tests/it`) and the benchmark (`bench/`) share: a test PKI, file rotation
-//! helpers, the `acme-sds` process, SDS clients, and the real peers (Envoy, Pebble) on loopback ports.
+//! helpers, the `acme-sds` process, SDS clients, the real peers (Envoy, Pebble, etcd, BIND, Knot) on loopback
+//! ports, and a TCP proxy for the faults they cannot produce themselves.
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ pub mod envoy;
 pub mod etcd;
 pub mod knot;
 pub mod pebble;
+pub mod proxy;
 
 mod daemon;
 mod files;

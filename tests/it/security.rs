@@ -650,3 +650,87 @@ async fn a_socket_is_bound_under_its_own_name() {
         "a temporary name is listed"
     );
 }
+
+/// Someone who can write to the store must not be able to plant a private key: with
+/// `storage.encryption_key_file` set, a key in clear (here the internal CA's and its certificate's, stored
+/// before encryption was turned on) stops the start with an error naming the store key and the setting
+/// that lets it in. With `storage.accept_unsealed` the daemon starts, warns (as `check` does, with the
+/// line), and seals the keys in place; without it again, the converged store starts.
+#[test]
+fn a_private_key_in_clear_in_a_sealed_store_is_refused_unless_accepted_for_migration() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key_file = dir.path().join("storage.key");
+    std::fs::write(
+        &key_file,
+        base64::engine::general_purpose::STANDARD.encode([7u8; 32]) + "\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path().join("acme-sds.toml");
+    let write = |storage: &str| {
+        write_config(
+            dir.path(),
+            &config,
+            &format!(
+                "[storage]\npath = \"{}\"\n{storage}\n[[certificate]]\nname = \"local\"\ndomains = [\"localhost\"]\nissuer = \"internal\"\n",
+                data.display()
+            ),
+        )
+    };
+    let run_until_started = || {
+        let mut p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+        p.wait_for_line("acme-sds started");
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(), Some(0));
+        p
+    };
+    let sealed_on_disk = |key: &str| std::fs::read(data.join(key)).unwrap().starts_with(b"ASDS1");
+
+    // Before encryption: the internal CA's key is stored in clear.
+    write("");
+    run_until_started();
+    assert!(!sealed_on_disk("internal/ca"));
+
+    // The key file configured: refused, naming the store key and the way out.
+    let sealed = format!("encryption_key_file = \"{}\"\n", key_file.display());
+    write(&sealed);
+    let out = std::process::Command::new(bin())
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("storage value at internal/ca holds a private key in clear")
+            && stderr.contains("storage.accept_unsealed = true"),
+        "{stderr}"
+    );
+    assert!(!sealed_on_disk("internal/ca"), "a refusal changes nothing");
+
+    // Accepted for one start: `check` warns with the line, the start warns too, and seals in place.
+    write(&format!("{sealed}accept_unsealed = true\n"));
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a warning, not an error: {stderr}");
+    assert!(
+        stderr.contains("warning:")
+            && stderr.contains("acme-sds.toml:7: storage.accept_unsealed: is on"),
+        "{stderr}"
+    );
+    let p = run_until_started();
+    assert!(
+        p.log().contains("WARN") && p.log().contains("storage.accept_unsealed: is on"),
+        "{}",
+        p.log()
+    );
+    assert!(sealed_on_disk("internal/ca") && sealed_on_disk("internal/certs/local"));
+
+    // Converged: the setting can go.
+    write(&sealed);
+    run_until_started();
+}

@@ -12,12 +12,15 @@
 //! here (length, message; answer, its length): hickory-net's client checks the TSIG of the answer inside its
 //! transport and turns a server's unsigned refusal (NOTAUTH with BADSIG, BADKEY or BADTIME) into a bare
 //! verification failure, and that answer is what the operator needs to read. TCP also takes the update's
-//! size and the server's retransmission handling out of the picture.
+//! size and the server's retransmission handling out of the picture. The answer to a signed update is
+//! taken only when it answers an update and carries a signature that verifies with the same key: an
+//! unsigned NOERROR could come from anyone on the path, and would have a record counted as added that
+//! never was.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode, update_message};
+use hickory_proto::op::{Message, MessageType, Query, ResponseCode, update_message};
 use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::rdata::tsig::{TsigAlgorithm, TsigError};
 use hickory_proto::rr::{Name, RData, Record, RecordSet, RecordType, TSigner};
@@ -53,6 +56,16 @@ pub enum DnsError {
         /// The server.
         server: String,
         /// What happened.
+        why: String,
+    },
+    /// The answer to a signed update is not the server's word: unsigned, signed with another key, or the
+    /// answer to another kind of request. Something other than the server (or a server without the key)
+    /// answered, and whether the record changed is unknown.
+    #[error("name server {server}: the answer to the update cannot be trusted: {why}")]
+    Untrusted {
+        /// The server.
+        server: String,
+        /// What is wrong with the answer.
         why: String,
     },
     /// The server answered the update with an error (wrong key, not allowed, not its zone).
@@ -104,6 +117,12 @@ impl std::fmt::Debug for TsigKey {
 }
 
 impl TsigKey {
+    /// The key's name, as the servers' configurations write it (no final dot).
+    pub fn name(&self) -> String {
+        let name = self.signer.signer_name().to_string();
+        name.trim_end_matches('.').to_owned()
+    }
+
     /// Reads the key file at `path` (see [`TsigKey::parse`]).
     pub fn read(path: &Path) -> Result<TsigKey, DnsError> {
         let err = |why: String| DnsError::Key {
@@ -118,22 +137,35 @@ impl TsigKey {
 
     /// Parses a key file in BIND's format (`tsig-keygen`, `ddns-confgen`: the first `key "name" { algorithm
     /// ...; secret "..."; };`, comments `#`, `//` and `/* */` allowed) or Knot's (`keymgr -t NAME`: a YAML
-    /// `key:` list with `id`, `algorithm` and `secret`); the error says what is wrong.
+    /// `key:` list with `id`, `algorithm` and `secret`). The error says what is wrong and on which line
+    /// (`line 3: ...`), and never quotes the secret, nor any text that might be it (a word out of place).
     pub fn parse(text: &str) -> Result<TsigKey, String> {
         let tokens = tokenize(text)?;
-        let (name, algorithm, secret) = match bind_key(&tokens)? {
+        let fields = match bind_key(&tokens)? {
             Some(key) => key,
             None => knot_key(text)?.ok_or(
                 "no `key \"name\" { algorithm hmac-sha256; secret \"...\"; };` statement (BIND, `tsig-keygen`) or `key:` list with `id`, `algorithm` and `secret` (Knot, `keymgr -t`)",
             )?,
         };
+        let KeyFields {
+            name,
+            line,
+            algorithm: (algorithm, algorithm_line),
+            secret: (secret, secret_line),
+        } = fields;
         let algorithm = match algorithm.to_ascii_lowercase().as_str() {
             "hmac-sha256" => TsigAlgorithm::HmacSha256,
             "hmac-sha384" => TsigAlgorithm::HmacSha384,
             "hmac-sha512" => TsigAlgorithm::HmacSha512,
             other => {
+                // Named when it looks like an algorithm; anything else in its place might be the secret.
+                let which = if other.starts_with("hmac-") {
+                    format!("algorithm {other} is not supported")
+                } else {
+                    "the algorithm is not one this client knows".to_owned()
+                };
                 return Err(format!(
-                    "key {name:?}: algorithm {other} is not supported: use hmac-sha256, hmac-sha384 or hmac-sha512 (`tsig-keygen -a hmac-sha256 NAME`, `keymgr -t NAME hmac-sha256`)"
+                    "line {algorithm_line}: key {name:?}: {which}: use hmac-sha256, hmac-sha384 or hmac-sha512 (`tsig-keygen -a hmac-sha256 NAME`, `keymgr -t NAME hmac-sha256`)"
                 ));
             }
         };
@@ -141,64 +173,116 @@ impl TsigKey {
         let secret = zeroize::Zeroizing::new(
             base64::engine::general_purpose::STANDARD
                 .decode(secret)
-                .map_err(|_| format!("key {name:?}: the secret is not base64"))?,
+                .map_err(|_| {
+                    format!("line {secret_line}: key {name:?}: the secret is not base64")
+                })?,
         );
         if secret.is_empty() {
-            return Err(format!("key {name:?}: the secret is empty"));
+            return Err(format!(
+                "line {secret_line}: key {name:?}: the secret is empty"
+            ));
         }
         let key_name = Name::from_ascii(name)
-            .map_err(|e| format!("key name {name:?} is not a DNS name: {e}"))?;
+            .map_err(|e| format!("line {line}: key name {name:?} is not a DNS name: {e}"))?;
         let signer = TSigner::new(secret.to_vec(), algorithm, key_name, FUDGE)
-            .map_err(|e| format!("key {name:?}: {e}"))?;
+            .map_err(|e| format!("line {line}: key {name:?}: {e}"))?;
         Ok(TsigKey { signer })
     }
 }
 
+/// A key's fields as the file has them, each with its line (1-based) for errors.
+struct KeyFields<'a> {
+    name: &'a str,
+    /// Where the key begins.
+    line: usize,
+    algorithm: (&'a str, usize),
+    secret: (&'a str, usize),
+}
+
 /// The name, algorithm and secret of BIND's first `key` statement, `None` when there is none.
-fn bind_key(tokens: &[String]) -> Result<Option<(&str, &str, &str)>, String> {
-    let mut it = tokens.iter().map(String::as_str);
+fn bind_key(tokens: &[Token]) -> Result<Option<KeyFields<'_>>, String> {
+    let mut it = tokens.iter();
     while let Some(t) = it.next() {
-        if t != "key" {
+        if t.text.as_str() != "key" {
             continue;
         }
-        let name = it.next().ok_or("`key` without a name")?;
-        if it.next() != Some("{") {
-            return Err(format!("expected `{{` after key {name:?}"));
+        let line = t.line;
+        let name = it
+            .next()
+            .ok_or_else(|| format!("line {line}: `key` without a name"))?;
+        let name = name.text.as_str();
+        let open = it.next();
+        if open.map(|t| t.text.as_str()) != Some("{") {
+            let at = open.map_or(line, |t| t.line);
+            return Err(format!("line {at}: expected `{{` after key {name:?}"));
         }
         let (mut algorithm, mut secret) = (None, None);
         loop {
-            match it.next() {
-                Some("}") => break,
-                Some("algorithm") => algorithm = it.next(),
-                Some("secret") => secret = it.next(),
-                Some(";") => continue,
-                Some(other) => return Err(format!("unexpected {other:?} in key {name:?}")),
-                None => return Err(format!("key {name:?} is not closed with `}};`")),
+            let Some(field) = it.next() else {
+                return Err(format!(
+                    "line {line}: key {name:?} is not closed with `}};`"
+                ));
+            };
+            match field.text.as_str() {
+                "}" => break,
+                "algorithm" => algorithm = field_value(&mut it),
+                "secret" => secret = field_value(&mut it),
+                ";" => continue,
+                // Not quoted: it could be the secret, out of place.
+                _ => {
+                    return Err(format!(
+                        "line {}: unexpected word in key {name:?}: only `algorithm NAME;` and `secret \"...\";` belong there",
+                        field.line
+                    ));
+                }
             }
-            if it.next() != Some(";") {
-                return Err(format!("expected `;` in key {name:?}"));
+            match it.next() {
+                Some(t) if t.text.as_str() == ";" => {}
+                other => {
+                    let at = other.map_or(field.line, |t| t.line);
+                    return Err(format!("line {at}: expected `;` in key {name:?}"));
+                }
             }
         }
-        let algorithm = algorithm.ok_or_else(|| format!("key {name:?} has no `algorithm`"))?;
-        let secret = secret.ok_or_else(|| format!("key {name:?} has no `secret`"))?;
-        return Ok(Some((name, algorithm, secret)));
+        let algorithm =
+            algorithm.ok_or_else(|| format!("line {line}: key {name:?} has no `algorithm`"))?;
+        let secret = secret.ok_or_else(|| format!("line {line}: key {name:?} has no `secret`"))?;
+        return Ok(Some(KeyFields {
+            name,
+            line,
+            algorithm,
+            secret,
+        }));
     }
     Ok(None)
 }
 
+/// The value after a field's name in a BIND `key` statement, and its line.
+fn field_value<'a>(it: &mut std::slice::Iter<'a, Token>) -> Option<(&'a str, usize)> {
+    it.next()
+        .filter(|v| !matches!(v.text.as_str(), ";" | "{" | "}"))
+        .map(|v| (v.text.as_str(), v.line))
+}
+
 /// The first key of Knot's `key:` list as `keymgr -t` writes it (`  - id: NAME`, then `algorithm:` and
 /// `secret:` lines), `None` when there is none. Only that shape is read, not YAML at large.
-fn knot_key(text: &str) -> Result<Option<(&str, &str, &str)>, String> {
+fn knot_key(text: &str) -> Result<Option<KeyFields<'_>>, String> {
     let mut lines = text
         .lines()
-        .map(|l| l.split_once('#').map_or(l, |(code, _)| code).trim_end())
-        .filter(|l| !l.is_empty())
-        .skip_while(|l| *l != "key:");
-    if lines.next().is_none() {
+        .enumerate()
+        .map(|(i, l)| {
+            (
+                i + 1,
+                l.split_once('#').map_or(l, |(code, _)| code).trim_end(),
+            )
+        })
+        .filter(|(_, l)| !l.is_empty())
+        .skip_while(|(_, l)| *l != "key:");
+    let Some((list_line, _)) = lines.next() else {
         return Ok(None);
-    }
+    };
     let (mut name, mut algorithm, mut secret) = (None, None, None);
-    for line in lines {
+    for (n, line) in lines {
         if !line.starts_with([' ', '\t', '-']) {
             break; // the next section
         }
@@ -210,55 +294,88 @@ fn knot_key(text: &str) -> Result<Option<(&str, &str, &str)>, String> {
             field = rest.trim_start();
         }
         let Some((k, v)) = field.split_once(':') else {
+            // Not quoted: the line could be the secret, out of place.
             return Err(format!(
-                "expected `field: value` in Knot's `key:` list, not {field:?}"
+                "line {n}: expected `field: value` in Knot's `key:` list"
             ));
         };
         let v = v.trim().trim_matches(['"', '\'']);
         match k.trim() {
-            "id" => name = Some(v),
-            "algorithm" => algorithm = Some(v),
-            "secret" => secret = Some(v),
+            "id" => name = Some((v, n)),
+            "algorithm" => algorithm = Some((v, n)),
+            "secret" => secret = Some((v, n)),
             _ => {}
         }
     }
-    let name = name.ok_or("Knot's `key:` list has no `- id:`")?;
-    let algorithm = algorithm.ok_or_else(|| format!("key {name:?} has no `algorithm`"))?;
-    let secret = secret.ok_or_else(|| format!("key {name:?} has no `secret`"))?;
-    Ok(Some((name, algorithm, secret)))
+    let (name, line) = name.ok_or(format!(
+        "line {list_line}: Knot's `key:` list has no `- id:`"
+    ))?;
+    let algorithm =
+        algorithm.ok_or_else(|| format!("line {line}: key {name:?} has no `algorithm`"))?;
+    let secret = secret.ok_or_else(|| format!("line {line}: key {name:?} has no `secret`"))?;
+    Ok(Some(KeyFields {
+        name,
+        line,
+        algorithm,
+        secret,
+    }))
 }
 
-/// Words, quoted strings and the punctuation `{`, `}`, `;` of a BIND configuration text, comments dropped.
-fn tokenize(text: &str) -> Result<Vec<String>, String> {
+/// A word, a quoted string or one of `{`, `}`, `;` of a BIND configuration text, and its line. Wiped when
+/// dropped: one of them is the secret.
+struct Token {
+    text: zeroize::Zeroizing<String>,
+    line: usize,
+}
+
+/// The tokens of a BIND configuration text, comments dropped.
+fn tokenize(text: &str) -> Result<Vec<Token>, String> {
     let mut out = Vec::new();
+    let mut line = 1;
     let mut chars = text.chars().peekable();
+    let token = |text: String, line| Token {
+        text: zeroize::Zeroizing::new(text),
+        line,
+    };
     while let Some(c) = chars.next() {
         match c {
+            '\n' => line += 1,
             c if c.is_whitespace() => {}
             '#' => while chars.next_if(|&c| c != '\n').is_some() {},
             '/' if chars.peek() == Some(&'/') => while chars.next_if(|&c| c != '\n').is_some() {},
             '/' if chars.peek() == Some(&'*') => {
+                let start = line;
                 chars.next();
                 let mut last = ' ';
                 loop {
                     match chars.next() {
                         Some('/') if last == '*' => break,
-                        Some(c) => last = c,
-                        None => return Err("a `/*` comment is not closed".into()),
+                        Some(c) => {
+                            line += usize::from(c == '\n');
+                            last = c;
+                        }
+                        None => return Err(format!("line {start}: a `/*` comment is not closed")),
                     }
                 }
             }
-            '{' | '}' | ';' => out.push(c.to_string()),
+            '{' | '}' | ';' => out.push(token(c.to_string(), line)),
             '"' => {
+                let start = line;
                 let mut s = String::new();
                 loop {
                     match chars.next() {
                         Some('"') => break,
-                        Some(c) => s.push(c),
-                        None => return Err("a quoted string is not closed".into()),
+                        Some(c) => {
+                            line += usize::from(c == '\n');
+                            s.push(c);
+                        }
+                        None => {
+                            zeroize::Zeroize::zeroize(&mut s);
+                            return Err(format!("line {start}: a quoted string is not closed"));
+                        }
                     }
                 }
-                out.push(s);
+                out.push(token(s, start));
             }
             c => {
                 let mut s = c.to_string();
@@ -267,7 +384,7 @@ fn tokenize(text: &str) -> Result<Vec<String>, String> {
                 {
                     s.push(c);
                 }
-                out.push(s);
+                out.push(token(s, line));
             }
         }
     }
@@ -298,6 +415,7 @@ impl DnsError {
         match self {
             DnsError::Key { .. } => "key",
             DnsError::Unreachable { .. } => "unreachable",
+            DnsError::Untrusted { .. } => "untrusted",
             DnsError::Refused { .. } => "refused",
             DnsError::NoZone { .. } => "no_zone",
             DnsError::NotServed { .. } => "not_served",
@@ -530,8 +648,11 @@ impl Dns01 {
         })
     }
 
-    /// One request and its answer over TCP, signed with `key` when given (and then the answer's signature
-    /// checked, unless the server reports a TSIG error, which it sends unsigned).
+    /// One request and its answer over TCP, signed with `key` when given. The answer must be a response to
+    /// this request (its id and opcode), and to a signed request, signed with the same key (RFC 8945): an
+    /// unsigned NOERROR, or a signature that does not verify, is [`DnsError::Untrusted`]. Unsigned
+    /// refusals are let through to be explained (RFC 8945 has BADSIG and BADKEY answered unsigned; a
+    /// forged refusal only fails what an attacker on the path could fail anyway).
     async fn exchange(
         &self,
         server: &ServerAddr,
@@ -539,6 +660,10 @@ impl Dns01 {
         key: Option<&TsigKey>,
     ) -> Result<Message, DnsError> {
         let unreachable = |why: String| DnsError::Unreachable {
+            server: server.to_string(),
+            why,
+        };
+        let untrusted = |why: String| DnsError::Untrusted {
             server: server.to_string(),
             why,
         };
@@ -582,16 +707,33 @@ impl Dns01 {
         {
             return Err(unreachable("an answer to another request".into()));
         }
-        let tsig_error = answer.signature.as_ref().and_then(|s| s.data.error);
-        if let Some(mut verifier) = verifier
-            && tsig_error.is_none()
-            && answer.metadata.op_code == OpCode::Update
-        {
-            verifier.verify(&raw).map_err(|e| {
-                unreachable(format!(
-                    "the answer's TSIG signature does not check out: {e}"
-                ))
-            })?;
+        if answer.metadata.op_code != message.metadata.op_code {
+            return Err(untrusted(format!(
+                "its opcode is {}, not {} as the request's: it answers another kind of request",
+                answer.metadata.op_code, message.metadata.op_code,
+            )));
+        }
+        let Some(mut verifier) = verifier else {
+            return Ok(answer);
+        };
+        match answer.signature.as_ref() {
+            // A TSIG error (BADSIG, BADKEY: sent unsigned): `update` explains the refusal.
+            Some(tsig) if tsig.data.error.is_some() => {}
+            Some(_) => {
+                verifier.verify(&raw).map_err(|e| {
+                    untrusted(format!(
+                        "its TSIG signature does not check out with the key {:?}: {e}",
+                        key.map(TsigKey::name).unwrap_or_default()
+                    ))
+                })?;
+            }
+            None if answer.metadata.response_code != ResponseCode::NoError => {}
+            None => {
+                return Err(untrusted(
+                    "the answer is not signed (a server that has the key signs its answers to a signed update)"
+                        .into(),
+                ));
+            }
         }
         Ok(answer)
     }
@@ -660,8 +802,7 @@ fn mnemonic(code: ResponseCode) -> String {
 /// A server's refusal, with what it usually means.
 fn explain(code: ResponseCode, tsig: Option<TsigError>, key: &TsigKey) -> String {
     let code = mnemonic(code);
-    let key_name = key.signer.signer_name().to_string();
-    let key_name = key_name.trim_end_matches('.');
+    let key_name = key.name();
     match tsig {
         Some(TsigError::BadSig) => format!(
             "{code} (BADSIG): the server has a key named {key_name:?} with another secret or algorithm"
@@ -748,6 +889,95 @@ mod tests {
         }
     }
 
+    /// A key file that does not parse: the error names the file and the line, says what is wrong, and
+    /// never repeats the secret (nor a word out of place that may be it).
+    #[test]
+    fn key_file_errors_name_file_and_line_and_never_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "c2VjcmV0LXZhbHVlLWZvci10ZXN0cw==";
+        let bad = "not*base64*c2VjcmV0";
+        for (i, (text, line, says, hidden)) in [
+            (
+                format!("key \"k\" {{\n\talgorithm hmac-sha256;\n\tsecret \"{bad}\";\n}};\n"),
+                3,
+                "the secret is not base64",
+                bad,
+            ),
+            (
+                format!("# made by hand\nkey \"k\" {{\n\talgorithm hmac-md5;\n\tsecret \"{secret}\";\n}};\n"),
+                3,
+                "algorithm hmac-md5 is not supported",
+                secret,
+            ),
+            (
+                format!("key \"k\" {{\n\talgorithm {secret};\n\tsecret \"YWJj\";\n}};\n"),
+                2,
+                "the algorithm is not one this client knows",
+                secret,
+            ),
+            (
+                "\n\nkey \"k\" {\n\talgorithm hmac-sha256;\n};\n".to_owned(),
+                3,
+                "key \"k\" has no `secret`",
+                "",
+            ),
+            (
+                format!("key \"k\" {{\n\tsecret \"{secret}\";\n}};\n"),
+                1,
+                "key \"k\" has no `algorithm`",
+                secret,
+            ),
+            (
+                format!("key \"k\" {{\n\talgorithm hmac-sha256;\n\t{secret};\n}};\n"),
+                3,
+                "unexpected word in key \"k\"",
+                secret,
+            ),
+            (
+                format!("key \"k\" {{\n\talgorithm hmac-sha256;\n\tsecret \"{secret}\n}};\n"),
+                3,
+                "a quoted string is not closed",
+                secret,
+            ),
+            (
+                format!("key:\n  - id: k\n    algorithm: hmac-sha256\n    {secret}\n"),
+                4,
+                "expected `field: value`",
+                secret,
+            ),
+            (
+                format!("key:\n  - id: k\n    algorithm: hmac-sha256\n    secret: {bad}\n"),
+                4,
+                "the secret is not base64",
+                bad,
+            ),
+            (
+                "server:\n  listen: 0.0.0.0@53\nkey:\n  - id: k\n    algorithm: hmac-sha256\n".to_owned(),
+                4,
+                "key \"k\" has no `secret`",
+                "",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let path = dir.path().join(format!("key-{i}.conf"));
+            std::fs::write(&path, &text).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            let e = TsigKey::read(&path).unwrap_err().to_string();
+            assert!(
+                e.contains(&path.display().to_string())
+                    && e.contains(&format!("line {line}: "))
+                    && e.contains(says),
+                "{text:?}: {e}"
+            );
+            if !hidden.is_empty() {
+                assert!(!e.contains(hidden), "the secret is shown: {e}");
+            }
+        }
+    }
+
     /// Each answer a server can refuse an update with, as the operator reads it.
     #[test]
     fn refusals_are_told_in_the_servers_words_with_what_they_mean() {
@@ -785,6 +1015,150 @@ mod tests {
             let text = explain(code, tsig, &key);
             assert!(text.starts_with(says), "{text}");
         }
+    }
+
+    /// How the stub name server answers an update.
+    enum Answer {
+        /// NOERROR, signed with this secret (under the key's own name and algorithm).
+        Signed(&'static [u8]),
+        /// NOERROR, unsigned.
+        Unsigned,
+        /// NOERROR signed with the right key, but with the opcode of a query.
+        QueryOpcode(&'static [u8]),
+        /// NOTAUTH with an unsigned BADSIG, as RFC 8945 has a server answer a signature it cannot verify.
+        BadSig,
+    }
+
+    const SECRET: &[u8] = b"the secret both sides have";
+
+    /// A name server on loopback TCP that answers one request as `how` says: for faults a real server
+    /// does not produce (a forged or misdirected answer).
+    async fn stub_server(how: Answer) -> std::net::SocketAddr {
+        use hickory_proto::op::OpCode;
+        use hickory_proto::rr::TSigResponseContext;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let len = conn.read_u16().await.unwrap();
+            let mut raw = vec![0u8; usize::from(len)];
+            conn.read_exact(&mut raw).await.unwrap();
+            let request = Message::from_vec(&raw).unwrap();
+            let id = request.metadata.id;
+            let op_code = match how {
+                Answer::QueryOpcode(_) => OpCode::Query,
+                _ => OpCode::Update,
+            };
+            let mut answer = Message::response(id, op_code);
+            answer.add_queries(request.queries.clone());
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let name = request.signature.as_ref().unwrap().name.clone();
+            let signer = |secret: &[u8]| {
+                TSigner::new(
+                    secret.to_vec(),
+                    TsigAlgorithm::HmacSha256,
+                    name.clone(),
+                    FUDGE,
+                )
+                .unwrap()
+            };
+            let context = match how {
+                Answer::Signed(secret) | Answer::QueryOpcode(secret) => {
+                    let mac = request.signature.as_ref().unwrap().data.mac.clone();
+                    Some(TSigResponseContext::new(id, now, signer(secret), mac, None))
+                }
+                Answer::Unsigned => None,
+                Answer::BadSig => {
+                    answer.metadata.response_code = ResponseCode::NotAuth;
+                    Some(TSigResponseContext::bad_signature(id, now, signer(SECRET)))
+                }
+            };
+            if let Some(context) = context {
+                let tsig = context.sign(&answer.to_vec().unwrap()).unwrap();
+                answer.set_signature(tsig);
+            }
+            let bytes = answer.to_vec().unwrap();
+            let mut framed = u16::try_from(bytes.len()).unwrap().to_be_bytes().to_vec();
+            framed.extend_from_slice(&bytes);
+            conn.write_all(&framed).await.unwrap();
+        });
+        addr
+    }
+
+    /// Adds a record at a stub server answering as `how`, with a key of [`SECRET`].
+    async fn add_at_stub(how: Answer) -> Result<(), DnsError> {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("acme-sds.key");
+        let secret = base64::engine::general_purpose::STANDARD.encode(SECRET);
+        std::fs::write(
+            &key_file,
+            format!("key \"acme-sds\" {{ algorithm hmac-sha256; secret \"{secret}\"; }};\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let server = stub_server(how).await;
+        let dns01 = Dns01::new(
+            Dns01Config {
+                server: ServerAddr::new(&server.to_string(), 53).unwrap(),
+                tsig_key_file: key_file,
+                zone: None,
+                propagation_timeout: Duration::from_secs(5),
+                check_nameservers: Vec::new(),
+            },
+            Metrics::default(),
+        );
+        let record = TxtRecord {
+            zone: "example.test.".into(),
+            name: "_acme-challenge.example.test.".into(),
+            value: "token".into(),
+        };
+        dns01.add(&record).await
+    }
+
+    /// An answer to a signed update counts only when the server signed it with the key: an unsigned
+    /// NOERROR, one signed with another secret, or the answer to a query is refused, naming the server
+    /// and what is wrong; the server's own refusals are still explained; a properly signed answer (the
+    /// stub's signing checked against the client's verification) is taken.
+    #[tokio::test]
+    async fn answers_to_an_update_must_be_signed_with_the_key() {
+        add_at_stub(Answer::Signed(SECRET))
+            .await
+            .expect("an answer signed with the key is taken");
+        for (how, says) in [
+            (Answer::Unsigned, "the answer is not signed"),
+            (
+                Answer::Signed(b"another secret"),
+                "its TSIG signature does not check out with the key \"acme-sds\"",
+            ),
+            (
+                Answer::QueryOpcode(SECRET),
+                "its opcode is QUERY, not UPDATE",
+            ),
+        ] {
+            let e = add_at_stub(how).await.expect_err(says);
+            let text = e.to_string();
+            assert!(
+                matches!(e, DnsError::Untrusted { .. })
+                    && text.starts_with("name server 127.0.0.1:")
+                    && text.contains("cannot be trusted")
+                    && text.contains(says),
+                "{says}: {text}"
+            );
+        }
+        let e = add_at_stub(Answer::BadSig).await.expect_err("BADSIG");
+        let text = e.to_string();
+        assert!(
+            matches!(e, DnsError::Refused { .. }) && text.contains("NOTAUTH (BADSIG)"),
+            "{text}"
+        );
     }
 
     #[test]
