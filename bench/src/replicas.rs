@@ -44,7 +44,7 @@ pub async fn run(a: &Sizes, csv: &mut Csv) -> Result<()> {
         return Ok(());
     };
     let key_file = dir.join("storage.key");
-    std::fs::write(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")?;
+    testkit::write_private(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n");
     let store = SealedStore::new(
         Arc::new(
             EtcdStore::connect(&etcd.endpoints(), PREFIX)

@@ -2,15 +2,16 @@
 //! primary server signed with a TSIG key, and how long it waits for them to be served.
 //!
 //! The key file is only named here: it is read (and its format checked) when the ACME side starts and by
-//! `acme-sds check`, and again at each order, so that a rotated key is used without a restart.
+//! `acme-sds check`, and again at each order, so that a rotated key is used without a restart. Its mode is
+//! checked here ([`super::secret_files`]): open to every user, refused; open to its group, a warning.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use toml::Spanned;
 
-use super::Validator;
 use super::raw::RawDns01;
+use super::{Locations, Problem, Validator, secret_files};
 use crate::values::{DnsName, ServerAddr};
 
 /// `[dns01]`.
@@ -62,7 +63,12 @@ impl Validator<'_> {
                 );
                 None
             }
-            Some(p) => Some(self.path(p.get_ref())),
+            Some(p) => {
+                let l = self.line(&p);
+                let path = self.path(p.get_ref());
+                self.secret_file("dns01.tsig_key_file", l, &path);
+                Some(path)
+            }
         };
         let zone = raw.zone.and_then(|z| {
             let l = self.line(&z);
@@ -102,5 +108,21 @@ impl Validator<'_> {
             propagation_timeout,
             check_nameservers,
         })
+    }
+}
+
+impl Dns01Config {
+    /// A TSIG key file its group may open (`check` prints it, every start logs it).
+    pub(super) fn warnings(&self, locations: &Locations) -> Vec<Problem> {
+        secret_files::group_access(&self.tsig_key_file)
+            .map(|why| {
+                Problem::new(
+                    "dns01.tsig_key_file",
+                    locations.line("dns01.tsig_key_file"),
+                    format!("{}: {why}", self.tsig_key_file.display()),
+                )
+            })
+            .into_iter()
+            .collect()
     }
 }

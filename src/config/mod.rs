@@ -24,6 +24,7 @@ mod on_demand;
 mod raw;
 mod schema;
 mod sds;
+pub mod secret_files;
 mod storage;
 #[cfg(test)]
 mod tests;
@@ -103,6 +104,9 @@ impl Config {
             })
             .collect();
         out.extend(self.storage.warnings(&self.locations));
+        if let Some(d) = &self.dns01 {
+            out.extend(d.warnings(&self.locations));
+        }
         if self.dns01.is_some() && !self.uses_challenge(crate::values::Challenge::Dns01) {
             out.push(Problem::new(
                 "dns01",

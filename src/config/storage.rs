@@ -1,13 +1,16 @@
 //! `[storage]`: where the account, keys, certificates and ACME state are kept: a directory, or an etcd
-//! cluster (`[storage.etcd]`) that several replicas share.
+//! cluster (`[storage.etcd]`) that several replicas share; the key file that seals the stored private keys,
+//! with `accept_unsealed` for converting a store that predates it. The key files named here (the storage
+//! key, etcd's client key and password) are refused when every user may open them, and warned about when
+//! their group may ([`super::secret_files`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
 
 use super::raw::{RawEtcd, RawStorage};
-use super::{Locations, Problem, Validator};
+use super::{Locations, Problem, Validator, secret_files};
 use crate::store::sealed::KeyFile;
 
 /// `[storage]`: where account, keys, certificates and ACME state are kept.
@@ -48,6 +51,14 @@ const MIN_LOCK_TTL: Duration = Duration::from_secs(2);
 const MAX_LOCK_TTL: Duration = Duration::from_secs(300);
 
 impl Validator<'_> {
+    /// A file that holds a secret, named by `key`: refused when every user of the host may open it
+    /// ([`secret_files`]).
+    pub(super) fn secret_file(&mut self, key: &str, line: Option<usize>, path: &Path) {
+        if let Some(why) = secret_files::world_access(path) {
+            self.problem(key, line, format!("{}: {why}", path.display()));
+        }
+    }
+
     pub(super) fn storage(&mut self, raw: Option<Spanned<RawStorage>>) -> StorageConfig {
         let raw = raw.map(|r| r.into_inner());
         let (path, key_file, accept_unsealed, etcd) = match raw {
@@ -65,6 +76,15 @@ impl Validator<'_> {
             );
         }
         let accept_unsealed = accept_unsealed.is_some_and(|a| a.into_inner());
+        let key_file = key_file.map(|f| {
+            let l = self.line(&f);
+            let path = self.path(f.get_ref());
+            self.secret_file("storage.encryption_key_file", l, &path);
+            KeyFile {
+                path,
+                accept_unsealed,
+            }
+        });
         let etcd = etcd.map(|e| {
             let line = self.line(&e);
             if let Some(p) = &path {
@@ -89,10 +109,7 @@ impl Validator<'_> {
             .unwrap_or_else(|| "acme-sds-data".to_owned());
         StorageConfig {
             path: self.path(&path),
-            encryption_key_file: key_file.map(|f| KeyFile {
-                path: self.path(f.get_ref()),
-                accept_unsealed,
-            }),
+            encryption_key_file: key_file,
             etcd,
         }
     }
@@ -172,7 +189,12 @@ impl Validator<'_> {
             );
         }
         let client_cert = match (raw.cert_file, raw.key_file) {
-            (Some(c), Some(k)) => Some((self.path(c.get_ref()), self.path(k.get_ref()))),
+            (Some(c), Some(k)) => {
+                let l = self.line(&k);
+                let key = self.path(k.get_ref());
+                self.secret_file("storage.etcd.key_file", l, &key);
+                Some((self.path(c.get_ref()), key))
+            }
             (None, None) => None,
             (Some(c), None) => {
                 let l = self.line(&c);
@@ -201,7 +223,12 @@ impl Validator<'_> {
             );
         }
         let user = match (raw.username, raw.password_file) {
-            (Some(u), Some(p)) => Some((u.into_inner(), self.path(p.get_ref()))),
+            (Some(u), Some(p)) => {
+                let l = self.line(&p);
+                let password = self.path(p.get_ref());
+                self.secret_file("storage.etcd.password_file", l, &password);
+                Some((u.into_inner(), password))
+            }
             (None, None) => None,
             (Some(u), None) => {
                 let l = self.line(&u);
@@ -255,10 +282,36 @@ impl Validator<'_> {
 }
 
 impl StorageConfig {
-    /// What is allowed here but should not stay: `accept_unsealed`, a migration setting, while it is on
-    /// (`check` prints it, every start logs it).
+    /// What is allowed here but should not stay: `accept_unsealed`, a migration setting, while it is on;
+    /// a key file its group may open (`check` prints them, every start logs them).
     pub(super) fn warnings(&self, locations: &Locations) -> Vec<Problem> {
         let mut out = Vec::new();
+        let etcd = self.etcd.as_ref();
+        let files = [
+            (
+                "storage.encryption_key_file",
+                self.encryption_key_file.as_ref().map(|k| k.path.as_path()),
+            ),
+            (
+                "storage.etcd.key_file",
+                etcd.and_then(|e| e.client_cert.as_ref().map(|(_, k)| k.as_path())),
+            ),
+            (
+                "storage.etcd.password_file",
+                etcd.and_then(|e| e.user.as_ref().map(|(_, p)| p.as_path())),
+            ),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path
+                && let Some(why) = secret_files::group_access(path)
+            {
+                out.push(Problem::new(
+                    key,
+                    locations.line(key),
+                    format!("{}: {why}", path.display()),
+                ));
+            }
+        }
         if self
             .encryption_key_file
             .as_ref()

@@ -140,7 +140,8 @@ impl std::fmt::Debug for Sealer {
 
 impl Sealer {
     /// Reads the key file: one key per line, each 32 bytes in base64 (`head -c 32 /dev/urandom | base64`);
-    /// blank lines and `#` comments are skipped. The error names the file and the line at fault.
+    /// blank lines and `#` comments are skipped. The error names the file and the line at fault. A file
+    /// every user of the host may open is refused ([`crate::config::secret_files`]).
     pub fn load(key_file: impl Into<KeyFile>) -> Result<Sealer, KeyFileError> {
         let key_file = key_file.into();
         let path = key_file.path.as_path();
@@ -148,6 +149,9 @@ impl Sealer {
             path: path.display().to_string(),
             reason,
         };
+        if let Some(why) = crate::config::secret_files::world_access(path) {
+            return Err(fail(why));
+        }
         let text = Zeroizing::new(
             std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?,
         );
@@ -680,6 +684,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         std::fs::write(&path, "# comment\n\nshort\n").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let err = Sealer::load(&path).unwrap_err().to_string();
         assert!(
             err.contains("storage.encryption_key_file") && err.contains("line 3"),
@@ -693,10 +699,21 @@ mod tests {
                 .contains("no key")
         );
         assert!(Sealer::load(&dir.path().join("absent")).is_err());
-        let sealer = Sealer::load(&key_file(dir.path(), "ok", &[[7; 32]])).unwrap();
+        let ok = key_file(dir.path(), "ok", &[[7; 32]]);
+        let sealer = Sealer::load(&ok).unwrap();
         assert!(
             !format!("{sealer:?}").contains("LessSafeKey"),
             "Debug shows ids only"
+        );
+        // Readable by every user of the host: refused, naming the file, its mode and the fix.
+        std::fs::set_permissions(&ok, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let err = Sealer::load(&ok).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "storage.encryption_key_file: {}: mode 0644",
+                ok.display()
+            )) && err.contains(&format!("chmod 600 {}", ok.display())),
+            "{err}"
         );
     }
 }

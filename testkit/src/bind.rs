@@ -110,30 +110,26 @@ impl Bind {
         let dir = dir.canonicalize().unwrap();
         let key_name = "acme-sds".to_owned();
         let key_file = dir.join("acme-sds.key");
-        std::fs::write(
+        crate::write_private(
             &key_file,
             key_file_text(&key_name, "hmac-sha256", &tsig_secret(32)),
-        )
-        .unwrap();
+        );
         // A key the server knows but does not let change the zone.
         let readonly_key_file = dir.join("readonly.key");
-        std::fs::write(
+        crate::write_private(
             &readonly_key_file,
             key_file_text("readonly", "hmac-sha256", &tsig_secret(32)),
-        )
-        .unwrap();
+        );
         let sha384_key_file = dir.join("acme-sds-384.key");
-        std::fs::write(
+        crate::write_private(
             &sha384_key_file,
             key_file_text("acme-sds-384", "hmac-sha384", &tsig_secret(48)),
-        )
-        .unwrap();
+        );
         let sha512_key_file = dir.join("acme-sds-512.key");
-        std::fs::write(
+        crate::write_private(
             &sha512_key_file,
             key_file_text("acme-sds-512", "hmac-sha512", &tsig_secret(64)),
-        )
-        .unwrap();
+        );
         // Each zone: its SOA and NS, the apex and ns1 on loopback, and `records` (zone-file lines) in the first.
         let mut zones_conf = String::new();
         for (i, z) in std::iter::once(zone)

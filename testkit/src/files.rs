@@ -1,9 +1,29 @@
 //! Certificate files changed the ways real tools change them: rename over, rewrite in place, and a
-//! Kubernetes Secret volume's `..data` symlink swap.
+//! Kubernetes Secret volume's `..data` symlink swap; key files written private.
 
 use std::path::{Path, PathBuf};
 
 use crate::*;
+
+// ---------- secrets ----------
+
+/// Writes `bytes` to `path` readable and writable by this user only (0600), as a key file must be:
+/// acme-sds refuses a key file every user of the host may open.
+pub fn write_private(path: &Path, bytes: impl AsRef<[u8]>) {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    // An existing file keeps its mode on open: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap();
+    f.write_all(bytes.as_ref()).unwrap();
+}
 
 // ---------- file rotation ----------
 

@@ -40,13 +40,12 @@ impl Knot {
         // Knot's own key format (what `keymgr -t acme-sds hmac-sha256` prints), included by knot.conf and
         // read by acme-sds: one file, as an operator would keep it.
         let key_file = dir.join("acme-sds.key");
-        std::fs::write(
+        crate::write_private(
             &key_file,
             format!(
                 "# hmac-sha256:acme-sds:{secret}\nkey:\n  - id: acme-sds\n    algorithm: hmac-sha256\n    secret: {secret}\n"
             ),
-        )
-        .unwrap();
+        );
         std::fs::write(
             dir.join(format!("{zone}.zone")),
             format!(

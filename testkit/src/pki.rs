@@ -68,12 +68,14 @@ impl Pki {
 }
 
 impl Leaf {
-    /// Writes chain and key to `dir/NAME.crt` and `dir/NAME.key`.
+    /// Writes chain and key to `dir/NAME.crt` and `dir/NAME.key` (the key 0600, as a key file should be).
     pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let crt = dir.join(format!("{name}.crt"));
         let key = dir.join(format!("{name}.key"));
         replace_by_rename(&crt, self.chain_pem.as_bytes());
         replace_by_rename(&key, self.key_pem.as_bytes());
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         (crt, key)
     }
 }

@@ -126,7 +126,13 @@ fn kubernetes_replicas_manifests() {
         key_file.parent().unwrap(),
         Path::new(s(&mount["mountPath"]))
     );
-    assert_eq!(secret_volume["secret"]["defaultMode"].as_i64(), Some(0o400));
+    // Not readable by every user (acme-sds would refuse it); readable by the pod's fsGroup, since Secret
+    // files belong to root and acme-sds does not run as root.
+    assert_eq!(secret_volume["secret"]["defaultMode"].as_i64(), Some(0o440));
+    assert_eq!(
+        pod["securityContext"]["fsGroup"].as_i64(),
+        pod["securityContext"]["runAsGroup"].as_i64()
+    );
 
     let pdb = of_kind(&d, "PodDisruptionBudget")[0];
     assert_eq!(

@@ -59,17 +59,15 @@ async fn run_until_issued(dir: &Path, config: &str) -> (Process, Vec<Vec<u8>>) {
 /// Key files every server refuses, with its answer: the right name with another secret, an unknown name.
 fn refused_keys(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     let wrong_secret = dir.join("wrong.key");
-    std::fs::write(
+    write_private(
         &wrong_secret,
         key_file_text("acme-sds", "hmac-sha256", &tsig_secret(32)),
-    )
-    .unwrap();
+    );
     let unknown = dir.join("unknown.key");
-    std::fs::write(
+    write_private(
         &unknown,
         key_file_text("nobody", "hmac-sha512", &tsig_secret(64)),
-    )
-    .unwrap();
+    );
     vec![
         (wrong_secret, "NOTAUTH (BADSIG)"),
         (unknown, "NOTAUTH (BADKEY)"),
@@ -108,11 +106,10 @@ async fn a_wildcard_and_its_apex_are_issued_in_one_order_and_no_record_is_left()
     };
     // First with a key the server does not have: the failure names the zone and the server's answer.
     let key = dir.path().join("acme-sds.key");
-    std::fs::write(
+    write_private(
         &key,
         key_file_text(&bind.key_name, "hmac-sha256", &tsig_secret(32)),
-    )
-    .unwrap();
+    );
     let socket = dir.path().join("sds.sock");
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = dir.path().join("acme-sds.toml");
@@ -452,11 +449,10 @@ async fn a_replica_killed_mid_dns01_order_is_taken_over_and_its_records_deleted_
         return;
     };
     let storage_key = dir.path().join("storage.key");
-    std::fs::write(
+    write_private(
         &storage_key,
         "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n",
-    )
-    .unwrap();
+    );
     // Two replicas on one etcd prefix. A waits for a secondary that never answers, so it is still in the
     // order, its records in the zone, when it is killed.
     let replica = |name: &str, dns01_extra: &str| {

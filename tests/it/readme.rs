@@ -289,11 +289,11 @@ fn every_toml_snippet_in_the_readme_passes_check() {
     let root = root_with_example_certs();
     let root = root.path();
     // The DNS-01 snippet names a TSIG key beside the file, which `check` reads.
-    std::fs::write(
-        root.join("acme-sds.key"),
+    // Private, as acme-sds requires of a key file.
+    testkit::write_private(
+        &root.join("acme-sds.key"),
         testkit::bind::key_file_text("acme-sds", "hmac-sha256", "c2VjcmV0LXNlY3JldC1zZWNyZXQ="),
-    )
-    .unwrap();
+    );
     let snippets = blocks(None, "toml");
     assert!(snippets.len() >= 5, "{}", snippets.len());
     for (i, toml) in snippets.iter().enumerate() {

@@ -51,11 +51,10 @@ impl World {
         let pebble = Pebble::start(&dir.path().join("pebble"), opts)?;
         let envoy = envoy_bin()?;
         let key_file = dir.path().join("storage.key");
-        std::fs::write(
+        testkit::write_private(
             &key_file,
             "# shared by every replica\nMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n",
-        )
-        .unwrap();
+        );
         Some(World {
             dir,
             etcd,

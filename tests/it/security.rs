@@ -734,3 +734,92 @@ fn a_private_key_in_clear_in_a_sealed_store_is_refused_unless_accepted_for_migra
     write(&sealed);
     run_until_started();
 }
+
+/// Key files others may open: like ssh, acme-sds refuses a TSIG key or a storage key that every user of
+/// the host may read (at `check` and at start, naming the setting, its line, the file, its mode and the
+/// fix), and warns about one its group may read (in `check`'s output and the start's log).
+#[test]
+fn key_files_every_user_may_read_are_refused_and_group_readable_ones_warned() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let tsig = dir.path().join("acme-sds.key");
+    testkit::write_private(
+        &tsig,
+        testkit::bind::key_file_text("acme-sds", "hmac-sha256", "c2VjcmV0LXNlY3JldC1zZWNyZXQ="),
+    );
+    let storage = dir.path().join("storage.key");
+    testkit::write_private(
+        &storage,
+        base64::engine::general_purpose::STANDARD.encode([7u8; 32]) + "\n",
+    );
+    let config = dir.path().join("acme-sds.toml");
+    write_config(
+        dir.path(),
+        &config,
+        &format!(
+            "[storage]\npath = \"{}\"\nencryption_key_file = \"{}\"\n\n[acme]\ncontact = [\"mailto:ops@example.com\"]\naccept_terms_of_service = true\n\n[dns01]\nserver = \"127.0.0.1:1053\"\ntsig_key_file = \"{}\"\n\n[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.com\"]\nchallenge = \"dns-01\"\n",
+            dir.path().join("data").display(),
+            storage.display(),
+            tsig.display()
+        ),
+    );
+    let run = |cmd: &str| {
+        let out = std::process::Command::new(bin())
+            .args([cmd, "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let chmod = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let (ok, err) = run("check");
+    assert!(ok && !err.contains("warning"), "private files: {err}");
+
+    // Readable by everyone: refused by check and by the start, each naming what is wrong and the fix.
+    for (path, key, line) in [
+        (&storage, "storage.encryption_key_file", 6),
+        (&tsig, "dns01.tsig_key_file", 14),
+    ] {
+        chmod(path, 0o644);
+        for cmd in ["check", "run"] {
+            let (ok, err) = run(cmd);
+            assert!(!ok, "{cmd} with {} readable by all", path.display());
+            assert!(
+                err.contains(&format!("acme-sds.toml:{line}: {key}: {}: mode 0644 lets every user of this host read it", path.display()))
+                    && err.contains(&format!("chmod 600 {}", path.display()))
+                    && err.contains("defaultMode"),
+                "{cmd}: {err}"
+            );
+        }
+        chmod(path, 0o600);
+    }
+
+    // Readable by its group: a warning, in check and at every start.
+    chmod(&tsig, 0o640);
+    chmod(&storage, 0o640);
+    let (ok, err) = run("check");
+    assert!(ok, "a warning, not an error: {err}");
+    for (path, key) in [
+        (&storage, "storage.encryption_key_file"),
+        (&tsig, "dns01.tsig_key_file"),
+    ] {
+        assert!(
+            err.contains(&format!("warning: {}", config.display()))
+                && err.contains(&format!(
+                    "{key}: {}: mode 0640 lets members of its group",
+                    path.display()
+                )),
+            "{key}: {err}"
+        );
+    }
+    let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
+    let line = p.wait_for_line("tsig_key_file");
+    assert!(
+        line.contains("WARN") && line.contains("mode 0640"),
+        "{line}"
+    );
+}

@@ -88,7 +88,7 @@ async fn etcd_keeps_the_store_contract_seals_keys_and_survives_losing_a_member()
 
     // Sealed on etcd: `etcdctl get --prefix` shows no private key.
     let key_file = dir.path().join("storage.key");
-    std::fs::write(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    testkit::write_private(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n");
     let sealer = Arc::new(Sealer::load(&key_file).unwrap());
     let inner: SharedStore = Arc::new(store.clone());
     let sealed = SealedStore::new(
@@ -422,12 +422,7 @@ async fn a_directory_in_clear_migrates_into_sealed_etcd() {
         fs.put("acme/ca/state/site", b"plan").await.unwrap();
     }
     let key_file = dir.path().join("storage.key");
-    std::fs::write(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
-    std::fs::set_permissions(
-        &key_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    testkit::write_private(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n");
     let config = acme_sds::config::parse(
         &format!(
             "[sds]\nlisten = [\"127.0.0.1:1\"]\n\n[storage]\nencryption_key_file = \"storage.key\"\n\n[storage.etcd]\nendpoints = {}\n",
@@ -615,13 +610,12 @@ async fn etcd_over_tls_with_a_client_certificate_and_a_user_limited_to_the_prefi
     ctl(&["user", "grant-role", "acme-sds", "acme"]);
     ctl(&["auth", "enable"]);
     let tls = cluster.tls.as_ref().unwrap();
-    std::fs::write(dir.path().join("password"), "s3cret\n").unwrap();
-    std::fs::write(dir.path().join("wrong"), "guess\n").unwrap();
-    std::fs::write(
-        dir.path().join("storage.key"),
+    testkit::write_private(&dir.path().join("password"), "s3cret\n");
+    testkit::write_private(&dir.path().join("wrong"), "guess\n");
+    testkit::write_private(
+        &dir.path().join("storage.key"),
         "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n",
-    )
-    .unwrap();
+    );
     let config = |password: &str| {
         let text = format!(
             "[sds]\nlisten = [\"127.0.0.1:1\"]\n\n[storage]\nencryption_key_file = \"storage.key\"\n\n[storage.etcd]\nendpoints = [\"{}\"]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nusername = \"acme-sds\"\npassword_file = \"{password}\"\n",

@@ -123,12 +123,17 @@ impl TsigKey {
         name.trim_end_matches('.').to_owned()
     }
 
-    /// Reads the key file at `path` (see [`TsigKey::parse`]).
+    /// Reads the key file at `path` (see [`TsigKey::parse`]); one every user of the host may open is
+    /// refused ([`crate::config::secret_files`]).
     pub fn read(path: &Path) -> Result<TsigKey, DnsError> {
         let err = |why: String| DnsError::Key {
             path: path.to_owned(),
             why,
         };
+        // Checked at every read: a rotated key written with the wrong mode is caught at the next order.
+        if let Some(why) = crate::config::secret_files::world_access(path) {
+            return Err(err(why));
+        }
         let text =
             std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
         let text = zeroize::Zeroizing::new(text);
@@ -976,6 +981,25 @@ mod tests {
                 assert!(!e.contains(hidden), "the secret is shown: {e}");
             }
         }
+        // A good key every user of the host can read is refused as well, at every read (a rotated key
+        // written with the wrong mode is caught at the next order).
+        let path = dir.path().join("open.key");
+        std::fs::write(
+            &path,
+            format!("key \"k\" {{ algorithm hmac-sha256; secret \"{secret}\"; }};\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let e = TsigKey::read(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "dns01.tsig_key_file {}: mode 0644",
+                path.display()
+            )) && e.contains("chmod 600")
+                && !e.contains(secret),
+            "{e}"
+        );
     }
 
     /// Each answer a server can refuse an update with, as the operator reads it.
