@@ -1,8 +1,8 @@
 //! Who besides acme-sds may open the files that hold its secrets (the TSIG key, the storage encryption key,
 //! etcd's client key and password). As ssh treats its keys: a file every user of the host may read or
 //! write (mode & 0o007) is refused, since anyone on the host could copy or swap the key; one its group may
-//! (mode & 0o070) is a warning, since that group may be acme-sds's own (a dedicated system group, a
-//! Kubernetes pod's `fsGroup`) or may not.
+//! (mode & 0o070) is a warning, unless that group is one acme-sds runs with (a dedicated system group, a
+//! Kubernetes pod's `fsGroup`: sharing the key with it is the point).
 //!
 //! The configuration checks the files it names where it is read (`check`, the start, a reload); the TSIG key
 //! is checked again each time it is read (at each order, so a rotated key written with the wrong mode is
@@ -41,14 +41,21 @@ pub fn world_access(path: &Path) -> Option<String> {
     })
 }
 
-/// Why `path` should not hold a secret, when its group may read, write or execute it.
+/// Whether this process runs with group `gid` (its effective group, or a supplementary one).
+fn own_group(gid: u32) -> bool {
+    let gid = nix::unistd::Gid::from_raw(gid);
+    nix::unistd::getegid() == gid || nix::unistd::getgroups().is_ok_and(|g| g.contains(&gid))
+}
+
+/// Why `path` should not hold a secret, when a group other than acme-sds's own may read, write or execute
+/// it.
 pub fn group_access(path: &Path) -> Option<String> {
     let meta = std::fs::metadata(path).ok()?;
     let mode = meta.mode() & 0o7777;
     let group = (mode >> 3) & 0o007;
-    (group != 0 && mode & 0o007 == 0).then(|| {
+    (group != 0 && mode & 0o007 == 0 && !own_group(meta.gid())).then(|| {
         format!(
-            "mode {mode:04o} lets members of its group (gid {}) {} it; unless that group is acme-sds's own (a dedicated system group, a Kubernetes pod's `fsGroup`), `chmod 600 {}`",
+            "mode {mode:04o} lets members of its group (gid {}, not one acme-sds runs with) {} it; `chmod 600 {}`, or give the file acme-sds's own group",
             meta.gid(),
             access(group),
             path.display()
@@ -67,10 +74,22 @@ mod tests {
         let path = dir.path().join("k");
         std::fs::write(&path, "secret").unwrap();
         let chmod = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+        // A group this process runs with may share the key: no warning.
+        chmod(0o640).unwrap();
+        assert!(group_access(&path).is_none(), "our own group");
+        // Another group (only root can give the file one it is not in).
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        std::os::unix::fs::chown(&path, None, Some(65534)).unwrap();
         for (mode, world, group) in [
             (0o600, None, None),
             (0o400, None, None),
-            (0o640, None, Some("mode 0640 lets members of its group")),
+            (
+                0o640,
+                None,
+                Some("mode 0640 lets members of its group (gid 65534"),
+            ),
             (0o660, None, Some("read and write it")),
             (
                 0o644,
