@@ -282,11 +282,10 @@ async fn a_failed_reload_changes_nothing_and_renewals_go_on() {
     );
     // A TSIG key the daemon cannot use.
     let key = dir.path().join("tsig.key");
-    std::fs::write(
+    write_private(
         &key,
         "key \"acme-sds\" {\n\talgorithm hmac-md5;\n\tsecret \"c2VjcmV0LXNlY3JldC1zZWNyZXQ=\";\n};\n",
-    )
-    .unwrap();
+    );
     let dns = format!(
         "{base}[dns01]\nserver = \"127.0.0.1:{}\"\ntsig_key_file = \"{}\"\n\n[[certificate]]\nname = \"wild\"\ndomains = [\"*.example.com\"]\nchallenge = \"dns-01\"\n",
         free_port(),

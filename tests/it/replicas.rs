@@ -67,6 +67,11 @@ impl World {
 
     /// A replica's configuration: the same certificates and etcd prefix for all, its own listeners.
     fn config(&self, name: &str, certs: &[(&str, &[&str])]) -> PathBuf {
+        self.config_with(name, certs, "")
+    }
+
+    /// The same with `extra` tables (`[on_demand]`).
+    fn config_with(&self, name: &str, certs: &[(&str, &[&str])], extra: &str) -> PathBuf {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let mut text = format!(
@@ -83,6 +88,7 @@ impl World {
                 list.join(", ")
             ));
         }
+        text.push_str(extra);
         let path = dir.join("acme-sds.toml");
         std::fs::write(&path, text).unwrap();
         path
@@ -90,7 +96,12 @@ impl World {
 
     /// Starts a replica (without its Envoy: see [`World::edge`]), once its listeners are bound.
     fn replica(&self, name: &str, certs: &[(&str, &[&str])]) -> Replica {
-        let config = self.config(name, certs);
+        self.replica_with(name, certs, "")
+    }
+
+    /// The same with `extra` tables.
+    fn replica_with(&self, name: &str, certs: &[(&str, &[&str])], extra: &str) -> Replica {
+        let config = self.config_with(name, certs, extra);
         let dir = config.parent().unwrap().to_owned();
         let p = Process::spawn(&["run", "--config", config.to_str().unwrap()], &[]);
         p.wait_for_line("acme-sds started");
@@ -596,4 +607,110 @@ async fn a_single_node_migrates_into_etcd_and_its_certificate_is_served_without_
     r.wait_issued("site", "site.example.com", &root).await;
     assert!(!r.p.log().contains("order created"), "{}", r.p.log());
     assert_eq!(w.orders(), 1);
+}
+
+/// Two replicas with on-demand TLS, `max_pending = 1`, and Envoy A's port 80 answering Pebble (sending
+/// challenges to either replica).
+async fn on_demand_pair(w: &World, on_demand: &str) -> (Replica, Replica) {
+    let table = format!("[on_demand]\nallow = [\"*.od.example.com\"]\n{on_demand}\n");
+    let mut a = w.replica_with("a", &[], &table);
+    let b = w.replica_with("b", &[], &table);
+    let both = [a.http01, b.http01];
+    w.edge(&mut a, &[], Some(w.port80), &both, Duration::ZERO);
+    (a, b)
+}
+
+/// A delta stream on `r` subscribed to `names` as an Envoy would.
+async fn od_stream(r: &Replica, names: &[&str]) -> DeltaStream {
+    use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let mut client = uds_client(&r.dir.join("sds.sock")).await;
+    let stream = DeltaStream::open(&mut client).await;
+    stream
+        .send(DeltaDiscoveryRequest {
+            node: node("edge"),
+            type_url: acme_sds::registry::SECRET_TYPE_URL.into(),
+            resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        })
+        .await;
+    stream
+}
+
+/// The certificate a delta stream is served for its one name, chaining to `root` for `name`.
+async fn od_served(stream: &mut DeltaStream, name: &str, root: &[u8]) -> Vec<u8> {
+    let r = tokio::time::timeout(BOUND, stream.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{name} not served within {BOUND:?}"));
+    assert!(r.removed_resources.is_empty(), "{name} refused: {r:?}");
+    let chain = chain_ders(&decode_secret(r.resources[0].resource.as_ref().unwrap()));
+    verify_chain(&chain, root, name).unwrap();
+    chain[0].clone()
+}
+
+/// With `max_pending = 1`, a name asked of both replicas at once is ordered by one and adopted by the
+/// other (no outcome there); the adopting replica's turn ends with the adoption, so the next new name it
+/// is asked for is ordered too: each replica obtains one more name afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_name_adopted_from_another_replica_frees_its_turn() {
+    let Some(w) = World::start() else { return };
+    let (a, b) = on_demand_pair(&w, "max_pending = 1").await;
+    let root = root(&w).await;
+    let name = "shared.od.example.com";
+    let (mut sa, mut sb) = (od_stream(&a, &[name]).await, od_stream(&b, &[name]).await);
+    let leaf = od_served(&mut sa, name, &root).await;
+    assert_eq!(od_served(&mut sb, name, &root).await, leaf);
+    assert_eq!(w.orders(), 1, "{}", w.pebble.log());
+    // Each replica's one turn is free again: a new name on each is ordered and served.
+    let (mut ta, mut tb) = (
+        od_stream(&a, &["next-a.od.example.com"]).await,
+        od_stream(&b, &["next-b.od.example.com"]).await,
+    );
+    od_served(&mut ta, "next-a.od.example.com", &root).await;
+    od_served(&mut tb, "next-b.od.example.com", &root).await;
+    assert_eq!(w.orders(), 3, "{}", w.pebble.log());
+}
+
+/// An on-demand certificate one replica no longer serves while another still does is kept: the idle
+/// replica reads, under the certificate's lock, that the other used it within `drop_unused_after`, and
+/// deletes nothing. Once no replica serves it, it is forgotten, records and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_certificate_is_dropped_only_when_no_replica_uses_it() {
+    let Some(w) = World::start() else { return };
+    let (a, b) = on_demand_pair(&w, "drop_unused_after = \"3s\"").await;
+    let root = root(&w).await;
+    let name = "kept.od.example.com";
+    let mut sa = od_stream(&a, &[name]).await;
+    od_served(&mut sa, name, &root).await;
+    let mut sb = od_stream(&b, &[name]).await;
+    od_served(&mut sb, name, &root).await;
+    let record = || {
+        let out = w
+            .etcd
+            .etcdctl(&["get", "--prefix", "--keys-only", "/acme-sds/acme/"])
+            .stdout;
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|k| k.contains("kept.od.example.com"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let stored = record();
+    assert!(
+        stored.iter().any(|k| k.contains("/on-demand/"))
+            && stored.iter().any(|k| k.contains("/on-demand-certs/")),
+        "{stored:?}"
+    );
+    // B's Envoy lets it go; A's keeps it.
+    drop(sb);
+    b.p.wait_for_line_within("another replica served it", BOUND);
+    assert_eq!(record(), stored, "nothing deleted while A serves it");
+    assert!(!b.p.log().contains("forgotten"), "{}", b.p.log());
+    // Nobody serves it: forgotten.
+    drop(sa);
+    first_to_log(&[&a, &b], "no longer renewed, and forgotten");
+    let deadline = Instant::now() + BOUND;
+    while !record().is_empty() {
+        assert!(Instant::now() < deadline, "left: {:?}", record());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

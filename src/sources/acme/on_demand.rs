@@ -539,6 +539,7 @@ impl OnDemand {
             if let Some(Known::Admitted { last_used, .. }) = self.lock().names.get_mut(name) {
                 *last_used = (*last_used).max(used);
             }
+            tracing::info!(name = %name, "on-demand certificate unused here, but another replica served it within on_demand.drop_unused_after: kept");
             self.manager.unlock(lock).await;
             return;
         }
