@@ -704,3 +704,44 @@ fn accept_unsealed_goes_with_the_key_file_and_warns_while_on() {
         "{err}"
     );
 }
+
+/// `[on_demand]`: each setting that is wrong is named with its key and line; what is right is as written
+/// or its default.
+#[test]
+fn on_demand_settings_name_their_key_and_line() {
+    let head = "[sds]\nlisten = [\"127.0.0.1:1\"]\n[acme]\naccept_terms_of_service = true\n";
+    let ok = parse_str(&format!(
+        "{head}[on_demand]\nallow = [\"*.customers.example.com\"]\nask = \"http://127.0.0.1:9/ok\"\nask_concurrency = 4\n"
+    ))
+    .unwrap();
+    let od = ok.on_demand.unwrap();
+    assert_eq!(od.ask_concurrency, 4);
+    assert_eq!(
+        od.max_new_per_hour,
+        crate::config::on_demand::DEFAULT_MAX_NEW_PER_HOUR
+    );
+    let defaults = parse_str(&format!("{head}[on_demand]\nallow = [\"a.example.com\"]\n")).unwrap();
+    assert_eq!(
+        defaults.on_demand.unwrap().ask_concurrency,
+        crate::config::on_demand::DEFAULT_ASK_CONCURRENCY
+    );
+    let err = parse_str(&format!(
+        "{head}[on_demand]\nallow = [\"*.*.example.com\"]\nask = \"ftp://x\"\nask_concurrency = 0\nmax_new_per_hour = -1\nmax_pending = 0\nkey_type = \"dsa\"\n"
+    ))
+    .unwrap_err();
+    for (key, line) in [
+        ("on_demand.allow[0]", 6),
+        ("on_demand.ask", 7),
+        ("on_demand.ask_concurrency", 8),
+        ("on_demand.max_new_per_hour", 9),
+        ("on_demand.max_pending", 10),
+        ("on_demand.key_type", 11),
+    ] {
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.key == key && p.line == Some(line)),
+            "{key} at line {line}: {err}"
+        );
+    }
+}
