@@ -91,6 +91,25 @@ pub fn nack(names: &[&str], resp: &DiscoveryResponse, previous_version: &str) ->
     }
 }
 
+/// The first request of a delta stream from the node `node_id`, subscribing to `names`.
+pub fn delta_subscribe<S: AsRef<str>>(node_id: &str, names: &[S]) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: node(node_id),
+        type_url: SECRET_TYPE_URL.to_owned(),
+        resource_names_subscribe: names.iter().map(|n| n.as_ref().to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A delta ACK of `resp`.
+pub fn delta_ack(resp: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        response_nonce: resp.nonce.clone(),
+        type_url: SECRET_TYPE_URL.to_owned(),
+        ..Default::default()
+    }
+}
+
 pub fn decode_secret(any: &Any) -> Secret {
     assert_eq!(any.type_url, SECRET_TYPE_URL);
     Secret::decode(any.value.clone()).unwrap()

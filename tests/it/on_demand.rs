@@ -356,9 +356,8 @@ async fn an_envoy_outside_allowed_nodes_cannot_trigger_issuance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_name_is_never_obtained_on_demand_whatever_its_spelling() {
     use acme_sds::proto::envoy::service::discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+        DeltaDiscoveryResponse, DiscoveryRequest,
     };
-    use acme_sds::registry::SECRET_TYPE_URL;
     use prost::Message;
 
     let pki = Pki::new();
@@ -377,12 +376,7 @@ async fn a_configured_name_is_never_obtained_on_demand_whatever_its_spelling() {
     };
     let socket = edge.dir.path().join("sds.sock");
     let mut client = uds_client(&socket).await;
-    let delta_req = |node_id: &str, names: &[&str]| DeltaDiscoveryRequest {
-        node: node(node_id),
-        type_url: SECRET_TYPE_URL.into(),
-        resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
+    let delta_req = |node_id: &str, names: &[&str]| delta_subscribe(node_id, names);
 
     // The Envoy allowed to read them: wait until both ACME certificates are issued.
     let mut allowed = DeltaStream::open(&mut client).await;
@@ -395,17 +389,11 @@ async fn a_configured_name_is_never_obtained_on_demand_whatever_its_spelling() {
     let mut held = std::collections::HashMap::new();
     while held.len() < 3 {
         let r = allowed.recv().await;
-        for res in r.resources {
+        for res in &r.resources {
             let secret = decode_secret(res.resource.as_ref().unwrap());
             held.insert(res.name.clone(), leaf_der(&secret));
         }
-        allowed
-            .send(DeltaDiscoveryRequest {
-                response_nonce: r.nonce,
-                type_url: SECRET_TYPE_URL.into(),
-                ..Default::default()
-            })
-            .await;
+        allowed.send(delta_ack(&r)).await;
     }
     assert_eq!(held["shop.example.test"], shop.leaf_der);
     let orders_before = edge.orders();
@@ -600,22 +588,14 @@ async fn flood(
     per_stream: usize,
     awaited_at_most: usize,
 ) -> (Vec<DeltaStream>, usize) {
-    use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-    use acme_sds::registry::SECRET_TYPE_URL;
     let mut client = daemon.client().await;
     let mut open = Vec::new();
     for s in 0..streams {
         let stream = DeltaStream::open(&mut client).await;
-        stream
-            .send(DeltaDiscoveryRequest {
-                node: node("edge"),
-                type_url: SECRET_TYPE_URL.into(),
-                resource_names_subscribe: (0..per_stream)
-                    .map(|i| format!("n{i}-s{s}.flood.test"))
-                    .collect(),
-                ..Default::default()
-            })
-            .await;
+        let names: Vec<String> = (0..per_stream)
+            .map(|i| format!("n{i}-s{s}.flood.test"))
+            .collect();
+        stream.send(delta_subscribe("edge", &names)).await;
         open.push(stream);
     }
     let want = streams * per_stream - awaited_at_most;
@@ -628,13 +608,7 @@ async fn flood(
             let r = stream.recv().await;
             reported += r.removed_resources.len();
             assert!(r.resources.is_empty(), "nothing is served for a flood");
-            stream
-                .send(DeltaDiscoveryRequest {
-                    response_nonce: r.nonce,
-                    type_url: SECRET_TYPE_URL.into(),
-                    ..Default::default()
-                })
-                .await;
+            stream.send(delta_ack(&r)).await;
         }
         removed += reported;
     }
@@ -720,8 +694,6 @@ async fn a_flood_of_names_orders_no_more_than_the_hourly_cap() {
 /// that never finishes and counting as no answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ask_answer_is_read_to_a_limit() {
-    use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-    use acme_sds::registry::SECRET_TYPE_URL;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -749,12 +721,7 @@ async fn an_ask_answer_is_read_to_a_limit() {
     let mut client = daemon.client().await;
     let mut stream = DeltaStream::open(&mut client).await;
     stream
-        .send(DeltaDiscoveryRequest {
-            node: node("edge"),
-            type_url: SECRET_TYPE_URL.into(),
-            resource_names_subscribe: vec!["big.flood.test".into()],
-            ..Default::default()
-        })
+        .send(delta_subscribe("edge", &["big.flood.test"]))
         .await;
     let r = stream.recv().await;
     assert!(r.removed_resources.is_empty(), "refused: {r:?}");

@@ -622,17 +622,9 @@ async fn on_demand_pair(w: &World, on_demand: &str) -> (Replica, Replica) {
 
 /// A delta stream on `r` subscribed to `names` as an Envoy would.
 async fn od_stream(r: &Replica, names: &[&str]) -> DeltaStream {
-    use acme_sds::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
     let mut client = uds_client(&r.dir.join("sds.sock")).await;
     let stream = DeltaStream::open(&mut client).await;
-    stream
-        .send(DeltaDiscoveryRequest {
-            node: node("edge"),
-            type_url: acme_sds::registry::SECRET_TYPE_URL.into(),
-            resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
-            ..Default::default()
-        })
-        .await;
+    stream.send(delta_subscribe("edge", names)).await;
     stream
 }
 

@@ -358,12 +358,7 @@ fn sotw_as(
 }
 
 fn delta_as(names: &[&str], node_id: &str) -> DeltaDiscoveryRequest {
-    DeltaDiscoveryRequest {
-        node: node(node_id),
-        type_url: SECRET_TYPE_URL.into(),
-        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
-        ..Default::default()
-    }
+    delta_subscribe(node_id, names)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -781,8 +781,13 @@ impl OnDemand {
             state.reserved -= 1;
             state.new_in_last_hour.push_back(Instant::now());
         }
-        // At most max_pending first orders at once; the turn lasts until the first outcome.
-        let Ok(_permit) = self.first_orders.clone().acquire_owned().await else {
+        // At most max_pending first orders at once; the turn lasts until the first outcome. An issuer
+        // stopped meanwhile (a reload replaced it) admits nothing more: its successor decides again.
+        let permit = tokio::select! {
+            _ = self.shutdown.cancelled() => return,
+            p = self.first_orders.clone().acquire_owned() => p,
+        };
+        let Ok(_permit) = permit else {
             return;
         };
         let mut outcomes = self.manager.outcomes();
