@@ -373,6 +373,11 @@ impl OnDemand {
         let mut state = self.lock();
         for (name, known) in taken {
             let Known::Admitted { stop, .. } = &known else {
+                if matches!(known, Known::Deciding) {
+                    // Its decision was cut short: streams waiting for it report it missing (Envoy fails
+                    // that handshake), and the next request is decided here.
+                    self.registry.refuse(&SecretId::OnDemand(name));
+                }
                 continue;
             };
             if self.allowed_by(&name).is_none() || self.claimed(&name) {
