@@ -734,3 +734,50 @@ async fn an_ask_answer_is_read_to_a_limit() {
     .unwrap();
     daemon.stop().await;
 }
+
+/// A reload that changes `[on_demand]` keeps what was obtained: the new policy takes over the certificates
+/// the old one served (no new order, the same certificate at the next handshake), and decides new names;
+/// one that the new `allow` no longer matches stops being renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_on_demand_keeps_what_was_obtained() {
+    let Some(edge) = Edge::start("allow = [\"*.customers.example.com\", \"old.example.org\"]")
+    else {
+        return;
+    };
+    let root = edge.pebble.root_der().await;
+    let first = edge
+        .handshake(Some("a.customers.example.com"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+    verify_chain(&first, &root, "a.customers.example.com").unwrap();
+    edge.handshake(Some("old.example.org")).await.unwrap();
+    assert_eq!(edge.orders(), 2);
+
+    let config = edge.dir.path().join("acme-sds.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "allow = [\"*.customers.example.com\", \"old.example.org\"]",
+        "allow = [\"*.customers.example.com\"]\nmax_new_per_hour = 50",
+    );
+    std::fs::write(&config, text).unwrap();
+    let daemon = edge.daemon.as_ref().unwrap();
+    daemon.wait_for_line_within("configuration reloaded", BOUND);
+    assert!(
+        edge.log()
+            .lines()
+            .any(|l| l.contains("no longer matches [on_demand] allow")
+                && l.contains("old.example.org")),
+        "{}",
+        edge.log()
+    );
+    let again = edge
+        .handshake(Some("a.customers.example.com"))
+        .await
+        .unwrap();
+    assert_eq!(again[0], first[0], "the same certificate, taken over");
+    let new = edge
+        .handshake(Some("b.customers.example.com"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+    verify_chain(&new, &root, "b.customers.example.com").unwrap();
+    assert_eq!(edge.orders(), 3, "{}", edge.pebble.log());
+}

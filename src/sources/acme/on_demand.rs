@@ -381,8 +381,8 @@ impl OnDemand {
                 continue;
             };
             if self.allowed_by(&name).is_none() || self.claimed(&name) {
+                // Stopped here; `load_recorded` says why, as it reads the name's record.
                 stop.cancel();
-                tracing::info!(name = %name, "on-demand certificate no longer matches [on_demand] allow: not served or renewed");
                 continue;
             }
             state.set(&name, known);
