@@ -343,20 +343,16 @@ impl Registry {
         let name = id.as_str().to_owned();
         let plain = encode(&content.to_secret(name.clone()));
         let version = content_version(&plain.value);
-        let was_withdrawn = self
-            .withdrawn
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        if let Some(current) = self.get(&id)
+        // Compared with what the slot holds, withdrawn or not: publishing never offers a withdrawn
+        // secret again (a certificate task stopped by a reload may finish one more issuance), only
+        // [`Registry::offer`] does.
+        let current = self
+            .read()
+            .get(&id)
+            .and_then(|slot| slot.tx.borrow().clone());
+        if let Some(current) = current
             && current.version == version
         {
-            if was_withdrawn {
-                // Offered again: wake subscriptions made while it was withdrawn (the others see no change).
-                if let Some(slot) = self.read().get(&id) {
-                    slot.tx.send_modify(|_| {});
-                }
-            }
             return Published::Unchanged(current);
         }
         let prefixed = encode(&content.to_secret(format!("{ISTIO_PREFIX}{name}")));
@@ -456,12 +452,27 @@ impl Registry {
     }
 
     /// Stops offering a secret (its configuration was removed): new requests see it as unknown, while
-    /// streams that already hold it keep it (their receivers keep the last value; nothing is yanked).
+    /// streams that already hold it keep it (their receivers keep the last value; nothing is yanked),
+    /// until [`Registry::offer`].
     pub fn withdraw(&self, id: &(impl Id + ?Sized)) {
         self.withdrawn
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.id());
+    }
+
+    /// Offers a withdrawn secret again (configured again by a reload, obtained on demand again): new
+    /// requests see it, and subscriptions made while it was withdrawn are woken.
+    pub fn offer(&self, id: &(impl Id + ?Sized)) {
+        let id = id.id();
+        let was = self
+            .withdrawn
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if was && let Some(slot) = self.read().get(&id) {
+            slot.tx.send_modify(|_| {});
+        }
     }
 
     fn is_withdrawn(&self, id: &SecretId) -> bool {
@@ -485,14 +496,6 @@ impl Registry {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains(id)
-    }
-
-    /// How many secrets are being obtained now (see [`Registry::expect_soon`]).
-    pub fn expected_count(&self) -> usize {
-        self.expected
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
     }
 
     /// `id` will not be obtained (it was refused): streams waiting for it are woken, and report it missing
@@ -743,11 +746,14 @@ mod tests {
             "a new subscription does not see it"
         );
         assert!(reg.names().is_empty());
-        // Re-added with the same bytes: the fresh subscription is woken and sees it; the holder is not
-        // bothered (same version).
+        // Publishing alone does not offer it again (a stopped source's late publication).
         let same = match reg.publish("gone", &a) {
             Published::Unchanged(v) | Published::New(v) => v,
         };
+        assert!(reg.get("gone").is_none(), "still withdrawn");
+        // Offered again (configured again): the fresh subscription is woken and sees it; the holder is
+        // not bothered (same version).
+        reg.offer("gone");
         fresh.changed().await;
         assert_eq!(fresh.current().unwrap().version(), same.version());
         reg.publish("gone", &bundle("b"));

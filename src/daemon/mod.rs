@@ -323,8 +323,8 @@ pub async fn start(config: &Config) -> Result<Running, DaemonError> {
     }
     let shutdown = CancellationToken::new();
     log_warnings(config);
-    let policy = Arc::new(Policy::new(access_rules(config)));
-    policy.replace_unconfigured(unconfigured_rule(config));
+    let policy = Arc::new(Policy::default());
+    policy.replace_all(access_rules(config), unconfigured_rule(config));
     let limits = Limits::new(config.sds.quotas);
     let mut running = Running {
         config: config.clone(),
@@ -809,10 +809,28 @@ impl Running {
             );
         }
         log_warnings(&new);
-        // The new rules are in force before anything new is published, and every open stream checks its
-        // subscription against them at once.
-        self.policy.replace(access_rules(&new));
-        self.policy.replace_unconfigured(unconfigured_rule(&new));
+        let names = |c: &Config| -> Vec<SecretName> {
+            c.certificates
+                .iter()
+                .map(|x| x.name.clone())
+                .chain(c.trust_bundles.iter().map(|x| x.name.clone()))
+                .collect()
+        };
+        let (before, after) = (names(&old), names(&new));
+        let removed: Vec<&SecretName> = before.iter().filter(|n| !after.contains(n)).collect();
+        let added: Vec<&SecretName> = after.iter().filter(|n| !before.contains(n)).collect();
+        // Secrets no longer configured stop being offered before the rules that no longer name them are in
+        // force (under those, such a name falls to the rule of unconfigured names); streams that hold one
+        // keep it. Then the new rules, all at once, before anything new is published: every open stream
+        // checks its subscription against them at once.
+        for name in &removed {
+            self.registry.withdraw(name);
+        }
+        self.policy
+            .replace_all(access_rules(&new), unconfigured_rule(&new));
+        for name in &added {
+            self.registry.offer(name);
+        }
 
         // Files: publish what is new or changed, then watch the new set.
         self.files_token.cancel();
@@ -825,21 +843,6 @@ impl Running {
         self.commit_acme(acme).await;
         if let Some(internal) = internal {
             self.commit_internal(internal).await;
-        }
-
-        // Secrets no longer configured stop being offered.
-        let names = |c: &Config| -> Vec<SecretName> {
-            c.certificates
-                .iter()
-                .map(|x| x.name.clone())
-                .chain(c.trust_bundles.iter().map(|x| x.name.clone()))
-                .collect()
-        };
-        let (before, after) = (names(&old), names(&new));
-        let removed: Vec<&SecretName> = before.iter().filter(|n| !after.contains(n)).collect();
-        let added: Vec<&SecretName> = after.iter().filter(|n| !before.contains(n)).collect();
-        for name in &removed {
-            self.registry.withdraw(name);
         }
         if let Some(view) = &self.status {
             view.update(self.sources(&new));

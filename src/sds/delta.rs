@@ -82,14 +82,19 @@ impl Delta {
         if rules.generation() == self.ctx.checked() {
             return Ok(());
         }
-        for w in &mut self.watched {
+        let mut moved = Vec::new();
+        for (i, w) in self.watched.iter_mut().enumerate() {
             if w.name.resolve_again(&self.registry, rules) {
                 w.reported_missing = false;
                 self.fresh = true;
+                moved.push(i);
             }
         }
         self.ctx
-            .authorize(rules, [], self.watched.iter().map(|w| w.name.pair()))
+            .authorize(rules, [], self.watched.iter().map(|w| w.name.pair()))?;
+        self.ctx
+            .unconfigured(moved.iter().map(|&i| self.watched[i].name.pair()));
+        Ok(())
     }
 
     fn respond(&mut self) -> Result<Option<DeltaDiscoveryResponse>, Status> {

@@ -160,6 +160,11 @@ impl Rules {
     pub fn is_configured(&self, requested: &str) -> bool {
         self.configured(requested).is_some()
     }
+
+    /// Whether `id` is a secret these rules configure.
+    pub fn configures(&self, id: &SecretId) -> bool {
+        matches!(id, SecretId::Named(n) if self.secrets.contains_key(n.as_str()))
+    }
 }
 
 /// Certificates obtained on demand (`[on_demand]`): told of every name a caller subscribes to or fetches
@@ -233,6 +238,16 @@ impl Policy {
         let secrets: Vec<Configured> = secrets.into_iter().map(Into::into).collect();
         let unconfigured = self.built_from().1;
         self.put(secrets, unconfigured);
+    }
+
+    /// Puts new rules in force for configured secrets and for every other name at once (one generation:
+    /// no request is decided by half of them).
+    pub fn replace_all<C: Into<Configured>>(
+        &self,
+        secrets: impl IntoIterator<Item = C>,
+        unconfigured: Access,
+    ) {
+        self.put(secrets.into_iter().map(Into::into).collect(), unconfigured);
     }
 
     /// Puts a new rule in force for every name that is not configured (`[on_demand] allowed_nodes`), as

@@ -59,14 +59,19 @@ impl Sotw {
         if rules.generation() == self.ctx.checked() {
             return Ok(());
         }
-        for w in &mut self.watched {
+        let mut moved = Vec::new();
+        for (i, w) in self.watched.iter_mut().enumerate() {
             if w.name.resolve_again(&self.registry, rules) {
                 w.sent = None;
                 self.fresh = true;
+                moved.push(i);
             }
         }
         self.ctx
-            .authorize(rules, [], self.watched.iter().map(|w| w.name.pair()))
+            .authorize(rules, [], self.watched.iter().map(|w| w.name.pair()))?;
+        self.ctx
+            .unconfigured(moved.iter().map(|&i| self.watched[i].name.pair()));
+        Ok(())
     }
 
     /// Makes `names` (checked, distinct; those not held yet resolved in `adding`) the subscription, keeping

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use acme_sds::proto::envoy::service::discovery::v3::DiscoveryRequest;
 use testkit::envoy::{Envoy, envoy_bin, on_demand_bootstrap, presented_chain};
 use testkit::pebble::{Pebble, PebbleOptions, free_port, verify_chain};
 use testkit::*;
@@ -780,4 +781,55 @@ async fn a_reload_of_on_demand_keeps_what_was_obtained() {
         .unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
     verify_chain(&new, &root, "b.customers.example.com").unwrap();
     assert_eq!(edge.orders(), 3, "{}", edge.pebble.log());
+}
+
+/// Certificates obtained on demand stop being offered with the issuer that obtained them: after a reload
+/// that removes `[on_demand]` (and with it `allowed_nodes`, so unconfigured names are open to every node),
+/// a node that was never allowed cannot fetch or subscribe to one; the Envoy that held it keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_certificates_are_withdrawn_when_on_demand_is_turned_off() {
+    let Some((mut daemon, _pebble)) =
+        flood_daemon("allow = [\"*.flood.test\"]\nallowed_nodes = [\"edge*\"]").await
+    else {
+        return;
+    };
+    let mut client = daemon.client().await;
+    let mut edge = DeltaStream::open(&mut client).await;
+    edge.send(delta_subscribe("edge-1", &["x.flood.test"]))
+        .await;
+    let r = edge.recv().await;
+    assert_eq!(r.resources.len(), 1, "{r:?}");
+    edge.send(delta_ack(&r)).await;
+
+    let config = daemon.dir.path().join("acme-sds.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without = &text[..text.find("[on_demand]").unwrap()];
+    std::fs::write(&config, without).unwrap();
+    daemon
+        .running
+        .as_mut()
+        .unwrap()
+        .reload(&config)
+        .await
+        .unwrap();
+
+    let fetched = client
+        .fetch_secrets(DiscoveryRequest {
+            node: node("intruder"),
+            ..subscribe(&["x.flood.test"])
+        })
+        .await;
+    assert_eq!(
+        fetched.map(|_| ()).unwrap_err().code(),
+        tonic::Code::NotFound,
+        "no longer offered"
+    );
+    let mut intruder = DeltaStream::open(&mut client).await;
+    intruder
+        .send(delta_subscribe("intruder", &["x.flood.test"]))
+        .await;
+    let r = intruder.recv().await;
+    assert!(r.resources.is_empty(), "no key for the intruder: {r:?}");
+    assert_eq!(r.removed_resources, ["x.flood.test"]);
+    daemon.stop().await;
 }

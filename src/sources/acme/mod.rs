@@ -34,7 +34,13 @@ macro_rules! retrying {
     ($metrics:expr, $action:literal, $call:expr) => {{
         let mut attempt = 1u32;
         loop {
-            let _ = $crate::sources::acme::http::take_retry_after();
+            // A stale short wait is forgotten; a long one an earlier request ended with is the caller's
+            // to honour, and stays.
+            if $crate::sources::acme::http::peek_retry_after()
+                .is_some_and(|w| w <= $crate::sources::acme::order::MAX_RETRY_AFTER)
+            {
+                let _ = $crate::sources::acme::http::take_retry_after();
+            }
             match $crate::sources::acme::order::timed($metrics, $action, $call).await {
                 Err(e) if $crate::sources::acme::order::again(&e, attempt) => {
                     let wait = match $crate::sources::acme::http::peek_retry_after() {
@@ -362,6 +368,17 @@ struct Task {
     ended: CancellationToken,
 }
 
+impl Task {
+    fn new(cert: ManagedCert, stop: CancellationToken) -> Task {
+        Task {
+            cert,
+            changed: Changed::default(),
+            stop,
+            ended: CancellationToken::new(),
+        }
+    }
+}
+
 /// How long [`AcmeManager::reconcile`] waits for a stopped task to end (withdrawing its challenges).
 const TASK_END_GRACE: Duration = Duration::from_secs(10);
 
@@ -511,8 +528,11 @@ impl AcmeManager {
         let mut tasks = Vec::new();
         for cert in certs {
             tasks.push(
-                self.launch(cert, prefetched.as_ref(), shutdown.child_token())
-                    .await,
+                self.launch(
+                    self.register(cert, shutdown.child_token()),
+                    prefetched.as_ref(),
+                )
+                .await,
             );
         }
         if let Some(changes) = changes {
@@ -533,9 +553,11 @@ impl AcmeManager {
             .get()
             .ok_or(AddError::NotStarted)?
             .child_token();
-        {
-            let followed = self.followed.lock().map_err(|_| AddError::NotStarted)?;
-            if followed.contains_key(&self.keys.cert(&cert.id)) {
+        // Checked and registered in one step: two adds of one certificate cannot both pass.
+        let task = {
+            let mut followed = self.followed.lock().map_err(|_| AddError::NotStarted)?;
+            let key = self.keys.cert(&cert.id);
+            if followed.contains_key(&key) {
                 return Err(AddError::AlreadyManaged(cert.id.to_string()));
             }
             if let SecretId::OnDemand(name) = &cert.id {
@@ -547,9 +569,21 @@ impl AcmeManager {
                     return Err(AddError::Configured(name.to_string()));
                 }
             }
-        }
-        self.launch(cert, None, token.clone()).await;
+            let task = Task::new(cert, token.clone());
+            followed.insert(key, task.clone());
+            task
+        };
+        self.launch(task, None).await;
         Ok(token)
+    }
+
+    /// Registers `cert`'s task (stopping with `token`), replacing any before it: what the watch follows.
+    fn register(&self, cert: ManagedCert, token: CancellationToken) -> Task {
+        let task = Task::new(cert, token);
+        if let Ok(mut followed) = self.followed.lock() {
+            followed.insert(self.keys.cert(&task.cert.id), task.clone());
+        }
+        task
     }
 
     /// Makes `certs` the configured certificates (after a reload), keeping every task whose certificate is
@@ -574,7 +608,8 @@ impl AcmeManager {
                 if task.cert.id.is_on_demand() {
                     continue;
                 }
-                if wanted.get(key) == Some(&task.cert) {
+                // Kept only while it runs: one stopped by an earlier reload (and still ending) is replaced.
+                if wanted.get(key) == Some(&task.cert) && !task.stop.is_cancelled() {
                     wanted.remove(key);
                 } else {
                     task.stop.cancel();
@@ -582,8 +617,10 @@ impl AcmeManager {
                 }
             }
         }
+        // One deadline for them all: however many stop, a reload waits at most this long.
+        let deadline = tokio::time::Instant::now() + TASK_END_GRACE;
         for (id, ended) in stopping {
-            if tokio::time::timeout(TASK_END_GRACE, ended.cancelled())
+            if tokio::time::timeout_at(deadline, ended.cancelled())
                 .await
                 .is_err()
             {
@@ -595,7 +632,8 @@ impl AcmeManager {
         }
         let mut handles = Vec::new();
         for cert in wanted.into_values() {
-            handles.push(self.launch(cert, None, shutdown.child_token()).await);
+            let task = self.register(cert, shutdown.child_token());
+            handles.push(self.launch(task, None).await);
         }
         handles
     }
@@ -603,7 +641,18 @@ impl AcmeManager {
     /// How long an on-demand certificate's first order may take before it no longer holds a turn
     /// (`max_pending`): the order's own time limit, and a lock's lifetime for another replica's order.
     pub(super) fn first_order_limit(&self) -> Duration {
-        self.config.request_timeout * ORDER_TIMEOUTS + self.lock_ttl
+        self.lock_wait_limit()
+    }
+
+    /// The longest a certificate's lock is held by a working replica: an order's time limit (with DNS-01
+    /// propagation, when configured) and a lock's lifetime after it. A wait past it is for a lock nobody
+    /// will give up.
+    fn lock_wait_limit(&self) -> Duration {
+        let propagation = self
+            .dns01
+            .as_ref()
+            .map_or(Duration::ZERO, |d| d.propagation_timeout());
+        self.config.request_timeout * ORDER_TIMEOUTS + propagation + self.lock_ttl
     }
 
     /// Takes the certificate `id`'s lock (bounded as every lock is: see [`AcmeManager::acquire`]).
@@ -645,24 +694,16 @@ impl AcmeManager {
     /// temporary stand-in, and starts its task.
     async fn launch(
         self: &Arc<Self>,
-        cert: ManagedCert,
+        task: Task,
         prefetched: Option<&Prefetched>,
-        token: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let changed = Changed::default();
-        let ended = CancellationToken::new();
+        let Task {
+            cert,
+            changed,
+            stop: token,
+            ended,
+        } = task;
         let cert_key = self.keys.cert(&cert.id);
-        if let Ok(mut followed) = self.followed.lock() {
-            followed.insert(
-                cert_key.clone(),
-                Task {
-                    cert: cert.clone(),
-                    changed: changed.clone(),
-                    stop: token.clone(),
-                    ended: ended.clone(),
-                },
-            );
-        }
         let stored = match prefetched.map(|p| p.get(&cert_key)) {
             Some(None) => None,
             Some(Some(entry)) => match parse_stored(entry) {
@@ -805,18 +846,15 @@ impl AcmeManager {
         let key = self.keys.cert(id);
         // Bounded: no order holds a lock longer than this, so a wait past it is a lock nobody will give
         // up (a lease kept alive by mistake); giving up lets the attempt's own lease lapse.
-        let limit = self.first_order_limit();
+        let limit = self.lock_wait_limit();
         let taken = tokio::select! {
             _ = shutdown.cancelled() => return None,
             r = tokio::time::timeout(limit, self.store.lock(&key, self.lock_ttl)) => r,
         };
-        let taken = taken.unwrap_or_else(|_| {
-            Err(StoreError::Etcd {
-                op: "lock",
-                key: key.clone(),
-                reason: format!("not free within {}s", limit.as_secs()),
-            })
-        });
+        let Ok(taken) = taken else {
+            tracing::warn!(secret = %id, "the certificate's lock is still held after {} s (longer than an order takes): planning again", limit.as_secs());
+            return None;
+        };
         match taken {
             Ok(lock) => {
                 self.metrics.lock_taken(started);
@@ -1115,7 +1153,7 @@ impl AcmeManager {
             };
             match result {
                 Ok((stored, pem)) => {
-                    self.metrics.count_order(cert.id.as_str(), "issued");
+                    self.metrics.count_order(metric_name(&cert.id), "issued");
                     // Stored first (a crash after this serves it at the next start); published whatever
                     // the store said (an issued certificate is never thrown away).
                     let saved = self.save_cert(&cert.id, &stored, &lock).await;
@@ -1155,7 +1193,7 @@ impl AcmeManager {
                     current = Some(Current { stored, saved });
                 }
                 Err(e) => {
-                    self.metrics.count_order(cert.id.as_str(), "failed");
+                    self.metrics.count_order(metric_name(&cert.id), "failed");
                     let _ = self.outcomes.send((cert.id.clone(), Err(e.to_string())));
                     if e.account_gone() {
                         tracing::warn!(
@@ -1363,6 +1401,15 @@ impl AcmeManager {
             issued_at_ms: i64::try_from(now.unix_timestamp_nanos() / 1_000_000).ok(),
         };
         Ok((stored, pem))
+    }
+}
+
+/// The `name` label of a certificate's order metrics: its name when configured; one series for all the
+/// certificates obtained on demand (callers choose those names, and must not be able to create series).
+fn metric_name(id: &SecretId) -> &str {
+    match id {
+        SecretId::Named(name) => name,
+        SecretId::OnDemand(_) => "(on demand)",
     }
 }
 

@@ -343,18 +343,33 @@ impl OnDemand {
         on_demand
     }
 
-    /// Stops deciding and sweeping; with `certificates`, also stops renewing every certificate it serves
-    /// (else a successor takes them over: [`OnDemand::start`]).
+    /// Stops deciding and sweeping; with `certificates`, also stops serving and renewing every certificate
+    /// it serves (else a successor takes them over: [`OnDemand::start`]). Names still being decided are
+    /// refused (streams waiting for them report them missing).
     pub fn stop(&self, certificates: bool) {
         self.shutdown.cancel();
         if certificates {
             let mut state = self.lock();
             let names: Vec<DnsName> = state.names.keys().cloned().collect();
             for name in names {
-                if let Some(Known::Admitted { stop, .. }) = state.forget(&name) {
-                    stop.cancel();
+                if let Some(known) = state.forget(&name) {
+                    self.retire(name, known);
                 }
             }
+        }
+    }
+
+    /// Ends what is known of `name` here: a certificate served stops being renewed and offered (a stream
+    /// that holds it keeps it; a new request is decided again), a decision cut short is refused.
+    fn retire(&self, name: DnsName, known: Known) {
+        let id = SecretId::OnDemand(name);
+        match known {
+            Known::Admitted { stop, .. } => {
+                stop.cancel();
+                self.registry.withdraw(&id);
+            }
+            Known::Deciding => self.registry.refuse(&id),
+            Known::Refused { .. } => {}
         }
     }
 
@@ -372,20 +387,16 @@ impl OnDemand {
         };
         let mut state = self.lock();
         for (name, known) in taken {
-            let Known::Admitted { stop, .. } = &known else {
-                if matches!(known, Known::Deciding) {
-                    // Its decision was cut short: streams waiting for it report it missing (Envoy fails
-                    // that handshake), and the next request is decided here.
-                    self.registry.refuse(&SecretId::OnDemand(name));
-                }
-                continue;
-            };
-            if self.allowed_by(&name).is_none() || self.claimed(&name) {
-                // Stopped here; `load_recorded` says why, as it reads the name's record.
-                stop.cancel();
-                continue;
+            // A decision cut short is refused (the next request is decided here); a certificate `allow`
+            // no longer matches is retired (`load_recorded` says why, as it reads the name's record).
+            let keep = matches!(known, Known::Admitted { .. })
+                && self.allowed_by(&name).is_some()
+                && !self.claimed(&name);
+            if keep {
+                state.set(&name, known);
+            } else {
+                self.retire(name, known);
             }
-            state.set(&name, known);
         }
     }
 
@@ -405,9 +416,11 @@ impl OnDemand {
             .cloned()
             .collect();
         for name in claimed {
-            if let Some(Known::Admitted { stop, .. }) = state.forget(&name) {
-                stop.cancel();
-                tracing::info!(name = %name, "on-demand certificate now configured: served as the configured secret; the on-demand one is no longer renewed");
+            if let Some(known) = state.forget(&name) {
+                if matches!(known, Known::Admitted { .. }) {
+                    tracing::info!(name = %name, "on-demand certificate now configured: served as the configured secret; the on-demand one is no longer renewed");
+                }
+                self.retire(name, known);
             }
         }
     }
@@ -602,7 +615,7 @@ impl OnDemand {
             }
             self.move_legacy(&name).await;
             let last_used = record.last_used.max(record.first_requested);
-            self.admit(name, record.allowed_by, last_used, false).await;
+            let _ = self.admit(name, record.allowed_by, last_used, false).await;
         }
     }
 
@@ -669,6 +682,9 @@ impl OnDemand {
                 state.set(name, Known::Refused { until });
             }
             let now = Instant::now();
+            if state.logged.len() >= MAX_REFUSALS {
+                state.logged.retain(|_, until| *until > now);
+            }
             let fresh = !state.logged.contains_key(spelling) && state.logged.len() < MAX_REFUSALS;
             if fresh {
                 state.logged.insert(spelling.to_owned(), now + DENY_FOR);
@@ -689,15 +705,15 @@ impl OnDemand {
         }
     }
 
-    /// Starts serving (and, when needed, obtaining) `name`'s certificate; false when the manager refused
-    /// it (it manages that name already).
+    /// Starts serving (and, when needed, obtaining) `name`'s certificate; `Err` says why not (the manager
+    /// runs it already, or this issuer was replaced).
     async fn admit(
         self: &Arc<Self>,
         name: DnsName,
         allowed_by: String,
         last_used: i64,
         new: bool,
-    ) -> bool {
+    ) -> Result<(), String> {
         if new {
             self.metrics.count_on_demand("admitted");
             let record = OnDemandRecord {
@@ -715,8 +731,9 @@ impl OnDemand {
                 tracing::warn!(name = %name, error = %e, "cannot record the on-demand certificate; after a restart it is obtained again when requested");
             }
         }
+        let id = SecretId::OnDemand(name.clone());
         let cert = ManagedCert {
-            id: SecretId::OnDemand(name.clone()),
+            id: id.clone(),
             domains: vec![name.clone()],
             key_type: self.config.key_type,
             temporary: false,
@@ -724,6 +741,12 @@ impl OnDemand {
         };
         match self.manager.add(cert).await {
             Ok(stop) => {
+                // Stopped since (a reload replaced this issuer): its successor serves the name.
+                if self.shutdown.is_cancelled() {
+                    stop.cancel();
+                    return Err("the on-demand issuer was replaced".into());
+                }
+                self.registry.offer(&id);
                 self.lock().set(
                     &name,
                     Known::Admitted {
@@ -733,11 +756,11 @@ impl OnDemand {
                         recorded_use: last_used,
                     },
                 );
-                true
+                Ok(())
             }
             Err(e) => {
                 tracing::warn!(name = %name, error = %e, "on-demand certificate not started");
-                false
+                Err(e.to_string())
             }
         }
     }
@@ -789,6 +812,7 @@ impl OnDemand {
         // At most max_pending first orders at once; the turn lasts until the first outcome. An issuer
         // stopped meanwhile (a reload replaced it) admits nothing more: its successor decides again.
         let permit = tokio::select! {
+            biased;
             _ = self.shutdown.cancelled() => return,
             p = self.first_orders.clone().acquire_owned() => p,
         };
@@ -797,13 +821,17 @@ impl OnDemand {
         };
         let mut outcomes = self.manager.outcomes();
         tracing::info!(name = %name, requested_as = spelling, allowed_by, "obtaining an on-demand certificate");
-        if !self.admit(name.clone(), allowed_by, now_unix(), true).await {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        if let Err(why) = self.admit(name.clone(), allowed_by, now_unix(), true).await {
+            let _ = self.store.delete(&self.manager.keys.on_demand(&name)).await;
             self.refuse(
                 &spelling,
                 &id,
                 Refusal::Recently,
                 Some(Instant::now() + self.retry_after_failure),
-                "its previous certificate task is still ending",
+                &format!("not started: {why}"),
             );
             return;
         }
