@@ -261,8 +261,14 @@ impl StatusView {
 
 /// Why the stored state could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct OfflineError(#[from] crate::sources::OpenStoreError);
+pub enum OfflineError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Open(#[from] crate::sources::OpenStoreError),
+    /// The store was opened but cannot be read (etcd without quorum, unreachable).
+    #[error("reading the store: {0}")]
+    Read(#[from] crate::store::StoreError),
+}
 
 /// The status read from the files and the store, for when no daemon answers: what a daemon started now
 /// would serve (temporary certificates aside) and what it had planned. The store is opened read-only and
@@ -295,6 +301,8 @@ pub async fn offline(config: &Config) -> Result<Vec<SecretStatus>, OfflineError>
     }
     if config.storage.etcd.is_some() || config.storage.path.is_dir() {
         let store = crate::sources::open_store(&config.storage, true).await?;
+        // A store that cannot be read says so, rather than every certificate looking never issued.
+        store.list("acme").await?;
         let keys = config
             .acme
             .as_ref()

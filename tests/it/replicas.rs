@@ -503,6 +503,12 @@ async fn an_etcd_leader_lost_mid_order_loses_nothing_and_a_lost_quorum_is_report
         let (code, text) = cli(&["status", "--config", config.to_str().unwrap()]);
         assert_eq!(code, Some(2), "{text}");
         assert!(text.contains("storage: UNAVAILABLE: etcd watch"), "{text}");
+        // Read from the store itself (no daemon answers on port 0): the store's error, not a table of
+        // certificates that look never issued.
+        let own = r.dir.join("acme-sds.toml");
+        let (code, text) = cli(&["status", "--config", own.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{text}");
+        assert!(text.contains("reading the store: etcd"), "{text}");
     }
     // What was loaded is still served.
     assert_eq!(

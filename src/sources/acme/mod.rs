@@ -939,10 +939,13 @@ impl AcmeManager {
         if !cert.temporary {
             return;
         }
-        let fresh = self
-            .registry
-            .get(&cert.id)
-            .filter(|v| v.summary().temporary)
+        let served = self.registry.get(&cert.id);
+        // An issued certificate is served already (another replica's, adopted while this task could not
+        // read the store): never replaced by a stand-in.
+        if served.as_ref().is_some_and(|v| !v.summary().temporary) {
+            return;
+        }
+        let fresh = served
             .and_then(|v| v.summary().not_after)
             .is_some_and(|t| t - OffsetDateTime::now_utc() > temporary::LIFETIME / 3);
         if fresh {
