@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use tonic::Status;
 
 use super::policy::{Rules, Target};
-use super::subscribed::Subscribed;
+use super::subscribed::{Subscribed, check_again};
 use super::{Protocol, StreamContext, check_type_url, checked_names, poll_any_changed};
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
@@ -79,21 +79,17 @@ impl Delta {
     /// Under rules newer than the subscription was checked against: resolves every name again (a name a
     /// configured secret now claims follows it) and checks them all; `Err` ends the stream.
     fn check_again(&mut self, rules: &Rules) -> Result<(), Status> {
-        if rules.generation() == self.ctx.checked() {
-            return Ok(());
+        let moved = check_again(
+            &mut self.ctx,
+            &self.registry,
+            rules,
+            &mut self.watched,
+            |w| &mut w.name,
+        )?;
+        for i in moved {
+            self.watched[i].reported_missing = false;
+            self.fresh = true;
         }
-        let mut moved = Vec::new();
-        for (i, w) in self.watched.iter_mut().enumerate() {
-            if w.name.resolve_again(&self.registry, rules) {
-                w.reported_missing = false;
-                self.fresh = true;
-                moved.push(i);
-            }
-        }
-        self.ctx
-            .authorize(rules, [], self.watched.iter().map(|w| w.name.pair()))?;
-        self.ctx
-            .unconfigured(moved.iter().map(|&i| self.watched[i].name.pair()));
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use tonic::Status;
 
 use super::policy::{Rules, Target};
-use super::subscribed::Subscribed;
+use super::subscribed::{Subscribed, check_again};
 use super::{
     Protocol, StreamContext, check_type_url, checked_names, combined_version, poll_any_changed,
 };
@@ -56,21 +56,17 @@ impl Sotw {
     /// Under rules newer than the subscription was checked against: resolves every name again (a name a
     /// configured secret now claims follows it) and checks them all; `Err` ends the stream.
     fn check_again(&mut self, rules: &Rules) -> Result<(), Status> {
-        if rules.generation() == self.ctx.checked() {
-            return Ok(());
+        let moved = check_again(
+            &mut self.ctx,
+            &self.registry,
+            rules,
+            &mut self.watched,
+            |w| &mut w.name,
+        )?;
+        for i in moved {
+            self.watched[i].sent = None;
+            self.fresh = true;
         }
-        let mut moved = Vec::new();
-        for (i, w) in self.watched.iter_mut().enumerate() {
-            if w.name.resolve_again(&self.registry, rules) {
-                w.sent = None;
-                self.fresh = true;
-                moved.push(i);
-            }
-        }
-        self.ctx
-            .authorize(rules, [], self.watched.iter().map(|w| w.name.pair()))?;
-        self.ctx
-            .unconfigured(moved.iter().map(|&i| self.watched[i].name.pair()));
         Ok(())
     }
 

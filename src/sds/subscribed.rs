@@ -11,6 +11,9 @@
 
 use std::sync::Arc;
 
+use tonic::Status;
+
+use super::StreamContext;
 use super::policy::{Rules, Target};
 use crate::proto::google::protobuf::Any;
 use crate::registry::{Registry, SecretVersion, Subscription};
@@ -61,6 +64,38 @@ impl Subscribed {
         *self = Subscribed::new(registry, std::mem::take(&mut self.requested), target);
         true
     }
+}
+
+/// What both protocols do when the rules in force are newer than those a stream's subscription was
+/// checked against: resolves every name of `watched` (each reached through `name`) again, checks them all
+/// against `rules` (`Err` ends the stream), and tells the on-demand issuer of those that now follow an
+/// unconfigured name. Returns the indexes of the names that follow another secret now: the stream forgets
+/// what it sent of them, and arms their new subscriptions.
+pub(crate) fn check_again<W>(
+    ctx: &mut StreamContext,
+    registry: &Arc<Registry>,
+    rules: &Rules,
+    watched: &mut [W],
+    name: impl Fn(&mut W) -> &mut Subscribed,
+) -> Result<Vec<usize>, Status> {
+    if rules.generation() == ctx.checked() {
+        return Ok(Vec::new());
+    }
+    let mut moved = Vec::new();
+    for (i, w) in watched.iter_mut().enumerate() {
+        if name(w).resolve_again(registry, rules) {
+            moved.push(i);
+        }
+    }
+    ctx.authorize(rules, [], watched.iter_mut().map(|w| name(w).pair()))?;
+    let mut moved_names = Vec::with_capacity(moved.len());
+    for (i, w) in watched.iter_mut().enumerate() {
+        if moved.contains(&i) {
+            moved_names.push(name(w).pair());
+        }
+    }
+    ctx.unconfigured(moved_names);
+    Ok(moved)
 }
 
 #[cfg(test)]
