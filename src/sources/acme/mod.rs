@@ -638,35 +638,15 @@ impl AcmeManager {
         handles
     }
 
-    /// How long an on-demand certificate's first order may take before it no longer holds a turn
-    /// (`max_pending`): the order's own time limit, and a lock's lifetime for another replica's order.
-    pub(super) fn first_order_limit(&self) -> Duration {
-        self.lock_wait_limit()
-    }
-
     /// The longest a certificate's lock is held by a working replica: an order's time limit (with DNS-01
     /// propagation, when configured) and a lock's lifetime after it. A wait past it is for a lock nobody
-    /// will give up.
-    fn lock_wait_limit(&self) -> Duration {
+    /// will give up; an on-demand certificate's first order holds its `max_pending` turn at most this long.
+    pub(super) fn lock_wait_limit(&self) -> Duration {
         let propagation = self
             .dns01
             .as_ref()
             .map_or(Duration::ZERO, |d| d.propagation_timeout());
         self.config.request_timeout * ORDER_TIMEOUTS + propagation + self.lock_ttl
-    }
-
-    /// Takes the certificate `id`'s lock (bounded as every lock is: see [`AcmeManager::acquire`]).
-    pub(super) async fn lock_cert(
-        &self,
-        id: &SecretId,
-        shutdown: &CancellationToken,
-    ) -> Option<Lock> {
-        self.acquire(id, shutdown).await
-    }
-
-    /// Gives a lock taken with [`AcmeManager::lock_cert`] up.
-    pub(super) async fn unlock(&self, lock: Lock) {
-        self.release(lock).await;
     }
 
     /// Forgets certificate `id` (its task stopped): its certificate, plan and order are deleted under
@@ -841,7 +821,11 @@ impl AcmeManager {
     /// Takes `cert`'s lock, waiting while another replica orders it. `None` at shutdown, or when the
     /// store cannot be reached (logged, after a pause: the caller plans again, and nothing is ordered
     /// while etcd is unavailable).
-    async fn acquire(&self, id: &SecretId, shutdown: &CancellationToken) -> Option<Lock> {
+    pub(super) async fn acquire(
+        &self,
+        id: &SecretId,
+        shutdown: &CancellationToken,
+    ) -> Option<Lock> {
         let started = std::time::Instant::now();
         let key = self.keys.cert(id);
         // Bounded: no order holds a lock longer than this, so a wait past it is a lock nobody will give
@@ -872,7 +856,7 @@ impl AcmeManager {
     }
 
     /// Gives a certificate's lock up.
-    async fn release(&self, lock: Lock) {
+    pub(super) async fn release(&self, lock: Lock) {
         self.metrics.lock_released();
         let name = lock.name().to_owned();
         if let Err(e) = self.store.unlock(lock).await {

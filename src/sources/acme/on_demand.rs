@@ -541,7 +541,7 @@ impl OnDemand {
     /// replica used is forgotten (record, certificate, plan, order); asked for again, it is a new name.
     async fn drop_if_unused(&self, name: &DnsName, limit: Duration) {
         let id = SecretId::OnDemand(name.clone());
-        let Some(lock) = self.manager.lock_cert(&id, &self.shutdown).await else {
+        let Some(lock) = self.manager.acquire(&id, &self.shutdown).await else {
             return; // the store is unavailable (logged), or shutting down: try again next time
         };
         let now = now_unix();
@@ -558,7 +558,7 @@ impl OnDemand {
                 *last_used = (*last_used).max(used);
             }
             tracing::info!(name = %name, "on-demand certificate unused here, but another replica served it within on_demand.drop_unused_after: kept");
-            self.manager.unlock(lock).await;
+            self.manager.release(lock).await;
             return;
         }
         let stop = match self.lock().forget(name) {
@@ -577,7 +577,7 @@ impl OnDemand {
         {
             tracing::warn!(name = %name, error = %e, "cannot forget an unused on-demand certificate's record");
         }
-        self.manager.unlock(lock).await;
+        self.manager.release(lock).await;
         self.metrics.count_on_demand("dropped");
         tracing::info!(
             name = %name,
@@ -838,7 +838,7 @@ impl OnDemand {
         // The turn ends with the order's outcome, with the certificate stored by another replica (no
         // outcome here), or after the order's time limit (another replica's backoff, a store outage).
         let mut served = self.registry.watch(&id, id.as_str());
-        let limit = tokio::time::sleep(self.manager.first_order_limit());
+        let limit = tokio::time::sleep(self.manager.lock_wait_limit());
         tokio::pin!(limit);
         loop {
             if served.current().is_some() {
