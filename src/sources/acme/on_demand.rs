@@ -691,10 +691,10 @@ impl OnDemand {
             }
             fresh
         };
-        self.registry.refuse(id);
         // Logged once per spelling and refusal period, whatever a client sends how often (and the
         // memory of what was logged is bounded: past its size, nothing more is logged until the sweep
-        // forgets what ended), and ten lines a second at most (the metric counts every refusal).
+        // forgets what ended), and ten lines a second at most (the metric counts every refusal); before
+        // the waiting streams hear of it.
         if log && let Some(held_back) = self.log_throttle.allow() {
             tracing::warn!(
                 name = spelling,
@@ -703,6 +703,7 @@ impl OnDemand {
                 "on-demand certificate refused: {detail}"
             );
         }
+        self.registry.refuse(id);
     }
 
     /// Starts serving (and, when needed, obtaining) `name`'s certificate; `Err` says why not (the manager
